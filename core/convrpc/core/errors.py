@@ -1,0 +1,36 @@
+"""Domain errors of the compute core; the server maps each to one gRPC status code."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConvError",
+    "InvalidArgumentError",
+    "ResourceExhaustedError",
+    "BackendUnavailableError",
+]
+
+
+class ConvError(Exception):
+    """Base class of every error the core raises on purpose."""
+
+
+class InvalidArgumentError(ConvError, ValueError):
+    """A request argument is malformed; ``field`` names it, the message says what was expected."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.description = message
+
+
+class ResourceExhaustedError(ConvError):
+    """A request is well formed but larger than a configured cap allows."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.description = message
+
+
+class BackendUnavailableError(ConvError, RuntimeError):
+    """A backend was asked for that this install or machine cannot run."""

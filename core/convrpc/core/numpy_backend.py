@@ -1,0 +1,136 @@
+"""The reference backend: every kernel in vectorised NumPy (strided windows and einsum), no pixel loops.
+
+It favours clarity over speed and is the yardstick the fast backends are tested against. Window
+views come from ``as_strided`` over the padded input: axis layout (N, C, OH, OW, kh, kw), with
+output steps of ``stride`` and tap steps of ``dilation``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from .params import ConvGeometry, PoolGeometry
+
+xp = np
+
+
+def to_device(a):
+    return np.ascontiguousarray(a)
+
+
+def to_host(a):
+    return a
+
+
+def _pad(x, top, bottom, left, right, value=0.0):
+    if top == bottom == left == right == 0:
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=value)
+
+
+def _windows(xpad, out_h, out_w, kh, kw, sh, sw, dh, dw):
+    """Read-only view (N, C, out_h, out_w, kh, kw) of the windows over a padded input."""
+    n, c = xpad.shape[:2]
+    s_n, s_c, s_h, s_w = xpad.strides
+    return as_strided(
+        xpad,
+        shape=(n, c, out_h, out_w, kh, kw),
+        strides=(s_n, s_c, s_h * sh, s_w * sw, s_h * dh, s_w * dw),
+        writeable=False,
+    )
+
+
+def _conv_windows(x, g: ConvGeometry):
+    """Windows of the padded conv input split by group: (N, G, C/G, OH, OW, kh, kw)."""
+    xpad = _pad(x, g.pad_top, g.pad_bottom, g.pad_left, g.pad_right)
+    win = _windows(xpad, g.out_h, g.out_w, g.kh, g.kw, g.stride_h, g.stride_w, g.dil_h, g.dil_w)
+    return win.reshape(g.n, g.groups, g.c_in // g.groups, g.out_h, g.out_w, g.kh, g.kw)
+
+
+def _scatter_taps(cols, g: ConvGeometry, dtype):
+    """Sum per-tap contributions cols (N, C, kh, kw, OH, OW) back onto the unpadded input grid."""
+    hp, wp = g.h + g.pad_top + g.pad_bottom, g.w + g.pad_left + g.pad_right
+    gxpad = np.zeros((g.n, g.c_in, hp, wp), dtype=dtype)
+    h_span = g.stride_h * (g.out_h - 1) + 1
+    w_span = g.stride_w * (g.out_w - 1) + 1
+    for i in range(g.kh):
+        for j in range(g.kw):
+            r, c = i * g.dil_h, j * g.dil_w
+            gxpad[:, :, r : r + h_span : g.stride_h, c : c + w_span : g.stride_w] += cols[:, :, i, j]
+    return gxpad[:, :, g.pad_top : g.pad_top + g.h, g.pad_left : g.pad_left + g.w]
+
+
+def conv2d(x, w, b, g: ConvGeometry):
+    win = _conv_windows(x, g)
+    wg = w.reshape(g.groups, g.c_out // g.groups, g.c_in // g.groups, g.kh, g.kw)
+    y = np.einsum("ngchwij,gkcij->ngkhw", win, wg, optimize=True).reshape(g.output_shape)
+    if b is not None:
+        y += b.reshape(1, -1, 1, 1)
+    return np.ascontiguousarray(y)
+
+
+def conv2d_weight_grad(x, gy, g: ConvGeometry):
+    win = _conv_windows(x, g)
+    gyg = gy.reshape(g.n, g.groups, g.c_out // g.groups, g.out_h, g.out_w)
+    gw = np.einsum("ngchwij,ngkhw->gkcij", win, gyg, optimize=True)
+    return np.ascontiguousarray(gw.reshape(g.weight_shape))
+
+
+def conv2d_input_grad(gy, w, g: ConvGeometry):
+    gyg = gy.reshape(g.n, g.groups, g.c_out // g.groups, g.out_h, g.out_w)
+    wg = w.reshape(g.groups, g.c_out // g.groups, g.c_in // g.groups, g.kh, g.kw)
+    cols = np.einsum("ngkhw,gkcij->ngcijhw", gyg, wg, optimize=True)
+    cols = cols.reshape(g.n, g.c_in, g.kh, g.kw, g.out_h, g.out_w)
+    return np.ascontiguousarray(_scatter_taps(cols, g, gy.dtype))
+
+
+def _pool_windows(x, g: PoolGeometry, pad_value):
+    xpad = _pad(x, g.pad_h, g.pad_h, g.pad_w, g.pad_w, pad_value)
+    return _windows(xpad, g.out_h, g.out_w, g.kh, g.kw, g.stride_h, g.stride_w, g.dil_h, g.dil_w)
+
+
+def _pool_geometry_as_conv(g: PoolGeometry) -> ConvGeometry:
+    """A depthwise conv geometry with the pooling's windows, for scattering gradients back."""
+    return ConvGeometry(
+        g.n, g.c, g.h, g.w, g.c, g.kh, g.kw, g.c, g.stride_h, g.stride_w,
+        g.pad_h, g.pad_h, g.pad_w, g.pad_w, g.dil_h, g.dil_w, g.out_h, g.out_w,
+    )  # fmt: skip
+
+
+def max_pool2d(x, g: PoolGeometry):
+    win = _pool_windows(x, g, -np.inf)
+    flat = win.reshape(g.n, g.c, g.out_h, g.out_w, g.kh * g.kw)
+    # Index the first maximum rather than reducing with max, so the forward value is the exact
+    # element the backward pass routes to (NaN included: argmax stops at the first NaN).
+    idx = np.argmax(flat, axis=-1)
+    return np.ascontiguousarray(np.take_along_axis(flat, idx[..., None], axis=-1)[..., 0])
+
+
+def max_pool2d_backward(gy, x, g: PoolGeometry):
+    win = _pool_windows(x, g, -np.inf)
+    idx = np.argmax(win.reshape(g.n, g.c, g.out_h, g.out_w, g.kh * g.kw), axis=-1)
+    taps = np.arange(g.kh * g.kw)
+    # One-hot over taps: (N, C, OH, OW, kh*kw) -> (N, C, kh, kw, OH, OW) contributions.
+    onehot = np.where(idx[..., None] == taps, gy[..., None], gy.dtype.type(0))
+    cols = np.moveaxis(onehot.reshape(g.n, g.c, g.out_h, g.out_w, g.kh, g.kw), (4, 5), (2, 3))
+    return np.ascontiguousarray(_scatter_taps(cols, _pool_geometry_as_conv(g), gy.dtype))
+
+
+def avg_pool2d(x, g: PoolGeometry):
+    win = _pool_windows(x, g, 0.0)
+    return np.ascontiguousarray(win.sum(axis=(4, 5)) / x.dtype.type(g.kh * g.kw))
+
+
+def avg_pool2d_backward(gy, g: PoolGeometry):
+    share = gy / gy.dtype.type(g.kh * g.kw)
+    cols = np.broadcast_to(share[:, :, None, None], (g.n, g.c, g.kh, g.kw, g.out_h, g.out_w))
+    return np.ascontiguousarray(_scatter_taps(cols, _pool_geometry_as_conv(g), gy.dtype))
+
+
+def relu(x):
+    return np.maximum(x, x.dtype.type(0))
+
+
+def relu_backward(gy, x):
+    return np.where(x > 0, gy, gy.dtype.type(0))

@@ -1,0 +1,316 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
+
+class PaddingMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PADDING_MODE_UNSPECIFIED: _ClassVar[PaddingMode]
+    PADDING_MODE_VALID: _ClassVar[PaddingMode]
+    PADDING_MODE_SAME: _ClassVar[PaddingMode]
+
+class Loss(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOSS_UNSPECIFIED: _ClassVar[Loss]
+    LOSS_MSE: _ClassVar[Loss]
+    LOSS_HALF_MSE: _ClassVar[Loss]
+    LOSS_HALF_SSE: _ClassVar[Loss]
+
+class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STOP_REASON_UNSPECIFIED: _ClassVar[StopReason]
+    STOP_REASON_CONVERGED: _ClassVar[StopReason]
+    STOP_REASON_MAX_STEPS: _ClassVar[StopReason]
+    STOP_REASON_CANCELLED: _ClassVar[StopReason]
+    STOP_REASON_DIVERGED: _ClassVar[StopReason]
+    STOP_REASON_TIME_LIMIT: _ClassVar[StopReason]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT64: DType
+PADDING_MODE_UNSPECIFIED: PaddingMode
+PADDING_MODE_VALID: PaddingMode
+PADDING_MODE_SAME: PaddingMode
+LOSS_UNSPECIFIED: Loss
+LOSS_MSE: Loss
+LOSS_HALF_MSE: Loss
+LOSS_HALF_SSE: Loss
+STOP_REASON_UNSPECIFIED: StopReason
+STOP_REASON_CONVERGED: StopReason
+STOP_REASON_MAX_STEPS: StopReason
+STOP_REASON_CANCELLED: StopReason
+STOP_REASON_DIVERGED: StopReason
+STOP_REASON_TIME_LIMIT: StopReason
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Size2(_message.Message):
+    __slots__ = ("height", "width")
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    height: int
+    width: int
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
+
+class Padding(_message.Message):
+    __slots__ = ("size", "mode")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    size: Size2
+    mode: PaddingMode
+    def __init__(self, size: _Optional[_Union[Size2, _Mapping]] = ..., mode: _Optional[_Union[PaddingMode, str]] = ...) -> None: ...
+
+class Conv2dOptions(_message.Message):
+    __slots__ = ("stride", "padding", "dilation", "groups")
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
+    DILATION_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    stride: Size2
+    padding: Padding
+    dilation: Size2
+    groups: int
+    def __init__(self, stride: _Optional[_Union[Size2, _Mapping]] = ..., padding: _Optional[_Union[Padding, _Mapping]] = ..., dilation: _Optional[_Union[Size2, _Mapping]] = ..., groups: _Optional[int] = ...) -> None: ...
+
+class ConvTranspose2dOptions(_message.Message):
+    __slots__ = ("stride", "padding", "output_padding", "groups", "dilation")
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_PADDING_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    DILATION_FIELD_NUMBER: _ClassVar[int]
+    stride: Size2
+    padding: Size2
+    output_padding: Size2
+    groups: int
+    dilation: Size2
+    def __init__(self, stride: _Optional[_Union[Size2, _Mapping]] = ..., padding: _Optional[_Union[Size2, _Mapping]] = ..., output_padding: _Optional[_Union[Size2, _Mapping]] = ..., groups: _Optional[int] = ..., dilation: _Optional[_Union[Size2, _Mapping]] = ...) -> None: ...
+
+class MaxPool2dOptions(_message.Message):
+    __slots__ = ("kernel_size", "stride", "padding", "dilation")
+    KERNEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
+    DILATION_FIELD_NUMBER: _ClassVar[int]
+    kernel_size: Size2
+    stride: Size2
+    padding: Size2
+    dilation: Size2
+    def __init__(self, kernel_size: _Optional[_Union[Size2, _Mapping]] = ..., stride: _Optional[_Union[Size2, _Mapping]] = ..., padding: _Optional[_Union[Size2, _Mapping]] = ..., dilation: _Optional[_Union[Size2, _Mapping]] = ...) -> None: ...
+
+class AvgPool2dOptions(_message.Message):
+    __slots__ = ("kernel_size", "stride", "padding")
+    KERNEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
+    kernel_size: Size2
+    stride: Size2
+    padding: Size2
+    def __init__(self, kernel_size: _Optional[_Union[Size2, _Mapping]] = ..., stride: _Optional[_Union[Size2, _Mapping]] = ..., padding: _Optional[_Union[Size2, _Mapping]] = ...) -> None: ...
+
+class ReluOptions(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Op(_message.Message):
+    __slots__ = ("conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "relu")
+    CONV2D_FIELD_NUMBER: _ClassVar[int]
+    CONV_TRANSPOSE2D_FIELD_NUMBER: _ClassVar[int]
+    MAX_POOL2D_FIELD_NUMBER: _ClassVar[int]
+    AVG_POOL2D_FIELD_NUMBER: _ClassVar[int]
+    RELU_FIELD_NUMBER: _ClassVar[int]
+    conv2d: Conv2dOptions
+    conv_transpose2d: ConvTranspose2dOptions
+    max_pool2d: MaxPool2dOptions
+    avg_pool2d: AvgPool2dOptions
+    relu: ReluOptions
+    def __init__(self, conv2d: _Optional[_Union[Conv2dOptions, _Mapping]] = ..., conv_transpose2d: _Optional[_Union[ConvTranspose2dOptions, _Mapping]] = ..., max_pool2d: _Optional[_Union[MaxPool2dOptions, _Mapping]] = ..., avg_pool2d: _Optional[_Union[AvgPool2dOptions, _Mapping]] = ..., relu: _Optional[_Union[ReluOptions, _Mapping]] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("op", "input", "weight", "bias")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    op: Op
+    input: Tensor
+    weight: Tensor
+    bias: Tensor
+    def __init__(self, op: _Optional[_Union[Op, _Mapping]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("output",)
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    output: Tensor
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class BackwardRequest(_message.Message):
+    __slots__ = ("op", "grad_output", "input", "weight", "bias")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    op: Op
+    grad_output: Tensor
+    input: Tensor
+    weight: Tensor
+    bias: Tensor
+    def __init__(self, op: _Optional[_Union[Op, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class BackwardResponse(_message.Message):
+    __slots__ = ("grad_input", "grad_weight", "grad_bias")
+    GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
+    GRAD_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GRAD_BIAS_FIELD_NUMBER: _ClassVar[int]
+    grad_input: Tensor
+    grad_weight: Tensor
+    grad_bias: Tensor
+    def __init__(self, grad_input: _Optional[_Union[Tensor, _Mapping]] = ..., grad_weight: _Optional[_Union[Tensor, _Mapping]] = ..., grad_bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class SgdOptions(_message.Message):
+    __slots__ = ("lr", "momentum", "nesterov", "weight_decay")
+    LR_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    NESTEROV_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    def __init__(self, lr: _Optional[float] = ..., momentum: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ...) -> None: ...
+
+class AdamOptions(_message.Message):
+    __slots__ = ("lr", "beta1", "beta2", "eps", "weight_decay")
+    LR_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    def __init__(self, lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
+
+class TrainKernelRequest(_message.Message):
+    __slots__ = ("input", "target", "init_weight", "kernel_size", "bias", "init_bias", "conv", "sgd", "adam", "loss", "max_steps", "tol", "report_every", "seed", "batch_size", "max_seconds", "snapshot_every")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    INIT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    INIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    CONV_FIELD_NUMBER: _ClassVar[int]
+    SGD_FIELD_NUMBER: _ClassVar[int]
+    ADAM_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOL_FIELD_NUMBER: _ClassVar[int]
+    REPORT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    input: Tensor
+    target: Tensor
+    init_weight: Tensor
+    kernel_size: Size2
+    bias: bool
+    init_bias: Tensor
+    conv: Conv2dOptions
+    sgd: SgdOptions
+    adam: AdamOptions
+    loss: Loss
+    max_steps: int
+    tol: float
+    report_every: int
+    seed: int
+    batch_size: int
+    max_seconds: float
+    snapshot_every: int
+    def __init__(self, input: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ..., init_weight: _Optional[_Union[Tensor, _Mapping]] = ..., kernel_size: _Optional[_Union[Size2, _Mapping]] = ..., bias: _Optional[bool] = ..., init_bias: _Optional[_Union[Tensor, _Mapping]] = ..., conv: _Optional[_Union[Conv2dOptions, _Mapping]] = ..., sgd: _Optional[_Union[SgdOptions, _Mapping]] = ..., adam: _Optional[_Union[AdamOptions, _Mapping]] = ..., loss: _Optional[_Union[Loss, str]] = ..., max_steps: _Optional[int] = ..., tol: _Optional[float] = ..., report_every: _Optional[int] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_seconds: _Optional[float] = ..., snapshot_every: _Optional[int] = ...) -> None: ...
+
+class TrainProgress(_message.Message):
+    __slots__ = ("step", "loss", "elapsed_seconds", "grad_norm", "weight")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    loss: float
+    elapsed_seconds: float
+    grad_norm: float
+    weight: Tensor
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., grad_norm: _Optional[float] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class TrainResult(_message.Message):
+    __slots__ = ("weight", "bias", "steps", "loss", "stop_reason", "elapsed_seconds")
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    weight: Tensor
+    bias: Tensor
+    steps: int
+    loss: float
+    stop_reason: StopReason
+    elapsed_seconds: float
+    def __init__(self, weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., loss: _Optional[float] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
+
+class TrainKernelResponse(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: TrainProgress
+    result: TrainResult
+    def __init__(self, progress: _Optional[_Union[TrainProgress, _Mapping]] = ..., result: _Optional[_Union[TrainResult, _Mapping]] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("version", "backend", "device", "max_message_bytes", "max_elements", "max_train_steps", "max_train_seconds", "ops", "dtypes", "compute_threads")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TRAIN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_THREADS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    backend: str
+    device: str
+    max_message_bytes: int
+    max_elements: int
+    max_train_steps: int
+    max_train_seconds: float
+    ops: _containers.RepeatedScalarFieldContainer[str]
+    dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    compute_threads: int
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., max_train_steps: _Optional[int] = ..., max_train_seconds: _Optional[float] = ..., ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., compute_threads: _Optional[int] = ...) -> None: ...
