@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from . import params
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, ResourceExhaustedError
 
 __all__ = ["Backend", "Gradients", "Kernels", "SUPPORTED_DTYPES", "OPS"]
 
@@ -51,11 +51,17 @@ class Backend:
     give device outputs. Every tensor must be float32 or float64, all of one dtype.
     """
 
-    def __init__(self, name: str, kernels: Any, device: str = "cpu"):
+    def __init__(self, name: str, kernels: Any, device: str = "cpu", max_elements: int | None = None):
         self.name = name
         self.device = device
         self.kernels = kernels
         self.xp = kernels.xp
+        #: Largest output an op may produce (elements); None means no cap. The server sets it.
+        self.max_elements = max_elements
+
+    def with_max_elements(self, max_elements: int | None) -> "Backend":
+        """The same backend with a cap on the elements of any op's output (a server's limit)."""
+        return Backend(self.name, self.kernels, self.device, max_elements)
 
     def __repr__(self) -> str:
         return f"<convrpc backend {self.name!r} on {self.device}>"
@@ -92,6 +98,16 @@ class Backend:
     def _grads(self, on_host, gi, gw=None, gb=None) -> Gradients:
         return Gradients(self._result(on_host, gi), self._result(on_host, gw), self._result(on_host, gb))
 
+    def _check_output(self, shape) -> None:
+        if self.max_elements is not None:
+            count = 1
+            for dim in shape:
+                count *= dim
+            if count > self.max_elements:
+                raise ResourceExhaustedError(
+                    "output", f"shape {tuple(shape)} has {count} elements, over the cap of {self.max_elements}"
+                )
+
     @staticmethod
     def _check_grad_output(gy, shape) -> None:
         if tuple(gy.shape) != tuple(shape):
@@ -106,6 +122,7 @@ class Backend:
         """(N, C, H, W) x (K, C/groups, kh, kw) -> (N, K, OH, OW); ``padding`` may be 'valid' or 'same'."""
         on_host, (x, w, b) = self._arrays(input=input, weight=weight, bias=bias)
         g = params.conv2d_geometry(x.shape, w.shape, None if b is None else b.shape, stride, padding, dilation, groups)
+        self._check_output(g.output_shape)
         return self._result(on_host, self.kernels.conv2d(x, w, b, g))
 
     def conv2d_backward(self, grad_output, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> Gradients:
@@ -125,6 +142,7 @@ class Backend:
         g = params.conv_transpose2d_geometry(
             x.shape, w.shape, None if b is None else b.shape, stride, padding, output_padding, groups, dilation
         )
+        self._check_output(g.input_shape)
         y = self.kernels.conv2d_input_grad(x, w, g)
         if b is not None:
             y += b.reshape(1, -1, 1, 1)

@@ -7,6 +7,7 @@ __all__ = [
     "InvalidArgumentError",
     "ResourceExhaustedError",
     "BackendUnavailableError",
+    "ServerDraining",
 ]
 
 
@@ -34,3 +35,10 @@ class ResourceExhaustedError(ConvError):
 
 class BackendUnavailableError(ConvError, RuntimeError):
     """A backend was asked for that this install or machine cannot run."""
+
+
+class ServerDraining(ConvError):
+    """The server is shutting down and takes no new work."""
+
+    def __init__(self, message: str = "the server is shutting down; retry on another replica"):
+        super().__init__(message)

@@ -1,0 +1,162 @@
+"""The ``convrpc`` command: ``serve`` a server, run the ``demo``, probe ``health``, show server ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import numpy as np
+
+from convrpc.core import config
+
+SERVER_EXTRA_HINT = "the server needs its extra: pip install 'convrpc[server]'"
+
+
+def _server_modules():
+    try:
+        from convrpc import server
+    except ImportError as exc:
+        sys.exit(f"convrpc: {SERVER_EXTRA_HINT} ({exc})")
+    return server
+
+
+def cmd_serve(args) -> int:
+    server = _server_modules()
+    from convrpc.core.errors import ConvError
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = server.Settings.from_env(host=args.host, port=args.port, backend=args.backend, workers=args.workers)
+        return server.serve(settings)
+    except ConvError as exc:
+        sys.exit(f"convrpc serve: {exc}")
+
+
+def cmd_demo(args) -> int:
+    """Fit the 3x3 edge kernel of an 80x80 image through TrainKernel and check it was recovered."""
+    from convrpc.client import ConvClient
+    from convrpc.core.samples import EDGE_KERNEL, structured_image
+
+    local = None
+    target = args.target
+    if target is None:
+        server = _server_modules()
+        print(f"starting a local server (backend {args.backend}) on 127.0.0.1 ...", flush=True)
+        local = server.ConvServer(server.Settings(host="127.0.0.1", port=0, backend=args.backend)).start()
+        started = time.perf_counter()
+        local.wait_ready()
+        print(f"server ready on {local.target} after {time.perf_counter() - started:.1f} s of kernel warm-up")
+        target = local.target
+    try:
+        with ConvClient(target, timeout=args.timeout) as client:
+            info = client.server_info()
+            print(f"connected to convrpc {info.version} at {target}: backend {info.backend} on {info.device}")
+            image = structured_image(80)[None, None]
+            true_kernel = EDGE_KERNEL[None, None]
+            goal = client.conv2d(image, true_kernel)
+            print(f"target = conv2d(80x80 image, edge kernel) -> {goal.shape[2]}x{goal.shape[3]}")
+            print(f"fitting a 3x3 kernel: SGD lr 0.5 on half_mse, until loss < {args.tol:g} (at most {args.max_steps} steps)")
+            run = client.train_kernel(
+                image, goal, kernel_size=3, lr=0.5, loss="half_mse", tol=args.tol, max_steps=args.max_steps, seed=0
+            )
+            next_print = 0.0
+            for update in run:
+                if update.elapsed >= next_print:
+                    print(f"  step {update.step:6d}  loss {update.loss:.3e}  ({update.elapsed:.2f} s)", flush=True)
+                    next_print = update.elapsed + 0.5
+            result = run.result()
+    finally:
+        if local is not None:
+            local.stop(0)
+    print(f"stopped: {result.stop_reason} after {result.steps} steps, loss {result.loss:.3e}, {result.elapsed:.2f} s")
+    np.set_printoptions(precision=4, suppress=True)
+    learned = result.weight[0, 0]
+    print("true kernel:\n", EDGE_KERNEL, "\nlearned kernel:\n", learned, sep="")
+    ok = bool(np.allclose(learned, EDGE_KERNEL, atol=1e-2))
+    print(f"allclose(learned, true, atol=1e-2): {ok}")
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            ax = result.plot(title="convrpc demo: fitting the edge kernel")
+            ax.figure.savefig(args.plot, dpi=120, bbox_inches="tight")
+            print(f"loss curve written to {args.plot}")
+        except ImportError:
+            print("matplotlib is not installed; no loss curve (pip install 'convrpc[notebook]')")
+    return 0 if ok else 1
+
+
+def cmd_health(args) -> int:
+    """Exit 0 when the server reports SERVING, 1 otherwise (for container health checks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            print(f"{args.target}: {error.code().name}: {error.details()}")
+            return 1
+    state = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(f"{args.target}: {state}")
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def cmd_info(args) -> int:
+    from convrpc.client import ConvClient, ConvRpcError
+
+    try:
+        with ConvClient(args.target, timeout=args.timeout) as client:
+            print(client.server_info())
+    except ConvRpcError as exc:
+        print(f"{args.target}: {exc}")
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convrpc", description="2-D convolution compute as a gRPC service.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a server until SIGTERM/SIGINT")
+    serve.add_argument("--host", help=f"address to bind (default {config.DEFAULT_HOST}; env CONVRPC_HOST)")
+    serve.add_argument("--port", type=int, help=f"port (default {config.DEFAULT_PORT}; 0 picks a free one; env CONVRPC_PORT)")
+    serve.add_argument("--backend", choices=("numpy", "numba", "cupy"), help=f"compute backend (default {config.DEFAULT_BACKEND})")
+    serve.add_argument("--workers", type=int, help="gRPC worker threads (default 8)")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="fit the edge kernel of an 80x80 image through a server, end to end")
+    demo.add_argument("--target", help="host:port of a running server (default: start one in this process)")
+    demo.add_argument("--backend", default=config.DEFAULT_BACKEND, choices=("numpy", "numba", "cupy"), help="backend of the local server")
+    demo.add_argument("--tol", type=float, default=1e-7, help="stop once the loss is below this (default 1e-7)")
+    demo.add_argument("--max-steps", type=int, default=10000)
+    demo.add_argument("--timeout", type=float, default=600.0, help="deadline of each call in seconds")
+    demo.add_argument("--plot", default="convrpc-demo-loss.png", help="where to write the loss curve PNG ('' for none)")
+    demo.set_defaults(func=cmd_demo)
+
+    health = sub.add_parser("health", help="probe a server's gRPC health; exit 0 when SERVING")
+    health.add_argument("--target", default=f"127.0.0.1:{config.DEFAULT_PORT}")
+    health.add_argument("--service", default="", help="service name to check ('' is the whole server)")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=cmd_health)
+
+    info = sub.add_parser("info", help="print a server's version, backend, device and limits")
+    info.add_argument("--target", default=f"127.0.0.1:{config.DEFAULT_PORT}")
+    info.add_argument("--timeout", type=float, default=10.0)
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""AsyncConvClient: the asyncio twin of ConvClient; every method is awaited, runs are iterated with ``async for``."""
+
+from __future__ import annotations
+
+import itertools
+from typing import AsyncIterator, Sequence
+
+import grpc
+from grpc import aio
+
+from convrpc.v1 import conv_service_pb2 as pb
+from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
+
+from .channel import open_channels
+from .errors import ConvRpcError
+from .ops import OpMethods
+from .training import TrainingRun, TrainProgress, TrainResult
+
+__all__ = ["AsyncConvClient", "AsyncTrainingRun"]
+
+
+class AsyncTrainingRun(TrainingRun):
+    """A training run for asyncio: ``async for update in run``, ``await run.result()``, ``run.cancel()``."""
+
+    async def __aiter__(self) -> AsyncIterator[TrainProgress]:
+        bar = self._progress_bar() if self._progress and self._result is None else None
+        try:
+            while self._result is None:
+                try:
+                    message = await self._call.read()
+                except grpc.RpcError as error:
+                    raise ConvRpcError.from_rpc_error(error) from None
+                if message is aio.EOF:
+                    raise ConvRpcError(grpc.StatusCode.INTERNAL, "the training stream ended without a result")
+                if message.HasField("result"):
+                    self._result = self._make_result(message.result)
+                    if bar is not None:
+                        bar.update(self._result.steps - bar.n)
+                    return
+                update = self._record(message.progress)
+                if bar is not None:
+                    bar.update(update.step - bar.n)
+                    bar.set_postfix(loss=f"{update.loss:.3e}", refresh=False)
+                yield update
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def __iter__(self):
+        raise TypeError("an AsyncTrainingRun is iterated with 'async for'")
+
+    async def result(self) -> TrainResult:
+        async for _ in self:
+            pass
+        return self._result
+
+
+class AsyncConvClient(OpMethods):
+    """ConvClient for asyncio: the same constructor and methods, each a coroutine.
+
+    ``train_kernel`` returns an :class:`AsyncTrainingRun` at once (no await).
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float | None = None,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        options: Sequence[tuple[str, object]] = (),
+    ):
+        self.targets, self._metadata, self._channels = open_channels(
+            target, token=token, root_certificates=root_certificates, private_key=private_key,
+            certificate_chain=certificate_chain, options=options, grpc_module=aio,
+        )  # fmt: skip
+        self.timeout = timeout
+        self._stubs = [pb_grpc.ConvServiceStub(c) for c in self._channels]
+        self._turn = itertools.count()
+
+    def _stub(self) -> pb_grpc.ConvServiceStub:
+        return self._stubs[next(self._turn) % len(self._stubs)]
+
+    async def _unary(self, method: str, request, timeout):
+        deadline = self.timeout if timeout is None else timeout
+        try:
+            return await getattr(self._stub(), method)(request, timeout=deadline, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise ConvRpcError.from_rpc_error(error) from None
+
+    async def _forward(self, request, timeout, decode):
+        return decode(await self._unary("Forward", request, timeout))
+
+    async def _backward(self, request, timeout, decode):
+        return decode(await self._unary("Backward", request, timeout))
+
+    async def server_info(self, *, timeout=None) -> pb.GetServerInfoResponse:
+        return await self._unary("GetServerInfo", pb.GetServerInfoRequest(), timeout)
+
+    def _train(self, request, progress, timeout) -> AsyncTrainingRun:
+        deadline = self.timeout if timeout is None else timeout
+        call = self._stub().TrainKernel(request, timeout=deadline, metadata=self._metadata)
+        return AsyncTrainingRun(call, max_steps=request.max_steps, progress=progress)
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+    async def __aenter__(self) -> "AsyncConvClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

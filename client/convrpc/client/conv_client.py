@@ -1,0 +1,91 @@
+"""ConvClient: the synchronous SDK, numpy arrays in and out."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Sequence
+
+import grpc
+
+from convrpc.v1 import conv_service_pb2 as pb
+from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
+
+from .channel import open_channels
+from .errors import ConvRpcError
+from .ops import OpMethods
+from .training import TrainingRun
+
+__all__ = ["ConvClient"]
+
+
+class ConvClient(OpMethods):
+    """A client of one or more convrpc servers.
+
+    ``target`` is ``"host:port"``, a gRPC name such as ``"dns:///convrpc:50051"`` (every address it
+    resolves to is used round-robin), or a list of those (calls rotate over them). ``timeout`` is the
+    default deadline of every call in seconds (None: no deadline); each method also takes
+    ``timeout=``. ``token`` is sent as a bearer token; ``root_certificates`` (PEM bytes) switches to
+    TLS, and ``private_key``/``certificate_chain`` add a client certificate for mutual TLS.
+    Use it as a context manager or call ``close()``.
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float | None = None,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        options: Sequence[tuple[str, object]] = (),
+    ):
+        self.targets, self._metadata, self._channels = open_channels(
+            target, token=token, root_certificates=root_certificates, private_key=private_key,
+            certificate_chain=certificate_chain, options=options, grpc_module=grpc,
+        )  # fmt: skip
+        self.timeout = timeout
+        self._stubs = [pb_grpc.ConvServiceStub(c) for c in self._channels]
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+
+    def _stub(self) -> pb_grpc.ConvServiceStub:
+        with self._lock:
+            return self._stubs[next(self._turn) % len(self._stubs)]
+
+    def _deadline(self, timeout):
+        return self.timeout if timeout is None else timeout
+
+    def _unary(self, method: str, request, timeout):
+        try:
+            return getattr(self._stub(), method)(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise ConvRpcError.from_rpc_error(error) from None
+
+    def _forward(self, request, timeout, decode):
+        return decode(self._unary("Forward", request, timeout))
+
+    def _backward(self, request, timeout, decode):
+        return decode(self._unary("Backward", request, timeout))
+
+    def server_info(self, *, timeout=None) -> pb.GetServerInfoResponse:
+        """The server's version, backend, device and limits (the GetServerInfo response)."""
+        return self._unary("GetServerInfo", pb.GetServerInfoRequest(), timeout)
+
+    def _train(self, request, progress, timeout) -> TrainingRun:
+        call = self._stub().TrainKernel(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        return TrainingRun(call, max_steps=request.max_steps, progress=progress)
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> "ConvClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ConvClient({self.targets!r})"

@@ -1,0 +1,3 @@
+"""Shared test configuration."""
+
+from server_fixtures import client, server  # noqa: F401 - fixtures for the end-to-end tests

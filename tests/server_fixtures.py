@@ -1,0 +1,42 @@
+"""Fixtures that start real convrpc servers on 127.0.0.1 and a free port, always stopped afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from convrpc.core import available_backends
+
+
+def server_backend() -> str:
+    """The backend the end-to-end tests serve with: the server's default when this install has it."""
+    return "numba" if "numba" in available_backends() else "numpy"
+
+
+@contextlib.contextmanager
+def running_server(**settings):
+    """A started, warmed-up ConvServer on 127.0.0.1:<free port>; stopped on exit."""
+    from convrpc.server import ConvServer, Settings
+
+    settings.setdefault("backend", server_backend())
+    server = ConvServer(Settings(host="127.0.0.1", port=0, **settings)).start()
+    try:
+        assert server.wait_ready(timeout=600), "server warm-up did not finish"
+        yield server
+    finally:
+        server.stop(0)
+
+
+@pytest.fixture(scope="session")
+def server():
+    with running_server() as srv:
+        yield srv
+
+
+@pytest.fixture()
+def client(server):
+    from convrpc.client import ConvClient
+
+    with ConvClient(server.target, timeout=120) as c:
+        yield c
