@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
 
 from .backend import OPS, SUPPORTED_DTYPES, Backend, Gradients
@@ -25,6 +26,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "available_backends",
     "get_backend",
+    "resolve_backend_name",
 ]
 
 #: Backend name -> (module holding its kernel table, pip extra that provides it).
@@ -34,6 +36,7 @@ BACKENDS = {
     "cupy": ("convrpc.core.cupy_backend", "gpu"),
 }
 
+_log = logging.getLogger("convrpc.core")
 _lock = threading.Lock()
 _cache: dict[str, Backend] = {}
 
@@ -42,8 +45,10 @@ def get_backend(name: str = "numba") -> Backend:
     """The backend called ``name`` ("numpy", "numba" or "cupy"), created once per process.
 
     Raises :class:`BackendUnavailableError` naming the pip extra to install when this install or
-    machine cannot run it.
+    machine cannot run it. ``"auto"`` picks one with :func:`resolve_backend_name`.
     """
+    if name == "auto":
+        name = resolve_backend_name(name)
     if name not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
     with _lock:
@@ -71,3 +76,21 @@ def available_backends() -> list[str]:
             continue
         names.append(name)
     return names
+
+
+def resolve_backend_name(name: str) -> str:
+    """``name`` itself, except that ``"auto"`` becomes "cupy" when CuPy imports and a CUDA device is
+    visible, else "numba" when it is installed, else "numpy"; the choice is logged."""
+    if name != "auto":
+        return name
+    reasons = []
+    for candidate in ("cupy", "numba"):
+        try:
+            backend = get_backend(candidate)
+        except BackendUnavailableError as exc:
+            reasons.append(str(exc))
+            continue
+        _log.info("backend 'auto' resolved to %r on %s", candidate, backend.device)
+        return candidate
+    _log.info("backend 'auto' resolved to 'numpy' (%s)", "; ".join(reasons))
+    return "numpy"
