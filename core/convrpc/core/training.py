@@ -1,0 +1,328 @@
+"""Kernel fitting: gradient descent on a conv2d weight (and bias) so that conv2d(input) approaches a target.
+
+``fit_kernel(backend, input, target, config)`` checks everything at once and returns an iterator
+of events that mirrors the TrainKernel stream: a :class:`TrainProgress` every ``report_every``
+steps, then exactly one :class:`TrainResult`, always last::
+
+    *progress, result = fit_kernel(get_backend("numpy"), x, y, TrainConfig(kernel_size=3))
+
+Each step measures the loss of the current weights, stops if it is non-finite or ``<= tol``,
+otherwise computes the gradient and lets the optimizer (:mod:`convrpc.core.optim`) update the
+weights. So the loss reported with step ``k`` is that of the weights before the k-th update.
+Only ``backend.conv2d`` and ``backend.conv2d_backward`` do tensor work and array math goes through
+``backend.xp``, so every backend trains, a GPU one on device-resident arrays.
+
+Losses over z = conv2d(input) and target y, with r = z - y and M = r.size (of the batch):
+
+- ``mse``: mean(r^2), gradient 2r/M (torch's mse_loss);
+- ``half_mse``: mean(r^2)/2, gradient r/M (the textbook convention of the seed experiments);
+- ``half_sse``: sum(r^2)/2, gradient r.
+
+Initialisation: a weight built from ``kernel_size`` is Kaiming-uniform like torch's Conv2d,
+U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = in_channels/groups * kh * kw, drawn in float64
+from ``seed`` and cast; a fitted bias without ``init_bias`` starts at zero (as the proto says).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from . import params
+from .backend import SUPPORTED_DTYPES, Backend
+from .errors import InvalidArgumentError
+from .optim import AdamOptions, SgdOptions
+
+__all__ = ["LOSSES", "STOP_REASONS", "TrainConfig", "TrainProgress", "TrainResult", "fit_kernel", "kaiming_uniform"]
+
+#: Loss names, in the order of the proto's ``Loss`` enum (LOSS_<NAME>).
+LOSSES = ("mse", "half_mse", "half_sse")
+#: Stop reasons, in the order of the proto's ``StopReason`` enum (STOP_REASON_<NAME>).
+STOP_REASONS = ("converged", "max_steps", "cancelled", "diverged", "time_limit")
+
+_GRAD_SCALE = {"mse": lambda m: 2.0 / m, "half_mse": lambda m: 1.0 / m, "half_sse": lambda m: 1.0}
+_LOSS_SCALE = {"mse": lambda m: 1.0 / m, "half_mse": lambda m: 0.5 / m, "half_sse": lambda m: 0.5}
+
+
+@dataclass(frozen=True, eq=False)
+class TrainConfig:
+    """Everything a fit needs besides the data: the fields of TrainKernelRequest.
+
+    Exactly one of ``init_weight`` (K, C/groups, kh, kw) and ``kernel_size`` (int or pair; K is
+    the target's channel count) gives the starting weight. ``batch_size`` 0/None means full
+    batch; otherwise each epoch visits a permutation of the samples drawn from ``seed`` in
+    batches of that size (the last one may be smaller). ``max_seconds`` 0/None means no limit.
+    ``report_every`` 0 means 1. ``snapshot_every`` k > 0 puts a copy of the weight in every k-th
+    progress event.
+    """
+
+    kernel_size: Any = None
+    init_weight: Any = None
+    bias: bool = False
+    init_bias: Any = None
+    stride: Any = 1
+    padding: Any = 0
+    dilation: Any = 1
+    groups: int = 1
+    optimizer: SgdOptions | AdamOptions = field(default_factory=SgdOptions)
+    loss: str = "mse"
+    max_steps: int = 1000
+    tol: float = 0.0
+    batch_size: int | None = None
+    seed: int | None = None
+    max_seconds: float | None = None
+    report_every: int = 1
+    snapshot_every: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class TrainProgress:
+    """State after ``step`` updates: ``loss`` of the weights before the last update (of its batch),
+    ``elapsed`` seconds since the run began, the L2 norm of that update's weight gradient and,
+    when asked for, a host copy of the updated weight."""
+
+    step: int
+    loss: float
+    elapsed: float
+    grad_norm: float
+    weight: np.ndarray | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class TrainResult:
+    """The final state: host arrays, the full-data loss of exactly these weights, updates run."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    loss: float
+    steps: int
+    stop_reason: str
+    elapsed: float
+
+
+def kaiming_uniform(shape, fan_in: int, rng: np.random.Generator) -> np.ndarray:
+    """torch's Conv2d default, kaiming_uniform_(a=sqrt(5)): U(-b, b) with b = 1/sqrt(fan_in), float64."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return rng.uniform(-bound, bound, size=shape)
+
+
+def fit_kernel(
+    backend: Backend,
+    input,
+    target,
+    config: TrainConfig,
+    *,
+    stop_event: threading.Event | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[TrainProgress | TrainResult]:
+    """Validate now, then return the run's events: TrainProgress..., TrainResult (last, exactly one).
+
+    Raises InvalidArgumentError naming the field at call time. Nothing runs until the first
+    ``next()``; the elapsed time starts there. ``stop_event`` is checked before every step.
+    """
+    run = _Run(backend, input, target, config)
+    return run.events(stop_event, clock)
+
+
+class _Run:
+    """One validated fit: data on the backend's device, optimizer, sampling and stop rules."""
+
+    def __init__(self, backend: Backend, input, target, c: TrainConfig):
+        self.backend = backend
+        xp = self.xp = backend.xp
+        x = self.x = _device_array(xp, input, "input")
+        if x.ndim != 4:
+            raise InvalidArgumentError("input", f"expected a 4-d tensor (N, C, H, W), got shape {tuple(x.shape)}")
+        dtype = x.dtype
+        y = self.y = _device_array(xp, target, "target", dtype)
+        if y.ndim != 4:
+            raise InvalidArgumentError("target", f"expected a 4-d tensor (N, K, OH, OW), got shape {tuple(y.shape)}")
+        if c.loss not in LOSSES:
+            raise InvalidArgumentError("loss", f"expected one of {', '.join(LOSSES)}, got {c.loss!r}")
+        self.loss_name = c.loss
+        self.max_steps = _check_int(c.max_steps, "max_steps", minimum=1)
+        self.report_every = _check_int(c.report_every, "report_every", minimum=0) or 1
+        self.snapshot_every = _check_int(c.snapshot_every, "snapshot_every", minimum=0)
+        self.batch_size = _check_int(c.batch_size or 0, "batch_size", minimum=0)
+        self.tol = _check_float(c.tol, "tol")
+        self.max_seconds = _check_float(c.max_seconds or 0.0, "max_seconds")
+        seed = None if c.seed is None else _check_int(c.seed, "seed", minimum=0)
+        init_rng, self.shuffle_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+        if not isinstance(c.optimizer, (SgdOptions, AdamOptions)):
+            raise InvalidArgumentError("optimizer", f"expected SgdOptions or AdamOptions, got {c.optimizer!r}")
+        self.optimizer = c.optimizer.build(xp)
+        self.conv = dict(stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
+
+        if not isinstance(c.bias, bool):
+            raise InvalidArgumentError("bias", f"expected a bool, got {c.bias!r}")
+        if c.init_bias is not None and not c.bias:
+            raise InvalidArgumentError("init_bias", "given, but bias is false")
+        if c.init_weight is not None:
+            if c.kernel_size is not None:
+                raise InvalidArgumentError("kernel_size", "give either init_weight or kernel_size, not both")
+            w = _device_array(xp, c.init_weight, "init_weight", dtype).copy()  # the result must not alias it
+            if w.ndim != 4:
+                raise InvalidArgumentError(
+                    "init_weight", f"expected a 4-d tensor (K, C/groups, kh, kw), got shape {tuple(w.shape)}"
+                )
+        elif c.kernel_size is None:
+            raise InvalidArgumentError("kernel_size", "required when init_weight is not given")
+        else:
+            kh, kw = params.pair(c.kernel_size, "kernel_size", minimum=1)
+            # A bad groups value gets through here; the geometry check below reports it.
+            groups = c.groups if isinstance(c.groups, int) and c.groups > 0 else 1
+            shape = (y.shape[1], max(1, x.shape[1] // groups), kh, kw)
+            w = xp.asarray(kaiming_uniform(shape, shape[1] * kh * kw, init_rng).astype(dtype))
+        b = None
+        if c.bias:
+            if c.init_bias is None:
+                b = xp.zeros((w.shape[0],), dtype=dtype)
+            else:
+                b = _device_array(xp, c.init_bias, "init_bias", dtype).copy()
+        try:
+            g = params.conv2d_geometry(x.shape, w.shape, None if b is None else b.shape, **self.conv)
+        except InvalidArgumentError as exc:
+            rename = {"weight": "init_weight" if c.init_weight is not None else "kernel_size", "bias": "init_bias"}
+            raise InvalidArgumentError(rename.get(exc.field, exc.field), exc.description) from None
+        if tuple(y.shape) != g.output_shape:
+            raise InvalidArgumentError(
+                "target", f"expected shape {g.output_shape} (the conv2d output), got {tuple(y.shape)}"
+            )
+        self.w, self.b = w, b
+        if self.batch_size >= x.shape[0]:
+            self.batch_size = 0  # one batch holding every sample is the full batch
+
+    # -- pieces of a step ---------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[tuple[Any, Any]]:
+        """(input, target) of each step: the whole data set, or seeded shuffled mini-batches."""
+        if not self.batch_size:
+            yield from itertools.repeat((self.x, self.y))
+        n, bs = self.x.shape[0], self.batch_size
+        while True:
+            perm = self.xp.asarray(self.shuffle_rng.permutation(n))
+            for start in range(0, n, bs):
+                idx = perm[start : start + bs]
+                yield self.x[idx], self.y[idx]
+
+    def _residual(self, x, y, w, b) -> tuple[Any, float]:
+        """r = conv2d(x) - y and the loss (a Python float, possibly non-finite)."""
+        r = self.backend.conv2d(x, w, b, **self.conv) - y
+        flat = r.reshape(-1)
+        return r, float(self.xp.vdot(flat, flat)) * _LOSS_SCALE[self.loss_name](r.size)
+
+    def _full_loss(self, w, b) -> float:
+        return self._residual(self.x, self.y, w, b)[1]
+
+    def _host(self, a, copy: bool = False):
+        if a is None:
+            return None
+        to_numpy = getattr(self.xp, "asnumpy", None)
+        if to_numpy is not None:
+            return to_numpy(a)
+        return np.array(a) if copy else np.asarray(a)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def events(self, stop_event, clock) -> Iterator[TrainProgress | TrainResult]:
+        xp = self.xp
+        t0 = clock()
+        w, b = self.w, self.b
+        full_batch = not self.batch_size
+        prev = None  # (w, b, loss) before the last update, to fall back on if the update diverges
+        known_loss = None  # the full-data loss of (w, b), when already measured
+        reason = "max_steps"
+        steps = reports = 0
+        batches = self._batches()
+        for _ in range(self.max_steps):
+            if stop_event is not None and stop_event.is_set():
+                reason = "cancelled"
+                break
+            if self.max_seconds and clock() - t0 >= self.max_seconds:
+                reason = "time_limit"
+                break
+            xb, yb = next(batches)
+            r, loss = self._residual(xb, yb, w, b)
+            if not math.isfinite(loss):
+                reason = "diverged"
+                if prev is not None:
+                    w, b, known_loss = prev
+                    prev = None
+                break
+            if full_batch:
+                known_loss = loss
+            if loss <= self.tol:
+                # A mini-batch below tol is only a hint: confirm on the whole data set.
+                if not full_batch:
+                    known_loss = self._full_loss(w, b)
+                if known_loss <= self.tol:
+                    reason = "converged"
+                    break
+            r *= _GRAD_SCALE[self.loss_name](r.size)
+            grads = self.backend.conv2d_backward(r, xb, w, b, **self.conv)
+            gw = grads.weight.reshape(-1)
+            # The bias gradient sums the residual, finite whenever the loss is, so only gw is checked.
+            grad_norm = math.sqrt(float(xp.vdot(gw, gw)))
+            if not math.isfinite(grad_norm):
+                reason = "diverged"
+                break
+            prev = (w, b, known_loss)
+            if b is None:
+                (w,) = self.optimizer.step([w], [grads.weight])
+            else:
+                w, b = self.optimizer.step([w, b], [grads.weight, grads.bias])
+            known_loss = None
+            steps += 1
+            if steps % self.report_every == 0:
+                reports += 1
+                snap = self.snapshot_every and reports % self.snapshot_every == 0
+                snapshot = self._host(w, copy=True) if snap else None
+                yield TrainProgress(steps, loss, clock() - t0, grad_norm, snapshot)
+        if known_loss is None:
+            known_loss = self._full_loss(w, b)
+            if not math.isfinite(known_loss) and prev is not None:
+                # The last update broke the weights (only a mini-batch, or no step, had measured them).
+                reason = "diverged"
+                w, b, known_loss = prev
+                if known_loss is None:
+                    known_loss = self._full_loss(w, b)
+        yield TrainResult(self._host(w), self._host(b), known_loss, steps, reason, clock() - t0)
+
+
+def _device_array(xp, a, field: str, dtype=None):
+    """``a`` as a C-contiguous array of ``xp`` with a supported (or the given) dtype, every element finite."""
+    arr = xp.ascontiguousarray(xp.asarray(a))
+    if arr.dtype not in SUPPORTED_DTYPES:
+        raise InvalidArgumentError(field, f"dtype must be float32 or float64, got {arr.dtype}")
+    if dtype is not None and arr.dtype != dtype:
+        raise InvalidArgumentError(field, f"dtype {arr.dtype} differs from the input's {dtype}")
+    if arr.size == 0:
+        raise InvalidArgumentError(field, f"must not be empty, got shape {tuple(arr.shape)}")
+    if not bool(xp.isfinite(arr).all()):
+        raise InvalidArgumentError(field, "contains NaN or infinity")
+    return arr
+
+
+def _check_int(value, field: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise InvalidArgumentError(field, f"expected an integer, got {value!r}")
+    if int(value) < minimum:
+        raise InvalidArgumentError(field, f"must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_float(value, field: str) -> float:
+    """A finite number >= 0."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(field, f"expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(v) or v < 0:
+        raise InvalidArgumentError(field, f"must be a finite number >= 0, got {value!r}")
+    return v
