@@ -125,14 +125,21 @@ class Backend:
         self._check_output(g.output_shape)
         return self._result(on_host, self.kernels.conv2d(x, w, b, g))
 
-    def conv2d_backward(self, grad_output, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> Gradients:
-        """Gradients of conv2d w.r.t. input, weight and (when given) bias."""
+    def conv2d_backward(
+        self, grad_output, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, input_grad=True
+    ) -> Gradients:
+        """Gradients of conv2d w.r.t. input, weight and (when given) bias.
+
+        ``input_grad=False`` skips the input gradient (returned as None): kernel fitting needs
+        only the weight's, and the input gradient costs as much again.
+        """
         on_host, (gy, x, w, b) = self._arrays(grad_output=grad_output, input=input, weight=weight, bias=bias)
         g = params.conv2d_geometry(x.shape, w.shape, None if b is None else b.shape, stride, padding, dilation, groups)
         self._check_grad_output(gy, g.output_shape)
         k = self.kernels
+        gi = k.conv2d_input_grad(gy, w, g) if input_grad else None
         gb = None if b is None else self._bias_grad(gy)
-        return self._grads(on_host, k.conv2d_input_grad(gy, w, g), k.conv2d_weight_grad(x, gy, g), gb)
+        return self._grads(on_host, gi, k.conv2d_weight_grad(x, gy, g), gb)
 
     # -- conv_transpose2d ---------------------------------------------------------------------
 
