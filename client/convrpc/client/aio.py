@@ -32,19 +32,11 @@ class AsyncTrainingRun(TrainingRun):
                     raise ConvRpcError.from_rpc_error(error) from None
                 if message is aio.EOF:
                     raise ConvRpcError(grpc.StatusCode.INTERNAL, "the training stream ended without a result")
-                if message.HasField("result"):
-                    self._result = self._make_result(message.result)
-                    if bar is not None:
-                        bar.update(self._result.steps - bar.n)
-                    return
-                update = self._record(message.progress)
-                if bar is not None:
-                    bar.update(update.step - bar.n)
-                    bar.set_postfix(loss=f"{update.loss:.3e}", refresh=False)
-                yield update
+                update = self._receive(message, bar)
+                if update is not None:
+                    yield update
         finally:
-            if bar is not None:
-                bar.close()
+            self._leave(bar)  # leaving early (break, task cancelled, Ctrl-C) cancels the server's run
 
     def __iter__(self):
         raise TypeError("an AsyncTrainingRun is iterated with 'async for'")

@@ -127,8 +127,11 @@ class TrainingRun:
     """A kernel-fitting run streaming from the server.
 
     Iterate it for :class:`TrainProgress` updates as they arrive; ``result()`` waits for the end and
-    returns the :class:`TrainResult`; ``cancel()`` stops the run on the server. Interrupting the
-    iteration (Ctrl-C, a notebook's stop button) cancels the server's run too.
+    returns the :class:`TrainResult`; ``cancel()`` stops the run on the server; ``history`` holds
+    the updates received so far as numpy arrays. Leaving the iteration early (``break``, an
+    exception, Ctrl-C or a notebook's interrupt, also inside ``result()``) cancels the server's run
+    too; the client stays usable. With ``progress=True`` a tqdm bar (step, loss, ETA) follows the
+    iteration, in a terminal or a notebook.
     """
 
     def __init__(self, call, *, max_steps: int, progress: bool = False):
@@ -149,30 +152,44 @@ class TrainingRun:
                     raise ConvRpcError(grpc.StatusCode.INTERNAL, "the training stream ended without a result") from None
                 except grpc.RpcError as error:
                     raise ConvRpcError.from_rpc_error(error) from None
-                if message.HasField("result"):
-                    self._result = self._make_result(message.result)
-                    if bar is not None:
-                        bar.update(self._result.steps - bar.n)
-                        bar.set_postfix(loss=f"{self._result.loss:.3e}", refresh=False)
-                    return
-                update = self._record(message.progress)
-                if bar is not None:
-                    bar.update(update.step - bar.n)
-                    bar.set_postfix(loss=f"{update.loss:.3e}", refresh=False)
-                yield update
-        except KeyboardInterrupt:
-            if self._result is None:
-                self.cancel()
-            raise
+                update = self._receive(message, bar)
+                if update is not None:
+                    yield update
         finally:
+            self._leave(bar)
+
+    def _receive(self, message: pb.TrainKernelResponse, bar) -> TrainProgress | None:
+        """Record one stream message; returns the progress update, or None for the result."""
+        if message.HasField("result"):
+            self._result = self._make_result(message.result)
             if bar is not None:
-                bar.close()
+                bar.update(self._result.steps - bar.n)
+                bar.set_postfix(loss=f"{self._result.loss:.3e}", stop=self._result.stop_reason, refresh=False)
+            return None
+        update = self._record(message.progress)
+        if bar is not None:
+            bar.update(update.step - bar.n)
+            bar.set_postfix(loss=f"{update.loss:.3e}", refresh=False)
+        return update
+
+    def _leave(self, bar) -> None:
+        """The iteration is over: by the result, an error, or the caller leaving the loop early.
+
+        Leaving early (``break``, an exception or Ctrl-C in the loop body, a notebook's interrupt
+        while waiting for the next message) cancels the server's run: nobody is reading it any more,
+        and the server frees its worker at once.
+        """
+        if self._result is None:
+            self.cancel()
+        if bar is not None:
+            bar.close()
 
     def _progress_bar(self):
         try:
             from tqdm.auto import tqdm
         except ImportError:
             raise ImportError("progress=True needs tqdm: pip install 'convrpc[notebook]'") from None
+        # total=max_steps gives the ETA; a run that converges early simply ends short of it.
         return tqdm(total=self._max_steps, unit="step", desc="train_kernel")
 
     def _record(self, msg: pb.TrainProgress) -> TrainProgress:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import time
 import uuid
 
 import grpc
@@ -20,6 +19,7 @@ from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 
 from . import status
 from .settings import Settings
+from .train_stream import TrainStream
 
 log = logging.getLogger("convrpc.server")
 
@@ -130,23 +130,19 @@ class ConvService(pb_grpc.ConvServiceServicer):
         x = self._tensor(request, "input", required=True)
         y = self._tensor(request, "target", required=True)
         cancelled = threading.Event()
-        context.add_callback(cancelled.set)
+        run = fit_kernel(self.backend, x, y, config, stop_event=cancelled)  # validates; nothing runs yet
+        if not context.add_callback(cancelled.set):
+            cancelled.set()  # the client is already gone
         with self._lock:
             if self._draining:
                 raise ServerDraining()
             self._runs.add(cancelled)
-        min_interval = self.settings.report_interval
-        last_sent = -float("inf")
-        run = fit_kernel(self.backend, x, y, config, stop_event=cancelled)
         try:
-            for event in run:
+            for event in TrainStream(run, cancelled, min_interval=self.settings.report_interval):
                 if isinstance(event, TrainResult):
                     yield pb.TrainKernelResponse(result=self._result_message(event))
                     return
-                now = time.monotonic()
-                if now - last_sent >= min_interval or event.weight is not None:
-                    last_sent = now
-                    yield pb.TrainKernelResponse(progress=self._progress_message(event))
+                yield pb.TrainKernelResponse(progress=self._progress_message(event))
         finally:
             with self._lock:
                 self._runs.discard(cancelled)
