@@ -163,13 +163,16 @@ def pool_output_shape(x_shape, kernel_size, stride, padding, dilation=(1, 1)):
 
 
 def _first_max(x, n, c, taps):
-    """The first in-image tap holding the window's maximum (a NaN beats everything), or None."""
-    best, best_tap = -math.inf, None
-    for r, s in taps:
+    """torch's rule: scan the in-image taps row-major, starting from the first; a strictly greater value or
+    a NaN takes over. So ties go to the first maximum, NaNs to the last NaN, an all -inf window to its
+    first in-image tap; a window over padding alone has none (None)."""
+    if not taps:
+        return None
+    best_tap = taps[0]
+    best = x[n, c, best_tap[0], best_tap[1]]
+    for r, s in taps[1:]:
         v = x[n, c, r, s]
-        if math.isnan(v):
-            return (r, s)
-        if v > best:
+        if v > best or math.isnan(v):
             best, best_tap = v, (r, s)
     return best_tap
 

@@ -350,3 +350,11 @@ def test_layout_does_not_matter_and_inputs_are_untouched(backend, dtype, rng):
             if e is not None:
                 np.testing.assert_array_equal(g, e, err_msg=name)
                 assert not any(np.shares_memory(g, a) for a in args), f"{name} returned a view of an input"
+
+
+def test_big_endian_inputs_compute_like_native_ones(backend):
+    x = np.arange(-4.0, 5.0).reshape(1, 1, 3, 3)
+    w = np.array([[1.0, -2.0], [0.5, 3.0]]).reshape(1, 1, 2, 2)
+    got = backend.conv2d(x.astype(">f8"), w.astype(">f8"))
+    assert got.dtype == np.float64 and got.dtype.isnative
+    np.testing.assert_array_equal(got, backend.conv2d(x, w))

@@ -105,7 +105,11 @@ BAD_CALLS = {
     "conv2d_mixed_weight_dtype": (lambda b: b.conv2d(X, W.astype(np.float32)), "weight"),
     "conv2d_mixed_bias_dtype": (lambda b: b.conv2d(X, W, t(3, dtype=np.float32)), "bias"),
     "conv2d_backward_mixed_input_dtype": (lambda b: b.conv2d_backward(t(1, 3, 3, 3), X.astype(np.float32), W), "input"),
-    "relu_backward_mixed_dtype": (lambda b: b.relu_backward(X, X.astype(np.float32)), "input"),
+    "conv2d_backward_mixed_grad_output_dtype": (
+        lambda b: b.conv2d_backward(t(1, 3, 3, 3, dtype=np.float32), X, W),
+        "grad_output",
+    ),
+    "relu_backward_mixed_dtype": (lambda b: b.relu_backward(X, X.astype(np.float32)), "grad_output"),  # a tie: input sets it
     "conv2d_integer_input": (lambda b: b.conv2d(X.astype(np.int64), W), "input"),
     "conv2d_integer_weight": (lambda b: b.conv2d(X, W.astype(np.int32)), "weight"),
     "conv_transpose2d_float16_input": (lambda b: b.conv_transpose2d(X.astype(np.float16), WT), "input"),

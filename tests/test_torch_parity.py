@@ -121,13 +121,15 @@ MAX_POOL_CASES = {
 
 
 @pytest.mark.parametrize("case", MAX_POOL_CASES.values(), ids=MAX_POOL_CASES.keys())
-@pytest.mark.parametrize("values", ["random", "ties"])
+@pytest.mark.parametrize("values", ["random", "ties", "nan_and_inf"])
 def test_max_pool2d(backend, dtype, rng, case, values):
     x_shape, options = case
     if values == "random":
         x = rng.standard_normal(x_shape).astype(dtype)
-    else:  # torch also sends a tied window's gradient to its first maximum in row-major order
+    elif values == "ties":  # torch also sends a tied window's gradient to its first maximum in row-major order
         x = rng.integers(-1, 2, size=x_shape).astype(dtype)
+    else:  # several NaNs per window (torch routes to the last NaN) and all -inf windows (to the first in-image tap)
+        x = rng.choice(np.array([np.nan, -np.inf, -np.inf, 1.0], dtype=dtype), size=x_shape)
     check_against_torch(backend.max_pool2d, backend.max_pool2d_backward, F.max_pool2d, [x], rng, dtype, **options)
 
 
