@@ -140,78 +140,77 @@ def conv2d_weight_grad_direct(x, gy, gw, groups, sh, sw, pt, pl, dh, dw):
         gw[k, cc, i, j] = total
 
 
-# -- im2col / col2im for the BLAS path ----------------------------------------------------------
+# -- im2col / col2im for the BLAS path (serial: each worker thread runs its own tile) -----------
 
 
-@njit(**_PAR)
+@njit(**_SER)
 def im2col(x, cols, n0, r0, kh, kw, sh, sw, pt, pl, dh, dw, out_w):
     """cols (C*kh*kw, T, R*OW) = windows of images n0..n0+T and output rows r0..r0+R of x.
 
-    Row ``(c*kh + i)*kw + j`` holds tap (i, j) of channel c; out-of-bounds
-    taps (padding) are zero. cols is overwritten.
+    Row ``(c*kh + i)*kw + j`` holds tap (i, j) of channel c; out-of-bounds taps (padding) are
+    zero. cols is overwritten.
     """
     rows, t_, cols_len = cols.shape
     c_in, h, wd = x.shape[1], x.shape[2], x.shape[3]
     n_rows = cols_len // out_w
-    for job in prange(t_ * c_in * kh):
-        i = job % kh
-        c = (job // kh) % c_in
-        t = job // (kh * c_in)
-        n = n0 + t
-        for j in range(kw):
-            dst = cols[(c * kh + i) * kw + j, t]
-            off = j * dw - pl
-            lo, hi = _col_range(off, sw, wd, out_w)
-            for r in range(n_rows):
-                base = r * out_w
-                ih = (r0 + r) * sh - pt + i * dh
-                if ih < 0 or ih >= h:
-                    for ow in range(out_w):
-                        dst[base + ow] = 0.0
-                    continue
-                xrow = x[n, c, ih]
-                for ow in range(lo):
-                    dst[base + ow] = 0.0
-                if sw == 1:
-                    for ow in range(lo, hi):
-                        dst[base + ow] = xrow[ow + off]
-                else:
-                    for ow in range(lo, hi):
-                        dst[base + ow] = xrow[ow * sw + off]
-                for ow in range(max(hi, lo), out_w):
-                    dst[base + ow] = 0.0
-
-
-@njit(**_PAR)
-def col2im_add(cols, gx, n0, r0, kh, kw, sh, sw, pt, pl, dh, dw, out_w):
-    """gx[n0:n0+T] += the taps in cols (C*kh*kw, T, R*OW) summed back onto the input grid.
-
-    Each iteration owns one (image, channel) plane of gx, so taps that overlap never race.
-    """
-    rows, t_, cols_len = cols.shape
-    c_in, h, wd = gx.shape[1], gx.shape[2], gx.shape[3]
-    n_rows = cols_len // out_w
-    for job in prange(t_ * c_in):
-        c = job % c_in
-        t = job // c_in
-        n = n0 + t
+    for c in range(c_in):
         for i in range(kh):
             for j in range(kw):
-                src = cols[(c * kh + i) * kw + j, t]
                 off = j * dw - pl
                 lo, hi = _col_range(off, sw, wd, out_w)
-                for r in range(n_rows):
-                    ih = (r0 + r) * sh - pt + i * dh
-                    if ih < 0 or ih >= h:
-                        continue
-                    base = r * out_w
-                    grow = gx[n, c, ih]
-                    if sw == 1:
-                        for ow in range(lo, hi):
-                            grow[ow + off] += src[base + ow]
-                    else:
-                        for ow in range(lo, hi):
-                            grow[ow * sw + off] += src[base + ow]
+                for t in range(t_):
+                    dst = cols[(c * kh + i) * kw + j, t]
+                    xplane = x[n0 + t, c]
+                    for r in range(n_rows):
+                        base = r * out_w
+                        ih = (r0 + r) * sh - pt + i * dh
+                        if ih < 0 or ih >= h:
+                            for ow in range(out_w):
+                                dst[base + ow] = 0.0
+                            continue
+                        xrow = xplane[ih]
+                        for ow in range(lo):
+                            dst[base + ow] = 0.0
+                        if sw == 1:
+                            for ow in range(lo, hi):
+                                dst[base + ow] = xrow[ow + off]
+                        else:
+                            for ow in range(lo, hi):
+                                dst[base + ow] = xrow[ow * sw + off]
+                        for ow in range(max(hi, lo), out_w):
+                            dst[base + ow] = 0.0
+
+
+@njit(**_SER)
+def col2im_add(cols, gx, n0, r0, ih_lo, ih_hi, kh, kw, sh, sw, pt, pl, dh, dw, out_w):
+    """gx[n0:n0+T, :, ih_lo:ih_hi] += the taps in cols (C*kh*kw, T, R*OW) summed onto the input grid.
+
+    Taps landing outside input rows [ih_lo, ih_hi) are skipped: the worker that owns those rows
+    adds them, so two workers never write the same element.
+    """
+    rows, t_, cols_len = cols.shape
+    c_in, wd = gx.shape[1], gx.shape[3]
+    n_rows = cols_len // out_w
+    for t in range(t_):
+        for c in range(c_in):
+            plane = gx[n0 + t, c]
+            for i in range(kh):
+                for j in range(kw):
+                    src = cols[(c * kh + i) * kw + j, t]
+                    off = j * dw - pl
+                    lo, hi = _col_range(off, sw, wd, out_w)
+                    for r in range(n_rows):
+                        ih = (r0 + r) * sh - pt + i * dh
+                        if ih < ih_lo or ih >= ih_hi:
+                            continue
+                        base = r * out_w
+                        grow = plane[ih]
+                        if sw == 1:
+                            for ow in range(lo, hi):
+                                grow[ow + off] += src[base + ow]
+                        else:
+                            for ow in range(lo, hi):
+                                grow[ow * sw + off] += src[base + ow]
 
 
 @njit(**_PAR)

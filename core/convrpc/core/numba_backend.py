@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 # Both must be in the environment before numba's OpenMP runtime loads (at its first parallel call).
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
@@ -69,15 +70,35 @@ __all__ = [
 xp = np
 DEVICE = f"cpu ({THREADS} threads)"
 
-#: Requests that may compute at once; more would only split the same cores and thrash caches.
-LANES = 1
 #: im2col tiles aim at this size so a tile is still in cache when the matmul reads it.
-TILE_BYTES = 8 * 1024 * 1024
+TILE_BYTES = 4 * 1024 * 1024
 
-_lane = threading.BoundedSemaphore(LANES)
+# One compute lane: concurrent requests queue here instead of splitting the same cores (and the
+# worker buffers below belong to whoever holds it).
+_lane = threading.Lock()
 _workspace_limit = int(config.WORKSPACE_BYTES)
-_free_workspaces: list[np.ndarray] = []
-_workspace_lock = threading.Lock()
+_worker_buffers: list[np.ndarray | None] = [None] * THREADS
+_pool: ThreadPoolExecutor | None = None
+
+
+def _configure_blas() -> int:
+    """Make BLAS single-threaded so our worker threads can each run one matmul; returns the workers.
+
+    OpenBLAS's own threads spin-wait and lose whole scheduler ticks when anything else wants the
+    cores (a 0.3 ms matmul took 8 ms); our workers call single-threaded BLAS side by side instead.
+    Without threadpoolctl BLAS keeps its threads and we call it from one thread only.
+    """
+    if THREADS == 1:
+        return 1
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return 1
+    threadpool_limits(1, user_api="blas")
+    return THREADS
+
+
+BLAS_WORKERS = _configure_blas()
 
 
 def to_device(a):
@@ -89,13 +110,13 @@ def to_host(a):
 
 
 def set_workspace_limit(nbytes: int) -> None:
-    """Cap the extra memory one op's im2col workspace may take (default ``config.WORKSPACE_BYTES``)."""
+    """Cap the extra memory one op's im2col workspaces may take together (default ``config.WORKSPACE_BYTES``)."""
     global _workspace_limit
     if nbytes < 1:
         raise ValueError(f"workspace limit must be positive, got {nbytes}")
-    with _workspace_lock:
+    with _lane:
         _workspace_limit = int(nbytes)
-        _free_workspaces.clear()
+        _worker_buffers[:] = [None] * THREADS
 
 
 def workspace_limit() -> int:
@@ -108,29 +129,42 @@ def threading_layer() -> str:
     return numba.threading_layer()
 
 
-class _Workspace:
-    """A byte buffer borrowed for one op and returned for the next: no page faults on every call."""
+def _buffer(worker: int, shape, dtype) -> np.ndarray:
+    """Worker ``worker``'s reused scratch array of ``shape``; call only while holding the lane."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buf = _worker_buffers[worker]
+    if buf is None or buf.nbytes < nbytes:
+        buf = _worker_buffers[worker] = np.empty(nbytes, dtype=np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
 
-    def __init__(self, nbytes: int):
-        with _workspace_lock:
-            fits = [b for b in _free_workspaces if b.nbytes >= nbytes]
-            if fits:
-                self.buf = min(fits, key=lambda b: b.nbytes)
-                _free_workspaces.remove(self.buf)
-            else:
-                self.buf = np.empty(nbytes, dtype=np.uint8)
 
-    def array(self, shape, dtype) -> np.ndarray:
-        count = math.prod(shape)
-        return self.buf[: count * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+def _run(tasks, work, workers: int) -> None:
+    """Call ``work(worker, task)`` for every task, spread over ``workers`` threads (this one included)."""
+    global _pool
+    workers = max(1, min(workers, len(tasks)))
+    if workers == 1:
+        for task in tasks:
+            work(0, task)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(THREADS - 1, thread_name_prefix="convrpc-numba")
+    pending = iter(tasks)
+    take = threading.Lock()
 
-    def __enter__(self):
-        return self
+    def loop(worker):
+        while True:
+            with take:
+                task = next(pending, None)
+            if task is None:
+                return
+            work(worker, task)
 
-    def __exit__(self, *exc):
-        with _workspace_lock:
-            if len(_free_workspaces) < LANES and self.buf.nbytes <= _workspace_limit:
-                _free_workspaces.append(self.buf)
+    futures = [_pool.submit(loop, i) for i in range(1, workers)]
+    try:
+        loop(0)
+    finally:
+        for f in futures:
+            f.result()
 
 
 # -- convolution --------------------------------------------------------------------------------
@@ -148,90 +182,147 @@ def _is_pointwise(g: ConvGeometry) -> bool:
     )
 
 
-def _tiles(g: ConvGeometry, itemsize: int):
-    """(n0, images, r0, rows) tiles whose im2col block fits the workspace cap, or None if no row fits."""
-    row_bytes = g.c_in * g.kh * g.kw * g.out_w * itemsize
-    if row_bytes > _workspace_limit:
-        return None
-    budget = min(_workspace_limit, TILE_BYTES)
-    image_bytes = row_bytes * g.out_h
-    if image_bytes <= budget:
-        per = max(1, min(g.n, _workspace_limit // image_bytes, budget // image_bytes))
-        return [(n0, min(per, g.n - n0), 0, g.out_h) for n0 in range(0, g.n, per)]
-    rows = max(1, min(g.out_h, budget // row_bytes))
-    return [(n, 1, r0, min(rows, g.out_h - r0)) for n in range(g.n) for r0 in range(0, g.out_h, rows)]
-
-
 def _use_blas(g: ConvGeometry) -> bool:
     """BLAS pays off once both matmul sides are wide; direct loops win for thin or many-group convs."""
     kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
     return g.groups <= 4 and kg >= 8 and ckk >= 16 and kg * ckk >= 256
 
 
+class _Plan:
+    """Output-row tiles (n0, images, r0, rows) for the BLAS path and the workers that run them.
+
+    Each worker's im2col block fits its share of the workspace cap; there are enough tiles to keep
+    every worker busy. ``None`` from :meth:`make` means not even one output row fits: go direct.
+    """
+
+    def __init__(self, tiles, workers, row_bytes):
+        self.tiles, self.workers, self.row_bytes = tiles, workers, row_bytes
+
+    @classmethod
+    def make(cls, g: ConvGeometry, itemsize: int, pointwise: bool = False):
+        workers = BLAS_WORKERS
+        row_bytes = g.c_in * g.kh * g.kw * g.out_w * itemsize
+        budget = min(TILE_BYTES, _workspace_limit // workers)
+        if pointwise:
+            budget = TILE_BYTES  # no workspace: tiles only split the work
+        elif row_bytes > budget:
+            workers = 1
+            budget = _workspace_limit
+            if row_bytes > budget:
+                return None
+        image_bytes = row_bytes * g.out_h
+        if g.n >= 2 * workers and image_bytes <= budget:
+            per = max(1, min(budget // image_bytes, -(-g.n // (2 * workers))))
+            return cls([(n0, min(per, g.n - n0), 0, g.out_h) for n0 in range(0, g.n, per)], workers, row_bytes)
+        pieces = max(1, -(-2 * workers // g.n))
+        rows = max(1, min(budget // row_bytes, -(-g.out_h // pieces)))
+        tiles = [(n, 1, r0, min(rows, g.out_h - r0)) for n in range(g.n) for r0 in range(0, g.out_h, rows)]
+        return cls(tiles, workers, row_bytes)
+
+
 def conv2d(x, w, b, g: ConvGeometry):
     """y (N, K, OH, OW) = conv2d(x (N, C, H, W), w (K, C/groups, kh, kw)) + b (K,) or None."""
     y = np.empty(g.output_shape, dtype=x.dtype)
     with _lane:
-        tiles = _tiles(g, x.itemsize) if _use_blas(g) else None
-        if _is_pointwise(g) and _use_blas(g):
-            np.matmul(w.reshape(g.c_out, g.c_in), x.reshape(g.n, g.c_in, -1), out=y.reshape(g.n, g.c_out, -1))
-        elif tiles is None:
+        plan = _Plan.make(g, x.itemsize, _is_pointwise(g)) if _use_blas(g) else None
+        if plan is None:
             bias = b if b is not None else np.zeros(1, x.dtype)
             _k.conv2d_direct(x, w, bias, b is not None, y, g.groups, *_conv_args(g))
             return y
-        else:
-            _conv2d_tiled(x, w, y, g, tiles)
-        if b is not None:
-            _k.add_bias(y, b)
+        kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
+        wm = w.reshape(g.groups, kg, ckk)
+        y3 = y.reshape(g.n, g.c_out, g.out_h * g.out_w)
+        x3 = x.reshape(g.n, g.c_in, g.h * g.w)
+        pointwise = _is_pointwise(g)
+
+        def tile(worker, t):
+            n0, tn, r0, nr = t
+            p0, p1 = r0 * g.out_w, (r0 + nr) * g.out_w
+            if pointwise:
+                np.matmul(wm[0], x3[n0 : n0 + tn, :, p0:p1], out=y3[n0 : n0 + tn, :, p0:p1])
+                return
+            cols = _im2col_block(worker, x, g, t)
+            for grp in range(g.groups):
+                b_mat = cols[grp * ckk : (grp + 1) * ckk].transpose(1, 0, 2)  # (images, ckk, P)
+                np.matmul(wm[grp], b_mat, out=y3[n0 : n0 + tn, grp * kg : (grp + 1) * kg, p0:p1])
+            if b is not None:
+                y3[n0 : n0 + tn, :, p0:p1] += b[:, None]
+
+        _run(plan.tiles, tile, plan.workers)
+        if b is not None and pointwise:
+            y3 += b[:, None]
     return y
 
 
-def _im2col_block(ws, x, g, n0, tn, r0, nr):
-    """The im2col block (C*kh*kw, images, rows*OW) of a tile, in the workspace."""
-    cols = ws.array((g.c_in * g.kh * g.kw, tn, nr * g.out_w), x.dtype)
+def _im2col_block(worker, x, g, tile):
+    """The im2col block (C*kh*kw, images, rows*OW) of a tile, in the worker's buffer."""
+    n0, tn, r0, nr = tile
+    cols = _buffer(worker, (g.c_in * g.kh * g.kw, tn, nr * g.out_w), x.dtype)
     _k.im2col(x, cols, n0, r0, g.kh, g.kw, *_conv_args(g), g.out_w)
     return cols
 
 
-def _conv2d_tiled(x, w, y, g, tiles):
-    kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
-    wm = w.reshape(g.groups, kg, ckk)
-    y3 = y.reshape(g.n, g.c_out, g.out_h * g.out_w)
-    with _Workspace(_tile_nbytes(g, tiles, x.itemsize)) as ws:
-        for n0, tn, r0, nr in tiles:
-            cols = _im2col_block(ws, x, g, n0, tn, r0, nr)
-            p0, p1 = r0 * g.out_w, (r0 + nr) * g.out_w
-            for grp in range(g.groups):
-                b_mat = cols[grp * ckk : (grp + 1) * ckk].transpose(1, 0, 2)  # (images, ckk, P)
-                np.matmul(wm[grp], b_mat, out=y3[n0 : n0 + tn, grp * kg : (grp + 1) * kg, p0:p1])
+def _input_row_tiles(g: ConvGeometry, plan: _Plan):
+    """Re-cut a plan's row tiles by INPUT rows: (n0, images, r0, rows, ih_lo, ih_hi) per tile.
 
-
-def _tile_nbytes(g, tiles, itemsize):
-    return max(tn * nr for _, tn, _, nr in tiles) * g.c_in * g.kh * g.kw * g.out_w * itemsize
+    A worker owns input rows [ih_lo, ih_hi) of its images and computes every output row that
+    reaches them, so col2im never adds into rows another worker writes.
+    """
+    if all(r0 == 0 and nr == g.out_h for _, _, r0, nr in plan.tiles):
+        return [(n0, tn, 0, g.out_h, 0, g.h) for n0, tn, _, _ in plan.tiles]
+    rows_out = max(nr for _, _, _, nr in plan.tiles)
+    reach = (g.kh - 1) * g.dil_h
+    rows_in = max(1, (rows_out - 1) * g.stride_h + 1 - reach)
+    tiles = []
+    for n in range(g.n):
+        for a in range(0, g.h, rows_in):
+            b = min(g.h, a + rows_in)
+            lo = max(0, -(-(a + g.pad_top - reach) // g.stride_h))
+            hi = min(g.out_h, (b - 1 + g.pad_top) // g.stride_h + 1)
+            if hi > lo:
+                tiles.append((n, 1, lo, hi - lo, a, b))
+    return tiles
 
 
 def conv2d_input_grad(gy, w, g: ConvGeometry):
     """gx (N, C, H, W): the adjoint of conv2d applied to gy (N, K, OH, OW); also conv_transpose2d."""
-    gx = np.empty(g.input_shape, dtype=gy.dtype)
     with _lane:
-        tiles = _tiles(g, gy.itemsize) if _use_blas(g) else None
-        if _is_pointwise(g) and _use_blas(g):
-            np.matmul(w.reshape(g.c_out, g.c_in).T, gy.reshape(g.n, g.c_out, -1), out=gx.reshape(g.n, g.c_in, -1))
-        elif tiles is None:
+        plan = _Plan.make(g, gy.itemsize, _is_pointwise(g)) if _use_blas(g) else None
+        if plan is not None and not _is_pointwise(g):
+            tiles = _input_row_tiles(g, plan)
+            biggest = max(t[1] * t[3] for t in tiles) * plan.row_bytes
+            if biggest * plan.workers > _workspace_limit:
+                plan = None  # stride 1 with a tall kernel: the re-cut tiles would overrun the cap
+        if plan is None:
+            gx = np.empty(g.input_shape, dtype=gy.dtype)
             _k.conv2d_input_grad_direct(gy, w, gx, g.groups, *_conv_args(g))
-        else:
-            gx[...] = 0
-            kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
-            wm = w.reshape(g.groups, kg, ckk)
-            gy3 = gy.reshape(g.n, g.c_out, g.out_h * g.out_w)
-            with _Workspace(_tile_nbytes(g, tiles, gy.itemsize)) as ws:
-                for n0, tn, r0, nr in tiles:
-                    cols = ws.array((g.c_in * g.kh * g.kw, tn, nr * g.out_w), gy.dtype)
-                    p0, p1 = r0 * g.out_w, (r0 + nr) * g.out_w
-                    for grp in range(g.groups):
-                        out = cols[grp * ckk : (grp + 1) * ckk].transpose(1, 0, 2)
-                        np.matmul(wm[grp].T, gy3[n0 : n0 + tn, grp * kg : (grp + 1) * kg, p0:p1], out=out)
-                    _k.col2im_add(cols, gx, n0, r0, g.kh, g.kw, *_conv_args(g), g.out_w)
+            return gx
+        kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
+        wm = w.reshape(g.groups, kg, ckk)
+        gy3 = gy.reshape(g.n, g.c_out, g.out_h * g.out_w)
+        if _is_pointwise(g):
+            gx = np.empty(g.input_shape, dtype=gy.dtype)
+            gx3 = gx.reshape(g.n, g.c_in, -1)
+
+            def tile(worker, t):
+                n0, tn, r0, nr = t
+                p0, p1 = r0 * g.out_w, (r0 + nr) * g.out_w
+                np.matmul(wm[0].T, gy3[n0 : n0 + tn, :, p0:p1], out=gx3[n0 : n0 + tn, :, p0:p1])
+
+            _run(plan.tiles, tile, plan.workers)
+            return gx
+        gx = np.zeros(g.input_shape, dtype=gy.dtype)
+
+        def tile(worker, t):
+            n0, tn, r0, nr, ih_lo, ih_hi = t
+            cols = _buffer(worker, (g.c_in * g.kh * g.kw, tn, nr * g.out_w), gy.dtype)
+            p0, p1 = r0 * g.out_w, (r0 + nr) * g.out_w
+            for grp in range(g.groups):
+                out = cols[grp * ckk : (grp + 1) * ckk].transpose(1, 0, 2)
+                np.matmul(wm[grp].T, gy3[n0 : n0 + tn, grp * kg : (grp + 1) * kg, p0:p1], out=out)
+            _k.col2im_add(cols, gx, n0, r0, ih_lo, ih_hi, g.kh, g.kw, *_conv_args(g), g.out_w)
+
+        _run(tiles, tile, plan.workers)
     return gx
 
 
@@ -239,29 +330,33 @@ def conv2d_weight_grad(x, gy, g: ConvGeometry):
     """gw (K, C/groups, kh, kw): the weight gradient of conv2d for input x and output gradient gy."""
     kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
     with _lane:
-        tiles = _tiles(g, x.itemsize) if _use_blas(g) else None
-        if _is_pointwise(g) and _use_blas(g):
-            x3, gy3 = x.reshape(g.n, g.c_in, -1), gy.reshape(g.n, g.c_out, -1)
-            gw = gy3[0] @ x3[0].T
-            for n in range(1, g.n):
-                gw += gy3[n] @ x3[n].T
-            return gw.reshape(g.weight_shape)
-        if tiles is None:
+        pointwise = _is_pointwise(g)
+        plan = _Plan.make(g, x.itemsize, pointwise) if _use_blas(g) else None
+        if plan is None:
             gw = np.empty(g.weight_shape, dtype=x.dtype)
             _k.conv2d_weight_grad_direct(x, gy, gw, g.groups, *_conv_args(g))
             return gw
-        gw = np.zeros((g.groups, kg, ckk), dtype=x.dtype)
+        # One accumulator per worker, summed at the end: no two threads add into the same gradient.
+        partial = np.zeros((plan.workers, g.groups, kg, ckk), dtype=x.dtype)
         gy3 = gy.reshape(g.n, g.c_out, g.out_h * g.out_w)
-        with _Workspace(_tile_nbytes(g, tiles, x.itemsize)) as ws:
-            for n0, tn, r0, nr in tiles:
-                cols = _im2col_block(ws, x, g, n0, tn, r0, nr)
-                p0, p1 = r0 * g.out_w, (r0 + nr) * g.out_w
-                for grp in range(g.groups):
-                    # (kg, images*P) against (ckk, images*P): one matmul over the whole tile.
-                    gyt = np.ascontiguousarray(gy3[n0 : n0 + tn, grp * kg : (grp + 1) * kg, p0:p1].transpose(1, 0, 2))
-                    a = cols[grp * ckk : (grp + 1) * ckk].reshape(ckk, -1)
-                    gw[grp] += gyt.reshape(kg, -1) @ a.T
-    return gw.reshape(g.weight_shape)
+        x3 = x.reshape(g.n, g.c_in, g.h * g.w)
+
+        def tile(worker, t):
+            n0, tn, r0, nr = t
+            p0, p1 = r0 * g.out_w, (r0 + nr) * g.out_w
+            acc = partial[worker]
+            if pointwise:
+                for n in range(n0, n0 + tn):
+                    acc[0] += gy3[n, :, p0:p1] @ x3[n, :, p0:p1].T
+                return
+            cols = _im2col_block(worker, x, g, t)
+            for grp in range(g.groups):
+                # (kg, images*P) against (ckk, images*P): one matmul over the whole tile.
+                gyt = np.ascontiguousarray(gy3[n0 : n0 + tn, grp * kg : (grp + 1) * kg, p0:p1].transpose(1, 0, 2))
+                acc[grp] += gyt.reshape(kg, -1) @ cols[grp * ckk : (grp + 1) * ckk].reshape(ckk, -1).T
+
+        _run(plan.tiles, tile, plan.workers)
+    return partial.sum(axis=0).reshape(g.weight_shape)
 
 
 # -- pooling and relu ---------------------------------------------------------------------------
