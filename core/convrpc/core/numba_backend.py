@@ -88,8 +88,6 @@ def _configure_blas() -> int:
     cores (a 0.3 ms matmul took 8 ms); our workers call single-threaded BLAS side by side instead.
     Without threadpoolctl BLAS keeps its threads and we call it from one thread only.
     """
-    if THREADS == 1:
-        return 1
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
