@@ -102,8 +102,17 @@ def run_torch(shapes, dtypes, repeat, threads) -> dict | None:
     return json.loads(proc.stdout)
 
 
-def gemm_peak(dtype: str, size: int = 1536) -> float:
-    """Best GFLOP/s of an n x n x n matmul in this process's BLAS."""
+def gemm_peak(dtype: str, threads: int, size: int = 1536) -> float:
+    """Best GFLOP/s of an n x n x n matmul in this process's BLAS on ``threads`` threads."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # BLAS keeps whatever threads it started with
+        from contextlib import nullcontext as threadpool_limits
+    with threadpool_limits(threads, user_api="blas"):
+        return _gemm_peak(dtype, size)
+
+
+def _gemm_peak(dtype: str, size: int) -> float:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((size, size)).astype(dtype)
     b = rng.standard_normal((size, size)).astype(dtype)
@@ -157,7 +166,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     ours, flops, threads = our_timings(args.backend, shapes, dtypes, args.repeat)
     theirs = None if args.no_torch else run_torch(shapes, dtypes, args.repeat, threads)
-    peaks = {dt: gemm_peak(dt) for dt in dtypes}
+    peaks = {dt: gemm_peak(dt, threads) for dt in dtypes}
 
     print(f"backend {args.backend}, {threads} threads; BLAS matmul peak: "
           + ", ".join(f"{dt} {p:.0f} GFLOP/s" for dt, p in peaks.items()))
