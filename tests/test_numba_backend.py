@@ -282,3 +282,17 @@ def test_against_torch(nb):
         assert_close(nb.conv_transpose2d(x, w, b, **opts), yt.numpy(), f"conv_transpose2d {i}")
         x, popts = _pool_config(i, with_dilation=True)
         assert_close(nb.max_pool2d(x, **popts), F.max_pool2d(torch.from_numpy(x), **popts).numpy(), f"max_pool2d {i}")
+
+
+@pytest.mark.parametrize("i", range(0, N_CONFIGS, 5))
+def test_conv2d_direct_kernels(nb, ref, i, monkeypatch):
+    """The row-wise direct kernels, which serve convs whose im2col block is too big for a thread."""
+    monkeypatch.setattr(numba_backend, "SMALL_COLS_BYTES", 0)
+    monkeypatch.setattr(numba_backend, "_use_blas", lambda g: False)
+    x, w, b, opts = _conv_config(i)
+    y = ref.conv2d(x, w, b, **opts)
+    assert_close(nb.conv2d(x, w, b, **opts), y, "conv2d")
+    gy = np.random.default_rng(i).standard_normal(y.shape).astype(x.dtype)
+    got, want = nb.conv2d_backward(gy, x, w, b, **opts), ref.conv2d_backward(gy, x, w, b, **opts)
+    assert_close(got.input, want.input, "grad input")
+    assert_close(got.weight, want.weight, "grad weight")

@@ -54,13 +54,18 @@ def conv2d_direct(x, w, b, has_bias, y, groups, sh, sw, pt, pl, dh, dw):
                 for j in range(kw):
                     off = j * dw - pl
                     lo, hi = _col_range(off, sw, wd, out_w)
+                    if hi <= lo:
+                        continue
                     wv = w[k, cc, i, j]
+                    dst = row[lo:hi]
                     if sw == 1:
-                        for ow in range(lo, hi):
-                            row[ow] += wv * xrow[ow + off]
+                        src = xrow[lo + off : hi + off]
+                        for q in range(dst.shape[0]):
+                            dst[q] += wv * src[q]
                     else:
-                        for ow in range(lo, hi):
-                            row[ow] += wv * xrow[ow * sw + off]
+                        src_s = xrow[lo * sw + off : (hi - 1) * sw + off + 1 : sw]
+                        for q in range(dst.shape[0]):
+                            dst[q] += wv * src_s[q]
 
 
 @njit(**_PAR)
@@ -94,13 +99,18 @@ def conv2d_input_grad_direct(gy, w, gx, groups, sh, sw, pt, pl, dh, dw):
                 for j in range(kw):
                     off = j * dw - pl
                     lo, hi = _col_range(off, sw, wd, out_w)
+                    if hi <= lo:
+                        continue
                     wv = w[k, cc, i, j]
+                    src = grow[lo:hi]
                     if sw == 1:
-                        for ow in range(lo, hi):
-                            row[ow + off] += wv * grow[ow]
+                        dst = row[lo + off : hi + off]
+                        for q in range(src.shape[0]):
+                            dst[q] += wv * src[q]
                     else:
-                        for ow in range(lo, hi):
-                            row[ow * sw + off] += wv * grow[ow]
+                        dst_s = row[lo * sw + off : (hi - 1) * sw + off + 1 : sw]
+                        for q in range(src.shape[0]):
+                            dst_s[q] += wv * src[q]
 
 
 @njit(**_PAR)
@@ -123,19 +133,22 @@ def conv2d_weight_grad_direct(x, gy, gw, groups, sh, sw, pt, pl, dh, dw):
         lo, hi = _col_range(off, sw, wd, out_w)
         total = 0.0
         for n in range(n_):
+            if hi <= lo:
+                break
             for oh in range(out_h):
                 ih = oh * sh - pt + i * dh
                 if ih < 0 or ih >= h:
                     continue
-                grow = gy[n, k, oh]
-                xrow = x[n, c, ih]
+                grow = gy[n, k, oh, lo:hi]
                 acc = 0.0
                 if sw == 1:
-                    for ow in range(lo, hi):
-                        acc += grow[ow] * xrow[ow + off]
+                    xs = x[n, c, ih, lo + off : hi + off]
+                    for q in range(grow.shape[0]):
+                        acc += grow[q] * xs[q]
                 else:
-                    for ow in range(lo, hi):
-                        acc += grow[ow] * xrow[ow * sw + off]
+                    xs_s = x[n, c, ih, lo * sw + off : (hi - 1) * sw + off + 1 : sw]
+                    for q in range(grow.shape[0]):
+                        acc += grow[q] * xs_s[q]
                 total += acc
         gw[k, cc, i, j] = total
 
@@ -144,16 +157,16 @@ def conv2d_weight_grad_direct(x, gy, gw, groups, sh, sw, pt, pl, dh, dw):
 
 
 @njit(**_SER)
-def im2col(x, cols, n0, r0, kh, kw, sh, sw, pt, pl, dh, dw, out_w):
-    """cols (C*kh*kw, T, R*OW) = windows of images n0..n0+T and output rows r0..r0+R of x.
+def im2col(x, cols, n0, c0, r0, kh, kw, sh, sw, pt, pl, dh, dw, out_w):
+    """cols (C'*kh*kw, T, R*OW) = windows of images n0..n0+T, channels c0..c0+C', output rows r0..r0+R.
 
-    Row ``(c*kh + i)*kw + j`` holds tap (i, j) of channel c; out-of-bounds taps (padding) are
-    zero. cols is overwritten.
+    Row ``(c*kh + i)*kw + j`` holds tap (i, j) of channel c0 + c; out-of-bounds taps (padding)
+    are zero. cols is overwritten.
     """
     rows, t_, cols_len = cols.shape
-    c_in, h, wd = x.shape[1], x.shape[2], x.shape[3]
+    h, wd = x.shape[2], x.shape[3]
     n_rows = cols_len // out_w
-    for c in range(c_in):
+    for c in range(rows // (kh * kw)):
         for i in range(kh):
             for j in range(kw):
                 off = j * dw - pl
@@ -163,7 +176,7 @@ def im2col(x, cols, n0, r0, kh, kw, sh, sw, pt, pl, dh, dw, out_w):
                 first, last = lo * sw + off, (hi - 1) * sw + off + 1  # input columns read
                 for t in range(t_):
                     dst = cols[(c * kh + i) * kw + j, t]
-                    xplane = x[n0 + t, c]
+                    xplane = x[n0 + t, c0 + c]
                     for r in range(n_rows):
                         base = r * out_w
                         ih = (r0 + r) * sh - pt + i * dh
@@ -178,18 +191,18 @@ def im2col(x, cols, n0, r0, kh, kw, sh, sw, pt, pl, dh, dw, out_w):
 
 
 @njit(**_SER)
-def col2im_add(cols, gx, n0, r0, ih_lo, ih_hi, kh, kw, sh, sw, pt, pl, dh, dw, out_w):
-    """gx[n0:n0+T, :, ih_lo:ih_hi] += the taps in cols (C*kh*kw, T, R*OW) summed onto the input grid.
+def col2im_add(cols, gx, n0, c0, r0, ih_lo, ih_hi, kh, kw, sh, sw, pt, pl, dh, dw, out_w):
+    """gx[n0:n0+T, c0:c0+C', ih_lo:ih_hi] += the taps in cols (C'*kh*kw, T, R*OW) summed onto the input grid.
 
     Taps landing outside input rows [ih_lo, ih_hi) are skipped: the worker that owns those rows
     adds them, so two workers never write the same element.
     """
     rows, t_, cols_len = cols.shape
-    c_in, wd = gx.shape[1], gx.shape[3]
+    wd = gx.shape[3]
     n_rows = cols_len // out_w
     for t in range(t_):
-        for c in range(c_in):
-            plane = gx[n0 + t, c]
+        for c in range(rows // (kh * kw)):
+            plane = gx[n0 + t, c0 + c]
             for i in range(kh):
                 for j in range(kw):
                     src = cols[(c * kh + i) * kw + j, t]
@@ -204,6 +217,86 @@ def col2im_add(cols, gx, n0, r0, ih_lo, ih_hi, kh, kw, sh, sw, pt, pl, dh, dw, o
                             continue
                         base = r * out_w
                         plane[ih, first:last:sw] += src[base + lo : base + hi]
+
+
+# -- small convs: im2col per (image, group) in a private buffer, then vectorised axpy/dot loops --
+
+
+@njit(**_PAR)
+def conv2d_small(x, w, b, has_bias, y, groups, sh, sw, pt, pl, dh, dw):
+    """y (N, K, OH, OW) = conv2d(x, w) (+ b); one (image, group) per iteration; y is overwritten."""
+    n_ = x.shape[0]
+    c_out, cg, kh, kw = w.shape
+    out_h, out_w = y.shape[2], y.shape[3]
+    kg, p, ckk = c_out // groups, out_h * out_w, cg * kh * kw
+    wm = w.reshape(c_out, ckk)
+    for job in prange(n_ * groups):
+        grp = job % groups
+        n = job // groups
+        cols = np.empty((ckk, 1, p), dtype=x.dtype)
+        im2col(x, cols, n, grp * cg, 0, kh, kw, sh, sw, pt, pl, dh, dw, out_w)
+        for k in range(grp * kg, (grp + 1) * kg):
+            acc = y[n, k].reshape(p)
+            init = b[k] if has_bias else 0.0
+            for q in range(p):
+                acc[q] = init
+            for t in range(ckk):
+                wv = wm[k, t]
+                src = cols[t, 0]
+                for q in range(p):
+                    acc[q] += wv * src[q]
+
+
+@njit(**_PAR)
+def conv2d_input_grad_small(gy, w, gx, groups, sh, sw, pt, pl, dh, dw):
+    """gx (N, C, H, W) = adjoint conv2d of gy; one (image, group) per iteration; gx is overwritten."""
+    n_ = gy.shape[0]
+    c_out, cg, kh, kw = w.shape
+    out_h, out_w = gy.shape[2], gy.shape[3]
+    kg, p, ckk = c_out // groups, out_h * out_w, cg * kh * kw
+    wm = w.reshape(c_out, ckk)
+    for job in prange(n_ * groups):
+        grp = job % groups
+        n = job // groups
+        cols = np.zeros((ckk, 1, p), dtype=gy.dtype)
+        for k in range(grp * kg, (grp + 1) * kg):
+            src = gy[n, k].reshape(p)
+            for t in range(ckk):
+                wv = wm[k, t]
+                dst = cols[t, 0]
+                for q in range(p):
+                    dst[q] += wv * src[q]
+        gx[n, grp * cg : (grp + 1) * cg] = 0.0
+        col2im_add(cols, gx, n, grp * cg, 0, 0, gx.shape[2], kh, kw, sh, sw, pt, pl, dh, dw, out_w)
+
+
+@njit(**_PAR)
+def conv2d_weight_grad_small(x, gy, partial, groups, kh, kw, sh, sw, pt, pl, dh, dw):
+    """partial (chunks, K, C/groups*kh*kw): chunk s sums the (image, group) jobs s, s+chunks, ...
+
+    Each chunk owns its slice of partial; the caller sums over chunks (no races).
+    """
+    n_ = x.shape[0]
+    chunks, c_out, ckk = partial.shape
+    out_h, out_w = gy.shape[2], gy.shape[3]
+    cg = x.shape[1] // groups
+    kg, p = c_out // groups, out_h * out_w
+    for s in prange(chunks):
+        part = partial[s]
+        part[:, :] = 0.0
+        cols = np.empty((ckk, 1, p), dtype=x.dtype)
+        for job in range(s, n_ * groups, chunks):
+            grp = job % groups
+            n = job // groups
+            im2col(x, cols, n, grp * cg, 0, kh, kw, sh, sw, pt, pl, dh, dw, out_w)
+            for k in range(grp * kg, (grp + 1) * kg):
+                g = gy[n, k].reshape(p)
+                for t in range(ckk):
+                    src = cols[t, 0]
+                    acc = 0.0
+                    for q in range(p):
+                        acc += g[q] * src[q]
+                    part[k, t] += acc
 
 
 @njit(**_PAR)

@@ -70,6 +70,8 @@ __all__ = [
 xp = np
 DEVICE = f"cpu ({THREADS} threads)"
 
+#: Largest private im2col buffer (one image, one group) of the small-conv kernels, per thread.
+SMALL_COLS_BYTES = 1024 * 1024
 #: im2col tiles aim at this size so a tile is still in cache when the matmul reads it.
 TILE_BYTES = 4 * 1024 * 1024
 
@@ -180,6 +182,12 @@ def _is_pointwise(g: ConvGeometry) -> bool:
     )
 
 
+def _use_small(g: ConvGeometry, itemsize: int) -> bool:
+    """Whether one image-group's im2col block is small enough for the per-thread small kernels."""
+    cols = (g.c_in // g.groups) * g.kh * g.kw * g.out_h * g.out_w * itemsize
+    return cols <= min(SMALL_COLS_BYTES, _workspace_limit // THREADS)
+
+
 def _use_blas(g: ConvGeometry) -> bool:
     """BLAS pays off once both matmul sides are wide; direct loops win for thin or many-group convs."""
     kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
@@ -225,7 +233,8 @@ def conv2d(x, w, b, g: ConvGeometry):
         plan = _Plan.make(g, x.itemsize, _is_pointwise(g)) if _use_blas(g) else None
         if plan is None:
             bias = b if b is not None else np.zeros(1, x.dtype)
-            _k.conv2d_direct(x, w, bias, b is not None, y, g.groups, *_conv_args(g))
+            direct = _k.conv2d_small if _use_small(g, x.itemsize) else _k.conv2d_direct
+            direct(x, w, bias, b is not None, y, g.groups, *_conv_args(g))
             return y
         kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
         wm = w.reshape(g.groups, kg, ckk)
@@ -256,7 +265,7 @@ def _im2col_block(worker, x, g, tile):
     """The im2col block (C*kh*kw, images, rows*OW) of a tile, in the worker's buffer."""
     n0, tn, r0, nr = tile
     cols = _buffer(worker, (g.c_in * g.kh * g.kw, tn, nr * g.out_w), x.dtype)
-    _k.im2col(x, cols, n0, r0, g.kh, g.kw, *_conv_args(g), g.out_w)
+    _k.im2col(x, cols, n0, 0, r0, g.kh, g.kw, *_conv_args(g), g.out_w)
     return cols
 
 
@@ -293,7 +302,8 @@ def conv2d_input_grad(gy, w, g: ConvGeometry):
                 plan = None  # stride 1 with a tall kernel: the re-cut tiles would overrun the cap
         if plan is None:
             gx = np.empty(g.input_shape, dtype=gy.dtype)
-            _k.conv2d_input_grad_direct(gy, w, gx, g.groups, *_conv_args(g))
+            direct = _k.conv2d_input_grad_small if _use_small(g, gy.itemsize) else _k.conv2d_input_grad_direct
+            direct(gy, w, gx, g.groups, *_conv_args(g))
             return gx
         kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
         wm = w.reshape(g.groups, kg, ckk)
@@ -318,7 +328,7 @@ def conv2d_input_grad(gy, w, g: ConvGeometry):
             for grp in range(g.groups):
                 out = cols[grp * ckk : (grp + 1) * ckk].transpose(1, 0, 2)
                 np.matmul(wm[grp].T, gy3[n0 : n0 + tn, grp * kg : (grp + 1) * kg, p0:p1], out=out)
-            _k.col2im_add(cols, gx, n0, r0, ih_lo, ih_hi, g.kh, g.kw, *_conv_args(g), g.out_w)
+            _k.col2im_add(cols, gx, n0, 0, r0, ih_lo, ih_hi, g.kh, g.kw, *_conv_args(g), g.out_w)
 
         _run(tiles, tile, plan.workers)
     return gx
@@ -330,6 +340,11 @@ def conv2d_weight_grad(x, gy, g: ConvGeometry):
     with _lane:
         pointwise = _is_pointwise(g)
         plan = _Plan.make(g, x.itemsize, pointwise) if _use_blas(g) else None
+        if plan is None and _use_small(g, x.itemsize):
+            chunks = max(1, min(THREADS, g.n * g.groups))
+            partial = np.empty((chunks, g.c_out, ckk), dtype=x.dtype)
+            _k.conv2d_weight_grad_small(x, gy, partial, g.groups, g.kh, g.kw, *_conv_args(g))
+            return partial.sum(axis=0).reshape(g.weight_shape)
         if plan is None:
             gw = np.empty(g.weight_shape, dtype=x.dtype)
             _k.conv2d_weight_grad_direct(x, gy, gw, g.groups, *_conv_args(g))
