@@ -248,29 +248,6 @@ def conv2d_small(x, w, b, has_bias, y, groups, sh, sw, pt, pl, dh, dw):
 
 
 @njit(**_PAR)
-def conv2d_input_grad_small(gy, w, gx, groups, sh, sw, pt, pl, dh, dw):
-    """gx (N, C, H, W) = adjoint conv2d of gy; one (image, group) per iteration; gx is overwritten."""
-    n_ = gy.shape[0]
-    c_out, cg, kh, kw = w.shape
-    out_h, out_w = gy.shape[2], gy.shape[3]
-    kg, p, ckk = c_out // groups, out_h * out_w, cg * kh * kw
-    wm = w.reshape(c_out, ckk)
-    for job in prange(n_ * groups):
-        grp = job % groups
-        n = job // groups
-        cols = np.zeros((ckk, 1, p), dtype=gy.dtype)
-        for k in range(grp * kg, (grp + 1) * kg):
-            src = gy[n, k].reshape(p)
-            for t in range(ckk):
-                wv = wm[k, t]
-                dst = cols[t, 0]
-                for q in range(p):
-                    dst[q] += wv * src[q]
-        gx[n, grp * cg : (grp + 1) * cg] = 0.0
-        col2im_add(cols, gx, n, grp * cg, 0, 0, gx.shape[2], kh, kw, sh, sw, pt, pl, dh, dw, out_w)
-
-
-@njit(**_PAR)
 def conv2d_weight_grad_small(x, gy, partial, groups, kh, kw, sh, sw, pt, pl, dh, dw):
     """partial (chunks, K, C/groups*kh*kw): chunk s sums the (image, group) jobs s, s+chunks, ...
 

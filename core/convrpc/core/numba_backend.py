@@ -457,6 +457,9 @@ def warm_up() -> None:
             conv2d_input_grad(y, w, g)
             conv2d_weight_grad(x, y, g)
             conv2d(x, w, None, g)
+            # The row kernels serve only convs too big for the small ones; compile them too.
+            _k.conv2d_direct(x, w, b, True, y, g.groups, *_conv_args(g))
+            _k.conv2d_weight_grad_direct(x, y, np.empty_like(w), g.groups, *_conv_args(g))
         pg = params.pool2d_geometry(x.shape, 2, 1, 1)
         y = max_pool2d(x, pg)
         max_pool2d_backward(y, x, pg)
