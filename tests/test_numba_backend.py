@@ -296,3 +296,34 @@ def test_conv2d_direct_kernels(nb, ref, i, monkeypatch):
     got, want = nb.conv2d_backward(gy, x, w, b, **opts), ref.conv2d_backward(gy, x, w, b, **opts)
     assert_close(got.input, want.input, "grad input")
     assert_close(got.weight, want.weight, "grad weight")
+
+
+def test_read_only_inputs_reuse_the_warmed_up_kernels():
+    """Server inputs are read-only views of request bytes; they must not trigger new JIT specialisations."""
+    from numba.core.registry import CPUDispatcher
+
+    from convrpc.core import _numba_kernels, numba_backend
+
+    numba_backend.warm_up()
+
+    def compiled():
+        return sum(len(f.signatures) for f in vars(_numba_kernels).values() if isinstance(f, CPUDispatcher))
+
+    before = compiled()
+    nb = get_backend("numba")
+    rng = np.random.default_rng(3)
+    for dtype in (np.float32, np.float64):
+        def ro(*shape):
+            a = rng.standard_normal(shape).astype(dtype)
+            return np.frombuffer(a.tobytes(), dtype=dtype).reshape(shape)
+
+        x, w, b = ro(2, 4, 9, 9), ro(6, 2, 3, 3), ro(6)
+        y = nb.conv2d(x, w, b, padding=1, groups=2)
+        np.testing.assert_allclose(y, get_backend("numpy").conv2d(x, w, b, padding=1, groups=2), rtol=1e-4, atol=1e-4)
+        nb.conv2d_backward(ro(*y.shape), x, w, b, padding=1, groups=2)
+        nb.conv_transpose2d(x, ro(4, 3, 3, 3), stride=2)
+        nb.max_pool2d_backward(ro(2, 4, 4, 4), x, 2)
+        nb.avg_pool2d_backward(ro(2, 4, 4, 4), x, 2)
+        nb.relu_backward(ro(2, 4, 9, 9), x)
+        assert not x.flags.writeable  # the caller's array is untouched
+    assert compiled() == before

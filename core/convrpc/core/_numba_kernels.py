@@ -276,24 +276,16 @@ def conv2d_weight_grad_small(x, gy, partial, groups, kh, kw, sh, sw, pt, pl, dh,
                     part[k, t] += acc
 
 
-@njit(**_PAR)
-def add_bias(y, b):
-    """y (N, K, OH, OW) += b (K,) in place."""
-    n_, k_ = y.shape[0], y.shape[1]
-    for job in prange(n_ * k_):
-        k = job % k_
-        n = job // k_
-        y[n, k] += b[k]
-
-
 # -- pooling -----------------------------------------------------------------------------------
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def max_pool2d(x, y, arg, kh, kw, sh, sw, ph, pw, dh, dw):
-    """y (N, C, OH, OW) = first maximum of each window; arg gets its tap index (row-major).
+    """y (N, C, OH, OW) = each window's maximum; arg gets its tap index (row-major).
 
-    Padding counts as -inf; a NaN is the maximum (the first NaN wins), like argmax.
+    torch's rule: scan the in-image taps from the first one, and a strictly greater value or a NaN
+    takes over, so ties go to the first maximum, NaNs to the last NaN and an all -inf window to its
+    first in-image tap. A window over padding alone gives -inf and tap 0 (padding: no gradient).
     """
     n_, c_, h, wd = x.shape
     out_h, out_w = y.shape[2], y.shape[3]
@@ -303,28 +295,21 @@ def max_pool2d(x, y, arg, kh, kw, sh, sw, ph, pw, dh, dw):
         n = job // (out_h * c_)
         for ow in range(out_w):
             best = -np.inf
-            best_t = 0
-            t = 0
-            done = False
+            best_t = -1
             for i in range(kh):
                 ih = oh * sh - ph + i * dh
+                if ih < 0 or ih >= h:
+                    continue
                 for j in range(kw):
                     iw = ow * sw - pw + j * dw
-                    if ih < 0 or ih >= h or iw < 0 or iw >= wd:
-                        v = -np.inf
-                    else:
-                        v = x[n, c, ih, iw]
-                    if t == 0 or v > best or (v != v):
+                    if iw < 0 or iw >= wd:
+                        continue
+                    v = x[n, c, ih, iw]
+                    if best_t < 0 or v > best or v != v:
                         best = v
-                        best_t = t
-                        if v != v:
-                            done = True
-                            break
-                    t += 1
-                if done:
-                    break
+                        best_t = i * kw + j
             y[n, c, oh, ow] = best
-            arg[n, c, oh, ow] = best_t
+            arg[n, c, oh, ow] = max(best_t, 0)
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -102,7 +102,29 @@ BLAS_WORKERS = _configure_blas()
 
 
 def to_device(a):
-    return np.ascontiguousarray(a)
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable else _writable_alias(a)
+
+
+class _Alias:
+    """Exposes a read-only array's memory as writable, keeping the array alive."""
+
+    def __init__(self, a: np.ndarray):
+        self.array = a
+        interface = dict(a.__array_interface__)
+        interface["data"] = (interface["data"][0], False)
+        self.__array_interface__ = interface
+
+
+def _writable_alias(a: np.ndarray) -> np.ndarray:
+    """The same memory as a writable array, no copy.
+
+    Server inputs are read-only views of request bytes, and numba compiles a separate
+    specialisation of every kernel for read-only arrays (about 20 s of JIT on a first request,
+    for each mix of read-only and writable arguments). The kernels never write their inputs, so an
+    alias keeps one compiled signature per dtype, the one warm_up() compiled.
+    """
+    return np.asarray(_Alias(a))
 
 
 def to_host(a):
