@@ -42,8 +42,6 @@ AVG_POOL2D_CASES = [
     ((1, 3, 10, 9), dict(kernel_size=3, stride=2, padding=1)),
 ]
 
-# NaN-free inputs only: with several NaNs in one max-pool window torch routes the gradient to the
-# last NaN, while convrpc's contract (and the reference) routes it to the first.
 TORCH_CASES = (
     [("conv2d", c) for c in CONV2D_CASES]
     + [("conv_transpose2d", c) for c in CONV_TRANSPOSE2D_CASES]

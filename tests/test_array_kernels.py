@@ -80,14 +80,14 @@ def test_max_pool2d_matches_reference_exactly(reference, case, dtype, values):
     assert_results_match(got, op_results(reference, "max_pool2d", inputs, gy, options), dtype, exact=True)
 
 
-def test_max_pool2d_nan_and_ties_route_to_the_first():
+def test_max_pool2d_routes_ties_to_the_first_max_and_nans_to_the_last_nan_like_torch():
     backend = array_backend()
-    x = np.array([[[[1.0, np.nan, 2.0, np.nan], [3.0, 5.0, 5.0, 0.0]]]])
-    gy = np.array([[[[10.0], [20.0]]]])
+    x = np.array([[[[1.0, np.nan, 2.0, np.nan], [3.0, 5.0, 5.0, 0.0], [-np.inf, -np.inf, -np.inf, -np.inf]]]])
+    gy = np.array([[[[10.0], [20.0], [30.0]]]])
     y = backend.max_pool2d(x, (1, 4))
-    assert np.isnan(y[0, 0, 0, 0]) and y[0, 0, 1, 0] == 5.0
+    assert np.isnan(y[0, 0, 0, 0]) and y[0, 0, 1, 0] == 5.0 and y[0, 0, 2, 0] == -np.inf
     gx = backend.max_pool2d_backward(gy, x, (1, 4)).input
-    np.testing.assert_array_equal(gx, [[[[0, 10, 0, 0], [0, 20, 0, 0]]]])
+    np.testing.assert_array_equal(gx, [[[[0, 0, 0, 10], [0, 20, 0, 0], [30, 0, 0, 0]]]])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

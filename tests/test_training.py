@@ -11,10 +11,10 @@ import pytest
 
 from convrpc.core import InvalidArgumentError, available_backends, get_backend
 from convrpc.core.optim import AdamOptions, SgdOptions
+from convrpc.core.samples import EDGE_KERNEL, structured_image
 from convrpc.core.training import TrainConfig, TrainProgress, TrainResult, fit_kernel
 
 BACKENDS = available_backends()
-EDGE_KERNEL = np.array([[0.0, -1.0, 0.0], [0.0, 2.0, 0.0], [0.0, -1.0, 0.0]])
 
 
 def fit(backend, x, y, **config):
@@ -23,21 +23,6 @@ def fit(backend, x, y, **config):
     assert all(isinstance(p, TrainProgress) for p in progress)
     assert isinstance(result, TrainResult)
     return progress, result
-
-
-def grey_image(size: int = 80) -> np.ndarray:
-    """A structured grey image in [0, 1]: a ramp, flat shapes with straight, round and diagonal
-    edges, and a zone plate whose rings hold every spatial frequency, so that a 3x3 kernel is
-    identifiable from the image and its filtered copy."""
-    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
-    img = 0.3 * xx + 0.2 * yy
-    img[8:28, 10:38] = 0.9
-    img[(yy - 0.7) ** 2 + (xx - 0.25) ** 2 < 0.03] = 0.1
-    img[(yy > 0.1) & (yy < 0.45) & (xx > 0.55) & (xx - 0.55 < yy - 0.1)] = 0.6
-    r2 = (yy - 0.7) ** 2 + (xx - 0.72) ** 2
-    ring = r2 < 0.06
-    img[ring] = 0.5 + 0.4 * np.cos(250 * np.pi * r2[ring])
-    return img
 
 
 def mse(backend, x, y, w, b=None, **conv) -> float:
@@ -51,7 +36,7 @@ def mse(backend, x, y, w, b=None, **conv) -> float:
 @pytest.mark.parametrize("name", BACKENDS)
 def test_experiment_3_recovers_the_edge_kernel(name):
     backend = get_backend(name)
-    x = grey_image()[None, None]
+    x = structured_image()[None, None]
     y = backend.conv2d(x, EDGE_KERNEL[None, None])
     progress, result = fit(
         backend, x, y, kernel_size=3, seed=0, optimizer=SgdOptions(lr=0.5), loss="half_mse",

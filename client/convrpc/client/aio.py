@@ -14,6 +14,7 @@ from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 from .channel import open_channels
 from .errors import ConvRpcError
 from .ops import OpMethods
+from .sharding import AsyncShardedCalls, max_message_bytes
 from .training import TrainingRun, TrainProgress, TrainResult
 
 __all__ = ["AsyncConvClient", "AsyncTrainingRun"]
@@ -63,6 +64,7 @@ class AsyncConvClient(OpMethods):
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
         options: Sequence[tuple[str, object]] = (),
+        shard_size: int | None = None,
     ):
         self.targets, self._metadata, self._channels = open_channels(
             target, token=token, root_certificates=root_certificates, private_key=private_key,
@@ -71,6 +73,7 @@ class AsyncConvClient(OpMethods):
         self.timeout = timeout
         self._stubs = [pb_grpc.ConvServiceStub(c) for c in self._channels]
         self._turn = itertools.count()
+        self._calls = AsyncShardedCalls(self._stubs, self._metadata, shard_size, max_message_bytes(options))
 
     def _stub(self) -> pb_grpc.ConvServiceStub:
         return self._stubs[next(self._turn) % len(self._stubs)]
@@ -83,10 +86,10 @@ class AsyncConvClient(OpMethods):
             raise ConvRpcError.from_rpc_error(error) from None
 
     async def _forward(self, request, timeout, decode):
-        return decode(await self._unary("Forward", request, timeout))
+        return decode(await self._calls("Forward", request, self.timeout if timeout is None else timeout))
 
     async def _backward(self, request, timeout, decode):
-        return decode(await self._unary("Backward", request, timeout))
+        return decode(await self._calls("Backward", request, self.timeout if timeout is None else timeout))
 
     async def server_info(self, *, timeout=None) -> pb.GetServerInfoResponse:
         return await self._unary("GetServerInfo", pb.GetServerInfoRequest(), timeout)

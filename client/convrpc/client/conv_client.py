@@ -14,6 +14,7 @@ from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 from .channel import open_channels
 from .errors import ConvRpcError
 from .ops import OpMethods
+from .sharding import ShardedCalls, max_message_bytes
 from .training import TrainingRun
 
 __all__ = ["ConvClient"]
@@ -28,6 +29,11 @@ class ConvClient(OpMethods):
     ``timeout=``. ``token`` is sent as a bearer token; ``root_certificates`` (PEM bytes) switches to
     TLS, and ``private_key``/``certificate_chain`` add a client certificate for mutual TLS.
     Use it as a context manager or call ``close()``.
+
+    Forward and Backward calls whose batch exceeds ``shard_size`` (None: no limit), or which would
+    not fit in one message, are split along N and run concurrently over the replicas; the result is
+    the unsharded one. A call failing with UNAVAILABLE is sent again to another replica.
+    ``train_kernel`` runs on one replica (see :mod:`convrpc.client.sharding`).
     """
 
     def __init__(
@@ -40,6 +46,7 @@ class ConvClient(OpMethods):
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
         options: Sequence[tuple[str, object]] = (),
+        shard_size: int | None = None,
     ):
         self.targets, self._metadata, self._channels = open_channels(
             target, token=token, root_certificates=root_certificates, private_key=private_key,
@@ -49,6 +56,7 @@ class ConvClient(OpMethods):
         self._stubs = [pb_grpc.ConvServiceStub(c) for c in self._channels]
         self._turn = itertools.count()
         self._lock = threading.Lock()
+        self._calls = ShardedCalls(self._stubs, self._metadata, shard_size, max_message_bytes(options))
 
     def _stub(self) -> pb_grpc.ConvServiceStub:
         with self._lock:
@@ -64,10 +72,10 @@ class ConvClient(OpMethods):
             raise ConvRpcError.from_rpc_error(error) from None
 
     def _forward(self, request, timeout, decode):
-        return decode(self._unary("Forward", request, timeout))
+        return decode(self._calls("Forward", request, self._deadline(timeout)))
 
     def _backward(self, request, timeout, decode):
-        return decode(self._unary("Backward", request, timeout))
+        return decode(self._calls("Backward", request, self._deadline(timeout)))
 
     def server_info(self, *, timeout=None) -> pb.GetServerInfoResponse:
         """The server's version, backend, device and limits (the GetServerInfo response)."""
@@ -78,6 +86,7 @@ class ConvClient(OpMethods):
         return TrainingRun(call, max_steps=request.max_steps, progress=progress)
 
     def close(self) -> None:
+        self._calls.close()
         for channel in self._channels:
             channel.close()
 

@@ -178,21 +178,37 @@ class ArrayKernels:
             yield t, _span(i * g.dil_h, g.out_h, g.stride_h), _span(j * g.dil_w, g.out_w, g.stride_w)
 
     def _first_max(self, x, g: PoolGeometry):
-        """(value, tap index) of each window's first maximum; a NaN beats every number, the first NaN wins."""
+        """(value, tap index) that torch's max pooling picks in each window.
+
+        torch scans the in-image taps row-major from the first one, and a strictly greater value or a
+        NaN takes over: ties go to the first maximum, NaNs to the last NaN, an all -inf window to its
+        first in-image tap. Padding reads as -inf, so it never takes over.
+        """
         xp = self.xp
         xpad = self._padded(x, g.pad_h, g.pad_h, g.pad_w, g.pad_w, -float("inf"))
-        best = idx = None
+        best = xp.full(g.output_shape, -float("inf"), dtype=x.dtype)
+        idx = xp.broadcast_to(self._first_inside_tap(g), g.output_shape).astype(xp.int32)
         for t, hs, ws in self._pool_slices(g):
             v = xpad[:, :, hs, ws]
-            if best is None:
-                best, idx = v.copy(), xp.zeros(g.output_shape, dtype=xp.int32)
-                continue
             # A running comparison rather than argmax over stacked taps: no (kh*kw)-fold buffer, and the
             # NaN rule is spelled out here instead of resting on each array library's argmax.
-            take = (v > best) | (xp.isnan(v) & ~xp.isnan(best))
+            take = (v > best) | xp.isnan(v)
             best = xp.where(take, v, best)
             idx = xp.where(take, xp.int32(t), idx)
         return best, idx
+
+    def _first_inside_tap(self, g: PoolGeometry):
+        """(out_h, out_w) flat index of each window's first tap inside the image (0 if there is none)."""
+        xp = self.xp
+
+        def first(out, stride, pad, dil, k):
+            start = xp.arange(out) * stride - pad
+            skip = xp.where(start < 0, (-start + dil - 1) // dil, 0)
+            return xp.where(skip < k, skip, 0)
+
+        rows = first(g.out_h, g.stride_h, g.pad_h, g.dil_h, g.kh)
+        cols = first(g.out_w, g.stride_w, g.pad_w, g.dil_w, g.kw)
+        return rows[:, None] * g.kw + cols[None, :]
 
     def max_pool2d(self, x, g: PoolGeometry):
         return self._first_max(x, g)[0]

