@@ -354,3 +354,14 @@ def test_bad_arguments_name_the_field_before_anything_runs(field, data, config):
     with pytest.raises(InvalidArgumentError) as info:
         fit_kernel(get_backend("numpy"), args["input"], args["target"], TrainConfig(**{"init_weight": w_ok, **config}))
     assert info.value.field == field
+
+
+def test_an_output_over_the_backends_element_cap_is_refused_before_anything_runs():
+    from convrpc.core.errors import ResourceExhaustedError
+
+    capped = get_backend("numpy").with_max_elements(35)
+    x, y = np.ones((1, 1, 8, 8)), np.ones((1, 1, 6, 6))  # 36 output elements
+    with pytest.raises(ResourceExhaustedError, match="target"):
+        fit_kernel(capped, x, y, TrainConfig(kernel_size=3))
+    *_, result = fit_kernel(get_backend("numpy").with_max_elements(36), x, y, TrainConfig(kernel_size=3, max_steps=2))
+    assert result.steps == 2

@@ -9,7 +9,8 @@ steps, then exactly one :class:`TrainResult`, always last::
 Each step measures the loss of the current weights, stops if it is non-finite or ``<= tol``,
 otherwise computes the gradient and lets the optimizer (:mod:`convrpc.core.optim`) update the
 weights. So the loss reported with step ``k`` is that of the weights before the k-th update.
-Only ``backend.conv2d`` and ``backend.conv2d_backward`` do tensor work and array math goes through
+Only the backend's kernel table does tensor work (conv2d and its weight gradient, called with the
+geometry worked out once per batch size, not re-validated every step) and array math goes through
 ``backend.xp``, so every backend trains, a GPU one on device-resident arrays.
 
 Losses over z = conv2d(input) and target y, with r = z - y and M = r.size (of the batch):
@@ -36,7 +37,7 @@ import numpy as np
 
 from . import params
 from .backend import SUPPORTED_DTYPES, Backend
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, ResourceExhaustedError
 from .optim import AdamOptions, SgdOptions
 
 __all__ = ["LOSSES", "STOP_REASONS", "TrainConfig", "TrainProgress", "TrainResult", "fit_kernel", "kaiming_uniform"]
@@ -194,7 +195,15 @@ class _Run:
             raise InvalidArgumentError(
                 "target", f"expected shape {g.output_shape} (the conv2d output), got {tuple(y.shape)}"
             )
+        cap = getattr(backend, "max_elements", None)
+        if cap is not None and math.prod(g.output_shape) > cap:
+            raise ResourceExhaustedError("target", f"conv2d output {g.output_shape} is over the cap of {cap} elements")
         self.w, self.b = w, b
+        # Steps call the kernel table directly: the backend's front would re-validate the arrays and
+        # rebuild the geometry twice a step, a tenth of a small step's time.
+        self.kernels = backend.kernels
+        self.x = self.kernels.to_device(x)  # e.g. a writable alias of read-only request bytes for numba
+        self._geometries = {x.shape[0]: g}
         if self.batch_size >= x.shape[0]:
             self.batch_size = 0  # one batch holding every sample is the full batch
 
@@ -211,9 +220,17 @@ class _Run:
                 idx = perm[start : start + bs]
                 yield self.x[idx], self.y[idx]
 
+    def _geometry(self, x) -> params.ConvGeometry:
+        """The conv geometry for input ``x`` (batches differ only in their sample count)."""
+        g = self._geometries.get(x.shape[0])
+        if g is None:
+            bias_shape = None if self.b is None else self.b.shape
+            g = self._geometries[x.shape[0]] = params.conv2d_geometry(x.shape, self.w.shape, bias_shape, **self.conv)
+        return g
+
     def _residual(self, x, y, w, b) -> tuple[Any, float]:
         """r = conv2d(x) - y and the loss (a Python float, possibly non-finite)."""
-        r = self.backend.conv2d(x, w, b, **self.conv) - y
+        r = self.kernels.conv2d(x, w, b, self._geometry(x)) - y
         flat = r.reshape(-1)
         return r, float(self.xp.vdot(flat, flat)) * _LOSS_SCALE[self.loss_name](r.size)
 
@@ -265,8 +282,8 @@ class _Run:
                     reason = "converged"
                     break
             r *= _GRAD_SCALE[self.loss_name](r.size)
-            grads = self.backend.conv2d_backward(r, xb, w, b, **self.conv, input_grad=False)
-            gw = grads.weight.reshape(-1)
+            grad_w = self.kernels.conv2d_weight_grad(xb, r, self._geometry(xb))
+            gw = grad_w.reshape(-1)
             # The bias gradient sums the residual, finite whenever the loss is, so only gw is checked.
             grad_norm = math.sqrt(float(xp.vdot(gw, gw)))
             if not math.isfinite(grad_norm):
@@ -274,9 +291,9 @@ class _Run:
                 break
             prev = (w, b, known_loss)
             if b is None:
-                (w,) = self.optimizer.step([w], [grads.weight])
+                (w,) = self.optimizer.step([w], [grad_w])
             else:
-                w, b = self.optimizer.step([w, b], [grads.weight, grads.bias])
+                w, b = self.optimizer.step([w, b], [grad_w, r.sum(axis=(0, 2, 3))])
             known_loss = None
             steps += 1
             if steps % self.report_every == 0:
