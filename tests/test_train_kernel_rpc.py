@@ -231,8 +231,11 @@ def test_adam_with_bias_through_the_rpc_follows_torch_optim_adam(client):
     "kwargs, field",
     [
         (dict(target=np.ones((1, 1, 5, 5)), kernel_size=3), "target"),
-        (dict(kernel_size=3, lr=0.0), "lr"),
-        (dict(kernel_size=3, lr=-1.0, optimizer="adam"), "lr"),
+        (dict(kernel_size=3, lr=0.0), "sgd.lr"),
+        (dict(kernel_size=3, lr=-1.0, optimizer="adam"), "adam.lr"),
+        (dict(kernel_size=3, momentum=-0.5), "sgd.momentum"),
+        (dict(kernel_size=3, stride=0), "conv.stride"),
+        (dict(kernel_size=3, groups=2), "conv.groups"),
         (dict(kernel_size=3, max_steps=0), "max_steps"),
         (dict(kernel_size=3, max_steps=-5), "max_steps"),
         (dict(kernel_size=3, max_steps=10**9), "max_steps"),

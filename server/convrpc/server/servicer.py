@@ -33,19 +33,28 @@ _STOP_REASONS = {
 _LOSSES = {pb.LOSS_UNSPECIFIED: "mse", pb.LOSS_MSE: "mse", pb.LOSS_HALF_MSE: "half_mse", pb.LOSS_HALF_SSE: "half_sse"}
 
 
-def _field_prefix(exc: ConvError, op: str | None) -> str:
+_OPTIMIZER_FIELDS = ("lr", "momentum", "nesterov", "weight_decay", "beta1", "beta2", "eps")
+
+
+def _field_prefix(exc: ConvError, request) -> str:
     """Core errors name torch arguments; point option errors at their place in the request."""
-    if op and getattr(exc, "field", None) in wire.OP_OPTIONS.get(op, ()):
-        return f"op.{op}."
-    return ""
+    field = getattr(exc, "field", None)
+    if isinstance(request, pb.TrainKernelRequest):
+        if field in wire.OP_OPTIONS["conv2d"]:
+            return "conv."
+        if field in _OPTIMIZER_FIELDS:
+            return f"{request.WhichOneof('optimizer') or 'sgd'}."
+        return ""
+    op = request.op.WhichOneof("op") if hasattr(request, "op") else None
+    return f"op.{op}." if op and field in wire.OP_OPTIONS[op] else ""
 
 
 def _translate_errors(method):
     """Turn core errors into their status codes and anything unexpected into INTERNAL, never UNKNOWN."""
 
-    def fail(self, exc, context, op):
+    def fail(exc, request, context):
         if isinstance(exc, ConvError):
-            status.abort(context, exc, _field_prefix(exc, op))
+            status.abort(context, exc, _field_prefix(exc, request))
         request_id = uuid.uuid4().hex[:12]
         log.exception("unexpected error in %s (request id %s)", method.__name__, request_id)
         context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
@@ -55,21 +64,16 @@ def _translate_errors(method):
         try:
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error must become a status
-            fail(self, exc, context, _op_of(request))
+            fail(exc, request, context)
 
     @functools.wraps(method)
     def streaming(self, request, context):
         try:
             yield from method(self, request, context)
         except Exception as exc:  # noqa: BLE001
-            fail(self, exc, context, "conv2d")
+            fail(exc, request, context)
 
     return streaming if method.__name__ == "TrainKernel" else unary
-
-
-def _op_of(request) -> str | None:
-    op = getattr(request, "op", None)
-    return op.WhichOneof("op") if op is not None else None
 
 
 class ConvService(pb_grpc.ConvServiceServicer):
