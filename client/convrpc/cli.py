@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 import time
 
@@ -22,16 +22,54 @@ def _server_modules():
     return server
 
 
+def _settings_fields():
+    """The server's knobs (dataclass fields), or () when the server extra is not installed."""
+    try:
+        import dataclasses
+
+        from convrpc.server.settings import Settings
+    except ImportError:
+        return ()
+    return dataclasses.fields(Settings)
+
+
 def cmd_serve(args) -> int:
     server = _server_modules()
     from convrpc.core.errors import ConvError
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags = {f.name: getattr(args, f.name, None) for f in _settings_fields()}
     try:
-        settings = server.Settings.from_env(host=args.host, port=args.port, backend=args.backend, workers=args.workers)
+        settings = server.Settings.load(args.config, flags=flags)
+        if args.print_config:
+            print(settings.to_toml(), end="")
+            return 0
         return server.serve(settings)
-    except ConvError as exc:
+    except (server.ConfigError, ConvError) as exc:
         sys.exit(f"convrpc serve: {exc}")
+
+
+def _read_pem(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        sys.exit(f"convrpc: cannot read {path}: {exc.strerror}")
+
+
+def _security_kwargs(args) -> dict:
+    """ConvClient keyword arguments for the TLS and token options of ``health`` and ``info``."""
+    kwargs = dict(
+        root_certificates=_read_pem(args.tls_ca),
+        private_key=_read_pem(args.tls_key),
+        certificate_chain=_read_pem(args.tls_cert),
+    )
+    if (kwargs["private_key"] is None) != (kwargs["certificate_chain"] is None):
+        sys.exit("convrpc: --tls-cert and --tls-key go together")
+    if args.tls_server_name:
+        kwargs["options"] = [("grpc.ssl_target_name_override", args.tls_server_name)]
+    return kwargs
 
 
 def cmd_demo(args) -> int:
@@ -94,7 +132,13 @@ def cmd_health(args) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    from convrpc.client.channel import credentials
+
+    security = _security_kwargs(args)
+    creds = credentials(security["root_certificates"], security["private_key"], security["certificate_chain"])
+    options = security.get("options", [])
+    channel = grpc.insecure_channel(args.target, options) if creds is None else grpc.secure_channel(args.target, creds, options)
+    with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
@@ -111,7 +155,7 @@ def cmd_info(args) -> int:
     from convrpc.client import ConvClient, ConvRpcError
 
     try:
-        with ConvClient(args.target, timeout=args.timeout) as client:
+        with ConvClient(args.target, timeout=args.timeout, token=args.token, **_security_kwargs(args)) as client:
             print(client.server_info())
     except ConvRpcError as exc:
         print(f"{args.target}: {exc}")
@@ -119,16 +163,53 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per server setting: ``--kebab-case`` of the field, its type, its help and its env name."""
+    fields = _settings_fields()
+    if not fields:
+        parser.add_argument("unavailable", nargs=argparse.REMAINDER, help=SERVER_EXTRA_HINT)
+        return
+    from convrpc.server.settings import env_name, flag_name
+
+    kinds = {"int": int, "float": float, "str": str}
+    for f in fields:
+        if f.metadata.get("flag") is False:
+            continue
+        shown = f.default if f.default != "" else "unset"
+        help_text = f"{f.metadata['help']} (default {shown}; env {env_name(f.name)})"
+        if f.type == "bool":
+            parser.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            metavar = None if f.metadata.get("choices") else f.metadata.get("metavar", f.type.upper())
+            parser.add_argument(flag_name(f.name), type=kinds[f.type], choices=f.metadata.get("choices"),
+                                default=None, metavar=metavar, help=help_text)  # fmt: skip
+
+
+def _add_client_security_flags(parser: argparse.ArgumentParser, *, token: bool) -> None:
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify the server with (switches to TLS)")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate chain, for mutual TLS")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    parser.add_argument("--tls-server-name", help="name to expect in the server's certificate, if not the target's host")
+    if token:
+        parser.add_argument("--token", default=os.environ.get("CONVRPC_TOKEN"),
+                            help="bearer token (default: env CONVRPC_TOKEN)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convrpc", description="2-D convolution compute as a gRPC service.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run a server until SIGTERM/SIGINT")
-    serve.add_argument("--host", help=f"address to bind (default {config.DEFAULT_HOST}; env CONVRPC_HOST)")
-    serve.add_argument("--port", type=int, help=f"port (default {config.DEFAULT_PORT}; 0 picks a free one; env CONVRPC_PORT)")
-    serve.add_argument("--backend", choices=("auto", "numpy", "numba", "cupy"), help=f"compute backend (default {config.DEFAULT_BACKEND})")
-    serve.add_argument("--workers", type=int, help="gRPC worker threads (default 8)")
-    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve = sub.add_parser(
+        "serve",
+        help="run a server until SIGTERM/SIGINT",
+        description="Run a convrpc server. Each setting comes from (lowest to highest precedence) its default, "
+        "the --config TOML file (same key), the environment variable CONVRPC_<KEY> and the flag below. "
+        "Bearer tokens may also be given as CONVRPC_AUTH_TOKENS (comma-separated; env or TOML only).",
+    )
+    serve.add_argument("--config", default=os.environ.get("CONVRPC_CONFIG"), metavar="TOML",
+                       help="TOML file of settings, keys as the flags' names with underscores (env CONVRPC_CONFIG)")
+    serve.add_argument("--print-config", action="store_true", help="print the effective settings as TOML and exit")
+    _add_settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="fit the edge kernel of an 80x80 image through a server, end to end")
@@ -144,11 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--target", default=f"127.0.0.1:{config.DEFAULT_PORT}")
     health.add_argument("--service", default="", help="service name to check ('' is the whole server)")
     health.add_argument("--timeout", type=float, default=3.0)
+    _add_client_security_flags(health, token=False)
     health.set_defaults(func=cmd_health)
 
     info = sub.add_parser("info", help="print a server's version, backend, device and limits")
     info.add_argument("--target", default=f"127.0.0.1:{config.DEFAULT_PORT}")
     info.add_argument("--timeout", type=float, default=10.0)
+    _add_client_security_flags(info, token=True)
     info.set_defaults(func=cmd_info)
     return parser
 

@@ -21,3 +21,20 @@ MAX_TRAIN_SECONDS = 3600.0
 MIN_REPORT_INTERVAL = 0.05
 #: Extra memory an op's im2col workspace may take (bytes).
 WORKSPACE_BYTES = 256 * 1024 * 1024
+
+#: Compute RPCs (Forward, Backward, TrainKernel) a server admits at once; more are refused at once.
+MAX_CONCURRENT_RPCS = 8
+#: RPCs that may wait for a server handler thread before gRPC refuses new ones.
+MAX_QUEUED_RPCS = 64
+#: Seconds in-flight RPCs get to finish when a server shuts down.
+GRACE_SECONDS = 10.0
+
+# Keepalive, shared by server and SDK so that long, quiet training streams stay open through NATs and
+# load balancers and a dead peer is noticed. The server must accept pings at least as often as the SDK
+# sends them (MIN_PING_INTERVAL_MS <= KEEPALIVE_TIME_MS), or it answers GOAWAY "too_many_pings".
+#: Interval between keepalive pings on a connection with a call open (milliseconds).
+KEEPALIVE_TIME_MS = 30_000
+#: How long a ping may go unanswered before the connection is considered dead (milliseconds).
+KEEPALIVE_TIMEOUT_MS = 10_000
+#: Shortest interval between client pings the server tolerates (milliseconds).
+MIN_PING_INTERVAL_MS = 10_000

@@ -1,6 +1,6 @@
 """convrpc.server: the gRPC server (ConvService, health, reflection) over a convrpc.core backend."""
 
 from .app import ConvServer, serve
-from .settings import Settings
+from .settings import ConfigError, Settings
 
-__all__ = ["ConvServer", "Settings", "serve"]
+__all__ = ["ConfigError", "ConvServer", "Settings", "serve"]

@@ -1,67 +1,219 @@
-"""Server settings: one dataclass holding every knob, with defaults from convrpc.core.config."""
+"""Server settings: one dataclass holding every knob, read from defaults < TOML file < CONVRPC_* env < CLI flags.
+
+A knob has one name everywhere: the field ``max_elements`` is the TOML key ``max_elements``, the
+environment variable ``CONVRPC_MAX_ELEMENTS`` and the flag ``--max-elements``. Secrets
+(``auth_tokens``) have no flag, since command lines are visible to every user of the machine.
+A wrong value raises :class:`ConfigError` naming the key and where the value came from.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from convrpc.core import config
-from convrpc.core.errors import InvalidArgumentError
+
+__all__ = ["ConfigError", "Settings", "env_name", "flag_name"]
+
+BACKENDS = ("auto", "numpy", "numba", "cupy")
+LOG_FORMATS = ("plain", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Handler threads kept beyond the compute slots, so refusals, GetServerInfo and reflection always find one.
+SPARE_WORKERS = 4
+
+
+class ConfigError(ValueError):
+    """A setting has a wrong value; ``key`` names it (as the source spelled it: key, env var or flag)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.description = message
+
+
+def knob(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the server can be told. Field names are the CLI flags' and (upper-cased, CONVRPC_-prefixed) env names."""
+    """Everything the server can be told; see the module docstring for how each knob is named."""
 
-    host: str = config.DEFAULT_HOST
-    port: int = config.DEFAULT_PORT
-    backend: str = config.DEFAULT_BACKEND
-    #: gRPC worker threads (concurrent RPCs being handled).
-    workers: int = 8
-    max_message_bytes: int = config.MAX_MESSAGE_BYTES
-    max_elements: int = config.MAX_ELEMENTS
-    max_train_steps: int = config.MAX_TRAIN_STEPS
-    max_train_seconds: float = config.MAX_TRAIN_SECONDS
-    #: Shortest interval between two streamed training progress messages (seconds).
-    report_interval: float = config.MIN_REPORT_INTERVAL
-    #: Seconds in-flight RPCs get to finish on shutdown.
-    grace: float = 10.0
-    #: Compile (or load from cache) every kernel before reporting SERVING.
-    warm_up: bool = True
+    # -- network
+    host: str = knob(config.DEFAULT_HOST, "address to bind; 0.0.0.0 or :: listens on every interface")
+    port: int = knob(config.DEFAULT_PORT, "gRPC port; 0 picks a free one")
+    # -- compute
+    backend: str = knob(config.DEFAULT_BACKEND, "compute backend; auto picks cupy, then numba, then numpy",
+                        choices=BACKENDS)  # fmt: skip
+    compute_threads: int = knob(0, "threads one op computes with (numba and BLAS); 0 uses every CPU the process may")
+    warm_up: bool = knob(True, "compile (or load from the numba cache) every kernel before reporting SERVING")
+    # -- admission
+    max_concurrent_rpcs: int = knob(
+        config.MAX_CONCURRENT_RPCS,
+        "compute RPCs (Forward, Backward, TrainKernel) admitted at once; more get RESOURCE_EXHAUSTED at once",
+    )
+    workers: int = knob(0, f"gRPC handler threads; must exceed max_concurrent_rpcs; 0 means max_concurrent_rpcs + {SPARE_WORKERS}")
+    max_queued_rpcs: int = knob(
+        config.MAX_QUEUED_RPCS, "RPCs that may wait for a handler thread; beyond that gRPC answers RESOURCE_EXHAUSTED"
+    )
+    # -- limits
+    max_message_bytes: int = knob(config.MAX_MESSAGE_BYTES, "largest gRPC message received or sent (bytes)")
+    max_request_bytes: int = knob(config.MAX_MESSAGE_BYTES, "most tensor bytes one request may carry, all tensors together")
+    max_elements: int = knob(config.MAX_ELEMENTS, "most elements of any one tensor, in a request or an op's output")
+    max_train_steps: int = knob(config.MAX_TRAIN_STEPS, "most steps one TrainKernel run may take")
+    max_train_seconds: float = knob(config.MAX_TRAIN_SECONDS, "longest wall time of one TrainKernel run (seconds)")
+    report_interval: float = knob(config.MIN_REPORT_INTERVAL, "shortest interval between two training progress messages (seconds)")
+    # -- security
+    tls_cert: str = knob("", "PEM certificate chain of the server; with tls_key, the server speaks only TLS", metavar="PATH")
+    tls_key: str = knob("", "PEM private key of tls_cert", metavar="PATH")
+    tls_client_ca: str = knob("", "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)", metavar="PATH")
+    auth_tokens_file: str = knob("", "file of accepted bearer tokens, one per line (# comments); health and reflection stay open", metavar="PATH")
+    auth_tokens: str = knob("", "accepted bearer tokens, comma-separated (env or TOML only: never a flag)", secret=True, flag=False)
+    # -- operations
+    metrics_port: int = knob(0, "port of the Prometheus /metrics endpoint, bound to host; 0 disables it")
+    log_format: str = knob("plain", "log line format", choices=LOG_FORMATS)
+    log_level: str = knob("info", "lowest level logged", choices=LOG_LEVELS)
+    grace: float = knob(config.GRACE_SECONDS, "seconds in-flight RPCs get to finish on SIGTERM/SIGINT")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type in ("int", "float") and value < 0:
-                raise InvalidArgumentError(f.name, f"must be >= 0, got {value}")
-        if not 0 <= self.port <= 65535:
-            raise InvalidArgumentError("port", f"must be in 0..65535, got {self.port}")
-        if self.workers < 1:
-            raise InvalidArgumentError("workers", f"must be >= 1, got {self.workers}")
+            kind = _KINDS[f.type]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                object.__setattr__(self, f.name, value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ConfigError(f.name, f"expected {_A[f.type]}, got {value!r}")
+            if kind in (int, float) and not value >= 0:
+                raise ConfigError(f.name, f"must be >= 0, got {value}")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f.name, f"expected one of {', '.join(choices)}, got {value!r}")
+        for name in ("port", "metrics_port"):
+            if getattr(self, name) > 65535:
+                raise ConfigError(name, f"must be in 0..65535, got {getattr(self, name)}")
+        for name in ("max_concurrent_rpcs", "max_message_bytes", "max_request_bytes", "max_elements", "max_train_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.workers and self.workers <= self.max_concurrent_rpcs:
+            raise ConfigError(
+                "workers",
+                f"must exceed max_concurrent_rpcs ({self.max_concurrent_rpcs}) so that health checks and refusals "
+                f"always find a thread, got {self.workers}",
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_key" if self.tls_cert else "tls_cert", "tls_cert and tls_key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("tls_client_ca", "mutual TLS needs the server's own tls_cert and tls_key")
+
+    # -- derived values
 
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def worker_threads(self) -> int:
+        """gRPC handler threads: ``workers``, or the compute slots plus a few spare."""
+        return self.workers or self.max_concurrent_rpcs + SPARE_WORKERS
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    # -- sources
+
     @classmethod
-    def from_env(cls, environ=os.environ, **overrides) -> "Settings":
-        """Defaults, then CONVRPC_<FIELD> environment variables, then ``overrides`` (e.g. CLI flags)."""
-        values = {}
+    def load(cls, config_file: str | None = None, environ: Mapping[str, str] | None = None,
+             flags: Mapping[str, Any] | None = None) -> "Settings":  # fmt: skip
+        """Defaults, then the TOML ``config_file``, then ``CONVRPC_*`` variables of ``environ``
+        (default ``os.environ``), then ``flags`` (field name -> value; None means not given).
+
+        The result's ``sources`` maps each field that is not a default to where its value came from.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        if config_file:
+            for name, value in _read_toml(config_file).items():
+                values[name], sources[name] = value, f"{config_file}: {name}"
         for f in dataclasses.fields(cls):
-            raw = environ.get(f"CONVRPC_{f.name.upper()}")
+            raw = environ.get(env_name(f.name))
             if raw is not None:
-                values[f.name] = _parse(f, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+                values[f.name], sources[f.name] = _parse(f, raw), env_name(f.name)
+        for name, value in (flags or {}).items():
+            if value is not None:
+                flag = flag_name(name) if value is not False else flag_name(f"no_{name}")
+                values[name], sources[name] = value, flag
+        try:
+            settings = cls(**values)
+        except ConfigError as exc:
+            where = sources.get(exc.key)
+            raise ConfigError(where or exc.key, exc.description) from None
+        object.__setattr__(settings, "sources", sources)
+        return settings
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides) -> "Settings":
+        """Defaults, then ``CONVRPC_*`` environment variables, then ``overrides`` (e.g. CLI flags)."""
+        return cls.load(environ=environ, flags=overrides)
+
+    def to_toml(self) -> str:
+        """The effective settings as a TOML file (secrets masked), each non-default value's source in a comment."""
+        sources = getattr(self, "sources", {})
+        lines = ["# convrpc serve: effective settings (defaults < --config < CONVRPC_* < flags)"]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value:
+                value = "***"
+            text = _toml_value(value)
+            note = f"  # {sources[f.name]}" if f.name in sources else ""
+            lines.append(f"{f.name} = {text}{note}")
+        return "\n".join(lines) + "\n"
 
 
-def _parse(field: dataclasses.Field, raw: str):
-    kind = field.type
+_KINDS = {"str": str, "int": int, "float": float, "bool": bool}
+_A = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def env_name(name: str) -> str:
+    return f"CONVRPC_{name.upper()}"
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    known = {f.name: f for f in dataclasses.fields(Settings)}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{path}: {key}", f"unknown setting; expected one of {', '.join(known)}")
+        kind = _KINDS[known[key].type]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok, data[key] = True, float(value)
+        if not ok:
+            raise ConfigError(f"{path}: {key}", f"expected {_A[known[key].type]}, got {value!r}")
+    return data
+
+
+def _parse(f: dataclasses.Field, raw: str):
+    kind = f.type
     try:
         if kind == "bool":
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -75,4 +227,12 @@ def _parse(field: dataclasses.Field, raw: str):
             return float(raw)
         return raw
     except ValueError:
-        raise InvalidArgumentError(f"CONVRPC_{field.name.upper()}", f"expected a {kind}, got {raw!r}") from None
+        raise ConfigError(env_name(f.name), f"expected {_A[kind]}, got {raw!r}") from None
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
