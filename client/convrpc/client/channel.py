@@ -40,6 +40,10 @@ def channel_options(max_message_bytes: int = config.MAX_MESSAGE_BYTES) -> list[t
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.service_config", _SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
+        # Pings keep long, quiet training streams open; the server accepts this rate (see config).
+        ("grpc.keepalive_time_ms", config.KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", config.KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -12,9 +13,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from convrpc.core import get_backend
+from convrpc.core import Backend, config, get_backend
 from convrpc.v1 import conv_service_pb2, conv_service_pb2_grpc
 
+from . import security
+from .interceptors import BearerTokenAuth, CallObserver, ComputeAdmission
+from .logs import configure_logging
+from .metrics import ServerMetrics
 from .servicer import ConvService
 from .settings import Settings
 
@@ -34,12 +39,46 @@ def version() -> str:
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """gRPC options the server uses; the SDK mirrors the message limits."""
+    """gRPC options the server uses; the SDK mirrors the message limits and keepalive (see config)."""
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # The server pings quiet connections too, so a vanished client's training run is cancelled.
+        ("grpc.keepalive_time_ms", config.KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", config.KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", config.MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+def apply_compute_threads(threads: int) -> None:
+    """Cap the threads one op computes with: numba's pool (read when the numba backend is first
+    imported) and the BLAS pools numpy uses (threadpoolctl, when installed). 0 leaves the defaults."""
+    if threads <= 0:
+        return
+    os.environ["NUMBA_NUM_THREADS"] = str(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(limits=threads)
+
+
+class _HealthServicer(health.HealthServicer):
+    """The standard health service, with Check (not only Watch) on the health pool: probes answer even
+    while every RPC worker is busy."""
+
+    def __init__(self, pool: futures.ThreadPoolExecutor):
+        super().__init__(experimental_non_blocking=True, experimental_thread_pool=pool)
+        check = super().Check
+
+        def probe(request, context):
+            return check(request, context)
+
+        probe.experimental_thread_pool = pool
+        self.Check = probe
 
 
 class ConvServer:
@@ -49,24 +88,40 @@ class ConvServer:
     cache), and again from the moment shutdown begins.
     """
 
-    def __init__(self, settings: Settings | None = None):
+    def __init__(self, settings: Settings | None = None, *, backend: Backend | None = None):
         self.settings = settings = settings or Settings()
-        self.backend = get_backend(settings.backend).with_max_elements(settings.max_elements)
+        # Credentials first: a bad file stops start-up before anything is bound.
+        credentials = security.server_credentials(settings)
+        tokens = security.load_tokens(settings)
+        apply_compute_threads(settings.compute_threads)
+        backend = backend or get_backend(settings.backend)
+        self.backend = backend.with_max_elements(settings.max_elements)
         self.servicer = ConvService(self.backend, settings, version())
-        # Health gets its own thread so probes answer even when every RPC worker is busy.
-        self.health = health.HealthServicer(
-            experimental_non_blocking=True,
-            experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="convrpc-health"),
-        )
+        self.metrics = ServerMetrics()
+        self.metrics.compute_slots.set(settings.max_concurrent_rpcs)
+        self.health = _HealthServicer(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="convrpc-health"))
+        interceptors = [CallObserver(self.metrics)]
+        if tokens:
+            interceptors.append(BearerTokenAuth(tokens))
+        interceptors.append(ComputeAdmission(settings.max_concurrent_rpcs, settings.max_request_bytes))
+        workers = futures.ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="convrpc-rpc")
+        self.metrics.watch_queue(lambda: workers._work_queue.qsize())
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="convrpc-rpc"),
+            workers,
             options=channel_options(settings.max_message_bytes),
+            interceptors=interceptors,
+            # gRPC counts running and queued RPCs; past this it refuses without queueing.
+            maximum_concurrent_rpcs=settings.worker_threads + settings.max_queued_rpcs,
         )
         conv_service_pb2_grpc.add_ConvServiceServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(settings.address)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(settings.address)
+        else:
+            self.port = self._server.add_secure_port(settings.address, credentials)
+        self.metrics_port: int | None = None
         self.ready = threading.Event()
         self.warm_up_seconds: float | None = None
         self._stopped = threading.Event()
@@ -85,7 +140,11 @@ class ConvServer:
 
     def start(self) -> "ConvServer":
         self._server.start()
-        log.info("convrpc %s listening on %s (backend %s on %s)", version(), self.target, self.backend.name, self.backend.device)
+        if self.settings.metrics_port:
+            self.metrics_port = self.metrics.serve_http(self.settings.host, self.settings.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
+        log.info("convrpc %s listening on %s (%s; backend %s on %s)", version(), self.target,
+                 "TLS" if self.settings.tls else "plaintext", self.backend.name, self.backend.device)  # fmt: skip
         threading.Thread(target=self._warm_up, name="convrpc-warm-up", daemon=True).start()
         return self
 
@@ -99,6 +158,7 @@ class ConvServer:
                 log.exception("warm-up of backend %s failed", self.backend.name)
                 return
         self.warm_up_seconds = time.perf_counter() - started
+        self.metrics.warm_up_seconds.set(self.warm_up_seconds)
         log.info("backend %s ready after %.2f s of warm-up", self.backend.name, self.warm_up_seconds)
         if not self._stopped.is_set():
             self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -115,6 +175,7 @@ class ConvServer:
         self.health.enter_graceful_shutdown()
         self.servicer.drain()
         self._server.stop(self.settings.grace if grace is None else grace).wait()
+        self.metrics.close()
         log.info("convrpc server on %s stopped", self.target)
 
     def wait(self) -> None:
@@ -129,6 +190,7 @@ class ConvServer:
 
 def serve(settings: Settings) -> int:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully; returns the exit code."""
+    configure_logging(settings.log_level, settings.log_format)
     server = ConvServer(settings).start()
     done = threading.Event()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import uuid
 
 import grpc
 
@@ -18,6 +17,7 @@ from convrpc.v1 import conv_service_pb2 as pb
 from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 
 from . import status
+from .logs import request_id as current_request_id
 from .settings import Settings
 from .train_stream import TrainStream
 
@@ -55,7 +55,7 @@ def _translate_errors(method):
     def fail(exc, request, context):
         if isinstance(exc, ConvError):
             status.abort(context, exc, _field_prefix(exc, request))
-        request_id = uuid.uuid4().hex[:12]
+        request_id = current_request_id()
         log.exception("unexpected error in %s (request id %s)", method.__name__, request_id)
         context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
 

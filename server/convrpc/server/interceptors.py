@@ -1,0 +1,223 @@
+"""Server interceptors: per-call observation (request id, log line, metrics), bearer-token auth, admission control.
+
+Order matters: observation is outermost so refusals by the others are logged and counted too.
+Health and reflection pass through untouched (probes need no token and keep their own thread pool).
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import threading
+import time
+
+import grpc
+
+from convrpc.core.errors import ResourceExhaustedError
+
+from . import status
+from .logs import REQUEST_ID, new_request_id
+from .metrics import ServerMetrics
+
+__all__ = ["BearerTokenAuth", "CallObserver", "ComputeAdmission", "OPEN_SERVICES"]
+
+log = logging.getLogger("convrpc.server.calls")
+
+SERVICE_PREFIX = "/convrpc.v1.ConvService/"
+#: RPCs that compute, and so take one of the server's compute slots.
+COMPUTE_RPCS = frozenset({"Forward", "Backward", "TrainKernel"})
+#: Services reachable without a token: probes and tooling must work before credentials are handed out.
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+                 "/grpc.reflection.v1.ServerReflection/")  # fmt: skip
+_TENSOR = "convrpc.v1.Tensor"
+
+
+def _rpc_name(details) -> str | None:
+    method = details.method
+    return method[len(SERVICE_PREFIX) :] if method.startswith(SERVICE_PREFIX) else None
+
+
+def _wrap(handler, wrap_unary, wrap_stream):
+    """``handler`` with its behavior wrapped (ConvService has only unary-unary and unary-stream RPCs)."""
+    if handler is None:
+        return None
+    if handler.unary_unary is not None:
+        return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
+    if handler.unary_stream is not None:
+        return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
+    return handler
+
+
+def _refuse(handler, code: grpc.StatusCode, message: str):
+    """A handler of the same kind as ``handler`` that ends the call with ``code`` at once."""
+
+    def refuse(request, context):
+        context.abort(code, message)
+
+    return _wrap(handler, lambda _: refuse, lambda _: refuse)
+
+
+def _metadata(details, key: str) -> str | None:
+    for k, v in details.invocation_metadata or ():
+        if k == key:
+            return v
+    return None
+
+
+class CallObserver(grpc.ServerInterceptor):
+    """Gives each ConvService call a request id (the client's ``x-request-id`` or a fresh one), logs one
+    line when it ends (method, status code, duration) and feeds the server's metrics."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        rpc = _rpc_name(details)
+        if rpc is None or handler is None:
+            return handler
+        given = _metadata(details, "x-request-id")
+        rid = given if given and len(given) <= 64 and given.isprintable() else new_request_id()
+        return _wrap(handler, lambda b: self._unary(rpc, rid, b), lambda b: self._stream(rpc, rid, b))
+
+    def _begin(self, rpc, rid, request) -> float:
+        REQUEST_ID.set(rid)
+        self.metrics.in_flight.labels(rpc).inc()
+        self.metrics.bytes_received.labels(rpc).inc(request.ByteSize())
+        return time.perf_counter()
+
+    def _end(self, rpc, context, started, code, sent) -> None:
+        elapsed = time.perf_counter() - started
+        m = self.metrics
+        m.in_flight.labels(rpc).dec()
+        m.requests.labels(rpc, code.name).inc()
+        m.latency.labels(rpc).observe(elapsed)
+        m.bytes_sent.labels(rpc).inc(sent)
+        level = logging.ERROR if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "%s %s %.1f ms", rpc, code.name, elapsed * 1e3,
+                    extra={"rpc": rpc, "code": code.name, "duration_ms": round(elapsed * 1e3, 3),
+                           "peer": context.peer(), "bytes_out": sent})  # fmt: skip
+
+    @staticmethod
+    def _code(context, raised: bool) -> grpc.StatusCode:
+        code = context.code()
+        if code is None:
+            return grpc.StatusCode.UNKNOWN if raised else grpc.StatusCode.OK
+        return code
+
+    def _unary(self, rpc, rid, behavior):
+        @functools.wraps(behavior)
+        def observed(request, context):
+            started = self._begin(rpc, rid, request)
+            sent, raised = 0, True
+            try:
+                response = behavior(request, context)
+                sent, raised = response.ByteSize(), False
+                return response
+            finally:
+                self._end(rpc, context, started, self._code(context, raised), sent)
+
+        return observed
+
+    def _stream(self, rpc, rid, behavior):
+        @functools.wraps(behavior)
+        def observed(request, context):
+            started = self._begin(rpc, rid, request)
+            sent, code = 0, None
+            try:
+                for response in behavior(request, context):
+                    sent += response.ByteSize()
+                    if rpc == "TrainKernel" and response.WhichOneof("event") == "result":
+                        self.metrics.observe_training(response.result.steps, response.result.elapsed_seconds)
+                    yield response
+            except GeneratorExit:  # the client went away mid-stream
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = self._code(context, True)
+                raise
+            finally:
+                self._end(rpc, context, started, code or self._code(context, False), sent)
+
+        return observed
+
+
+class BearerTokenAuth(grpc.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` with one of ``tokens`` on every RPC but health and reflection."""
+
+    def __init__(self, tokens: tuple[bytes, ...]):
+        if not tokens:
+            raise ValueError("BearerTokenAuth needs at least one token")
+        self._tokens = tokens
+
+    def _accepts(self, header: str | None) -> bool:
+        if not header:
+            return False
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        given = given.strip().encode()
+        ok = False
+        for token in self._tokens:  # every token is compared, so timing does not tell which one matched
+            ok |= hmac.compare_digest(token, given)
+        return ok
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith(OPEN_SERVICES):
+            return continuation(details)
+        header = _metadata(details, "authorization")
+        if self._accepts(header):
+            return continuation(details)
+        message = "invalid bearer token" if header else "missing bearer token: send metadata 'authorization: Bearer <token>'"
+        return _refuse(continuation(details), grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+class ComputeAdmission(grpc.ServerInterceptor):
+    """At most ``slots`` compute RPCs run at once; one more is refused with RESOURCE_EXHAUSTED at once
+    instead of queueing without bound. Also refuses requests whose tensors exceed ``max_request_bytes``."""
+
+    def __init__(self, slots: int, max_request_bytes: int):
+        self.slots = slots
+        self.max_request_bytes = max_request_bytes
+        self._free = threading.BoundedSemaphore(slots)
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if _rpc_name(details) not in COMPUTE_RPCS:
+            return handler
+        return _wrap(handler, self._unary, self._stream)
+
+    def _admit(self, request, context) -> None:
+        carried = sum(len(v.data) for f, v in request.ListFields() if f.message_type and f.message_type.full_name == _TENSOR)
+        if carried > self.max_request_bytes:
+            status.abort(context, ResourceExhaustedError(
+                "request", f"tensors of {carried} bytes exceed the server's cap of {self.max_request_bytes}"))  # fmt: skip
+        if not self._free.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy: all {self.slots} compute slots are in use; retry with backoff",
+            )
+
+    def _unary(self, behavior):
+        @functools.wraps(behavior)
+        def admitted(request, context):
+            self._admit(request, context)
+            try:
+                return behavior(request, context)
+            finally:
+                self._free.release()
+
+        return admitted
+
+    def _stream(self, behavior):
+        @functools.wraps(behavior)
+        def admitted(request, context):
+            self._admit(request, context)
+            try:
+                yield from behavior(request, context)
+            finally:
+                self._free.release()
+
+        return admitted
