@@ -15,12 +15,14 @@ def server_backend() -> str:
 
 
 @contextlib.contextmanager
-def running_server(**settings):
-    """A started, warmed-up ConvServer on 127.0.0.1:<free port>; stopped on exit."""
+def running_server(compute=None, **settings):
+    """A started, warmed-up ConvServer on 127.0.0.1:<free port>; stopped on exit.
+
+    ``compute`` is a Backend object to serve with instead of the one ``backend`` names (a test double)."""
     from convrpc.server import ConvServer, Settings
 
     settings.setdefault("backend", server_backend())
-    server = ConvServer(Settings(host="127.0.0.1", port=0, **settings)).start()
+    server = ConvServer(Settings(host="127.0.0.1", port=0, **settings), backend=compute).start()
     try:
         assert server.wait_ready(timeout=600), "server warm-up did not finish"
         yield server
