@@ -48,7 +48,7 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", config.KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", config.KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", config.MIN_PING_INTERVAL_MS),
+        ("grpc.http2.min_ping_interval_without_data_ms", config.MIN_PING_INTERVAL_MS),
         ("grpc.http2.max_pings_without_data", 0),
     ]
 

@@ -125,15 +125,16 @@ class CallObserver(grpc.ServerInterceptor):
         @functools.wraps(behavior)
         def observed(request, context):
             started = self._begin(rpc, rid, request)
-            sent, code = 0, None
+            sent, code, delivered = 0, None, False
             try:
                 for response in behavior(request, context):
                     sent += response.ByteSize()
                     if rpc == "TrainKernel" and response.WhichOneof("event") == "result":
                         self.metrics.observe_training(response.result.steps, response.result.elapsed_seconds)
+                        delivered = True
                     yield response
-            except GeneratorExit:  # the client went away mid-stream
-                code = grpc.StatusCode.CANCELLED
+            except GeneratorExit:  # the client went away: mid-stream, or (fine) once it had its result
+                code = grpc.StatusCode.OK if delivered else grpc.StatusCode.CANCELLED
                 raise
             except BaseException:
                 code = self._code(context, True)
