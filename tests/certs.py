@@ -29,7 +29,9 @@ def _name(cn: str) -> x509.Name:
 
 def _write(directory: Path, stem: str, cert: x509.Certificate, key) -> Pem:
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     (directory / f"{stem}.crt").write_bytes(cert_pem)
     (directory / f"{stem}.key").write_bytes(key_pem)
     return Pem(cert_pem, key_pem, str(directory / f"{stem}.crt"), str(directory / f"{stem}.key"))

@@ -1,4 +1,4 @@
-"""Server settings: one knob, one name (field = TOML key = CONVRPC_ env = --flag), precedence, and errors naming the key."""
+"""Server settings: one name per knob (field = TOML key = CONVRPC_ env = --flag), precedence, errors naming the key."""
 
 from __future__ import annotations
 
@@ -41,7 +41,14 @@ def test_precedence_is_defaults_then_toml_then_env_then_flags(tmp_path):
     path.write_text('port = 6000\nmax_elements = 100\nbackend = "numpy"\ngrace = 2\nlog_format = "json"\n')
     env = {"CONVRPC_MAX_ELEMENTS": "200", "CONVRPC_GRACE": "3.5", "CONVRPC_WARM_UP": "off", "OTHER": "x"}
     s = Settings.load(str(path), environ=env, flags={"grace": 7.0, "port": None})
-    assert (s.port, s.max_elements, s.backend, s.grace, s.warm_up, s.log_format) == (6000, 200, "numpy", 7.0, False, "json")
+    assert (s.port, s.max_elements, s.backend, s.grace, s.warm_up, s.log_format) == (
+        6000,
+        200,
+        "numpy",
+        7.0,
+        False,
+        "json",
+    )
     assert s.max_train_steps == Settings().max_train_steps
     assert s.sources["port"] == f"{path}: port" and s.sources["max_elements"] == "CONVRPC_MAX_ELEMENTS"
     assert s.sources["grace"] == "--grace" and "max_train_steps" not in s.sources
@@ -62,6 +69,7 @@ def test_precedence_is_defaults_then_toml_then_env_then_flags(tmp_path):
         ("", {}, {"backend": "tpu"}, "--backend"),
         ("", {}, {"log_format": "xml"}, "--log-format"),
         ("", {}, {"workers": 4, "max_concurrent_rpcs": 4}, "--workers"),
+        ("", {"CONVRPC_WORKERS": "1"}, {}, "CONVRPC_WORKERS"),
         ("", {}, {"max_train_seconds": -1.0}, "--max-train-seconds"),
         ("", {}, {"tls_cert": "server.crt"}, "tls_key"),
         ("", {"CONVRPC_TLS_CLIENT_CA": "ca.crt"}, {}, "CONVRPC_TLS_CLIENT_CA"),
@@ -101,7 +109,7 @@ def test_print_config_is_toml_that_loads_back_to_the_same_settings(tmp_path, cap
 
 
 def test_serve_stops_with_a_message_naming_the_key(monkeypatch, capsys):
-    monkeypatch.setenv("CONVRPC_MAX_CONCURRENT_RPCS", "0")
+    monkeypatch.setenv("CONVRPC_MAX_CONCURRENT_RPCS", "-2")
     with pytest.raises(SystemExit) as info:
         cli.main(["serve", "--print-config"])
     assert "CONVRPC_MAX_CONCURRENT_RPCS" in str(info.value.code)

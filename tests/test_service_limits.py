@@ -27,7 +27,7 @@ F32, F64 = pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64
 @pytest.fixture(scope="module")
 def srv():
     with running_server(backend="numpy", warm_up=False, max_elements=1 << 16, max_train_steps=50,
-                        report_interval=0.0) as server:  # fmt: skip
+                        max_concurrent_rpcs=40, report_interval=0.0) as server:  # fmt: skip
         yield server
 
 
@@ -160,7 +160,9 @@ def test_memory_bombs_are_refused_before_allocating(srv, stub):
     """Requests of 1 KiB claiming 2^62 elements, or asking for outputs of ~2^62 elements, allocate nothing."""
     claims = fwd(pb.Op(relu=pb.ReluOptions()), input=t(dtype=F32, shape=[2**31, 2**31], data=bytes(1024)))
     tiny = np.ones((1, 1, 2, 2))
-    huge_output = fwd(wire.encode_op("conv_transpose2d", stride=2**31 - 1), input=t(tiny), weight=t(np.ones((1, 1, 1, 1))))
+    huge_output = fwd(
+        wire.encode_op("conv_transpose2d", stride=2**31 - 1), input=t(tiny), weight=t(np.ones((1, 1, 1, 1)))
+    )
     assert_serving(stub)
     before = _rss_bytes()
     with futures.ThreadPoolExecutor(20) as pool:
@@ -179,7 +181,9 @@ def test_oversize_messages_and_requests_are_resource_exhausted():
             with pytest.raises(ConvRpcError) as info:
                 client.relu(np.ones(100 * 1024 // 8))  # a 100 KiB message
             assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-            with pytest.raises(ConvRpcError) as info:  # two tensors of 2560 bytes: under the message cap, over the request cap
+            with pytest.raises(
+                ConvRpcError
+            ) as info:  # two tensors of 2560 bytes: under the message cap, over the request cap
                 client.conv2d(np.ones((1, 1, 16, 20)), np.ones((1, 1, 16, 20)))
             assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "4000" in info.value.message
             with pytest.raises(ConvRpcError) as info:  # an answer larger than the message cap
@@ -197,7 +201,9 @@ class Gate:
         self.waiting = 0
 
     def backend(self) -> Backend:
-        kernels = types.SimpleNamespace(**{k: getattr(numpy_backend, k) for k in dir(numpy_backend) if not k.startswith("_")})
+        kernels = types.SimpleNamespace(
+            **{k: getattr(numpy_backend, k) for k in dir(numpy_backend) if not k.startswith("_")}
+        )
 
         def relu(x):
             with self._lock:
@@ -242,6 +248,41 @@ def test_overload_refuses_the_excess_at_once_then_everything_succeeds():
             assert all(np.array_equal(y, [0.0, 3.0]) for y in pool.map(client.relu, [x] * (slots + extra)))
             assert client.train_kernel(np.ones((1, 1, 4, 4)), np.ones((1, 1, 2, 2)), kernel_size=3,
                                        max_steps=2).result().steps == 2  # fmt: skip
+
+
+def test_a_slot_is_freed_when_grpc_drops_an_admitted_call_it_never_ran():
+    """A call cancelled while it waits for a worker never runs its handler; its slot must come back anyway."""
+    from convrpc.server.interceptors import ComputeAdmission
+
+    admission = ComputeAdmission(1, 1 << 20, futures.ThreadPoolExecutor(1))
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    details = types.SimpleNamespace(method="/convrpc.v1.ConvService/Forward", invocation_metadata=())
+    admitted = admission.intercept_service(lambda d: handler, details)
+    refused = admission.intercept_service(lambda d: handler, details)
+    assert hasattr(refused.unary_unary, "experimental_thread_pool"), "the second call must be refused"
+    del admitted, refused
+    again = admission.intercept_service(lambda d: handler, details)
+    assert not hasattr(again.unary_unary, "experimental_thread_pool"), "the dropped call's slot was not returned"
+
+
+def test_a_cancelled_training_stream_frees_its_slot():
+    x = np.random.default_rng(0).standard_normal((1, 1, 16, 16))
+    with running_server(backend="numpy", warm_up=False, max_concurrent_rpcs=1) as server:
+        with ConvClient(server.target, timeout=30) as client:
+            run = client.train_kernel(x, x[:, :, 1:-1, 1:-1], kernel_size=3, max_steps=10**6, lr=1e-4)
+            next(iter(run))
+            with pytest.raises(ConvRpcError) as info:
+                client.relu(x)
+            assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            run.cancel()
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    assert client.relu(np.array([-1.0]))[0] == 0.0
+                    break
+                except ConvRpcError as error:
+                    assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                    time.sleep(0.05)
 
 
 # -- property test: random well-typed requests ---------------------------------------------------------------
@@ -317,7 +358,8 @@ def requests(draw):
             **_tensors(input=x, target=target, init_weight=kernel if draw(st.booleans()) else None),
             kernel_size=pb.Size2(height=kernel.shape[2], width=kernel.shape[3]) if draw(st.integers(0, 3)) else None,
             conv=wire.encode_op("conv2d", **conv).conv2d, bias=draw(st.booleans()),
-            max_steps=draw(st.sampled_from([1, 2, 3, 5, 0])), sgd=pb.SgdOptions(lr=draw(st.sampled_from([0.01, 0.5, 1e6, 0.0]))),
+            max_steps=draw(st.sampled_from([1, 2, 3, 5, 0])),
+            sgd=pb.SgdOptions(lr=draw(st.sampled_from([0.01, 0.5, 1e6, 0.0]))),
             loss=draw(st.sampled_from([0, 1, 2, 3, 4])), batch_size=draw(st.sampled_from([0, 0, 1, 2, -1])),
             report_every=draw(st.integers(-1, 2)),
         )  # fmt: skip
@@ -326,7 +368,9 @@ def requests(draw):
 
 def _mutate(draw, request):
     """Now and then break one tensor at the wire level (dtype, shape or byte length)."""
-    fields = [f.name for f, _ in request.ListFields() if f.message_type and f.message_type.full_name == "convrpc.v1.Tensor"]
+    fields = [
+        f.name for f, _ in request.ListFields() if f.message_type and f.message_type.full_name == "convrpc.v1.Tensor"
+    ]
     how = draw(st.sampled_from(["none"] * 6 + ["dtype", "shape", "data"]))
     if how == "none" or not fields:
         return request

@@ -115,7 +115,9 @@ def test_bearer_tokens_guard_every_conv_rpc_but_leave_health_and_reflection_open
         assert probe_health(srv.target) == 1  # SERVING, no token needed
         assert cli.main(["info", "--target", srv.target, "--token", "beta-token-2"]) == 0
         assert 'backend: "numpy"' in capsys.readouterr().out
-        refused = srv.metrics.registry.get_sample_value("convrpc_requests_total", {"rpc": "Forward", "code": "UNAUTHENTICATED"})
+        refused = srv.metrics.registry.get_sample_value(
+            "convrpc_requests_total", {"rpc": "Forward", "code": "UNAUTHENTICATED"}
+        )
         assert refused == 4
 
 

@@ -137,7 +137,10 @@ def cmd_health(args) -> int:
     security = _security_kwargs(args)
     creds = credentials(security["root_certificates"], security["private_key"], security["certificate_chain"])
     options = security.get("options", [])
-    channel = grpc.insecure_channel(args.target, options) if creds is None else grpc.secure_channel(args.target, creds, options)
+    if creds is None:
+        channel = grpc.insecure_channel(args.target, options)
+    else:
+        channel = grpc.secure_channel(args.target, creds, options)
     with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
@@ -189,7 +192,7 @@ def _add_client_security_flags(parser: argparse.ArgumentParser, *, token: bool) 
     parser.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify the server with (switches to TLS)")
     parser.add_argument("--tls-cert", metavar="PEM", help="client certificate chain, for mutual TLS")
     parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
-    parser.add_argument("--tls-server-name", help="name to expect in the server's certificate, if not the target's host")
+    parser.add_argument("--tls-server-name", help="name the server's certificate must carry, if not the target's host")
     if token:
         parser.add_argument("--token", default=os.environ.get("CONVRPC_TOKEN"),
                             help="bearer token (default: env CONVRPC_TOKEN)")  # fmt: skip

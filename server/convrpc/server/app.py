@@ -98,12 +98,14 @@ class ConvServer:
         self.backend = backend.with_max_elements(settings.max_elements)
         self.servicer = ConvService(self.backend, settings, version())
         self.metrics = ServerMetrics()
-        self.metrics.compute_slots.set(settings.max_concurrent_rpcs)
+        self.metrics.compute_slots.set(settings.compute_slots)
         self.health = _HealthServicer(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="convrpc-health"))
+        # Refusals (no token, no free slot) run here, never queued behind the work they refuse.
+        self._refusals = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="convrpc-refuse")
         interceptors = [CallObserver(self.metrics)]
         if tokens:
-            interceptors.append(BearerTokenAuth(tokens))
-        interceptors.append(ComputeAdmission(settings.max_concurrent_rpcs, settings.max_request_bytes))
+            interceptors.append(BearerTokenAuth(tokens, self._refusals))
+        interceptors.append(ComputeAdmission(settings.compute_slots, settings.max_request_bytes, self._refusals))
         workers = futures.ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="convrpc-rpc")
         self.metrics.watch_queue(lambda: workers._work_queue.qsize())
         self._server = grpc.server(

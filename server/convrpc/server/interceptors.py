@@ -11,6 +11,8 @@ import hmac
 import logging
 import threading
 import time
+import weakref
+from concurrent import futures
 
 import grpc
 
@@ -27,6 +29,8 @@ log = logging.getLogger("convrpc.server.calls")
 SERVICE_PREFIX = "/convrpc.v1.ConvService/"
 #: RPCs that compute, and so take one of the server's compute slots.
 COMPUTE_RPCS = frozenset({"Forward", "Backward", "TrainKernel"})
+#: RPCs that answer with a stream.
+STREAMING_RPCS = frozenset({"TrainKernel"})
 #: Services reachable without a token: probes and tooling must work before credentials are handed out.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")  # fmt: skip
@@ -49,13 +53,17 @@ def _wrap(handler, wrap_unary, wrap_stream):
     return handler
 
 
-def _refuse(handler, code: grpc.StatusCode, message: str):
-    """A handler of the same kind as ``handler`` that ends the call with ``code`` at once."""
+def _refusal(streaming: bool, code: grpc.StatusCode, message: str, pool: futures.ThreadPoolExecutor):
+    """A handler that ends the call with ``code`` at once, run on ``pool``: a refusal must not wait behind
+    the work queued for the RPC workers. It never reads the request, so it needs no deserializer."""
 
     def refuse(request, context):
         context.abort(code, message)
 
-    return _wrap(handler, lambda _: refuse, lambda _: refuse)
+    refuse.experimental_thread_pool = pool
+    if streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 def _metadata(details, key: str) -> str | None:
@@ -84,7 +92,8 @@ class CallObserver(grpc.ServerInterceptor):
     def _begin(self, rpc, rid, request) -> float:
         REQUEST_ID.set(rid)
         self.metrics.in_flight.labels(rpc).inc()
-        self.metrics.bytes_received.labels(rpc).inc(request.ByteSize())
+        # A refusal's request stays undecoded bytes.
+        self.metrics.bytes_received.labels(rpc).inc(len(request) if isinstance(request, bytes) else request.ByteSize())
         return time.perf_counter()
 
     def _end(self, rpc, context, started, code, sent) -> None:
@@ -92,7 +101,7 @@ class CallObserver(grpc.ServerInterceptor):
         m = self.metrics
         m.in_flight.labels(rpc).dec()
         m.requests.labels(rpc, code.name).inc()
-        m.latency.labels(rpc).observe(elapsed)
+        m.latency.labels(rpc, code.name).observe(elapsed)
         m.bytes_sent.labels(rpc).inc(sent)
         level = logging.ERROR if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) else logging.INFO
         if log.isEnabledFor(level):
@@ -148,10 +157,11 @@ class CallObserver(grpc.ServerInterceptor):
 class BearerTokenAuth(grpc.ServerInterceptor):
     """Requires ``authorization: Bearer <token>`` with one of ``tokens`` on every RPC but health and reflection."""
 
-    def __init__(self, tokens: tuple[bytes, ...]):
+    def __init__(self, tokens: tuple[bytes, ...], refusals: futures.ThreadPoolExecutor):
         if not tokens:
             raise ValueError("BearerTokenAuth needs at least one token")
         self._tokens = tokens
+        self._refusals = refusals
 
     def _accepts(self, header: str | None) -> bool:
         if not header:
@@ -171,54 +181,71 @@ class BearerTokenAuth(grpc.ServerInterceptor):
         header = _metadata(details, "authorization")
         if self._accepts(header):
             return continuation(details)
-        message = "invalid bearer token" if header else "missing bearer token: send metadata 'authorization: Bearer <token>'"
-        return _refuse(continuation(details), grpc.StatusCode.UNAUTHENTICATED, message)
+        message = (
+            "invalid bearer token" if header else "missing bearer token: send metadata 'authorization: Bearer <token>'"
+        )
+        # The refusal only needs the method's kind; asking the inner interceptors for it would admit the call.
+        streaming = _rpc_name(details) in STREAMING_RPCS
+        return _refusal(streaming, grpc.StatusCode.UNAUTHENTICATED, message, self._refusals)
+
+
+class _Slot:
+    """One admitted compute RPC's slot: released once, by its handler, or when gRPC drops a handler it
+    never ran (a call cancelled while it waited for a worker)."""
+
+    def __init__(self, semaphore: threading.BoundedSemaphore):
+        self.release = weakref.finalize(self, semaphore.release)
 
 
 class ComputeAdmission(grpc.ServerInterceptor):
-    """At most ``slots`` compute RPCs run at once; one more is refused with RESOURCE_EXHAUSTED at once
-    instead of queueing without bound. Also refuses requests whose tensors exceed ``max_request_bytes``."""
+    """At most ``slots`` compute RPCs are admitted (waiting for a worker or running) at once; the next is
+    refused with RESOURCE_EXHAUSTED at once rather than queued. The decision is taken when the call
+    arrives, before it waits for a worker thread, so a burst never builds a queue in front of them.
+    Requests whose tensors exceed ``max_request_bytes`` are refused as well."""
 
-    def __init__(self, slots: int, max_request_bytes: int):
+    def __init__(self, slots: int, max_request_bytes: int, refusals: futures.ThreadPoolExecutor):
         self.slots = slots
         self.max_request_bytes = max_request_bytes
         self._free = threading.BoundedSemaphore(slots)
+        self._refusals = refusals
+        self._busy = f"server busy: all {slots} compute slots are in use; retry with backoff"
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        if _rpc_name(details) not in COMPUTE_RPCS:
+        if handler is None or _rpc_name(details) not in COMPUTE_RPCS:
             return handler
-        return _wrap(handler, self._unary, self._stream)
-
-    def _admit(self, request, context) -> None:
-        carried = sum(len(v.data) for f, v in request.ListFields() if f.message_type and f.message_type.full_name == _TENSOR)
-        if carried > self.max_request_bytes:
-            status.abort(context, ResourceExhaustedError(
-                "request", f"tensors of {carried} bytes exceed the server's cap of {self.max_request_bytes}"))  # fmt: skip
         if not self._free.acquire(blocking=False):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server busy: all {self.slots} compute slots are in use; retry with backoff",
-            )
+            streaming = handler.unary_stream is not None
+            return _refusal(streaming, grpc.StatusCode.RESOURCE_EXHAUSTED, self._busy, self._refusals)
+        slot = _Slot(self._free)
+        return _wrap(handler, lambda b: self._unary(b, slot), lambda b: self._stream(b, slot))
 
-    def _unary(self, behavior):
+    def _check_size(self, request, context) -> None:
+        carried = sum(
+            len(v.data) for f, v in request.ListFields() if f.message_type and f.message_type.full_name == _TENSOR
+        )
+        if carried > self.max_request_bytes:
+            message = f"tensors of {carried} bytes exceed the server's cap of {self.max_request_bytes}"
+            status.abort(context, ResourceExhaustedError("request", message))
+
+    def _unary(self, behavior, slot: _Slot):
         @functools.wraps(behavior)
         def admitted(request, context):
-            self._admit(request, context)
             try:
+                self._check_size(request, context)
                 return behavior(request, context)
             finally:
-                self._free.release()
+                slot.release()
 
         return admitted
 
-    def _stream(self, behavior):
+    def _stream(self, behavior, slot: _Slot):
         @functools.wraps(behavior)
         def admitted(request, context):
-            self._admit(request, context)
             try:
+                self._check_size(request, context)
                 yield from behavior(request, context)
             finally:
-                self._free.release()
+                slot.release()
 
         return admitted

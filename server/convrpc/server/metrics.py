@@ -17,9 +17,11 @@ class ServerMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = r = registry or CollectorRegistry()
-        self.requests = Counter("convrpc_requests", "RPCs finished, by method and status code", ["rpc", "code"], registry=r)
-        self.latency = Histogram("convrpc_request_duration_seconds", "Time from the start of an RPC's handler to its end",
-                                 ["rpc"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.requests = Counter(
+            "convrpc_requests", "RPCs finished, by method and status code", ["rpc", "code"], registry=r
+        )
+        self.latency = Histogram("convrpc_request_duration_seconds", "Time from an RPC's handler start to its end",
+                                 ["rpc", "code"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.bytes_received = Counter("convrpc_received_bytes", "Request message bytes, by method", ["rpc"], registry=r)
         self.bytes_sent = Counter("convrpc_sent_bytes", "Response message bytes, by method", ["rpc"], registry=r)
         self.in_flight = Gauge("convrpc_in_flight_requests", "RPCs being handled now, by method", ["rpc"], registry=r)

@@ -52,26 +52,39 @@ class Settings:
     warm_up: bool = knob(True, "compile (or load from the numba cache) every kernel before reporting SERVING")
     # -- admission
     max_concurrent_rpcs: int = knob(
-        config.MAX_CONCURRENT_RPCS,
-        "compute RPCs (Forward, Backward, TrainKernel) admitted at once; more get RESOURCE_EXHAUSTED at once",
+        0,
+        "compute RPCs (Forward, Backward, TrainKernel) admitted at once; more get RESOURCE_EXHAUSTED at once; "
+        f"0 means one per CPU the process may use (at least {config.MIN_COMPUTE_SLOTS})",
     )
-    workers: int = knob(0, f"gRPC handler threads; must exceed max_concurrent_rpcs; 0 means max_concurrent_rpcs + {SPARE_WORKERS}")
+    workers: int = knob(0, f"gRPC handler threads; must exceed the compute slots; 0 means the slots + {SPARE_WORKERS}")
     max_queued_rpcs: int = knob(
         config.MAX_QUEUED_RPCS, "RPCs that may wait for a handler thread; beyond that gRPC answers RESOURCE_EXHAUSTED"
     )
     # -- limits
     max_message_bytes: int = knob(config.MAX_MESSAGE_BYTES, "largest gRPC message received or sent (bytes)")
-    max_request_bytes: int = knob(config.MAX_MESSAGE_BYTES, "most tensor bytes one request may carry, all tensors together")
+    max_request_bytes: int = knob(
+        config.MAX_MESSAGE_BYTES, "most tensor bytes one request may carry, all tensors together"
+    )
     max_elements: int = knob(config.MAX_ELEMENTS, "most elements of any one tensor, in a request or an op's output")
     max_train_steps: int = knob(config.MAX_TRAIN_STEPS, "most steps one TrainKernel run may take")
     max_train_seconds: float = knob(config.MAX_TRAIN_SECONDS, "longest wall time of one TrainKernel run (seconds)")
-    report_interval: float = knob(config.MIN_REPORT_INTERVAL, "shortest interval between two training progress messages (seconds)")
+    report_interval: float = knob(
+        config.MIN_REPORT_INTERVAL, "shortest interval between two training progress messages (seconds)"
+    )
     # -- security
-    tls_cert: str = knob("", "PEM certificate chain of the server; with tls_key, the server speaks only TLS", metavar="PATH")
+    tls_cert: str = knob(
+        "", "PEM certificate chain of the server; with tls_key, the server speaks only TLS", metavar="PATH"
+    )
     tls_key: str = knob("", "PEM private key of tls_cert", metavar="PATH")
-    tls_client_ca: str = knob("", "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)", metavar="PATH")
-    auth_tokens_file: str = knob("", "file of accepted bearer tokens, one per line (# comments); health and reflection stay open", metavar="PATH")
-    auth_tokens: str = knob("", "accepted bearer tokens, comma-separated (env or TOML only: never a flag)", secret=True, flag=False)
+    tls_client_ca: str = knob(
+        "", "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)", metavar="PATH"
+    )
+    auth_tokens_file: str = knob(
+        "", "file of accepted bearer tokens, one per line (# comments); health and reflection stay open", metavar="PATH"
+    )
+    auth_tokens: str = knob(
+        "", "accepted bearer tokens, comma-separated (env or TOML only: never a flag)", secret=True, flag=False
+    )
     # -- operations
     metrics_port: int = knob(0, "port of the Prometheus /metrics endpoint, bound to host; 0 disables it")
     log_format: str = knob("plain", "log line format", choices=LOG_FORMATS)
@@ -95,14 +108,14 @@ class Settings:
         for name in ("port", "metrics_port"):
             if getattr(self, name) > 65535:
                 raise ConfigError(name, f"must be in 0..65535, got {getattr(self, name)}")
-        for name in ("max_concurrent_rpcs", "max_message_bytes", "max_request_bytes", "max_elements", "max_train_steps"):
+        for name in ("max_message_bytes", "max_request_bytes", "max_elements", "max_train_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.workers and self.workers <= self.max_concurrent_rpcs:
+        if self.workers and self.workers <= self.compute_slots:
             raise ConfigError(
                 "workers",
-                f"must exceed max_concurrent_rpcs ({self.max_concurrent_rpcs}) so that health checks and refusals "
-                f"always find a thread, got {self.workers}",
+                f"must exceed the {self.compute_slots} compute slots (max_concurrent_rpcs) so that GetServerInfo "
+                f"and reflection always find a thread, got {self.workers}",
             )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_key" if self.tls_cert else "tls_cert", "tls_cert and tls_key must be given together")
@@ -117,9 +130,14 @@ class Settings:
         return f"{host}:{self.port}"
 
     @property
+    def compute_slots(self) -> int:
+        """Compute RPCs admitted at once: ``max_concurrent_rpcs``, or one per usable CPU."""
+        return self.max_concurrent_rpcs or max(config.MIN_COMPUTE_SLOTS, usable_cpus())
+
+    @property
     def worker_threads(self) -> int:
         """gRPC handler threads: ``workers``, or the compute slots plus a few spare."""
-        return self.workers or self.max_concurrent_rpcs + SPARE_WORKERS
+        return self.workers or self.compute_slots + SPARE_WORKERS
 
     @property
     def tls(self) -> bool:
@@ -181,6 +199,22 @@ class Settings:
 
 _KINDS = {"str": str, "int": int, "float": float, "bool": bool}
 _A = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), capped by a cgroup v2 CPU quota (containers)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:  # "<quota> <period>" or "max <period>"
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 def env_name(name: str) -> str:
