@@ -58,7 +58,12 @@ def test_health_is_not_serving_during_warm_up_and_after_stop():
     server = ConvServer(Settings(host="127.0.0.1", port=0, warm_up=True), backend=Backend("slow", kernels)).start()
     try:
         assert health(server.target) == NOT_SERVING
-        release.set()
+        with grpc.insecure_channel(server.target) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+            assert next(watch).status == NOT_SERVING
+            release.set()
+            assert next(watch).status == SERVING
+            watch.cancel()
         assert server.wait_ready(10) and health(server.target) == SERVING
         assert server.metrics.registry.get_sample_value("convrpc_warm_up_seconds") >= 0
     finally:

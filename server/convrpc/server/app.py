@@ -67,18 +67,24 @@ def apply_compute_threads(threads: int) -> None:
 
 
 class _HealthServicer(health.HealthServicer):
-    """The standard health service, with Check (not only Watch) on the health pool: probes answer even
-    while every RPC worker is busy."""
+    """The standard health service with Check, not only Watch, on a pool of its own (probes answer while
+    every RPC worker is busy), set per instance: the base class sets Watch's pool on the shared class
+    function, so with two servers in a process one would use the other's pool."""
 
     def __init__(self, pool: futures.ThreadPoolExecutor):
         super().__init__(experimental_non_blocking=True, experimental_thread_pool=pool)
-        check = super().Check
+        self.pool = pool
+        check, watch = super().Check, super().Watch
 
         def probe(request, context):
             return check(request, context)
 
-        probe.experimental_thread_pool = pool
-        self.Check = probe
+        def watcher(request, context, send_response_callback=None):
+            return watch(request, context, send_response_callback)
+
+        probe.experimental_thread_pool = watcher.experimental_thread_pool = pool
+        watcher.experimental_non_blocking = True
+        self.Check, self.Watch = probe, watcher
 
 
 class ConvServer:
@@ -106,7 +112,7 @@ class ConvServer:
         if tokens:
             interceptors.append(BearerTokenAuth(tokens, self._refusals))
         interceptors.append(ComputeAdmission(settings.compute_slots, settings.max_request_bytes, self._refusals))
-        workers = futures.ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="convrpc-rpc")
+        self._workers = workers = futures.ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="convrpc-rpc")
         self.metrics.watch_queue(lambda: workers._work_queue.qsize())
         self._server = grpc.server(
             workers,
@@ -178,6 +184,8 @@ class ConvServer:
         self.servicer.drain()
         self._server.stop(self.settings.grace if grace is None else grace).wait()
         self.metrics.close()
+        for pool in (self._workers, self._refusals, self.health.pool):
+            pool.shutdown(wait=False)
         log.info("convrpc server on %s stopped", self.target)
 
     def wait(self) -> None:
