@@ -98,6 +98,8 @@ def test_print_config_is_toml_that_loads_back_to_the_same_settings(tmp_path, cap
     text = capsys.readouterr().out
     assert "s3cret" not in text and 'auth_tokens = "***"' in text
     assert "max_elements = 1234  # CONVRPC_MAX_ELEMENTS" in text and "warm_up = false  # --no-warm-up" in text
+    slots = Settings().compute_slots
+    assert f"max_concurrent_rpcs = 0  # 0 = auto: {slots}" in text and f"workers = 0  # 0 = auto: {slots + 4}" in text
     printed = tomllib.loads(text)
     printed["auth_tokens"] = "s3cret"
     (tmp_path / "c.toml").write_text("".join(f"{k} = {v!r}\n".replace("True", "true").replace("False", "false")

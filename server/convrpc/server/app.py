@@ -188,6 +188,10 @@ class ConvServer:
             pool.shutdown(wait=False)
         log.info("convrpc server on %s stopped", self.target)
 
+    def stop_now(self) -> None:
+        """Cut a graceful stop short: cancel every RPC still running."""
+        self._server.stop(0)
+
     def wait(self) -> None:
         self._server.wait_for_termination()
 
@@ -205,7 +209,12 @@ def serve(settings: Settings) -> int:
     done = threading.Event()
 
     def on_signal(signum, frame):
-        log.info("received %s; draining for up to %.1f s", signal.Signals(signum).name, settings.grace)
+        name = signal.Signals(signum).name
+        if done.is_set():
+            log.warning("received %s again; cancelling the RPCs still in flight", name)
+            server.stop_now()
+            return
+        log.info("received %s; draining for up to %.1f s (send it again to stop at once)", name, settings.grace)
         done.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -192,12 +192,17 @@ class Settings:
             if f.metadata.get("secret") and value:
                 value = "***"
             text = _toml_value(value)
-            note = f"  # {sources[f.name]}" if f.name in sources else ""
+            notes = [sources[f.name]] if f.name in sources else []
+            if value == 0 and f.name in _AUTO:
+                notes.append(f"0 = auto: {getattr(self, _AUTO[f.name])}")
+            note = f"  # {'; '.join(notes)}" if notes else ""
             lines.append(f"{f.name} = {text}{note}")
         return "\n".join(lines) + "\n"
 
 
 _KINDS = {"str": str, "int": int, "float": float, "bool": bool}
+#: Knobs whose 0 means "derive it"; the property holding the derived value.
+_AUTO = {"max_concurrent_rpcs": "compute_slots", "workers": "worker_threads"}
 _A = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
 
 
