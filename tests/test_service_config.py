@@ -94,19 +94,22 @@ def test_an_unreadable_or_invalid_config_file_is_refused(tmp_path):
 def test_print_config_is_toml_that_loads_back_to_the_same_settings(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CONVRPC_MAX_ELEMENTS", "1234")
     monkeypatch.setenv("CONVRPC_AUTH_TOKENS", "s3cret")
-    assert cli.main(["serve", "--print-config", "--port", "0", "--no-warm-up", "--backend", "numpy"]) == 0
+    flags = ["--port", "0", "--no-warm-up", "--backend", "numpy", "--max-concurrent-rpcs", "0"]
+    assert cli.main(["serve", "--print-config", *flags]) == 0
     text = capsys.readouterr().out
     assert "s3cret" not in text and 'auth_tokens = "***"' in text
     assert "max_elements = 1234  # CONVRPC_MAX_ELEMENTS" in text and "warm_up = false  # --no-warm-up" in text
-    slots = Settings().compute_slots
-    assert f"max_concurrent_rpcs = 0  # 0 = auto: {slots}" in text and f"workers = 0  # 0 = auto: {slots + 4}" in text
+    slots = Settings(max_concurrent_rpcs=0).compute_slots
+    assert slots >= 2
+    assert f"max_concurrent_rpcs = 0  # --max-concurrent-rpcs; 0 = auto: {slots}" in text
+    assert f"workers = 0  # 0 = auto: {slots + 4}" in text
     printed = tomllib.loads(text)
     printed["auth_tokens"] = "s3cret"
     (tmp_path / "c.toml").write_text("".join(f"{k} = {v!r}\n".replace("True", "true").replace("False", "false")
                                              for k, v in printed.items()))  # fmt: skip
     assert Settings.load(str(tmp_path / "c.toml"), environ={}) == Settings.load(
         environ={"CONVRPC_MAX_ELEMENTS": "1234", "CONVRPC_AUTH_TOKENS": "s3cret"},
-        flags={"port": 0, "warm_up": False, "backend": "numpy"},
+        flags={"port": 0, "warm_up": False, "backend": "numpy", "max_concurrent_rpcs": 0},
     )
 
 

@@ -22,8 +22,10 @@ MIN_REPORT_INTERVAL = 0.05
 #: Extra memory an op's im2col workspace may take (bytes).
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
-#: Fewest compute RPCs (Forward, Backward, TrainKernel) a server admits at once by default; the default
-#: is one per CPU the process may use, since more only share the same cores and stretch every latency.
+#: Compute RPCs (Forward, Backward, TrainKernel) a server admits at once; more are refused at once. The
+#: SDK sends at most this many shards of one call at a time, so one client never trips it alone.
+MAX_CONCURRENT_RPCS = 8
+#: Fewest slots of max_concurrent_rpcs = 0 ("one per CPU", the lowest-latency choice on a dedicated machine).
 MIN_COMPUTE_SLOTS = 2
 #: RPCs that may wait for a server handler thread before gRPC refuses new ones.
 MAX_QUEUED_RPCS = 64

@@ -52,9 +52,9 @@ class Settings:
     warm_up: bool = knob(True, "compile (or load from the numba cache) every kernel before reporting SERVING")
     # -- admission
     max_concurrent_rpcs: int = knob(
-        0,
+        config.MAX_CONCURRENT_RPCS,
         "compute RPCs (Forward, Backward, TrainKernel) admitted at once; more get RESOURCE_EXHAUSTED at once; "
-        f"0 means one per CPU the process may use (at least {config.MIN_COMPUTE_SLOTS})",
+        f"0 means one per CPU the process may use (at least {config.MIN_COMPUTE_SLOTS}), for the lowest latency",
     )
     workers: int = knob(0, f"gRPC handler threads; must exceed the compute slots; 0 means the slots + {SPARE_WORKERS}")
     max_queued_rpcs: int = knob(
