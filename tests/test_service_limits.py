@@ -270,7 +270,8 @@ def test_a_cancelled_training_stream_frees_its_slot():
     with running_server(backend="numpy", warm_up=False, max_concurrent_rpcs=1) as server:
         with ConvClient(server.target, timeout=30) as client:
             run = client.train_kernel(x, x[:, :, 1:-1, 1:-1], kernel_size=3, max_steps=10**6, lr=1e-4)
-            next(iter(run))
+            updates = iter(run)  # kept: dropping an iteration part-way cancels the run
+            next(updates)
             with pytest.raises(ConvRpcError) as info:
                 client.relu(x)
             assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED

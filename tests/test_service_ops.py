@@ -206,7 +206,8 @@ def test_sigterm_lets_unary_calls_finish_ends_streams_with_a_result_and_exits_ze
         x, w = rng.standard_normal((2, 32, 96, 96)), rng.standard_normal((32, 32, 7, 7))
         with ConvClient(target, timeout=120) as client, futures.ThreadPoolExecutor(2) as pool:
             run = client.train_kernel(x[:1, :1, :16, :16], x[:1, :1, :14, :14], kernel_size=3, max_steps=10**6, lr=1e-4)
-            first = next(iter(run))
+            updates = iter(run)  # kept: dropping an iteration part-way cancels the run
+            first = next(updates)
             unary = pool.submit(client.conv2d, x, w, padding=3)
             _wait_for(lambda: _gauge(metrics_port, "convrpc_in_flight_requests", rpc="Forward") == 1, what="Forward")
             proc.send_signal(signal.SIGTERM)

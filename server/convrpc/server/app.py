@@ -148,6 +148,10 @@ class ConvServer:
 
     def start(self) -> "ConvServer":
         self._server.start()
+        s = self.settings
+        if s.worker_threads <= s.compute_slots:
+            log.warning("workers (%d) do not exceed the compute slots (%d): admitted calls may wait for a thread, "
+                        "and GetServerInfo and reflection behind them", s.worker_threads, s.compute_slots)  # fmt: skip
         if self.settings.metrics_port:
             self.metrics_port = self.metrics.serve_http(self.settings.host, self.settings.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)

@@ -56,7 +56,7 @@ class Settings:
         "compute RPCs (Forward, Backward, TrainKernel) admitted at once; more get RESOURCE_EXHAUSTED at once; "
         f"0 means one per CPU the process may use (at least {config.MIN_COMPUTE_SLOTS}), for the lowest latency",
     )
-    workers: int = knob(0, f"gRPC handler threads; must exceed the compute slots; 0 means the slots + {SPARE_WORKERS}")
+    workers: int = knob(0, f"gRPC handler threads; best above the compute slots; 0 means the slots + {SPARE_WORKERS}")
     max_queued_rpcs: int = knob(
         config.MAX_QUEUED_RPCS, "RPCs that may wait for a handler thread; beyond that gRPC answers RESOURCE_EXHAUSTED"
     )
@@ -111,12 +111,6 @@ class Settings:
         for name in ("max_message_bytes", "max_request_bytes", "max_elements", "max_train_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.workers and self.workers <= self.compute_slots:
-            raise ConfigError(
-                "workers",
-                f"must exceed the {self.compute_slots} compute slots (max_concurrent_rpcs) so that GetServerInfo "
-                f"and reflection always find a thread, got {self.workers}",
-            )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_key" if self.tls_cert else "tls_cert", "tls_cert and tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:
