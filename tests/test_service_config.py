@@ -137,3 +137,17 @@ def test_a_tokens_file_without_tokens_stops_start_up(tmp_path):
     (tmp_path / "tokens").write_text("# no tokens yet\n\n")
     with pytest.raises(ConfigError, match="holds no token"):
         ConvServer(Settings(port=0, backend="numpy", auth_tokens_file=str(tmp_path / "tokens")))
+
+
+def test_readme_documents_every_setting():
+    """The README's configuration table names every knob by its field, env var and flag."""
+    import dataclasses
+    import pathlib
+
+    from convrpc.server.settings import Settings, env_name, flag_name
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for f in dataclasses.fields(Settings):
+        assert f"`{f.name}`" in readme and f"`{env_name(f.name)}`" in readme, f.name
+        if f.metadata.get("flag", True):
+            assert f"`{flag_name(f.name)}`" in readme, f.name
