@@ -15,6 +15,7 @@ from .channel import open_channels
 from .errors import ConvRpcError
 from .ops import OpMethods
 from .training import TrainingRun, TrainProgress, TrainResult
+from .transport import AsyncDataPath
 
 __all__ = ["AsyncConvClient", "AsyncTrainingRun"]
 
@@ -71,6 +72,8 @@ class AsyncConvClient(OpMethods):
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
         options: Sequence[tuple[str, object]] = (),
+        data_path: str = "auto",
+        chunk_bytes: int | None = None,
     ):
         self.targets, self._metadata, self._channels = open_channels(
             target, token=token, root_certificates=root_certificates, private_key=private_key,
@@ -79,6 +82,8 @@ class AsyncConvClient(OpMethods):
         self.timeout = timeout
         self._stubs = [pb_grpc.ConvServiceStub(c) for c in self._channels]
         self._turn = itertools.count()
+        self._paths = [AsyncDataPath(c, t, data_path, chunk_bytes) for c, t in zip(self._channels, self.targets)]
+        self._path_turn = itertools.count()
 
     def _stub(self) -> pb_grpc.ConvServiceStub:
         return self._stubs[next(self._turn) % len(self._stubs)]
@@ -89,6 +94,18 @@ class AsyncConvClient(OpMethods):
             return await getattr(self._stub(), method)(request, timeout=deadline, metadata=self._metadata)
         except grpc.RpcError as error:
             raise ConvRpcError.from_rpc_error(error) from None
+
+    async def _forward_arrays(self, op, arrays, timeout):
+        path = self._paths[next(self._path_turn) % len(self._paths)]
+        deadline = self.timeout if timeout is None else timeout
+        output = await path.forward(op, arrays, deadline, self._metadata)
+        return await super()._forward_arrays(op, arrays, timeout) if output is None else output
+
+    async def _backward_arrays(self, op, arrays, timeout):
+        path = self._paths[next(self._path_turn) % len(self._paths)]
+        deadline = self.timeout if timeout is None else timeout
+        grads = await path.backward(op, arrays, deadline, self._metadata)
+        return await super()._backward_arrays(op, arrays, timeout) if grads is None else grads
 
     async def _forward(self, request, timeout, decode):
         return decode(await self._unary("Forward", request, timeout))
@@ -105,6 +122,8 @@ class AsyncConvClient(OpMethods):
         return AsyncTrainingRun(call, max_steps=request.max_steps, progress=progress)
 
     async def close(self) -> None:
+        for path in self._paths:
+            await path.close(self._metadata)
         for channel in self._channels:
             await channel.close()
 

@@ -15,6 +15,7 @@ from .channel import open_channels
 from .errors import ConvRpcError
 from .ops import OpMethods
 from .training import TrainingRun
+from .transport import DataPath
 
 __all__ = ["ConvClient"]
 
@@ -27,7 +28,10 @@ class ConvClient(OpMethods):
     default deadline of every call in seconds (None: no deadline); each method also takes
     ``timeout=``. ``token`` is sent as a bearer token; ``root_certificates`` (PEM bytes) switches to
     TLS, and ``private_key``/``certificate_chain`` add a client certificate for mutual TLS.
-    Use it as a context manager or call ``close()``.
+    ``data_path`` picks how tensors travel: ``"auto"`` (unary for small requests, shared memory to
+    a server on this host, chunked streams otherwise), or ``"unary"``, ``"stream"``, ``"shm"`` to
+    force one; ``chunk_bytes`` overrides the stream chunk size. Use it as a context manager or call
+    ``close()``.
     """
 
     def __init__(
@@ -40,6 +44,8 @@ class ConvClient(OpMethods):
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
         options: Sequence[tuple[str, object]] = (),
+        data_path: str = "auto",
+        chunk_bytes: int | None = None,
     ):
         self.targets, self._metadata, self._channels = open_channels(
             target, token=token, root_certificates=root_certificates, private_key=private_key,
@@ -47,6 +53,9 @@ class ConvClient(OpMethods):
         )  # fmt: skip
         self.timeout = timeout
         self._stubs = [pb_grpc.ConvServiceStub(c) for c in self._channels]
+        # A data path per channel: a shared-memory session belongs to one server.
+        self._paths = [DataPath(c, t, data_path, chunk_bytes) for c, t in zip(self._channels, self.targets)]
+        self._path_turn = itertools.count()
         self._turn = itertools.count()
         self._lock = threading.Lock()
 
@@ -63,6 +72,16 @@ class ConvClient(OpMethods):
         except grpc.RpcError as error:
             raise ConvRpcError.from_rpc_error(error) from None
 
+    def _forward_arrays(self, op, arrays, timeout):
+        path = self._paths[next(self._path_turn) % len(self._paths)]
+        output = path.forward(op, arrays, self._deadline(timeout), self._metadata)
+        return super()._forward_arrays(op, arrays, timeout) if output is None else output
+
+    def _backward_arrays(self, op, arrays, timeout):
+        path = self._paths[next(self._path_turn) % len(self._paths)]
+        grads = path.backward(op, arrays, self._deadline(timeout), self._metadata)
+        return super()._backward_arrays(op, arrays, timeout) if grads is None else grads
+
     def _forward(self, request, timeout, decode):
         return decode(self._unary("Forward", request, timeout))
 
@@ -78,6 +97,8 @@ class ConvClient(OpMethods):
         return TrainingRun(call, max_steps=request.max_steps, progress=progress)
 
     def close(self) -> None:
+        for path in self._paths:
+            path.close(self._metadata)
         for channel in self._channels:
             channel.close()
 

@@ -12,11 +12,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from convrpc.core import get_backend
+from convrpc.core import config, get_backend
 from convrpc.v1 import conv_service_pb2, conv_service_pb2_grpc
 
 from .servicer import ConvService
 from .settings import Settings
+from .transport import DataPathService
 
 log = logging.getLogger("convrpc.server")
 
@@ -35,11 +36,7 @@ def version() -> str:
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     """gRPC options the server uses; the SDK mirrors the message limits."""
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
+    return [*config.transport_options(max_message_bytes), ("grpc.so_reuseport", 0)]
 
 
 class ConvServer:
@@ -63,6 +60,8 @@ class ConvServer:
             options=channel_options(settings.max_message_bytes),
         )
         conv_service_pb2_grpc.add_ConvServiceServicer_to_server(self.servicer, self._server)
+        self.data_path = DataPathService(self.backend, settings)
+        self.data_path.register(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -115,6 +114,7 @@ class ConvServer:
         self.health.enter_graceful_shutdown()
         self.servicer.drain()
         self._server.stop(self.settings.grace if grace is None else grace).wait()
+        self.data_path.close()
         log.info("convrpc server on %s stopped", self.target)
 
     def wait(self) -> None:

@@ -29,6 +29,12 @@ class Settings:
     grace: float = 10.0
     #: Compile (or load from cache) every kernel before reporting SERVING.
     warm_up: bool = True
+    #: Let clients on this host pass tensors through POSIX shared memory (same user only).
+    shared_memory: bool = True
+    #: Seconds a shared-memory output region no client unlinked lives before the server unlinks it.
+    shm_output_ttl: float = config.SHM_OUTPUT_TTL
+    #: Bytes per chunk of the ForwardStream/BackwardStream responses.
+    chunk_bytes: int = config.CHUNK_BYTES
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -39,6 +45,10 @@ class Settings:
             raise InvalidArgumentError("port", f"must be in 0..65535, got {self.port}")
         if self.workers < 1:
             raise InvalidArgumentError("workers", f"must be >= 1, got {self.workers}")
+        if not 0 < self.chunk_bytes <= self.max_message_bytes // 2:
+            raise InvalidArgumentError(
+                "chunk_bytes", f"must be in 1..max_message_bytes/2 ({self.max_message_bytes // 2}), got {self.chunk_bytes}"
+            )
 
     @property
     def address(self) -> str:
