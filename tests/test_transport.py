@@ -146,6 +146,29 @@ def test_an_output_larger_than_the_offered_span_comes_in_a_server_region_the_cli
     assert created == [1]  # a server region the first time only
 
 
+def test_a_full_dev_shm_sends_the_call_over_the_network_instead(srv, monkeypatch):
+    def full(fd, size):
+        raise OSError(28, "No space left on device")
+
+    from convrpc.client.transport import DataPath
+
+    stream = DataPath._streamed
+    x = np.random.default_rng(6).standard_normal((3, 100, 100))
+    with ConvClient(srv.target, timeout=60) as client:
+        client.relu(x)  # a session and a pooled region, made while there is room
+        monkeypatch.setattr(shm, "reserve", full)
+        big = np.random.default_rng(6).standard_normal((3, 400, 400))  # needs a new region: none can be made
+        streamed = []
+        monkeypatch.setattr(
+            type(client._paths[0]), "_streamed", lambda self, *a: streamed.append(1) or stream(self, *a)
+        )
+        _same_bytes(client.relu(big), np.maximum(big, 0))
+        assert streamed == [1] and client._paths[0].shm_ok  # only this call went elsewhere
+    with ConvClient(srv.target, timeout=60, data_path="shm") as client, pytest.raises(ConvRpcError) as info:
+        client.relu(x)
+    assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "No space" in info.value.message
+
+
 def test_an_expired_session_is_reopened_transparently(srv, clients):
     client = clients["shm"]
     x = np.arange(-8.0, 8.0).reshape(2, 8)
@@ -327,6 +350,13 @@ def test_a_raw_shared_request_works_and_its_output_region_is_handed_over(srv, tw
     assert (out.region, out.offset) == (name, 64)
 
 
+def test_a_server_without_room_for_an_output_region_says_so(srv, two_sessions, monkeypatch):
+    first, _, name = two_sessions
+    monkeypatch.setattr(shm, "reserve", lambda fd, size: (_ for _ in ()).throw(OSError(28, "No space left")))
+    error = _shared_refusal(srv, _relu_shared(first.session_id, name))
+    assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED and error.message.startswith("output_buffer: no room")
+
+
 def test_shared_requests_for_foreign_missing_or_short_regions_are_refused(srv, two_sessions):
     first, second, name = two_sessions
     cases = [
@@ -373,7 +403,7 @@ def test_a_session_needs_a_probe_the_server_can_read(srv):
             assert info.value.code() is getattr(grpc.StatusCode, code), info.value.details()
         from convrpc.client.shared_memory import probe_region
 
-        with probe_region() as (name, nonce), pytest.raises(grpc.RpcError) as info:
+        with probe_region() as (name, _), pytest.raises(grpc.RpcError) as info:
             call(pb.OpenSharedMemorySessionRequest(probe_region=name, probe_nonce=bytes(32)), timeout=30)
         assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION and "nonce" in info.value.details()
 
@@ -418,7 +448,7 @@ def test_a_client_process_leaves_no_region_and_no_tracker_warning(srv, ending):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_DYING_CLIENT), srv.target, ending],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True, text=True, timeout=120, env=env, check=False,
     )  # fmt: skip
     prefix = done.stdout.strip()
     assert prefix.startswith("cv"), done.stderr
@@ -460,15 +490,22 @@ def test_the_assembler_has_no_32_bit_limits():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("CONVRPC_TEST_HUGE") != "1", reason="needs ~20 GB of RAM: set CONVRPC_TEST_HUGE=1")
+@pytest.mark.skipif(os.environ.get("CONVRPC_TEST_HUGE") != "1", reason="needs ~16 GB of RAM: set CONVRPC_TEST_HUGE=1")
 @pytest.mark.parametrize("path", ["stream", "shm"])
 def test_a_tensor_over_4_gib_round_trips(path):
     n = (4 * 2**30 + 4096) // 4  # float32 elements: just over 4 GiB, past any 32-bit length
-    with running_server(backend="numpy", max_elements=n, warm_up=False) as server:
-        with ConvClient(server.target, timeout=1800, data_path=path) as client:
-            x = np.ones(n, np.float32)
-            x[::4097] = -1
-            y = client.relu(x)
-            del x
-            assert y.shape == (n,) and y[0] == 0 and y[1] == 1 and y[-1] in (0, 1)
-            assert np.count_nonzero(y == 0) == len(range(0, n, 4097))
+    step = 2**24  # one marked element per 64 MiB keeps the input's pages mostly untouched (no memory)
+    with (
+        running_server(backend="numpy", max_elements=n, warm_up=False) as server,
+        ConvClient(server.target, timeout=1800, data_path=path) as client,
+    ):
+        x = np.zeros(n, np.float32)
+        x[::step] = -1
+        x[1::step] = 2
+        x[-1] = 3
+        y = client.relu(x)
+        del x
+        assert y.shape == (n,) and y.dtype == np.float32
+        marked = np.zeros(n, bool)
+        marked[1::step] = True
+        assert np.all(y[1::step] == 2) and y[-1] == 3 and np.count_nonzero(y) == np.count_nonzero(marked) + 1

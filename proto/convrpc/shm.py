@@ -42,14 +42,23 @@ def _open(name: str, flags: int, mode: int = 0o600) -> int:
     return _posixshmem.shm_open("/" + name, flags, mode)
 
 
-def create(name: str, size: int) -> mmap.mmap:
-    """A new region of ``size`` bytes, readable and writable by this user only, mapped read-write.
+def reserve(fd: int, size: int) -> None:
+    """Give a region its pages now. Writing to a page a full /dev/shm cannot supply (Docker's default
+    is 64 MiB) kills the process with SIGBUS; reserving turns that into an OSError (ENOSPC) here."""
+    os.ftruncate(fd, size)
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
 
-    FileExistsError if the name is taken. The caller owns the name and must ``unlink`` it.
+
+def create(name: str, size: int) -> mmap.mmap:
+    """A new region of ``size`` bytes, reserved, readable and writable by this user only, mapped read-write.
+
+    FileExistsError if the name is taken, OSError if /dev/shm has no room. The caller owns the name
+    and must ``unlink`` it.
     """
     fd = _open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR)
     try:
-        os.ftruncate(fd, size)
+        reserve(fd, size)
         return mmap.mmap(fd, size)
     except BaseException:
         unlink(name)

@@ -11,11 +11,11 @@ from grpc import aio
 from convrpc.v1 import conv_service_pb2 as pb
 from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 
+from .aio_transport import AsyncDataPath
 from .channel import open_channels
 from .errors import ConvRpcError
 from .ops import OpMethods
 from .training import TrainingRun, TrainProgress, TrainResult
-from .transport import AsyncDataPath
 
 __all__ = ["AsyncConvClient", "AsyncTrainingRun"]
 

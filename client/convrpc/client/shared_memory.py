@@ -11,6 +11,7 @@ and hands out arrays viewing the mapping (and offers more room next time).
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import secrets
 import threading
@@ -54,6 +55,15 @@ class _Region:
         self.name = f"{prefix}i{secrets.token_hex(8)}"
         self.size = size
         self.memory = shared_memory.SharedMemory(name=self.name, create=True, size=size)
+        try:
+            fd = shm.open_region(self.name, writable=True)
+            try:
+                shm.reserve(fd, size)  # OSError now rather than SIGBUS later if /dev/shm is full
+            finally:
+                os.close(fd)
+        except BaseException:
+            self.destroy()
+            raise
 
     def write(self, offset: int, array: np.ndarray) -> None:
         np.frombuffer(self.memory.buf, dtype=array.dtype, count=array.size, offset=offset)[:] = array.reshape(-1)

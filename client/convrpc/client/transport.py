@@ -10,7 +10,6 @@ memory disabled or not visible) is dropped for that channel and the call falls b
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import grpc
@@ -24,7 +23,7 @@ from convrpc.v1 import conv_service_pb2 as pb
 from .errors import ConvRpcError
 from .shared_memory import SharedMemorySession, probe_region
 
-__all__ = ["AsyncDataPath", "DataPath", "PATHS", "is_local"]
+__all__ = ["DataPath", "PATHS", "is_local"]
 
 PATHS = ("auto", "unary", "stream", "shm")
 _SERVICE = "/convrpc.v1.ConvService/"
@@ -129,11 +128,12 @@ class _Paths:
             "CloseSharedMemorySession": unary("CloseSharedMemorySession", pb.CloseSharedMemorySessionResponse),
         }
 
-    def choose(self, arrays: dict) -> str:
+    def choose(self, arrays: dict, *, shared: bool = True) -> str:
+        """The path for a request with these tensors (``shared=False``: a network path)."""
         if self.mode != "auto":
             return self.mode
         nbytes = chunks.payload_bytes(list(arrays.values()))
-        if nbytes > config.SHM_THRESHOLD_BYTES and self.shm_ok:
+        if nbytes > config.SHM_THRESHOLD_BYTES and self.shm_ok and shared:
             return "shm"
         if nbytes > config.STREAM_THRESHOLD_BYTES and self.stream_ok:
             return "stream"
@@ -155,6 +155,18 @@ class _Paths:
             setattr(self, f"{what}_ok", False)
             return True
         return False
+
+    def _no_room_there(self, error: grpc.RpcError) -> bool:
+        """The server's /dev/shm had no room for the result: this call takes the network."""
+        return (
+            self.mode == "auto"
+            and error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            and (error.details() or "").startswith("output_buffer:")
+        )
+
+    def _no_room(self, exc: OSError):
+        if self.mode == "shm":
+            raise ConvRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no room in shared memory: {exc}") from None
 
     def _no_session(self, reason: str):
         if self.mode == "shm":
@@ -182,7 +194,7 @@ class DataPath(_Paths):
             out = self._shared(backward, op_msg, arrays, timeout, metadata)
             if out is not None:
                 return out
-            path = self.choose(arrays)
+            path = self.choose(arrays, shared=False)
         if path == "stream":
             return self._streamed(backward, op_msg, arrays, timeout, metadata)
         return None
@@ -239,9 +251,11 @@ class DataPath(_Paths):
                 if error.code() is grpc.StatusCode.FAILED_PRECONDITION and attempt == 0:
                     self._drop(session)  # expired, or the server restarted: open a new session once
                     continue
-                if self._refused(error, "shm"):
+                if self._refused(error, "shm") or self._no_room_there(error):
                     return None
                 raise ConvRpcError.from_rpc_error(error) from None
+            except OSError as exc:  # /dev/shm is full: this call takes the network
+                return self._no_room(exc)
         return None
 
     def _drop(self, session: SharedMemorySession) -> None:
@@ -259,105 +273,5 @@ class DataPath(_Paths):
             self._unary["CloseSharedMemorySession"](request, timeout=5, metadata=metadata)
         except grpc.RpcError:
             pass  # the server sweeps what it created once the TTL passes
-        finally:
-            session.close()
-
-
-class AsyncDataPath(_Paths):
-    """The asyncio twin of :class:`DataPath` (same decisions, awaited calls)."""
-
-    def __init__(self, channel, target: str, mode: str = "auto", chunk_bytes: int | None = None):
-        super().__init__(channel, target, mode, chunk_bytes)
-        self._lock = asyncio.Lock()
-
-    async def forward(self, op_msg, arrays, timeout, metadata):
-        out = await self._call(False, op_msg, arrays, timeout, metadata)
-        return None if out is None else out["output"]
-
-    async def backward(self, op_msg, arrays, timeout, metadata):
-        out = await self._call(True, op_msg, arrays, timeout, metadata)
-        return None if out is None else _gradients(out)
-
-    async def _call(self, backward, op_msg, arrays, timeout, metadata):
-        path = self.choose(arrays)
-        if path == "shm":
-            out = await self._shared(backward, op_msg, arrays, timeout, metadata)
-            if out is not None:
-                return out
-            path = self.choose(arrays)
-        if path == "stream":
-            return await self._streamed(backward, op_msg, arrays, timeout, metadata)
-        return None
-
-    async def _streamed(self, backward, op_msg, arrays, timeout, metadata):
-        reader = _ResponseReader(_GRADIENTS if backward else ("output",))
-        method = "BackwardStream" if backward else "ForwardStream"
-        call = self._stream[method](self._messages(backward, op_msg, arrays), timeout=timeout, metadata=metadata)
-        try:
-            async for message in call:
-                reader.add(message)
-        except grpc.RpcError as error:
-            if self.mode == "auto" and error.code() is grpc.StatusCode.UNIMPLEMENTED:
-                self.stream_ok = False  # a server from before the streams: unary it is
-                return None
-            raise ConvRpcError.from_rpc_error(error) from None
-        except BaseException:
-            call.cancel()
-            raise
-        return reader.finish()
-
-    async def _session(self, timeout, metadata) -> SharedMemorySession | None:
-        async with self._lock:
-            if self.session is None and self.shm_ok:
-                try:
-                    with probe_region() as (name, nonce):
-                        request = pb.OpenSharedMemorySessionRequest(probe_region=name, probe_nonce=nonce)
-                        response = await self._unary["OpenSharedMemorySession"](
-                            request, timeout=timeout, metadata=metadata
-                        )
-                except grpc.RpcError as error:
-                    if self.mode == "shm" or not self._refused(error, "shm"):
-                        raise ConvRpcError.from_rpc_error(error) from None
-                except OSError as exc:
-                    self.shm_ok = False
-                    return self._no_session(f"cannot create a shared-memory region here ({exc})")
-                else:
-                    self.session = SharedMemorySession(response)
-            return self.session if self.session is not None else self._no_session("the server refused a session")
-
-    async def _shared(self, backward, op_msg, arrays, timeout, metadata):
-        method = "BackwardSharedMemory" if backward else "ForwardSharedMemory"
-        request_type = pb.BackwardSharedMemoryRequest if backward else pb.ForwardSharedMemoryRequest
-        fields = _GRADIENTS if backward else ("output",)
-        for attempt in range(2):
-            session = await self._session(timeout, metadata)
-            if session is None:
-                return None
-            try:
-                with session.place(arrays) as (shared, buffer, collect):
-                    request = request_type(session_id=session.id, op=op_msg, output_buffer=buffer, **shared)
-                    response = await self._unary[method](request, timeout=timeout, metadata=metadata)
-                    return collect([(f, getattr(response, f)) for f in fields if response.HasField(f)])
-            except grpc.RpcError as error:
-                session.discard_outputs()
-                if error.code() is grpc.StatusCode.FAILED_PRECONDITION and attempt == 0:
-                    if self.session is session:
-                        self.session = None
-                    session.close()
-                    continue
-                if self._refused(error, "shm"):
-                    return None
-                raise ConvRpcError.from_rpc_error(error) from None
-        return None
-
-    async def close(self, metadata=None) -> None:
-        session, self.session = self.session, None
-        if session is None:
-            return
-        try:
-            request = pb.CloseSharedMemorySessionRequest(session_id=session.id)
-            await self._unary["CloseSharedMemorySession"](request, timeout=5, metadata=metadata)
-        except grpc.RpcError:
-            pass
         finally:
             session.close()

@@ -235,7 +235,7 @@ class SharedMemorySessions:
         while not self._closed.wait(interval):
             try:
                 self.sweep()
-            except Exception:
+            except Exception:  # the sweeper must outlive any one bad region
                 log.exception("shared-memory sweep failed")
 
     def close(self) -> None:
@@ -313,7 +313,10 @@ class _Request:
     def _new_region(self, layout, size: int) -> dict[str, pb.SharedTensor]:
         session = self.session
         name = f"{session.prefix}o{secrets.token_hex(8)}"
-        region = shm.create(name, size)
+        try:
+            region = shm.create(name, size)
+        except OSError as exc:
+            raise ResourceExhaustedError("output_buffer", f"no room for a {size}-byte output region ({exc})") from None
         with self.sessions._lock:  # tracked only once it exists, so a sweep cannot mistake it for a claimed one
             session.outputs[name] = time.monotonic()
         try:

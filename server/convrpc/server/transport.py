@@ -58,7 +58,7 @@ def _rpc(method):
         def streaming(self, request, context):
             try:
                 yield from method(self, request, context)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - every error must become a status
                 _fail(exc, context, method.__name__)
 
         return streaming
@@ -67,7 +67,7 @@ def _rpc(method):
     def unary(self, request, context):
         try:
             return method(self, request, context)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             _fail(exc, context, method.__name__)
 
     return unary
