@@ -169,6 +169,25 @@ def test_a_full_dev_shm_sends_the_call_over_the_network_instead(srv, monkeypatch
     assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "No space" in info.value.message
 
 
+def test_a_region_whose_call_timed_out_is_never_reused(srv, monkeypatch):
+    from convrpc.server.transport import DataPathService
+
+    forward = DataPathService._forward
+    monkeypatch.setattr(DataPathService, "_forward", lambda self, *a: time.sleep(0.5) or forward(self, *a))
+    x = np.full((3, 100, 100), -1.0)
+    with ConvClient(srv.target, timeout=60, data_path="shm") as client:
+        with pytest.raises(ConvRpcError) as info:
+            client.relu(x, timeout=0.2)  # the server goes on and writes its result 0.3 s later
+        assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        session = client._paths[0].session
+        assert session._idle == [] and shm.names_with_prefix(session.prefix) == []
+        monkeypatch.setattr(DataPathService, "_forward", forward)
+        y = np.arange(30000.0).reshape(3, 100, 100)
+        for _ in range(3):  # while the late write lands, calls use a fresh region
+            _same_bytes(client.relu(y), y)
+            time.sleep(0.2)
+
+
 def test_an_expired_session_is_reopened_transparently(srv, clients):
     client = clients["shm"]
     x = np.arange(-8.0, 8.0).reshape(2, 8)

@@ -116,8 +116,12 @@ class SharedMemorySession:
             }
             buffer = pb.SharedBuffer(region=region.name, offset=size, size=region.size - size)
             yield shared, buffer, lambda tensors: self._collect(region, tensors)
-        finally:
-            self._give_back(region)
+        except BaseException:
+            # A call that failed (a deadline, a lost connection) may still be running on the server,
+            # which would write its result into this region later: never hand it to another call.
+            region.destroy()
+            raise
+        self._give_back(region)
 
     def _take(self, size: int) -> _Region:
         with self._lock:
