@@ -204,7 +204,7 @@ def test_sigterm_lets_unary_calls_finish_ends_streams_with_a_result_and_exits_ze
         _wait_for(lambda: health(target) == SERVING, what="SERVING")
         rng = np.random.default_rng(0)
         x, w = rng.standard_normal((2, 32, 96, 96)), rng.standard_normal((32, 32, 7, 7))
-        with ConvClient(target, timeout=120) as client, futures.ThreadPoolExecutor(2) as pool:
+        with ConvClient(target, timeout=120, data_path="unary") as client, futures.ThreadPoolExecutor(2) as pool:
             run = client.train_kernel(x[:1, :1, :16, :16], x[:1, :1, :14, :14], kernel_size=3, max_steps=10**6, lr=1e-4)
             updates = iter(run)  # kept: dropping an iteration part-way cancels the run
             first = next(updates)

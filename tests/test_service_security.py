@@ -128,3 +128,17 @@ def test_tls_and_tokens_together(pki):
         assert exercise(srv.target, root_certificates=ca, token="s3cret") is grpc.StatusCode.OK
         assert exercise(srv.target, root_certificates=ca, token="guess") is grpc.StatusCode.UNAUTHENTICATED
         assert exercise(srv.target, token="s3cret") is grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("data_path,rpc", [("stream", "ForwardStream"), ("shm", "ForwardSharedMemory")])
+def test_bearer_tokens_guard_the_bulk_data_paths(data_path, rpc):
+    big = np.random.default_rng(0).standard_normal((1, 1, 200, 200))  # 320 KB: past the unary threshold
+    with running_server(auth_tokens="s3cret", **SERVER) as srv:
+        with ConvClient(srv.target, timeout=10, token="s3cret", data_path=data_path) as client:
+            np.testing.assert_array_equal(client.relu(big), np.maximum(big, 0))
+        served = srv.metrics.registry.get_sample_value("convrpc_requests_total", {"rpc": rpc, "code": "OK"})
+        assert served == 1  # the bulk path carried it, past the auth interceptor
+        with ConvClient(srv.target, timeout=10, token="wrong", data_path=data_path) as client:
+            with pytest.raises(ConvRpcError) as info:
+                client.relu(big)
+            assert info.value.code is grpc.StatusCode.UNAUTHENTICATED

@@ -14,6 +14,9 @@ from convrpc.v1 import conv_service_pb2 as pb
 
 __all__ = [
     "DTYPES",
+    "check_elements",
+    "dtype_enum",
+    "tensor_layout",
     "OP_OPTIONS",
     "OP_TENSORS",
     "decode_op",
@@ -63,13 +66,21 @@ def encode_tensor(array) -> pb.Tensor:
     return pb.Tensor(dtype=enum, shape=a.shape, data=a.tobytes())
 
 
-def decode_tensor(msg: pb.Tensor, field: str, *, max_elements: int | None = None) -> np.ndarray:
-    """A read-only array viewing ``msg.data``, after checking dtype, shape and byte length."""
-    dtype = DTYPES.get(msg.dtype)
+def dtype_enum(dtype) -> int:
+    """The wire enum of a float32/float64 numpy dtype (either byte order)."""
+    enum = _ENUM_OF.get(np.dtype(dtype).newbyteorder("="))
+    if enum is None:
+        raise InvalidArgumentError("tensor", f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+    return enum
+
+
+def tensor_layout(dtype_enum: int, shape, field: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    """``(dtype, shape, element count)`` of a described tensor, checked: a known dtype, dims > 0, no overflow."""
+    dtype = DTYPES.get(dtype_enum)
     if dtype is None:
-        name = pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else str(msg.dtype)
+        name = pb.DType.Name(dtype_enum) if dtype_enum in pb.DType.values() else str(dtype_enum)
         raise InvalidArgumentError(f"{field}.dtype", f"expected DTYPE_FLOAT32 or DTYPE_FLOAT64, got {name}")
-    shape = tuple(msg.shape)
+    shape = tuple(shape)
     count = 1
     for i, dim in enumerate(shape):
         if dim <= 0:
@@ -77,14 +88,25 @@ def decode_tensor(msg: pb.Tensor, field: str, *, max_elements: int | None = None
         count *= dim
         if count > INT64_MAX:
             raise InvalidArgumentError(f"{field}.shape", f"the product of {list(shape)} overflows int64")
+    return dtype, shape, count
+
+
+def check_elements(count: int, field: str, max_elements: int | None) -> None:
+    """RESOURCE_EXHAUSTED when a tensor has more elements than the cap (None: no cap)."""
+    if max_elements is not None and count > max_elements:
+        raise ResourceExhaustedError(f"{field}.shape", f"{count} elements exceed the server's cap of {max_elements}")
+
+
+def decode_tensor(msg: pb.Tensor, field: str, *, max_elements: int | None = None) -> np.ndarray:
+    """A read-only array viewing ``msg.data``, after checking dtype, shape and byte length."""
+    dtype, shape, count = tensor_layout(msg.dtype, msg.shape, field)
     expected = count * dtype.itemsize
     if len(msg.data) != expected:
         raise InvalidArgumentError(
             f"{field}.data",
             f"expected {expected} bytes (shape {list(shape)} x {dtype.itemsize}-byte elements), got {len(msg.data)}",
         )
-    if max_elements is not None and count > max_elements:
-        raise ResourceExhaustedError(f"{field}.shape", f"{count} elements exceed the server's cap of {max_elements}")
+    check_elements(count, field, max_elements)
     return np.frombuffer(msg.data, dtype=dtype).reshape(shape)
 
 

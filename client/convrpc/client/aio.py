@@ -11,6 +11,7 @@ from grpc import aio
 from convrpc.v1 import conv_service_pb2 as pb
 from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 
+from .aio_transport import AsyncDataPath
 from .channel import open_channels
 from .errors import ConvRpcError
 from .ops import OpMethods
@@ -65,6 +66,8 @@ class AsyncConvClient(OpMethods):
         certificate_chain: bytes | None = None,
         options: Sequence[tuple[str, object]] = (),
         shard_size: int | None = None,
+        data_path: str = "auto",
+        chunk_bytes: int | None = None,
     ):
         self.targets, self._metadata, self._channels = open_channels(
             target, token=token, root_certificates=root_certificates, private_key=private_key,
@@ -73,7 +76,10 @@ class AsyncConvClient(OpMethods):
         self.timeout = timeout
         self._stubs = [pb_grpc.ConvServiceStub(c) for c in self._channels]
         self._turn = itertools.count()
+        self._shard_size = shard_size
         self._calls = AsyncShardedCalls(self._stubs, self._metadata, shard_size, max_message_bytes(options))
+        self._paths = [AsyncDataPath(c, t, data_path, chunk_bytes) for c, t in zip(self._channels, self.targets)]
+        self._path_turn = itertools.count()
 
     def _stub(self) -> pb_grpc.ConvServiceStub:
         return self._stubs[next(self._turn) % len(self._stubs)]
@@ -84,6 +90,28 @@ class AsyncConvClient(OpMethods):
             return await getattr(self._stub(), method)(request, timeout=deadline, metadata=self._metadata)
         except grpc.RpcError as error:
             raise ConvRpcError.from_rpc_error(error) from None
+
+    def _path(self, arrays):
+        """The data path of the next call, or None for the unary path, which shards a batch over shard_size."""
+        if self._shard_size is not None and arrays["input"].shape[0] > self._shard_size:
+            return None
+        return self._paths[next(self._path_turn) % len(self._paths)]
+
+    async def _forward_arrays(self, op, arrays, timeout):
+        path = self._path(arrays)
+        if path is None:
+            return await super()._forward_arrays(op, arrays, timeout)
+        deadline = self.timeout if timeout is None else timeout
+        output = await path.forward(op, arrays, deadline, self._metadata)
+        return await super()._forward_arrays(op, arrays, timeout) if output is None else output
+
+    async def _backward_arrays(self, op, arrays, timeout):
+        path = self._path(arrays)
+        if path is None:
+            return await super()._backward_arrays(op, arrays, timeout)
+        deadline = self.timeout if timeout is None else timeout
+        grads = await path.backward(op, arrays, deadline, self._metadata)
+        return await super()._backward_arrays(op, arrays, timeout) if grads is None else grads
 
     async def _forward(self, request, timeout, decode):
         return decode(await self._calls("Forward", request, self.timeout if timeout is None else timeout))
@@ -100,6 +128,8 @@ class AsyncConvClient(OpMethods):
         return AsyncTrainingRun(call, max_steps=request.max_steps, progress=progress)
 
     async def close(self) -> None:
+        for path in self._paths:
+            await path.close(self._metadata)
         for channel in self._channels:
             await channel.close()
 

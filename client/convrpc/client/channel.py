@@ -36,8 +36,7 @@ _SERVICE_CONFIG = json.dumps(
 
 def channel_options(max_message_bytes: int = config.MAX_MESSAGE_BYTES) -> list[tuple[str, object]]:
     return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        *config.transport_options(max_message_bytes),
         ("grpc.service_config", _SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
         # Pings keep long, quiet training streams open; the server accepts this rate (see config).
@@ -61,7 +60,9 @@ def open_channels(target, *, token, root_certificates, private_key, certificate_
         raise ValueError(f"target: expected 'host:port', a gRPC name or a non-empty list of them, got {target!r}")
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     creds = credentials(root_certificates, private_key, certificate_chain)
-    opts = channel_options() + list(options)
+    # gRPC honours the first of repeated arguments: the caller's options replace the defaults.
+    given = {name for name, _ in options}
+    opts = [o for o in channel_options() if o[0] not in given] + list(options)
     if creds is None:
         channels = [grpc_module.insecure_channel(t, opts) for t in targets]
     else:

@@ -16,6 +16,7 @@ from .errors import ConvRpcError
 from .ops import OpMethods
 from .sharding import ShardedCalls, max_message_bytes
 from .training import TrainingRun
+from .transport import DataPath
 
 __all__ = ["ConvClient"]
 
@@ -28,12 +29,15 @@ class ConvClient(OpMethods):
     default deadline of every call in seconds (None: no deadline); each method also takes
     ``timeout=``. ``token`` is sent as a bearer token; ``root_certificates`` (PEM bytes) switches to
     TLS, and ``private_key``/``certificate_chain`` add a client certificate for mutual TLS.
-    Use it as a context manager or call ``close()``.
+    ``data_path`` picks how tensors travel: ``"auto"`` (unary for small requests, shared memory to
+    a server on this host, chunked streams otherwise), or ``"unary"``, ``"stream"``, ``"shm"`` to
+    force one; ``chunk_bytes`` overrides the stream chunk size.
 
-    Forward and Backward calls whose batch exceeds ``shard_size`` (None: no limit), or which would
-    not fit in one message, are split along N and run concurrently over the replicas; the result is
-    the unsharded one. A call failing with UNAVAILABLE is sent again to another replica.
-    ``train_kernel`` runs on one replica (see :mod:`convrpc.client.sharding`).
+    Forward and Backward calls whose batch exceeds ``shard_size`` (None: no limit) are split along N
+    and run concurrently over the replicas on the unary path, as are unary requests too large for one
+    message; the result is the unsharded one. A call failing with UNAVAILABLE is sent again to another
+    replica. ``train_kernel`` runs on one replica (see :mod:`convrpc.client.sharding`).
+    Use it as a context manager or call ``close()``.
     """
 
     def __init__(
@@ -47,6 +51,8 @@ class ConvClient(OpMethods):
         certificate_chain: bytes | None = None,
         options: Sequence[tuple[str, object]] = (),
         shard_size: int | None = None,
+        data_path: str = "auto",
+        chunk_bytes: int | None = None,
     ):
         self.targets, self._metadata, self._channels = open_channels(
             target, token=token, root_certificates=root_certificates, private_key=private_key,
@@ -54,8 +60,12 @@ class ConvClient(OpMethods):
         )  # fmt: skip
         self.timeout = timeout
         self._stubs = [pb_grpc.ConvServiceStub(c) for c in self._channels]
+        # A data path per channel: a shared-memory session belongs to one server.
+        self._paths = [DataPath(c, t, data_path, chunk_bytes) for c, t in zip(self._channels, self.targets)]
+        self._path_turn = itertools.count()
         self._turn = itertools.count()
         self._lock = threading.Lock()
+        self._shard_size = shard_size
         self._calls = ShardedCalls(self._stubs, self._metadata, shard_size, max_message_bytes(options))
 
     def _stub(self) -> pb_grpc.ConvServiceStub:
@@ -70,6 +80,26 @@ class ConvClient(OpMethods):
             return getattr(self._stub(), method)(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as error:
             raise ConvRpcError.from_rpc_error(error) from None
+
+    def _path(self, arrays):
+        """The data path of the next call, or None for the unary path, which shards a batch over shard_size."""
+        if self._shard_size is not None and arrays["input"].shape[0] > self._shard_size:
+            return None
+        return self._paths[next(self._path_turn) % len(self._paths)]
+
+    def _forward_arrays(self, op, arrays, timeout):
+        path = self._path(arrays)
+        if path is None:
+            return super()._forward_arrays(op, arrays, timeout)
+        output = path.forward(op, arrays, self._deadline(timeout), self._metadata)
+        return super()._forward_arrays(op, arrays, timeout) if output is None else output
+
+    def _backward_arrays(self, op, arrays, timeout):
+        path = self._path(arrays)
+        if path is None:
+            return super()._backward_arrays(op, arrays, timeout)
+        grads = path.backward(op, arrays, self._deadline(timeout), self._metadata)
+        return super()._backward_arrays(op, arrays, timeout) if grads is None else grads
 
     def _forward(self, request, timeout, decode):
         return decode(self._calls("Forward", request, self._deadline(timeout)))
@@ -87,6 +117,8 @@ class ConvClient(OpMethods):
 
     def close(self) -> None:
         self._calls.close()
+        for path in self._paths:
+            path.close(self._metadata)
         for channel in self._channels:
             channel.close()
 

@@ -6,10 +6,11 @@ sync client answers with arrays and the asyncio client with awaitables of arrays
 
 from __future__ import annotations
 
+from convrpc import wire
 from convrpc.core.backend import Gradients
 from convrpc.v1 import conv_service_pb2 as pb
 
-from .tensors import as_tensor, from_tensor, op_message
+from .tensors import as_array, from_tensor, op_message
 from .training import train_request
 
 __all__ = ["OpMethods"]
@@ -35,17 +36,22 @@ class OpMethods:
         raise NotImplementedError
 
     def _call_forward(self, op: str, tensors: dict, options: dict, timeout):
-        request = pb.ForwardRequest(op=op_message(op, options))
-        for field, value in tensors.items():
-            if value is not None:
-                getattr(request, field).CopyFrom(as_tensor(value, field))
-        return self._forward(request, timeout, lambda r: from_tensor(r.output))
+        arrays = {field: as_array(value, field) for field, value in tensors.items() if value is not None}
+        return self._forward_arrays(op_message(op, options), arrays, timeout)
 
     def _call_backward(self, op: str, grad_output, tensors: dict, options: dict, timeout):
-        request = pb.BackwardRequest(op=op_message(op, options), grad_output=as_tensor(grad_output, "grad_output"))
-        for field, value in tensors.items():
-            if value is not None:
-                getattr(request, field).CopyFrom(as_tensor(value, field))
+        arrays = {"grad_output": as_array(grad_output, "grad_output")}
+        arrays.update((field, as_array(value, field)) for field, value in tensors.items() if value is not None)
+        return self._backward_arrays(op_message(op, options), arrays, timeout)
+
+    def _forward_arrays(self, op: pb.Op, arrays: dict, timeout):
+        """Forward over the unary RPC; clients with faster data paths (see ``transport``) route large ones there."""
+        request = pb.ForwardRequest(op=op, **{field: wire.encode_tensor(a) for field, a in arrays.items()})
+        return self._forward(request, timeout, lambda r: from_tensor(r.output))
+
+    def _backward_arrays(self, op: pb.Op, arrays: dict, timeout):
+        """Backward over the unary RPC (``arrays`` holds grad_output and the op's inputs)."""
+        request = pb.BackwardRequest(op=op, **{field: wire.encode_tensor(a) for field, a in arrays.items()})
         return self._backward(request, timeout, _gradients)
 
     # -- forward ------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ __all__ = [
     "ResourceExhaustedError",
     "BackendUnavailableError",
     "ServerDraining",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "FailedPreconditionError",
 ]
 
 
@@ -42,3 +45,22 @@ class ServerDraining(ConvError):
 
     def __init__(self, message: str = "the server is shutting down; retry on another replica"):
         super().__init__(message)
+
+
+class _FieldError(ConvError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.description = message
+
+
+class NotFoundError(_FieldError):
+    """A request names something (a shared-memory region) that does not exist."""
+
+
+class PermissionDeniedError(_FieldError):
+    """A request names something (a shared-memory region) that belongs to someone else."""
+
+
+class FailedPreconditionError(_FieldError):
+    """A request needs a state the server is not in (shared memory disabled, an unknown session)."""

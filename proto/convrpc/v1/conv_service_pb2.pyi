@@ -314,3 +314,193 @@ class GetServerInfoResponse(_message.Message):
     dtypes: _containers.RepeatedScalarFieldContainer[DType]
     compute_threads: int
     def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., max_train_steps: _Optional[int] = ..., max_train_seconds: _Optional[float] = ..., ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., compute_threads: _Optional[int] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("dtype", "shape")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ForwardStreamHeader(_message.Message):
+    __slots__ = ("op", "input", "weight", "bias")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    op: Op
+    input: TensorSpec
+    weight: TensorSpec
+    bias: TensorSpec
+    def __init__(self, op: _Optional[_Union[Op, _Mapping]] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., weight: _Optional[_Union[TensorSpec, _Mapping]] = ..., bias: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
+
+class ForwardStreamRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ForwardStreamHeader
+    chunk: TensorChunk
+    def __init__(self, header: _Optional[_Union[ForwardStreamHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class ForwardStreamOutput(_message.Message):
+    __slots__ = ("output",)
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    output: TensorSpec
+    def __init__(self, output: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
+
+class ForwardStreamResponse(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ForwardStreamOutput
+    chunk: TensorChunk
+    def __init__(self, header: _Optional[_Union[ForwardStreamOutput, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class BackwardStreamHeader(_message.Message):
+    __slots__ = ("op", "grad_output", "input", "weight", "bias")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    op: Op
+    grad_output: TensorSpec
+    input: TensorSpec
+    weight: TensorSpec
+    bias: TensorSpec
+    def __init__(self, op: _Optional[_Union[Op, _Mapping]] = ..., grad_output: _Optional[_Union[TensorSpec, _Mapping]] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., weight: _Optional[_Union[TensorSpec, _Mapping]] = ..., bias: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
+
+class BackwardStreamRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: BackwardStreamHeader
+    chunk: TensorChunk
+    def __init__(self, header: _Optional[_Union[BackwardStreamHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class BackwardStreamGradients(_message.Message):
+    __slots__ = ("grad_input", "grad_weight", "grad_bias")
+    GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
+    GRAD_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GRAD_BIAS_FIELD_NUMBER: _ClassVar[int]
+    grad_input: TensorSpec
+    grad_weight: TensorSpec
+    grad_bias: TensorSpec
+    def __init__(self, grad_input: _Optional[_Union[TensorSpec, _Mapping]] = ..., grad_weight: _Optional[_Union[TensorSpec, _Mapping]] = ..., grad_bias: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
+
+class BackwardStreamResponse(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: BackwardStreamGradients
+    chunk: TensorChunk
+    def __init__(self, header: _Optional[_Union[BackwardStreamGradients, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class SharedTensor(_message.Message):
+    __slots__ = ("region", "offset", "dtype", "shape")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SharedBuffer(_message.Message):
+    __slots__ = ("region", "offset", "size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    size: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
+class OpenSharedMemorySessionRequest(_message.Message):
+    __slots__ = ("probe_region", "probe_nonce")
+    PROBE_REGION_FIELD_NUMBER: _ClassVar[int]
+    PROBE_NONCE_FIELD_NUMBER: _ClassVar[int]
+    probe_region: str
+    probe_nonce: bytes
+    def __init__(self, probe_region: _Optional[str] = ..., probe_nonce: _Optional[bytes] = ...) -> None: ...
+
+class OpenSharedMemorySessionResponse(_message.Message):
+    __slots__ = ("session_id", "region_prefix", "output_ttl_seconds")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REGION_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    region_prefix: str
+    output_ttl_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., region_prefix: _Optional[str] = ..., output_ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class ForwardSharedMemoryRequest(_message.Message):
+    __slots__ = ("session_id", "op", "input", "weight", "bias", "output_buffer")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_BUFFER_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    op: Op
+    input: SharedTensor
+    weight: SharedTensor
+    bias: SharedTensor
+    output_buffer: SharedBuffer
+    def __init__(self, session_id: _Optional[str] = ..., op: _Optional[_Union[Op, _Mapping]] = ..., input: _Optional[_Union[SharedTensor, _Mapping]] = ..., weight: _Optional[_Union[SharedTensor, _Mapping]] = ..., bias: _Optional[_Union[SharedTensor, _Mapping]] = ..., output_buffer: _Optional[_Union[SharedBuffer, _Mapping]] = ...) -> None: ...
+
+class ForwardSharedMemoryResponse(_message.Message):
+    __slots__ = ("output",)
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    output: SharedTensor
+    def __init__(self, output: _Optional[_Union[SharedTensor, _Mapping]] = ...) -> None: ...
+
+class BackwardSharedMemoryRequest(_message.Message):
+    __slots__ = ("session_id", "op", "grad_output", "input", "weight", "bias", "output_buffer")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_BUFFER_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    op: Op
+    grad_output: SharedTensor
+    input: SharedTensor
+    weight: SharedTensor
+    bias: SharedTensor
+    output_buffer: SharedBuffer
+    def __init__(self, session_id: _Optional[str] = ..., op: _Optional[_Union[Op, _Mapping]] = ..., grad_output: _Optional[_Union[SharedTensor, _Mapping]] = ..., input: _Optional[_Union[SharedTensor, _Mapping]] = ..., weight: _Optional[_Union[SharedTensor, _Mapping]] = ..., bias: _Optional[_Union[SharedTensor, _Mapping]] = ..., output_buffer: _Optional[_Union[SharedBuffer, _Mapping]] = ...) -> None: ...
+
+class BackwardSharedMemoryResponse(_message.Message):
+    __slots__ = ("grad_input", "grad_weight", "grad_bias")
+    GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
+    GRAD_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GRAD_BIAS_FIELD_NUMBER: _ClassVar[int]
+    grad_input: SharedTensor
+    grad_weight: SharedTensor
+    grad_bias: SharedTensor
+    def __init__(self, grad_input: _Optional[_Union[SharedTensor, _Mapping]] = ..., grad_weight: _Optional[_Union[SharedTensor, _Mapping]] = ..., grad_bias: _Optional[_Union[SharedTensor, _Mapping]] = ...) -> None: ...
+
+class CloseSharedMemorySessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSharedMemorySessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

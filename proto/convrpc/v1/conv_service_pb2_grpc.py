@@ -55,6 +55,36 @@ class ConvServiceStub:
                 request_serializer=convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.ForwardStream = channel.stream_stream(
+                '/convrpc.v1.ConvService/ForwardStream',
+                request_serializer=convrpc_dot_v1_dot_conv__service__pb2.ForwardStreamRequest.SerializeToString,
+                response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.ForwardStreamResponse.FromString,
+                _registered_method=True)
+        self.BackwardStream = channel.stream_stream(
+                '/convrpc.v1.ConvService/BackwardStream',
+                request_serializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardStreamRequest.SerializeToString,
+                response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardStreamResponse.FromString,
+                _registered_method=True)
+        self.OpenSharedMemorySession = channel.unary_unary(
+                '/convrpc.v1.ConvService/OpenSharedMemorySession',
+                request_serializer=convrpc_dot_v1_dot_conv__service__pb2.OpenSharedMemorySessionRequest.SerializeToString,
+                response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.OpenSharedMemorySessionResponse.FromString,
+                _registered_method=True)
+        self.ForwardSharedMemory = channel.unary_unary(
+                '/convrpc.v1.ConvService/ForwardSharedMemory',
+                request_serializer=convrpc_dot_v1_dot_conv__service__pb2.ForwardSharedMemoryRequest.SerializeToString,
+                response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.ForwardSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.BackwardSharedMemory = channel.unary_unary(
+                '/convrpc.v1.ConvService/BackwardSharedMemory',
+                request_serializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardSharedMemoryRequest.SerializeToString,
+                response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.CloseSharedMemorySession = channel.unary_unary(
+                '/convrpc.v1.ConvService/CloseSharedMemorySession',
+                request_serializer=convrpc_dot_v1_dot_conv__service__pb2.CloseSharedMemorySessionRequest.SerializeToString,
+                response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.CloseSharedMemorySessionResponse.FromString,
+                _registered_method=True)
 
 
 class ConvServiceServicer:
@@ -91,6 +121,60 @@ class ConvServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardStream(self, request_iterator, context):
+        """ForwardStream is Forward for large tensors. The client sends one header naming the op and
+        the dtype and shape of each input, then the inputs' bytes as in-order chunks, then
+        half-closes; the server answers with one header describing the output, then the output's
+        bytes as chunks. No message holds a whole tensor, so tensors may exceed protobuf's 2 GiB
+        message limit (up to the server's max_elements); each side writes the chunks straight into
+        one preallocated buffer per tensor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackwardStream(self, request_iterator, context):
+        """BackwardStream is Backward for large tensors, chunked like ForwardStream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenSharedMemorySession(self, request, context):
+        """OpenSharedMemorySession lets a client on the server's host (or in a container sharing its
+        IPC namespace) pass tensors through POSIX shared memory. The client proves co-location by
+        naming a probe region it created; the answer holds a secret session id and the name prefix
+        of every region of the session. FAILED_PRECONDITION when the server does not allow shared
+        memory or cannot see the probe.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardSharedMemory(self, request, context):
+        """ForwardSharedMemory is Forward with tensors in shared memory: the inputs lie in regions the
+        client created; the output goes into the span of a client region the request offers, or, when
+        that is missing or too small, into a region the server creates and the client unlinks once mapped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackwardSharedMemory(self, request, context):
+        """BackwardSharedMemory is Backward with tensors in shared memory, as ForwardSharedMemory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSharedMemorySession(self, request, context):
+        """CloseSharedMemorySession ends a session: the server unlinks the output regions the client
+        has not claimed and forgets the session id. Closing an unknown session succeeds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConvServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +197,36 @@ def add_ConvServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoRequest.FromString,
                     response_serializer=convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardStream,
+                    request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.ForwardStreamRequest.FromString,
+                    response_serializer=convrpc_dot_v1_dot_conv__service__pb2.ForwardStreamResponse.SerializeToString,
+            ),
+            'BackwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.BackwardStream,
+                    request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardStreamRequest.FromString,
+                    response_serializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardStreamResponse.SerializeToString,
+            ),
+            'OpenSharedMemorySession': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSharedMemorySession,
+                    request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.OpenSharedMemorySessionRequest.FromString,
+                    response_serializer=convrpc_dot_v1_dot_conv__service__pb2.OpenSharedMemorySessionResponse.SerializeToString,
+            ),
+            'ForwardSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardSharedMemory,
+                    request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.ForwardSharedMemoryRequest.FromString,
+                    response_serializer=convrpc_dot_v1_dot_conv__service__pb2.ForwardSharedMemoryResponse.SerializeToString,
+            ),
+            'BackwardSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.BackwardSharedMemory,
+                    request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardSharedMemoryRequest.FromString,
+                    response_serializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardSharedMemoryResponse.SerializeToString,
+            ),
+            'CloseSharedMemorySession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSharedMemorySession,
+                    request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.CloseSharedMemorySessionRequest.FromString,
+                    response_serializer=convrpc_dot_v1_dot_conv__service__pb2.CloseSharedMemorySessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +338,168 @@ class ConvService:
             '/convrpc.v1.ConvService/GetServerInfo',
             convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoRequest.SerializeToString,
             convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/convrpc.v1.ConvService/ForwardStream',
+            convrpc_dot_v1_dot_conv__service__pb2.ForwardStreamRequest.SerializeToString,
+            convrpc_dot_v1_dot_conv__service__pb2.ForwardStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/convrpc.v1.ConvService/BackwardStream',
+            convrpc_dot_v1_dot_conv__service__pb2.BackwardStreamRequest.SerializeToString,
+            convrpc_dot_v1_dot_conv__service__pb2.BackwardStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSharedMemorySession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convrpc.v1.ConvService/OpenSharedMemorySession',
+            convrpc_dot_v1_dot_conv__service__pb2.OpenSharedMemorySessionRequest.SerializeToString,
+            convrpc_dot_v1_dot_conv__service__pb2.OpenSharedMemorySessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convrpc.v1.ConvService/ForwardSharedMemory',
+            convrpc_dot_v1_dot_conv__service__pb2.ForwardSharedMemoryRequest.SerializeToString,
+            convrpc_dot_v1_dot_conv__service__pb2.ForwardSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackwardSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convrpc.v1.ConvService/BackwardSharedMemory',
+            convrpc_dot_v1_dot_conv__service__pb2.BackwardSharedMemoryRequest.SerializeToString,
+            convrpc_dot_v1_dot_conv__service__pb2.BackwardSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSharedMemorySession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convrpc.v1.ConvService/CloseSharedMemorySession',
+            convrpc_dot_v1_dot_conv__service__pb2.CloseSharedMemorySessionRequest.SerializeToString,
+            convrpc_dot_v1_dot_conv__service__pb2.CloseSharedMemorySessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,6 +22,7 @@ from .logs import configure_logging
 from .metrics import ServerMetrics
 from .servicer import ConvService
 from .settings import Settings
+from .transport import DataPathService
 
 log = logging.getLogger("convrpc.server")
 
@@ -39,10 +40,9 @@ def version() -> str:
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """gRPC options the server uses; the SDK mirrors the message limits and keepalive (see config)."""
+    """gRPC options the server uses; the SDK mirrors the message limits, transport tuning and keepalive (see config)."""
     return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        *config.transport_options(max_message_bytes),
         ("grpc.so_reuseport", 0),
         # The server pings quiet connections too, so a vanished client's training run is cancelled.
         ("grpc.keepalive_time_ms", config.KEEPALIVE_TIME_MS),
@@ -122,6 +122,8 @@ class ConvServer:
             maximum_concurrent_rpcs=settings.worker_threads + settings.max_queued_rpcs,
         )
         conv_service_pb2_grpc.add_ConvServiceServicer_to_server(self.servicer, self._server)
+        self.data_path = DataPathService(self.backend, settings)
+        self.data_path.register(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -187,6 +189,7 @@ class ConvServer:
         self.health.enter_graceful_shutdown()
         self.servicer.drain()
         self._server.stop(self.settings.grace if grace is None else grace).wait()
+        self.data_path.close()
         self.metrics.close()
         for pool in (self._workers, self._refusals, self.health.pool):
             pool.shutdown(wait=False)

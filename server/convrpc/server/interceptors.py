@@ -28,9 +28,13 @@ log = logging.getLogger("convrpc.server.calls")
 
 SERVICE_PREFIX = "/convrpc.v1.ConvService/"
 #: RPCs that compute, and so take one of the server's compute slots.
-COMPUTE_RPCS = frozenset({"Forward", "Backward", "TrainKernel"})
-#: RPCs that answer with a stream.
+COMPUTE_RPCS = frozenset(
+    {"Forward", "Backward", "TrainKernel", "ForwardStream", "BackwardStream", "ForwardSharedMemory", "BackwardSharedMemory"}
+)
+#: RPCs that answer a single request with a stream.
 STREAMING_RPCS = frozenset({"TrainKernel"})
+#: RPCs that stream both ways (the chunked data path).
+BIDI_RPCS = frozenset({"ForwardStream", "BackwardStream"})
 #: Services reachable without a token: probes and tooling must work before credentials are handed out.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")  # fmt: skip
@@ -42,18 +46,33 @@ def _rpc_name(details) -> str | None:
     return method[len(SERVICE_PREFIX) :] if method.startswith(SERVICE_PREFIX) else None
 
 
-def _wrap(handler, wrap_unary, wrap_stream):
-    """``handler`` with its behavior wrapped (ConvService has only unary-unary and unary-stream RPCs)."""
+def _size(item) -> int:
+    """Bytes of a request or response: a message, pre-encoded bytes, or a decoded chunk (offset, view)."""
+    if isinstance(item, (bytes, memoryview)):
+        return len(item)
+    if isinstance(item, tuple):
+        return len(item[1])
+    return item.ByteSize()
+
+
+def _wrap(handler, wrap_unary, wrap_stream, wrap_bidi):
+    """``handler`` with its behavior wrapped, whichever of ConvService's three kinds of RPC it serves."""
     if handler is None:
         return None
     if handler.unary_unary is not None:
         return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
     if handler.unary_stream is not None:
         return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
+    if handler.stream_stream is not None:
+        return handler._replace(stream_stream=wrap_bidi(handler.stream_stream))
     return handler
 
 
-def _refusal(streaming: bool, code: grpc.StatusCode, message: str, pool: futures.ThreadPoolExecutor):
+def _kind(rpc: str | None) -> str:
+    return "bidi" if rpc in BIDI_RPCS else "stream" if rpc in STREAMING_RPCS else "unary"
+
+
+def _refusal(kind: str, code: grpc.StatusCode, message: str, pool: futures.ThreadPoolExecutor):
     """A handler that ends the call with ``code`` at once, run on ``pool``: a refusal must not wait behind
     the work queued for the RPC workers. It never reads the request, so it needs no deserializer."""
 
@@ -61,9 +80,12 @@ def _refusal(streaming: bool, code: grpc.StatusCode, message: str, pool: futures
         context.abort(code, message)
 
     refuse.experimental_thread_pool = pool
-    if streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+    make = {
+        "unary": grpc.unary_unary_rpc_method_handler,
+        "stream": grpc.unary_stream_rpc_method_handler,
+        "bidi": grpc.stream_stream_rpc_method_handler,
+    }[kind]
+    return make(refuse)
 
 
 def _metadata(details, key: str) -> str | None:
@@ -87,13 +109,18 @@ class CallObserver(grpc.ServerInterceptor):
             return handler
         given = _metadata(details, "x-request-id")
         rid = given if given and len(given) <= 64 and given.isprintable() else new_request_id()
-        return _wrap(handler, lambda b: self._unary(rpc, rid, b), lambda b: self._stream(rpc, rid, b))
+        return _wrap(
+            handler,
+            lambda b: self._unary(rpc, rid, b),
+            lambda b: self._stream(rpc, rid, b),
+            lambda b: self._bidi(rpc, rid, b),
+        )
 
     def _begin(self, rpc, rid, request) -> float:
         REQUEST_ID.set(rid)
         self.metrics.in_flight.labels(rpc).inc()
-        # A refusal's request stays undecoded bytes.
-        self.metrics.bytes_received.labels(rpc).inc(len(request) if isinstance(request, bytes) else request.ByteSize())
+        if request is not None:  # a refusal's request stays undecoded bytes
+            self.metrics.bytes_received.labels(rpc).inc(_size(request))
         return time.perf_counter()
 
     def _end(self, rpc, context, started, code, sent) -> None:
@@ -153,6 +180,33 @@ class CallObserver(grpc.ServerInterceptor):
 
         return observed
 
+    def _bidi(self, rpc, rid, behavior):
+        @functools.wraps(behavior)
+        def observed(request_iterator, context):
+            started = self._begin(rpc, rid, None)
+            received = self.metrics.bytes_received.labels(rpc)
+
+            def counted():
+                for request in request_iterator:
+                    received.inc(_size(request))
+                    yield request
+
+            sent, code = 0, None
+            try:
+                for response in behavior(counted(), context):
+                    sent += _size(response)
+                    yield response
+            except GeneratorExit:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = self._code(context, True)
+                raise
+            finally:
+                self._end(rpc, context, started, code or self._code(context, False), sent)
+
+        return observed
+
 
 class BearerTokenAuth(grpc.ServerInterceptor):
     """Requires ``authorization: Bearer <token>`` with one of ``tokens`` on every RPC but health and reflection."""
@@ -185,8 +239,7 @@ class BearerTokenAuth(grpc.ServerInterceptor):
             "invalid bearer token" if header else "missing bearer token: send metadata 'authorization: Bearer <token>'"
         )
         # The refusal only needs the method's kind; asking the inner interceptors for it would admit the call.
-        streaming = _rpc_name(details) in STREAMING_RPCS
-        return _refusal(streaming, grpc.StatusCode.UNAUTHENTICATED, message, self._refusals)
+        return _refusal(_kind(_rpc_name(details)), grpc.StatusCode.UNAUTHENTICATED, message, self._refusals)
 
 
 class _Slot:
@@ -215,10 +268,9 @@ class ComputeAdmission(grpc.ServerInterceptor):
         if handler is None or _rpc_name(details) not in COMPUTE_RPCS:
             return handler
         if not self._free.acquire(blocking=False):
-            streaming = handler.unary_stream is not None
-            return _refusal(streaming, grpc.StatusCode.RESOURCE_EXHAUSTED, self._busy, self._refusals)
+            return _refusal(_kind(_rpc_name(details)), grpc.StatusCode.RESOURCE_EXHAUSTED, self._busy, self._refusals)
         slot = _Slot(self._free)
-        return _wrap(handler, lambda b: self._unary(b, slot), lambda b: self._stream(b, slot))
+        return _wrap(handler, lambda b: self._unary(b, slot), lambda b: self._stream(b, slot), lambda b: self._bidi(b, slot))
 
     def _check_size(self, request, context) -> None:
         carried = sum(
@@ -245,6 +297,20 @@ class ComputeAdmission(grpc.ServerInterceptor):
             try:
                 self._check_size(request, context)
                 yield from behavior(request, context)
+            finally:
+                slot.release()
+
+        return admitted
+
+    @staticmethod
+    def _bidi(behavior, slot: _Slot):
+        """A chunked stream holds a slot while it runs; its size is checked against the caps by the
+        data path from the header, before the server allocates for it."""
+
+        @functools.wraps(behavior)
+        def admitted(request_iterator, context):
+            try:
+                yield from behavior(request_iterator, context)
             finally:
                 slot.release()
 

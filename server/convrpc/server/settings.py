@@ -90,6 +90,14 @@ class Settings:
     log_format: str = knob("plain", "log line format", choices=LOG_FORMATS)
     log_level: str = knob("info", "lowest level logged", choices=LOG_LEVELS)
     grace: float = knob(config.GRACE_SECONDS, "seconds in-flight RPCs get to finish on SIGTERM/SIGINT")
+    # -- data paths (see the README's "Moving tensors fast")
+    shared_memory: bool = knob(True, "let clients on this host pass tensors through POSIX shared memory (same user only)")
+    shm_output_ttl: float = knob(
+        config.SHM_OUTPUT_TTL, "seconds a shared-memory output region no client unlinked lives before the server unlinks it"
+    )
+    chunk_bytes: int = knob(
+        config.CHUNK_BYTES, "bytes per chunk of the ForwardStream/BackwardStream responses (at most max_message_bytes/2)"
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -113,10 +121,17 @@ class Settings:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_key" if self.tls_cert else "tls_cert", "tls_cert and tls_key must be given together")
+        if self.chunk_bytes < 1:
+            raise ConfigError("chunk_bytes", f"must be >= 1, got {self.chunk_bytes}")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("tls_client_ca", "mutual TLS needs the server's own tls_cert and tls_key")
 
     # -- derived values
+
+    @property
+    def stream_chunk_bytes(self) -> int:
+        """chunk_bytes, kept to half a message so a chunk and its framing always fit."""
+        return max(1, min(self.chunk_bytes, self.max_message_bytes // 2))
 
     @property
     def address(self) -> str:

@@ -9,7 +9,15 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from convrpc.core.errors import BackendUnavailableError, InvalidArgumentError, ResourceExhaustedError, ServerDraining
+from convrpc.core.errors import (
+    BackendUnavailableError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    ServerDraining,
+)
 
 log = logging.getLogger("convrpc.server")
 
@@ -18,6 +26,9 @@ _CODES = {
     ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     BackendUnavailableError: grpc.StatusCode.FAILED_PRECONDITION,
     ServerDraining: grpc.StatusCode.UNAVAILABLE,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
