@@ -347,7 +347,7 @@ def test_headless_service_selects_the_pods_on_the_grpc_port():
     (container_port,) = _container()["ports"]
     assert port["port"] == config.DEFAULT_PORT
     assert port["targetPort"] in (container_port["name"], container_port["containerPort"])
-    assert service["metadata"]["name"] == "convrpc"  # dns:///convrpc:50051 in deploy/README.md
+    assert service["metadata"]["name"] == "convrpc"  # dns:///convrpc:50051 in the README
     assert MANIFESTS["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
 
