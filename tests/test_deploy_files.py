@@ -351,7 +351,7 @@ def test_headless_service_selects_the_pods_on_the_grpc_port():
     assert MANIFESTS["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
 
-def test_deploy_readme_shows_the_targets_the_manifests_serve():
-    readme = (ROOT / "deploy" / "README.md").read_text()
+def test_readme_shows_the_targets_the_manifests_serve():
+    readme = (ROOT / "README.md").read_text()
     assert f"dns:///convrpc:{config.DEFAULT_PORT}" in readme and f"dns:///server:{config.DEFAULT_PORT}" in readme
     assert "shard_size" in readme and "TrainKernel" in readme
