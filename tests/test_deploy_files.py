@@ -10,6 +10,7 @@ import dataclasses
 import fnmatch
 import importlib
 import importlib.util
+import ipaddress
 import json
 import math
 import re
@@ -160,7 +161,7 @@ def test_server_images_run_convrpc_serve_as_a_non_root_user_with_health_and_sigt
 
     env = conf["ENV"]
     settings = check_server_env(env)
-    assert settings.host == "0.0.0.0" and settings.port == config.DEFAULT_PORT
+    assert ipaddress.ip_address(settings.host).is_unspecified and settings.port == config.DEFAULT_PORT
     assert settings.backend in BACKENDS
     assert conf["EXPOSE"] == str(settings.port)
 
@@ -234,7 +235,7 @@ def test_compose_has_no_obsolete_version_and_the_expected_services():
 def test_compose_servers_agree_with_settings_cli_and_ports(name):
     service = SERVICES[name]
     settings = check_server_env(service["environment"])
-    assert settings.host == "0.0.0.0" and settings.port == config.DEFAULT_PORT
+    assert ipaddress.ip_address(settings.host).is_unspecified and settings.port == config.DEFAULT_PORT
     probe = parse_command(service["healthcheck"]["test"][1:])
     assert service["healthcheck"]["test"][0] == "CMD"
     assert probe.func is cli.cmd_health and port_of(probe.target) == settings.port
@@ -314,7 +315,7 @@ def test_deployment_runs_convrpc_serve_with_valid_settings_and_grpc_probes():
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     settings = check_server_env(env)
     (port,) = container["ports"]
-    assert port["containerPort"] == settings.port == config.DEFAULT_PORT and settings.host == "0.0.0.0"
+    assert port["containerPort"] == settings.port == config.DEFAULT_PORT and ipaddress.ip_address(settings.host).is_unspecified
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == port["containerPort"], probe
     assert pod["spec"]["terminationGracePeriodSeconds"] > settings.grace
