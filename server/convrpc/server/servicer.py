@@ -114,7 +114,7 @@ class ConvService(pb_grpc.ConvServiceServicer):
         op, options = wire.decode_op(request.op)
         inputs = self._op_inputs(request, op, ("input", "weight", "bias"))
         output = getattr(self.backend, op)(*inputs, **options)
-        return pb.ForwardResponse(output=wire.encode_tensor(self.backend.kernels.to_host(output)))
+        return pb.ForwardResponse(output=wire.encode_tensor(output))
 
     @_translate_errors
     def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardResponse:
@@ -125,7 +125,7 @@ class ConvService(pb_grpc.ConvServiceServicer):
         response = pb.BackwardResponse()
         for field, value in zip(("grad_input", "grad_weight", "grad_bias"), grads):
             if value is not None:
-                getattr(response, field).CopyFrom(wire.encode_tensor(self.backend.kernels.to_host(value)))
+                getattr(response, field).CopyFrom(wire.encode_tensor(value))
         return response
 
     @_translate_errors
@@ -197,20 +197,19 @@ class ConvService(pb_grpc.ConvServiceServicer):
     def _progress_message(self, event) -> pb.TrainProgress:
         msg = pb.TrainProgress(step=event.step, loss=event.loss, elapsed_seconds=event.elapsed, grad_norm=event.grad_norm)
         if event.weight is not None:
-            msg.weight.CopyFrom(wire.encode_tensor(self.backend.kernels.to_host(event.weight)))
+            msg.weight.CopyFrom(wire.encode_tensor(event.weight))
         return msg
 
     def _result_message(self, result) -> pb.TrainResult:
-        to_host = self.backend.kernels.to_host
         msg = pb.TrainResult(
-            weight=wire.encode_tensor(to_host(result.weight)),
+            weight=wire.encode_tensor(result.weight),
             steps=result.steps,
             loss=result.loss,
             stop_reason=_STOP_REASONS[result.stop_reason],
             elapsed_seconds=result.elapsed,
         )
         if result.bias is not None:
-            msg.bias.CopyFrom(wire.encode_tensor(to_host(result.bias)))
+            msg.bias.CopyFrom(wire.encode_tensor(result.bias))
         return msg
 
     @_translate_errors
