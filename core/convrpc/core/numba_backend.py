@@ -79,6 +79,10 @@ TILE_BYTES = 4 * 1024 * 1024
 # One compute lane: concurrent requests queue here instead of splitting the same cores (and the
 # worker buffers below belong to whoever holds it).
 _lane = threading.Lock()
+#: Ops with less work than this (flops, or element-taps for pooling/relu) run on the calling thread
+#: alone: waking the parallel pool costs 50-100 us here, more than such an op's whole compute
+#: (conv 1x1x80x80 3x3: 115 -> 54 us forward, 100 -> 26 us grad-input, measured).
+SERIAL_WORK = 1_500_000
 _workspace_limit = int(config.WORKSPACE_BYTES)
 _worker_buffers: list[np.ndarray | None] = [None] * THREADS
 _pool: ThreadPoolExecutor | None = None
@@ -161,6 +165,27 @@ def _buffer(worker: int, shape, dtype) -> np.ndarray:
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
+class _Compute:
+    """Holds the lane for one op; below SERIAL_WORK its numba kernels and BLAS tiles stay on this thread."""
+
+    __slots__ = ("serial", "_saved")
+
+    def __init__(self, work: float):
+        self.serial = work < SERIAL_WORK
+
+    def __enter__(self):
+        _lane.acquire()
+        if self.serial:
+            self._saved = numba.get_num_threads()
+            numba.set_num_threads(1)  # thread-local: other threads keep theirs
+        return self
+
+    def __exit__(self, *exc):
+        if self.serial:
+            numba.set_num_threads(self._saved)
+        _lane.release()
+
+
 def _run(tasks, work, workers: int) -> None:
     """Call ``work(worker, task)`` for every task, spread over ``workers`` threads (this one included)."""
     global _pool
@@ -228,8 +253,8 @@ class _Plan:
         self.tiles, self.workers, self.row_bytes = tiles, workers, row_bytes
 
     @classmethod
-    def make(cls, g: ConvGeometry, itemsize: int, pointwise: bool = False):
-        workers = BLAS_WORKERS
+    def make(cls, g: ConvGeometry, itemsize: int, pointwise: bool = False, serial: bool = False):
+        workers = 1 if serial else BLAS_WORKERS
         row_bytes = g.c_in * g.kh * g.kw * g.out_w * itemsize
         budget = min(TILE_BYTES, _workspace_limit // workers)
         if pointwise:
@@ -251,14 +276,14 @@ class _Plan:
 
 def conv2d(x, w, b, g: ConvGeometry):
     """y (N, K, OH, OW) = conv2d(x (N, C, H, W), w (K, C/groups, kh, kw)) + b (K,) or None."""
-    with _lane:
-        return _conv2d(x, w, b, g)
+    with _Compute(g.flops) as run:
+        return _conv2d(x, w, b, g, run.serial)
 
 
-def _conv2d(x, w, b, g: ConvGeometry):
+def _conv2d(x, w, b, g: ConvGeometry, serial: bool = False):
     """conv2d's body; the caller holds the lane. Padding may be negative (a crop): the kernels clip."""
     y = np.empty(g.output_shape, dtype=x.dtype)
-    plan = _Plan.make(g, x.itemsize, _is_pointwise(g)) if _use_blas(g) else None
+    plan = _Plan.make(g, x.itemsize, _is_pointwise(g), serial) if _use_blas(g) else None
     if plan is None:
         bias = b if b is not None else np.zeros(1, x.dtype)
         direct = _k.conv2d_small if _use_small(g, x.itemsize) else _k.conv2d_direct
@@ -343,13 +368,13 @@ def _input_row_tiles(g: ConvGeometry, plan: _Plan):
 
 def conv2d_input_grad(gy, w, g: ConvGeometry):
     """gx (N, C, H, W): the adjoint of conv2d applied to gy (N, K, OH, OW); also conv_transpose2d."""
-    with _lane:
+    with _Compute(g.flops) as run:
         if g.stride_h == g.stride_w == 1 and not _is_pointwise(g) and _use_blas(dataclasses.replace(g, c_in=g.c_out, c_out=g.c_in)):
             # A forward conv runs im2col + one matmul per tile, no zero-fill and no scatter-add:
             # about twice the rate of col2im here.
             wt, gt = _adjoint_as_forward(w, g)
-            return _conv2d(gy, wt, None, gt)
-        plan = _Plan.make(g, gy.itemsize, _is_pointwise(g)) if _use_blas(g) else None
+            return _conv2d(gy, wt, None, gt, run.serial)
+        plan = _Plan.make(g, gy.itemsize, _is_pointwise(g), run.serial) if _use_blas(g) else None
         if plan is not None and not _is_pointwise(g):
             tiles = _input_row_tiles(g, plan)
             biggest = max(t[1] * t[3] for t in tiles) * plan.row_bytes
@@ -393,11 +418,11 @@ def conv2d_input_grad(gy, w, g: ConvGeometry):
 def conv2d_weight_grad(x, gy, g: ConvGeometry):
     """gw (K, C/groups, kh, kw): the weight gradient of conv2d for input x and output gradient gy."""
     kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
-    with _lane:
+    with _Compute(g.flops) as run:
         pointwise = _is_pointwise(g)
-        plan = _Plan.make(g, x.itemsize, pointwise) if _use_blas(g) else None
+        plan = _Plan.make(g, x.itemsize, pointwise, run.serial) if _use_blas(g) else None
         if plan is None and _use_small(g, x.itemsize):
-            chunks = max(1, min(THREADS, g.n * g.groups))
+            chunks = 1 if run.serial else max(1, min(THREADS, g.n * g.groups))
             partial = np.empty((chunks, g.c_out, ckk), dtype=x.dtype)
             _k.conv2d_weight_grad_small(x, gy, partial, g.groups, g.kh, g.kw, *_conv_args(g))
             return partial.sum(axis=0).reshape(g.weight_shape)
@@ -439,7 +464,7 @@ def max_pool2d(x, g: PoolGeometry):
     """y (N, C, OH, OW): the first maximum of each window (padding is -inf, NaN wins)."""
     y = np.empty(g.output_shape, dtype=x.dtype)
     arg = np.empty(g.output_shape, dtype=np.int32)
-    with _lane:
+    with _Compute(y.size * g.kh * g.kw):
         _k.max_pool2d(x, y, arg, *_pool_args(g))
     return y
 
@@ -449,7 +474,7 @@ def max_pool2d_backward(gy, x, g: PoolGeometry):
     y = np.empty(g.output_shape, dtype=x.dtype)
     arg = np.empty(g.output_shape, dtype=np.int32)
     gx = np.empty(g.input_shape, dtype=x.dtype)
-    with _lane:
+    with _Compute(y.size * g.kh * g.kw):
         _k.max_pool2d(x, y, arg, *_pool_args(g))
         _k.max_pool2d_backward(gy, arg, gx, *_pool_args(g))
     return gx
@@ -458,7 +483,7 @@ def max_pool2d_backward(gy, x, g: PoolGeometry):
 def avg_pool2d(x, g: PoolGeometry):
     """y (N, C, OH, OW): window sums over kh*kw, zero padding counted."""
     y = np.empty(g.output_shape, dtype=x.dtype)
-    with _lane:
+    with _Compute(y.size * g.kh * g.kw):
         _k.avg_pool2d(x, y, g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w)
     return y
 
@@ -466,7 +491,7 @@ def avg_pool2d(x, g: PoolGeometry):
 def avg_pool2d_backward(gy, g: PoolGeometry):
     """gx (N, C, H, W): each window's gradient spread evenly over its kh*kw taps."""
     gx = np.empty(g.input_shape, dtype=gy.dtype)
-    with _lane:
+    with _Compute(gy.size * g.kh * g.kw):
         _k.avg_pool2d_backward(gy, gx, g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w)
     return gx
 
@@ -474,7 +499,7 @@ def avg_pool2d_backward(gy, g: PoolGeometry):
 def relu(x):
     """max(x, 0) elementwise (NaN stays NaN)."""
     y = np.empty_like(x)
-    with _lane:
+    with _Compute(10 * x.size):  # elementwise: serial below 150k elements
         _k.relu(x.reshape(-1), y.reshape(-1))
     return y
 
@@ -482,7 +507,7 @@ def relu(x):
 def relu_backward(gy, x):
     """gy where x > 0, else 0."""
     gx = np.empty_like(gy)
-    with _lane:
+    with _Compute(10 * x.size):  # elementwise: serial below 150k elements
         _k.relu_backward(gy.reshape(-1), x.reshape(-1), gx.reshape(-1))
     return gx
 
