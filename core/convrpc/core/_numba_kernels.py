@@ -396,3 +396,35 @@ def relu_backward(gy, x, gx):
     """gx = gy where x > 0, else 0, on flat arrays."""
     for i in prange(x.size):
         gx[i] = gy[i] if x[i] > 0.0 else 0.0
+
+
+# -- stride-1 im2col on a padded-width grid (long contiguous copies instead of one per output row) --
+
+
+@njit(**_SER)
+def im2col_wide(x, xpad, cols, n0, c0, r0, kh, kw, pt, pl, dh, dw, wg):
+    """cols (C'*kh*kw, T, R*wg): stride-1 windows of output rows r0..r0+R on a grid wg wide.
+
+    wg = OW + dw*(kw-1) is the padded input's width: image t, channel c is first copied with its
+    padding into xpad (C', (R + dh*(kh-1) + 1)*wg), after which tap (i, j) of all R rows is the one
+    contiguous run xpad[c, i*dh*wg + j*dw :][:R*wg]. Grid columns >= OW mix neighbouring rows; the
+    caller drops them. cols and xpad are overwritten.
+    """
+    rows, t_, length = cols.shape
+    h, wd = x.shape[2], x.shape[3]
+    span = xpad.shape[1]
+    rows_in = span // wg
+    u_lo, u_hi = max(0, pl), min(wg, wd + pl)  # grid columns holding input columns
+    for t in range(t_):
+        for c in range(rows // (kh * kw)):
+            pad = xpad[c]
+            pad[:] = 0.0
+            if u_hi > u_lo:
+                for rr in range(rows_in):
+                    ih = r0 - pt + rr
+                    if 0 <= ih < h:
+                        pad[rr * wg + u_lo : rr * wg + u_hi] = x[n0 + t, c0 + c, ih, u_lo - pl : u_hi - pl]
+            for i in range(kh):
+                for j in range(kw):
+                    start = i * dh * wg + j * dw
+                    cols[(c * kh + i) * kw + j, t, :] = pad[start : start + length]

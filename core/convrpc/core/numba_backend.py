@@ -83,6 +83,8 @@ _lane = threading.Lock()
 #: alone: waking the parallel pool costs 50-100 us here, more than such an op's whole compute
 #: (conv 1x1x80x80 3x3: 115 -> 54 us forward, 100 -> 26 us grad-input, measured).
 SERIAL_WORK = 1_500_000
+#: Stride-1 convs on the BLAS path use im2col_wide (see _conv2d_wide).
+USE_WIDE = True
 _workspace_limit = int(config.WORKSPACE_BYTES)
 _worker_buffers: list[np.ndarray | None] = [None] * THREADS
 _pool: ThreadPoolExecutor | None = None
@@ -253,10 +255,18 @@ class _Plan:
         self.tiles, self.workers, self.row_bytes = tiles, workers, row_bytes
 
     @classmethod
-    def make(cls, g: ConvGeometry, itemsize: int, pointwise: bool = False, serial: bool = False):
+    def make(cls, g: ConvGeometry, itemsize: int, pointwise: bool = False, serial: bool = False, wide: bool = False):
+        """``wide``: tiles for im2col_wide, whose row also holds the padded input and the matmul output."""
         workers = 1 if serial else BLAS_WORKERS
         row_bytes = g.c_in * g.kh * g.kw * g.out_w * itemsize
         budget = min(TILE_BYTES, _workspace_limit // workers)
+        if wide:
+            wg = _wide_width(g)
+            row_bytes = (g.c_in * g.kh * g.kw + g.c_out + g.c_in) * wg * itemsize
+            halo = g.c_in * (g.dil_h * (g.kh - 1) + 1) * wg * itemsize
+            budget -= halo
+            if row_bytes > budget:
+                return None
         if pointwise:
             budget = TILE_BYTES  # no workspace: tiles only split the work
         elif row_bytes > budget:
@@ -270,8 +280,19 @@ class _Plan:
             return cls([(n0, min(per, g.n - n0), 0, g.out_h) for n0 in range(0, g.n, per)], workers, row_bytes)
         pieces = max(1, -(-2 * workers // g.n))
         rows = max(1, min(budget // row_bytes, -(-g.out_h // pieces)))
+        rows = -(-g.out_h // -(-g.out_h // rows))  # even tiles: 56 rows as 19+19+18, not 25+25+6
         tiles = [(n, 1, r0, min(rows, g.out_h - r0)) for n in range(g.n) for r0 in range(0, g.out_h, rows)]
         return cls(tiles, workers, row_bytes)
+
+
+def _wide_width(g: ConvGeometry) -> int:
+    """Width of im2col_wide's grid: every tap of every output column lies inside it."""
+    return g.out_w + g.dil_w * (g.kw - 1)
+
+
+def _use_wide(g: ConvGeometry) -> bool:
+    """Stride-1 convs with kernels wider than 1x1: im2col as long copies on a padded-width grid."""
+    return g.stride_h == g.stride_w == 1 and not _is_pointwise(g)
 
 
 def conv2d(x, w, b, g: ConvGeometry):
@@ -283,7 +304,12 @@ def conv2d(x, w, b, g: ConvGeometry):
 def _conv2d(x, w, b, g: ConvGeometry, serial: bool = False):
     """conv2d's body; the caller holds the lane. Padding may be negative (a crop): the kernels clip."""
     y = np.empty(g.output_shape, dtype=x.dtype)
-    plan = _Plan.make(g, x.itemsize, _is_pointwise(g), serial) if _use_blas(g) else None
+    blas = _use_blas(g)
+    if blas and USE_WIDE and _use_wide(g):
+        plan = _Plan.make(g, x.itemsize, serial=serial, wide=True)
+        if plan is not None:
+            return _conv2d_wide(x, w, b, g, plan, y)
+    plan = _Plan.make(g, x.itemsize, _is_pointwise(g), serial) if blas else None
     if plan is None:
         bias = b if b is not None else np.zeros(1, x.dtype)
         direct = _k.conv2d_small if _use_small(g, x.itemsize) else _k.conv2d_direct
@@ -311,6 +337,36 @@ def _conv2d(x, w, b, g: ConvGeometry, serial: bool = False):
     _run(plan.tiles, tile, plan.workers)
     if b is not None and pointwise:
         y3 += b[:, None]
+    return y
+
+
+def _conv2d_wide(x, w, b, g: ConvGeometry, plan: _Plan, y):
+    """The BLAS path for stride 1: im2col_wide, one matmul per group onto the grid, valid columns to y."""
+    kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
+    wm = w.reshape(g.groups, kg, ckk)
+    wg = _wide_width(g)
+    span = (max(nr for _, _, _, nr in plan.tiles) + g.dil_h * (g.kh - 1) + 1) * wg
+
+    def tile(worker, t):
+        n0, tn, r0, nr = t
+        length = nr * wg
+        sizes = (g.c_in * g.kh * g.kw * tn * length, tn * g.c_out * length, g.c_in * span)
+        flat = _buffer(worker, (sum(sizes),), x.dtype)
+        cols = flat[: sizes[0]].reshape(g.c_in * g.kh * g.kw, tn, length)
+        out = flat[sizes[0] : sizes[0] + sizes[1]].reshape(tn, g.c_out, length)
+        xpad = flat[sizes[0] + sizes[1] :].reshape(g.c_in, span)
+        _k.im2col_wide(x, xpad, cols, n0, 0, r0, g.kh, g.kw, g.pad_top, g.pad_left, g.dil_h, g.dil_w, wg)
+        for grp in range(g.groups):
+            b_mat = cols[grp * ckk : (grp + 1) * ckk].transpose(1, 0, 2)  # (images, ckk, grid)
+            np.matmul(wm[grp], b_mat, out=out[:, grp * kg : (grp + 1) * kg])
+        dst = y[n0 : n0 + tn, :, r0 : r0 + nr]
+        src = out.reshape(tn, g.c_out, nr, wg)[:, :, :, : g.out_w]
+        if b is not None:
+            np.add(src, b[:, None, None], out=dst)
+        else:
+            dst[...] = src
+
+    _run(plan.tiles, tile, plan.workers)
     return y
 
 
@@ -526,7 +582,8 @@ def warm_up() -> None:
         rng = np.random.default_rng(0)
         for x_shape, w_shape, kw in (
             ((2, 2, 6, 7), (2, 1, 3, 3), dict(stride=2, padding=1, groups=2)),  # direct kernels
-            ((1, 4, 6, 6), (16, 4, 3, 3), dict(padding=1)),  # im2col + BLAS
+            ((1, 4, 6, 6), (16, 4, 3, 3), dict(padding=1)),  # im2col_wide + BLAS (stride 1)
+            ((1, 4, 7, 7), (16, 4, 3, 3), dict(stride=2, padding=1)),  # im2col, col2im + BLAS
             ((1, 16, 3, 3), (16, 16, 1, 1), {}),  # pointwise
         ):
             x = rng.standard_normal(x_shape).astype(dtype)
