@@ -402,13 +402,14 @@ def relu_backward(gy, x, gx):
 
 
 @njit(**_SER)
-def im2col_wide(x, xpad, cols, n0, c0, r0, kh, kw, pt, pl, dh, dw, wg):
+def im2col_wide(x, xpad, cols, n0, c0, r0, kh, kw, pt, pl, dh, dw, wg, clean):
     """cols (C'*kh*kw, T, R*wg): stride-1 windows of output rows r0..r0+R on a grid wg wide.
 
     wg = OW + dw*(kw-1) is the padded input's width: image t, channel c is first copied with its
     padding into xpad (C', (R + dh*(kh-1) + 1)*wg), after which tap (i, j) of all R rows is the one
     contiguous run xpad[c, i*dh*wg + j*dw :][:R*wg]. Grid columns >= OW mix neighbouring rows; the
-    caller drops them. cols and xpad are overwritten.
+    caller drops them, or with ``clean`` they are zeroed (a weight gradient sums over them, and a
+    NaN there would leak into taps that never read it). cols and xpad are overwritten.
     """
     rows, t_, length = cols.shape
     h, wd = x.shape[2], x.shape[3]
@@ -427,4 +428,8 @@ def im2col_wide(x, xpad, cols, n0, c0, r0, kh, kw, pt, pl, dh, dw, wg):
             for i in range(kh):
                 for j in range(kw):
                     start = i * dh * wg + j * dw
-                    cols[(c * kh + i) * kw + j, t, :] = pad[start : start + length]
+                    dst = cols[(c * kh + i) * kw + j, t]
+                    dst[:] = pad[start : start + length]
+                    if clean:
+                        for r in range(length // wg):
+                            dst[r * wg + wg - (kw - 1) * dw : (r + 1) * wg] = 0.0

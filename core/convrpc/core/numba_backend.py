@@ -355,7 +355,7 @@ def _conv2d_wide(x, w, b, g: ConvGeometry, plan: _Plan, y):
         cols = flat[: sizes[0]].reshape(g.c_in * g.kh * g.kw, tn, length)
         out = flat[sizes[0] : sizes[0] + sizes[1]].reshape(tn, g.c_out, length)
         xpad = flat[sizes[0] + sizes[1] :].reshape(g.c_in, span)
-        _k.im2col_wide(x, xpad, cols, n0, 0, r0, g.kh, g.kw, g.pad_top, g.pad_left, g.dil_h, g.dil_w, wg)
+        _k.im2col_wide(x, xpad, cols, n0, 0, r0, g.kh, g.kw, g.pad_top, g.pad_left, g.dil_h, g.dil_w, wg, False)
         for grp in range(g.groups):
             b_mat = cols[grp * ckk : (grp + 1) * ckk].transpose(1, 0, 2)  # (images, ckk, grid)
             np.matmul(wm[grp], b_mat, out=out[:, grp * kg : (grp + 1) * kg])
@@ -486,6 +486,10 @@ def conv2d_weight_grad(x, gy, g: ConvGeometry):
             gw = np.empty(g.weight_shape, dtype=x.dtype)
             _k.conv2d_weight_grad_direct(x, gy, gw, g.groups, *_conv_args(g))
             return gw
+        if USE_WIDE and _use_wide(g) and ckk >= 64:  # measured: d, e 5-15% faster; c (ckk 27) 8% slower
+            wide = _Plan.make(g, x.itemsize, serial=run.serial, wide=True)
+            if wide is not None:
+                return _weight_grad_wide(x, gy, g, wide)
         # One accumulator per worker, summed at the end: no two threads add into the same gradient.
         partial = np.zeros((plan.workers, g.groups, kg, ckk), dtype=x.dtype)
         gy3 = gy.reshape(g.n, g.c_out, g.out_h * g.out_w)
@@ -506,6 +510,33 @@ def conv2d_weight_grad(x, gy, g: ConvGeometry):
                 acc[grp] += gyt.reshape(kg, -1) @ cols[grp * ckk : (grp + 1) * ckk].reshape(ckk, -1).T
 
         _run(plan.tiles, tile, plan.workers)
+    return partial.sum(axis=0).reshape(g.weight_shape)
+
+
+def _weight_grad_wide(x, gy, g: ConvGeometry, plan: _Plan):
+    """Stride-1 weight gradient on im2col_wide's grid: gy laid on the same grid, zero where it overhangs."""
+    kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
+    wg = _wide_width(g)
+    span = (max(nr for _, _, _, nr in plan.tiles) + g.dil_h * (g.kh - 1) + 1) * wg
+    partial = np.zeros((plan.workers, g.groups, kg, ckk), dtype=x.dtype)
+
+    def tile(worker, t):
+        n0, tn, r0, nr = t
+        length = nr * wg
+        sizes = (g.c_in * g.kh * g.kw * tn * length, g.c_out * tn * length, g.c_in * span)
+        flat = _buffer(worker, (sum(sizes),), x.dtype)
+        cols = flat[: sizes[0]].reshape(g.c_in * g.kh * g.kw, tn, length)
+        gyw = flat[sizes[0] : sizes[0] + sizes[1]].reshape(g.c_out, tn, nr, wg)
+        xpad = flat[sizes[0] + sizes[1] :].reshape(g.c_in, span)
+        _k.im2col_wide(x, xpad, cols, n0, 0, r0, g.kh, g.kw, g.pad_top, g.pad_left, g.dil_h, g.dil_w, wg, True)
+        gyw[:, :, :, : g.out_w] = gy[n0 : n0 + tn, :, r0 : r0 + nr].transpose(1, 0, 2, 3)
+        gyw[:, :, :, g.out_w :] = 0.0
+        acc = partial[worker]
+        gym = gyw.reshape(g.c_out, tn * length)
+        for grp in range(g.groups):
+            acc[grp] += gym[grp * kg : (grp + 1) * kg] @ cols[grp * ckk : (grp + 1) * ckk].reshape(ckk, -1).T
+
+    _run(plan.tiles, tile, plan.workers)
     return partial.sum(axis=0).reshape(g.weight_shape)
 
 
