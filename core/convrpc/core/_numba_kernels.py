@@ -402,34 +402,48 @@ def relu_backward(gy, x, gx):
 
 
 @njit(**_SER)
-def im2col_wide(x, xpad, cols, n0, c0, r0, kh, kw, pt, pl, dh, dw, wg, clean):
-    """cols (C'*kh*kw, T, R*wg): stride-1 windows of output rows r0..r0+R on a grid wg wide.
+def im2col_wide(x, xpad, cols, n0, c0, r0, kh, kw, sh, sw, pt, pl, dh, dw, wg, out_w, clean):
+    """cols (C'*kh*kw, T, R*wg): the windows of output rows r0..r0+R on a grid wg wide.
 
-    wg = OW + dw*(kw-1) is the padded input's width: image t, channel c is first copied with its
-    padding into xpad (C', (R + dh*(kh-1) + 1)*wg), after which tap (i, j) of all R rows is the one
-    contiguous run xpad[c, i*dh*wg + j*dw :][:R*wg]. Grid columns >= OW mix neighbouring rows; the
-    caller drops them, or with ``clean`` they are zeroed (a weight gradient sums over them, and a
-    NaN there would leak into taps that never read it). cols and xpad are overwritten.
+    Image t, channel c is first copied with its padding into xpad (C', sh*sw planes), plane
+    (a, b) holding padded rows a, a+sh, ... and columns b, b+sw, ... of the tile's input rows, wg
+    wide (wg = OW + (kw-1)*dw // sw). Tap (i, j) of all R output rows is then one contiguous run
+    of plane ((i*dh) % sh, (j*dw) % sw) from row (i*dh) // sh, column (j*dw) // sw. Grid columns
+    >= OW mix neighbouring rows; the caller drops them, or with ``clean`` they are zeroed (a
+    weight gradient sums over them, and a NaN there would reach taps that never read it).
+    cols and xpad are overwritten.
     """
     rows, t_, length = cols.shape
     h, wd = x.shape[2], x.shape[3]
-    span = xpad.shape[1]
-    rows_in = span // wg
-    u_lo, u_hi = max(0, pl), min(wg, wd + pl)  # grid columns holding input columns
+    plane = xpad.shape[1] // (sh * sw)
+    prow = plane // wg
     for t in range(t_):
         for c in range(rows // (kh * kw)):
             pad = xpad[c]
             pad[:] = 0.0
-            if u_hi > u_lo:
-                for rr in range(rows_in):
-                    ih = r0 - pt + rr
-                    if 0 <= ih < h:
-                        pad[rr * wg + u_lo : rr * wg + u_hi] = x[n0 + t, c0 + c, ih, u_lo - pl : u_hi - pl]
+            for a in range(sh):
+                for b in range(sw):
+                    base = (a * sw + b) * plane
+                    u_lo = max(0, -((b - pl) // sw))  # grid columns whose input column is in [0, wd)
+                    u_hi = min(wg, (wd - 1 + pl - b) // sw + 1) if wd - 1 + pl - b >= 0 else 0
+                    if u_hi <= u_lo:
+                        continue
+                    for rr in range(prow):
+                        ih = r0 * sh - pt + rr * sh + a
+                        if ih < 0 or ih >= h:
+                            continue
+                        dst_row = pad[base + rr * wg : base + (rr + 1) * wg]
+                        src_row = x[n0 + t, c0 + c, ih]
+                        if sw == 1:
+                            dst_row[u_lo:u_hi] = src_row[u_lo + b - pl : u_hi + b - pl]
+                        else:
+                            for u in range(u_lo, u_hi):
+                                dst_row[u] = src_row[u * sw + b - pl]
             for i in range(kh):
                 for j in range(kw):
-                    start = i * dh * wg + j * dw
+                    start = (((i * dh) % sh) * sw + (j * dw) % sw) * plane + ((i * dh) // sh) * wg + (j * dw) // sw
                     dst = cols[(c * kh + i) * kw + j, t]
                     dst[:] = pad[start : start + length]
                     if clean:
                         for r in range(length // wg):
-                            dst[r * wg + wg - (kw - 1) * dw : (r + 1) * wg] = 0.0
+                            dst[r * wg + out_w : (r + 1) * wg] = 0.0

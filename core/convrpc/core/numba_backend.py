@@ -261,9 +261,9 @@ class _Plan:
         row_bytes = g.c_in * g.kh * g.kw * g.out_w * itemsize
         budget = min(TILE_BYTES, _workspace_limit // workers)
         if wide:
-            wg = _wide_width(g)
-            row_bytes = (g.c_in * g.kh * g.kw + g.c_out + g.c_in) * wg * itemsize
-            halo = g.c_in * (g.dil_h * (g.kh - 1) + 1) * wg * itemsize
+            wg, phases = _wide_width(g), g.stride_h * g.stride_w
+            row_bytes = (g.c_in * g.kh * g.kw + g.c_out + g.c_in * phases) * wg * itemsize
+            halo = g.c_in * _wide_span(g, 0) * itemsize
             budget -= halo
             if row_bytes > budget:
                 return None
@@ -287,11 +287,21 @@ class _Plan:
 
 def _wide_width(g: ConvGeometry) -> int:
     """Width of im2col_wide's grid: every tap of every output column lies inside it."""
-    return g.out_w + g.dil_w * (g.kw - 1)
+    return g.out_w + g.dil_w * (g.kw - 1) // g.stride_w
+
+
+def _wide_span(g: ConvGeometry, rows: int) -> int:
+    """Elements per channel of im2col_wide's padded input for ``rows`` output rows (stride phases, slack row)."""
+    return g.stride_h * g.stride_w * (rows + g.dil_h * (g.kh - 1) // g.stride_h + 1) * _wide_width(g)
 
 
 def _use_wide(g: ConvGeometry) -> bool:
-    """Stride-1 convs with kernels wider than 1x1: im2col as long copies on a padded-width grid."""
+    """Stride-1 BLAS convs but 1x1 ones (whose input is already the im2col matrix).
+
+    im2col_wide handles strides too (phase planes; the test sweep passes with it on), but on g
+    (7x7 stride 2) and (8,64,28,28)x(128,64,3,3) stride 2 it measured within noise of im2col,
+    float64 up to 15% slower, so strided convs keep im2col.
+    """
     return g.stride_h == g.stride_w == 1 and not _is_pointwise(g)
 
 
@@ -345,7 +355,7 @@ def _conv2d_wide(x, w, b, g: ConvGeometry, plan: _Plan, y):
     kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
     wm = w.reshape(g.groups, kg, ckk)
     wg = _wide_width(g)
-    span = (max(nr for _, _, _, nr in plan.tiles) + g.dil_h * (g.kh - 1) + 1) * wg
+    span = _wide_span(g, max(nr for _, _, _, nr in plan.tiles))
 
     def tile(worker, t):
         n0, tn, r0, nr = t
@@ -355,7 +365,7 @@ def _conv2d_wide(x, w, b, g: ConvGeometry, plan: _Plan, y):
         cols = flat[: sizes[0]].reshape(g.c_in * g.kh * g.kw, tn, length)
         out = flat[sizes[0] : sizes[0] + sizes[1]].reshape(tn, g.c_out, length)
         xpad = flat[sizes[0] + sizes[1] :].reshape(g.c_in, span)
-        _k.im2col_wide(x, xpad, cols, n0, 0, r0, g.kh, g.kw, g.pad_top, g.pad_left, g.dil_h, g.dil_w, wg, False)
+        _k.im2col_wide(x, xpad, cols, n0, 0, r0, g.kh, g.kw, *_conv_args(g), wg, g.out_w, False)
         for grp in range(g.groups):
             b_mat = cols[grp * ckk : (grp + 1) * ckk].transpose(1, 0, 2)  # (images, ckk, grid)
             np.matmul(wm[grp], b_mat, out=out[:, grp * kg : (grp + 1) * kg])
@@ -517,7 +527,7 @@ def _weight_grad_wide(x, gy, g: ConvGeometry, plan: _Plan):
     """Stride-1 weight gradient on im2col_wide's grid: gy laid on the same grid, zero where it overhangs."""
     kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
     wg = _wide_width(g)
-    span = (max(nr for _, _, _, nr in plan.tiles) + g.dil_h * (g.kh - 1) + 1) * wg
+    span = _wide_span(g, max(nr for _, _, _, nr in plan.tiles))
     partial = np.zeros((plan.workers, g.groups, kg, ckk), dtype=x.dtype)
 
     def tile(worker, t):
@@ -528,7 +538,7 @@ def _weight_grad_wide(x, gy, g: ConvGeometry, plan: _Plan):
         cols = flat[: sizes[0]].reshape(g.c_in * g.kh * g.kw, tn, length)
         gyw = flat[sizes[0] : sizes[0] + sizes[1]].reshape(g.c_out, tn, nr, wg)
         xpad = flat[sizes[0] + sizes[1] :].reshape(g.c_in, span)
-        _k.im2col_wide(x, xpad, cols, n0, 0, r0, g.kh, g.kw, g.pad_top, g.pad_left, g.dil_h, g.dil_w, wg, True)
+        _k.im2col_wide(x, xpad, cols, n0, 0, r0, g.kh, g.kw, *_conv_args(g), wg, g.out_w, True)
         gyw[:, :, :, : g.out_w] = gy[n0 : n0 + tn, :, r0 : r0 + nr].transpose(1, 0, 2, 3)
         gyw[:, :, :, g.out_w :] = 0.0
         acc = partial[worker]
@@ -628,6 +638,8 @@ def warm_up() -> None:
             # The row kernels serve only convs too big for the small ones; compile them too.
             _k.conv2d_direct(x, w, b, True, y, g.groups, *_conv_args(g))
             _k.conv2d_weight_grad_direct(x, y, np.empty_like(w), g.groups, *_conv_args(g))
+            # Plain im2col serves BLAS convs whose padded-width tiles overrun a small workspace cap.
+            _k.im2col(x, np.empty((g.c_in * g.kh * g.kw, 1, g.out_w), dtype), 0, 0, 0, g.kh, g.kw, *_conv_args(g), g.out_w)
         pg = params.pool2d_geometry(x.shape, 2, 1, 1)
         y = max_pool2d(x, pg)
         max_pool2d_backward(y, x, pg)
