@@ -222,57 +222,77 @@ def col2im_add(cols, gx, n0, c0, r0, ih_lo, ih_hi, kh, kw, sh, sw, pt, pl, dh, d
 # -- small convs: im2col per (image, group) in a private buffer, then vectorised axpy/dot loops --
 
 
+@njit(cache=True, inline="always")
+def _wide_sizes(out_h, out_w, kh, kw, sh, sw, dh, dw):
+    """im2col_wide's grid width, grid length for all out_h rows, and padded-input span per channel."""
+    wg = out_w + dw * (kw - 1) // sw
+    return wg, out_h * wg, sh * sw * (out_h + dh * (kh - 1) // sh + 1) * wg
+
+
 @njit(**_PAR)
 def conv2d_small(x, w, b, has_bias, y, groups, sh, sw, pt, pl, dh, dw):
-    """y (N, K, OH, OW) = conv2d(x, w) (+ b); one (image, group) per iteration; y is overwritten."""
+    """y (N, K, OH, OW) = conv2d(x, w) (+ b); one (image, group) per iteration; y is overwritten.
+
+    The windows come from im2col_wide (a few long copies, not one slice per output row, which
+    dominated on 26-78 wide rows); the axpy loops run over its grid and keep the valid columns.
+    """
     n_ = x.shape[0]
     c_out, cg, kh, kw = w.shape
     out_h, out_w = y.shape[2], y.shape[3]
-    kg, p, ckk = c_out // groups, out_h * out_w, cg * kh * kw
+    kg, ckk = c_out // groups, cg * kh * kw
+    wg, length, span = _wide_sizes(out_h, out_w, kh, kw, sh, sw, dh, dw)
     wm = w.reshape(c_out, ckk)
     for job in prange(n_ * groups):
         grp = job % groups
         n = job // groups
-        cols = np.empty((ckk, 1, p), dtype=x.dtype)
-        im2col(x, cols, n, grp * cg, 0, kh, kw, sh, sw, pt, pl, dh, dw, out_w)
+        cols = np.empty((ckk, 1, length), dtype=x.dtype)
+        xpad = np.empty((cg, span), dtype=x.dtype)
+        acc = np.empty(length, dtype=x.dtype)
+        im2col_wide(x, xpad, cols, n, grp * cg, 0, kh, kw, sh, sw, pt, pl, dh, dw, wg, out_w, False)
         for k in range(grp * kg, (grp + 1) * kg):
-            acc = y[n, k].reshape(p)
             init = b[k] if has_bias else 0.0
-            for q in range(p):
+            for q in range(length):
                 acc[q] = init
             for t in range(ckk):
                 wv = wm[k, t]
                 src = cols[t, 0]
-                for q in range(p):
+                for q in range(length):
                     acc[q] += wv * src[q]
+            for oh in range(out_h):
+                y[n, k, oh, :] = acc[oh * wg : oh * wg + out_w]
 
 
 @njit(**_PAR)
 def conv2d_weight_grad_small(x, gy, partial, groups, kh, kw, sh, sw, pt, pl, dh, dw):
     """partial (chunks, K, C/groups*kh*kw): chunk s sums the (image, group) jobs s, s+chunks, ...
 
-    Each chunk owns its slice of partial; the caller sums over chunks (no races).
+    Each chunk owns its slice of partial; the caller sums over chunks (no races). Windows come
+    from im2col_wide with its overhang columns zeroed, gy is laid on the same grid.
     """
     n_ = x.shape[0]
     chunks, c_out, ckk = partial.shape
     out_h, out_w = gy.shape[2], gy.shape[3]
     cg = x.shape[1] // groups
-    kg, p = c_out // groups, out_h * out_w
+    kg = c_out // groups
+    wg, length, span = _wide_sizes(out_h, out_w, kh, kw, sh, sw, dh, dw)
     for s in prange(chunks):
         part = partial[s]
         part[:, :] = 0.0
-        cols = np.empty((ckk, 1, p), dtype=x.dtype)
+        cols = np.empty((ckk, 1, length), dtype=x.dtype)
+        xpad = np.empty((cg, span), dtype=x.dtype)
+        grid = np.zeros(length, dtype=x.dtype)
         for job in range(s, n_ * groups, chunks):
             grp = job % groups
             n = job // groups
-            im2col(x, cols, n, grp * cg, 0, kh, kw, sh, sw, pt, pl, dh, dw, out_w)
+            im2col_wide(x, xpad, cols, n, grp * cg, 0, kh, kw, sh, sw, pt, pl, dh, dw, wg, out_w, True)
             for k in range(grp * kg, (grp + 1) * kg):
-                g = gy[n, k].reshape(p)
+                for oh in range(out_h):
+                    grid[oh * wg : oh * wg + out_w] = gy[n, k, oh, :]
                 for t in range(ckk):
                     src = cols[t, 0]
                     acc = 0.0
-                    for q in range(p):
-                        acc += g[q] * src[q]
+                    for q in range(length):
+                        acc += grid[q] * src[q]
                     part[k, t] += acc
 
 

@@ -234,7 +234,7 @@ def _is_pointwise(g: ConvGeometry) -> bool:
 
 def _use_small(g: ConvGeometry, itemsize: int) -> bool:
     """Whether one image-group's im2col block is small enough for the per-thread small kernels."""
-    cols = (g.c_in // g.groups) * g.kh * g.kw * g.out_h * g.out_w * itemsize
+    cols = (g.c_in // g.groups) * g.kh * g.kw * g.out_h * _wide_width(g) * itemsize
     return cols <= min(SMALL_COLS_BYTES, _workspace_limit // THREADS)
 
 
