@@ -446,6 +446,12 @@ def conv2d_input_grad(gy, w, g: ConvGeometry):
             biggest = max(t[1] * t[3] for t in tiles) * plan.row_bytes
             if biggest * plan.workers > _workspace_limit:
                 plan = None  # stride 1 with a tall kernel: the re-cut tiles would overrun the cap
+        if plan is None and g.stride_h == g.stride_w == 1 and g.c_out // g.groups >= 4:
+            # Small stride-1 convs: the flipped-weight forward on the small kernel measured
+            # 0.15 -> 0.09 ms on b; with one output channel (a) the row gather below is 2x faster.
+            wt, gt = _adjoint_as_forward(w, g)
+            if _use_small(gt, gy.itemsize):
+                return _conv2d(gy, wt, None, gt, run.serial)
         if plan is None:
             gx = np.empty(g.input_shape, dtype=gy.dtype)
             # The row-gather kernel: measured no slower than conv2d_input_grad_small on small shapes
