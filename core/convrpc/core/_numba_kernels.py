@@ -467,3 +467,38 @@ def im2col_wide(x, xpad, cols, n0, c0, r0, kh, kw, sh, sw, pt, pl, dh, dw, wg, o
                     if clean:
                         for r in range(length // wg):
                             dst[r * wg + out_w : (r + 1) * wg] = 0.0
+
+
+@njit(**_SER)
+def col2im_wide(cols, xpad, gx, n0, c0, kh, kw, pt, pl, dh, dw, wg):
+    """gx[n0:n0+T, c0:c0+C'] = the taps in cols (C'*kh*kw, T, OH*wg) summed onto the input (stride 1).
+
+    The transpose of im2col_wide for whole images: each tap's run is added in one contiguous
+    stretch onto a padded grid wg wide (xpad, C' x (OH + dh*(kh-1) + 1)*wg), whose interior is
+    then copied to gx; inputs no window reaches get 0. The caller zeroes the grid's overhang
+    columns of gy, so cols is zero there. gx (these images and channels) and xpad are overwritten.
+    """
+    rows, t_, length = cols.shape
+    h, wd = gx.shape[2], gx.shape[3]
+    prow = xpad.shape[1] // wg
+    for t in range(t_):
+        for c in range(rows // (kh * kw)):
+            pad = xpad[c]
+            pad[:] = 0.0
+            for i in range(kh):
+                for j in range(kw):
+                    start = i * dh * wg + j * dw
+                    src = cols[(c * kh + i) * kw + j, t]
+                    dst = pad[start : start + length]
+                    for q in range(length):
+                        dst[q] += src[q]
+            lo, hi = max(0, -pl), min(wd, wg - pl)  # input columns on the grid
+            for ih in range(h):
+                row = gx[n0 + t, c0 + c, ih]
+                rr = ih + pt
+                if rr < 0 or rr >= prow or hi <= lo:
+                    row[:] = 0.0
+                    continue
+                row[:lo] = 0.0
+                row[lo:hi] = pad[rr * wg + lo + pl : rr * wg + hi + pl]
+                row[hi:] = 0.0

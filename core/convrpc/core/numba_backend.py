@@ -458,6 +458,12 @@ def conv2d_input_grad(gy, w, g: ConvGeometry):
             # and 4x faster on 1x1x80x80, where the small kernel's zero-fill and col2im dominate.
             _k.conv2d_input_grad_direct(gy, w, gx, g.groups, *_conv_args(g))
             return gx
+        if USE_WIDE and _use_wide(g):
+            wide = _Plan.make(g, gy.itemsize, serial=run.serial, wide=True)
+            # Whole images per tile (col2im_wide owns them), and a finite weight: the grid's
+            # overhang is then exactly 0 (0 * NaN is not).
+            if wide is not None and all(nr == g.out_h for _, _, _, nr in wide.tiles) and np.isfinite(w).all():
+                return _input_grad_wide(gy, w, g, wide)
         kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
         wm = w.reshape(g.groups, kg, ckk)
         gy3 = gy.reshape(g.n, g.c_out, g.out_h * g.out_w)
@@ -484,6 +490,33 @@ def conv2d_input_grad(gy, w, g: ConvGeometry):
             _k.col2im_add(cols, gx, n0, 0, r0, ih_lo, ih_hi, g.kh, g.kw, *_conv_args(g), g.out_w)
 
         _run(tiles, tile, plan.workers)
+    return gx
+
+
+def _input_grad_wide(gy, w, g: ConvGeometry, plan: _Plan):
+    """Stride-1 input gradient by whole images: gy on im2col_wide's grid, one matmul, col2im_wide."""
+    kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
+    wm = w.reshape(g.groups, kg, ckk)
+    wg = _wide_width(g)
+    length, span = g.out_h * wg, _wide_span(g, g.out_h)
+    gx = np.empty(g.input_shape, dtype=gy.dtype)
+
+    def tile(worker, t):
+        n0, tn, _, _ = t
+        sizes = (g.c_in * g.kh * g.kw * tn * length, g.c_out * tn * length, g.c_in * span)
+        flat = _buffer(worker, (sum(sizes),), gy.dtype)
+        cols = flat[: sizes[0]].reshape(g.c_in * g.kh * g.kw, tn, length)
+        gyw = flat[sizes[0] : sizes[0] + sizes[1]].reshape(g.c_out, tn, g.out_h, wg)
+        xpad = flat[sizes[0] + sizes[1] :].reshape(g.c_in, span)
+        gyw[:, :, :, : g.out_w] = gy[n0 : n0 + tn].transpose(1, 0, 2, 3)
+        gyw[:, :, :, g.out_w :] = 0.0
+        gym = gyw.reshape(g.c_out, tn * length)
+        for grp in range(g.groups):
+            out = cols[grp * ckk : (grp + 1) * ckk].reshape(ckk, tn * length)
+            np.matmul(wm[grp].T, gym[grp * kg : (grp + 1) * kg], out=out)
+        _k.col2im_wide(cols, xpad, gx, n0, 0, g.kh, g.kw, g.pad_top, g.pad_left, g.dil_h, g.dil_w, wg)
+
+    _run(plan.tiles, tile, plan.workers)
     return gx
 
 
@@ -631,6 +664,7 @@ def warm_up() -> None:
             ((2, 2, 6, 7), (2, 1, 3, 3), dict(stride=2, padding=1, groups=2)),  # direct kernels
             ((1, 4, 6, 6), (16, 4, 3, 3), dict(padding=1)),  # im2col_wide + BLAS (stride 1)
             ((1, 4, 7, 7), (16, 4, 3, 3), dict(stride=2, padding=1)),  # im2col, col2im + BLAS
+            ((2, 3, 6, 6), (16, 3, 3, 3), dict(padding=1)),  # col2im_wide + BLAS (few input channels)
             ((1, 16, 3, 3), (16, 16, 1, 1), {}),  # pointwise
         ):
             x = rng.standard_normal(x_shape).astype(dtype)
