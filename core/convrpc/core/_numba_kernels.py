@@ -222,57 +222,77 @@ def col2im_add(cols, gx, n0, c0, r0, ih_lo, ih_hi, kh, kw, sh, sw, pt, pl, dh, d
 # -- small convs: im2col per (image, group) in a private buffer, then vectorised axpy/dot loops --
 
 
+@njit(cache=True, inline="always")
+def _wide_sizes(out_h, out_w, kh, kw, sh, sw, dh, dw):
+    """im2col_wide's grid width, grid length for all out_h rows, and padded-input span per channel."""
+    wg = out_w + dw * (kw - 1) // sw
+    return wg, out_h * wg, sh * sw * (out_h + dh * (kh - 1) // sh + 1) * wg
+
+
 @njit(**_PAR)
 def conv2d_small(x, w, b, has_bias, y, groups, sh, sw, pt, pl, dh, dw):
-    """y (N, K, OH, OW) = conv2d(x, w) (+ b); one (image, group) per iteration; y is overwritten."""
+    """y (N, K, OH, OW) = conv2d(x, w) (+ b); one (image, group) per iteration; y is overwritten.
+
+    The windows come from im2col_wide (a few long copies, not one slice per output row, which
+    dominated on 26-78 wide rows); the axpy loops run over its grid and keep the valid columns.
+    """
     n_ = x.shape[0]
     c_out, cg, kh, kw = w.shape
     out_h, out_w = y.shape[2], y.shape[3]
-    kg, p, ckk = c_out // groups, out_h * out_w, cg * kh * kw
+    kg, ckk = c_out // groups, cg * kh * kw
+    wg, length, span = _wide_sizes(out_h, out_w, kh, kw, sh, sw, dh, dw)
     wm = w.reshape(c_out, ckk)
     for job in prange(n_ * groups):
         grp = job % groups
         n = job // groups
-        cols = np.empty((ckk, 1, p), dtype=x.dtype)
-        im2col(x, cols, n, grp * cg, 0, kh, kw, sh, sw, pt, pl, dh, dw, out_w)
+        cols = np.empty((ckk, 1, length), dtype=x.dtype)
+        xpad = np.empty((cg, span), dtype=x.dtype)
+        acc = np.empty(length, dtype=x.dtype)
+        im2col_wide(x, xpad, cols, n, grp * cg, 0, kh, kw, sh, sw, pt, pl, dh, dw, wg, out_w, False)
         for k in range(grp * kg, (grp + 1) * kg):
-            acc = y[n, k].reshape(p)
             init = b[k] if has_bias else 0.0
-            for q in range(p):
+            for q in range(length):
                 acc[q] = init
             for t in range(ckk):
                 wv = wm[k, t]
                 src = cols[t, 0]
-                for q in range(p):
+                for q in range(length):
                     acc[q] += wv * src[q]
+            for oh in range(out_h):
+                y[n, k, oh, :] = acc[oh * wg : oh * wg + out_w]
 
 
 @njit(**_PAR)
 def conv2d_weight_grad_small(x, gy, partial, groups, kh, kw, sh, sw, pt, pl, dh, dw):
     """partial (chunks, K, C/groups*kh*kw): chunk s sums the (image, group) jobs s, s+chunks, ...
 
-    Each chunk owns its slice of partial; the caller sums over chunks (no races).
+    Each chunk owns its slice of partial; the caller sums over chunks (no races). Windows come
+    from im2col_wide with its overhang columns zeroed, gy is laid on the same grid.
     """
     n_ = x.shape[0]
     chunks, c_out, ckk = partial.shape
     out_h, out_w = gy.shape[2], gy.shape[3]
     cg = x.shape[1] // groups
-    kg, p = c_out // groups, out_h * out_w
+    kg = c_out // groups
+    wg, length, span = _wide_sizes(out_h, out_w, kh, kw, sh, sw, dh, dw)
     for s in prange(chunks):
         part = partial[s]
         part[:, :] = 0.0
-        cols = np.empty((ckk, 1, p), dtype=x.dtype)
+        cols = np.empty((ckk, 1, length), dtype=x.dtype)
+        xpad = np.empty((cg, span), dtype=x.dtype)
+        grid = np.zeros(length, dtype=x.dtype)
         for job in range(s, n_ * groups, chunks):
             grp = job % groups
             n = job // groups
-            im2col(x, cols, n, grp * cg, 0, kh, kw, sh, sw, pt, pl, dh, dw, out_w)
+            im2col_wide(x, xpad, cols, n, grp * cg, 0, kh, kw, sh, sw, pt, pl, dh, dw, wg, out_w, True)
             for k in range(grp * kg, (grp + 1) * kg):
-                g = gy[n, k].reshape(p)
+                for oh in range(out_h):
+                    grid[oh * wg : oh * wg + out_w] = gy[n, k, oh, :]
                 for t in range(ckk):
                     src = cols[t, 0]
                     acc = 0.0
-                    for q in range(p):
-                        acc += g[q] * src[q]
+                    for q in range(length):
+                        acc += grid[q] * src[q]
                     part[k, t] += acc
 
 
@@ -396,3 +416,89 @@ def relu_backward(gy, x, gx):
     """gx = gy where x > 0, else 0, on flat arrays."""
     for i in prange(x.size):
         gx[i] = gy[i] if x[i] > 0.0 else 0.0
+
+
+# -- stride-1 im2col on a padded-width grid (long contiguous copies instead of one per output row) --
+
+
+@njit(**_SER)
+def im2col_wide(x, xpad, cols, n0, c0, r0, kh, kw, sh, sw, pt, pl, dh, dw, wg, out_w, clean):
+    """cols (C'*kh*kw, T, R*wg): the windows of output rows r0..r0+R on a grid wg wide.
+
+    Image t, channel c is first copied with its padding into xpad (C', sh*sw planes), plane
+    (a, b) holding padded rows a, a+sh, ... and columns b, b+sw, ... of the tile's input rows, wg
+    wide (wg = OW + (kw-1)*dw // sw). Tap (i, j) of all R output rows is then one contiguous run
+    of plane ((i*dh) % sh, (j*dw) % sw) from row (i*dh) // sh, column (j*dw) // sw. Grid columns
+    >= OW mix neighbouring rows; the caller drops them, or with ``clean`` they are zeroed (a
+    weight gradient sums over them, and a NaN there would reach taps that never read it).
+    cols and xpad are overwritten.
+    """
+    rows, t_, length = cols.shape
+    h, wd = x.shape[2], x.shape[3]
+    plane = xpad.shape[1] // (sh * sw)
+    prow = plane // wg
+    for t in range(t_):
+        for c in range(rows // (kh * kw)):
+            pad = xpad[c]
+            pad[:] = 0.0
+            for a in range(sh):
+                for b in range(sw):
+                    base = (a * sw + b) * plane
+                    u_lo = max(0, -((b - pl) // sw))  # grid columns whose input column is in [0, wd)
+                    u_hi = min(wg, (wd - 1 + pl - b) // sw + 1) if wd - 1 + pl - b >= 0 else 0
+                    if u_hi <= u_lo:
+                        continue
+                    for rr in range(prow):
+                        ih = r0 * sh - pt + rr * sh + a
+                        if ih < 0 or ih >= h:
+                            continue
+                        dst_row = pad[base + rr * wg : base + (rr + 1) * wg]
+                        src_row = x[n0 + t, c0 + c, ih]
+                        if sw == 1:
+                            dst_row[u_lo:u_hi] = src_row[u_lo + b - pl : u_hi + b - pl]
+                        else:
+                            for u in range(u_lo, u_hi):
+                                dst_row[u] = src_row[u * sw + b - pl]
+            for i in range(kh):
+                for j in range(kw):
+                    start = (((i * dh) % sh) * sw + (j * dw) % sw) * plane + ((i * dh) // sh) * wg + (j * dw) // sw
+                    dst = cols[(c * kh + i) * kw + j, t]
+                    dst[:] = pad[start : start + length]
+                    if clean:
+                        for r in range(length // wg):
+                            dst[r * wg + out_w : (r + 1) * wg] = 0.0
+
+
+@njit(**_SER)
+def col2im_wide(cols, xpad, gx, n0, c0, kh, kw, pt, pl, dh, dw, wg):
+    """gx[n0:n0+T, c0:c0+C'] = the taps in cols (C'*kh*kw, T, OH*wg) summed onto the input (stride 1).
+
+    The transpose of im2col_wide for whole images: each tap's run is added in one contiguous
+    stretch onto a padded grid wg wide (xpad, C' x (OH + dh*(kh-1) + 1)*wg), whose interior is
+    then copied to gx; inputs no window reaches get 0. The caller zeroes the grid's overhang
+    columns of gy, so cols is zero there. gx (these images and channels) and xpad are overwritten.
+    """
+    rows, t_, length = cols.shape
+    h, wd = gx.shape[2], gx.shape[3]
+    prow = xpad.shape[1] // wg
+    for t in range(t_):
+        for c in range(rows // (kh * kw)):
+            pad = xpad[c]
+            pad[:] = 0.0
+            for i in range(kh):
+                for j in range(kw):
+                    start = i * dh * wg + j * dw
+                    src = cols[(c * kh + i) * kw + j, t]
+                    dst = pad[start : start + length]
+                    for q in range(length):
+                        dst[q] += src[q]
+            lo, hi = max(0, -pl), min(wd, wg - pl)  # input columns on the grid
+            for ih in range(h):
+                row = gx[n0 + t, c0 + c, ih]
+                rr = ih + pt
+                if rr < 0 or rr >= prow or hi <= lo:
+                    row[:] = 0.0
+                    continue
+                row[:lo] = 0.0
+                row[lo:hi] = pad[rr * wg + lo + pl : rr * wg + hi + pl]
+                row[hi:] = 0.0

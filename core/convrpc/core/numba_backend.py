@@ -15,6 +15,7 @@ rather than oversubscribe the cores. Compiled kernels are cached on disk (``cach
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -78,6 +79,12 @@ TILE_BYTES = 4 * 1024 * 1024
 # One compute lane: concurrent requests queue here instead of splitting the same cores (and the
 # worker buffers below belong to whoever holds it).
 _lane = threading.Lock()
+#: Ops with less work than this (flops, or element-taps for pooling/relu) run on the calling thread
+#: alone: waking the parallel pool costs 50-100 us here, more than such an op's whole compute
+#: (conv 1x1x80x80 3x3: 115 -> 54 us forward, 100 -> 26 us grad-input, measured).
+SERIAL_WORK = 1_500_000
+#: Stride-1 convs on the BLAS path use im2col_wide (see _conv2d_wide).
+USE_WIDE = True
 _workspace_limit = int(config.WORKSPACE_BYTES)
 _worker_buffers: list[np.ndarray | None] = [None] * THREADS
 _pool: ThreadPoolExecutor | None = None
@@ -160,6 +167,27 @@ def _buffer(worker: int, shape, dtype) -> np.ndarray:
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
+class _Compute:
+    """Holds the lane for one op; below SERIAL_WORK its numba kernels and BLAS tiles stay on this thread."""
+
+    __slots__ = ("serial", "_saved")
+
+    def __init__(self, work: float):
+        self.serial = work < SERIAL_WORK
+
+    def __enter__(self):
+        _lane.acquire()
+        if self.serial:
+            self._saved = numba.get_num_threads()
+            numba.set_num_threads(1)  # thread-local: other threads keep theirs
+        return self
+
+    def __exit__(self, *exc):
+        if self.serial:
+            numba.set_num_threads(self._saved)
+        _lane.release()
+
+
 def _run(tasks, work, workers: int) -> None:
     """Call ``work(worker, task)`` for every task, spread over ``workers`` threads (this one included)."""
     global _pool
@@ -206,7 +234,7 @@ def _is_pointwise(g: ConvGeometry) -> bool:
 
 def _use_small(g: ConvGeometry, itemsize: int) -> bool:
     """Whether one image-group's im2col block is small enough for the per-thread small kernels."""
-    cols = (g.c_in // g.groups) * g.kh * g.kw * g.out_h * g.out_w * itemsize
+    cols = (g.c_in // g.groups) * g.kh * g.kw * g.out_h * _wide_width(g) * itemsize
     return cols <= min(SMALL_COLS_BYTES, _workspace_limit // THREADS)
 
 
@@ -214,6 +242,11 @@ def _use_blas(g: ConvGeometry) -> bool:
     """BLAS pays off once both matmul sides are wide; direct loops win for thin or many-group convs."""
     kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
     return g.groups <= 4 and kg >= 8 and ckk >= 16 and kg * ckk >= 256
+
+
+def _few_weights(g: ConvGeometry) -> bool:
+    """At most 32 weights per group: the row kernels beat im2col (a: forward 45 -> 16 us, grad-weight 46 -> 19)."""
+    return (g.c_out // g.groups) * (g.c_in // g.groups) * g.kh * g.kw <= 32
 
 
 class _Plan:
@@ -227,10 +260,18 @@ class _Plan:
         self.tiles, self.workers, self.row_bytes = tiles, workers, row_bytes
 
     @classmethod
-    def make(cls, g: ConvGeometry, itemsize: int, pointwise: bool = False):
-        workers = BLAS_WORKERS
+    def make(cls, g: ConvGeometry, itemsize: int, pointwise: bool = False, serial: bool = False, wide: bool = False):
+        """``wide``: tiles for im2col_wide, whose row also holds the padded input and the matmul output."""
+        workers = 1 if serial else BLAS_WORKERS
         row_bytes = g.c_in * g.kh * g.kw * g.out_w * itemsize
         budget = min(TILE_BYTES, _workspace_limit // workers)
+        if wide:
+            wg, phases = _wide_width(g), g.stride_h * g.stride_w
+            row_bytes = (g.c_in * g.kh * g.kw + g.c_out + g.c_in * phases) * wg * itemsize
+            halo = g.c_in * _wide_span(g, 0) * itemsize
+            budget -= halo
+            if row_bytes > budget:
+                return None
         if pointwise:
             budget = TILE_BYTES  # no workspace: tiles only split the work
         elif row_bytes > budget:
@@ -244,43 +285,126 @@ class _Plan:
             return cls([(n0, min(per, g.n - n0), 0, g.out_h) for n0 in range(0, g.n, per)], workers, row_bytes)
         pieces = max(1, -(-2 * workers // g.n))
         rows = max(1, min(budget // row_bytes, -(-g.out_h // pieces)))
+        rows = -(-g.out_h // -(-g.out_h // rows))  # even tiles: 56 rows as 19+19+18, not 25+25+6
         tiles = [(n, 1, r0, min(rows, g.out_h - r0)) for n in range(g.n) for r0 in range(0, g.out_h, rows)]
         return cls(tiles, workers, row_bytes)
 
 
+def _wide_width(g: ConvGeometry) -> int:
+    """Width of im2col_wide's grid: every tap of every output column lies inside it."""
+    return g.out_w + g.dil_w * (g.kw - 1) // g.stride_w
+
+
+def _wide_span(g: ConvGeometry, rows: int) -> int:
+    """Elements per channel of im2col_wide's padded input for ``rows`` output rows (stride phases, slack row)."""
+    return g.stride_h * g.stride_w * (rows + g.dil_h * (g.kh - 1) // g.stride_h + 1) * _wide_width(g)
+
+
+def _use_wide(g: ConvGeometry) -> bool:
+    """Stride-1 BLAS convs but 1x1 ones (whose input is already the im2col matrix).
+
+    im2col_wide handles strides too (phase planes; the test sweep passes with it on), but on g
+    (7x7 stride 2) and (8,64,28,28)x(128,64,3,3) stride 2 it measured within noise of im2col,
+    float64 up to 15% slower, so strided convs keep im2col.
+    """
+    return g.stride_h == g.stride_w == 1 and not _is_pointwise(g)
+
+
 def conv2d(x, w, b, g: ConvGeometry):
     """y (N, K, OH, OW) = conv2d(x (N, C, H, W), w (K, C/groups, kh, kw)) + b (K,) or None."""
+    with _Compute(g.flops) as run:
+        return _conv2d(x, w, b, g, run.serial)
+
+
+def _conv2d(x, w, b, g: ConvGeometry, serial: bool = False):
+    """conv2d's body; the caller holds the lane. Padding may be negative (a crop): the kernels clip."""
     y = np.empty(g.output_shape, dtype=x.dtype)
-    with _lane:
-        plan = _Plan.make(g, x.itemsize, _is_pointwise(g)) if _use_blas(g) else None
-        if plan is None:
-            bias = b if b is not None else np.zeros(1, x.dtype)
-            direct = _k.conv2d_small if _use_small(g, x.itemsize) else _k.conv2d_direct
-            direct(x, w, bias, b is not None, y, g.groups, *_conv_args(g))
-            return y
-        kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
-        wm = w.reshape(g.groups, kg, ckk)
-        y3 = y.reshape(g.n, g.c_out, g.out_h * g.out_w)
-        x3 = x.reshape(g.n, g.c_in, g.h * g.w)
-        pointwise = _is_pointwise(g)
+    blas = _use_blas(g)
+    if blas and USE_WIDE and _use_wide(g):
+        plan = _Plan.make(g, x.itemsize, serial=serial, wide=True)
+        if plan is not None:
+            return _conv2d_wide(x, w, b, g, plan, y)
+    plan = _Plan.make(g, x.itemsize, _is_pointwise(g), serial) if blas else None
+    if plan is None:
+        bias = b if b is not None else np.zeros(1, x.dtype)
+        direct = _k.conv2d_small if _use_small(g, x.itemsize) and not _few_weights(g) else _k.conv2d_direct
+        direct(x, w, bias, b is not None, y, g.groups, *_conv_args(g))
+        return y
+    kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
+    wm = w.reshape(g.groups, kg, ckk)
+    y3 = y.reshape(g.n, g.c_out, g.out_h * g.out_w)
+    x3 = x.reshape(g.n, g.c_in, g.h * g.w)
+    pointwise = _is_pointwise(g)
 
-        def tile(worker, t):
-            n0, tn, r0, nr = t
-            p0, p1 = r0 * g.out_w, (r0 + nr) * g.out_w
-            if pointwise:
-                np.matmul(wm[0], x3[n0 : n0 + tn, :, p0:p1], out=y3[n0 : n0 + tn, :, p0:p1])
-                return
-            cols = _im2col_block(worker, x, g, t)
-            for grp in range(g.groups):
-                b_mat = cols[grp * ckk : (grp + 1) * ckk].transpose(1, 0, 2)  # (images, ckk, P)
-                np.matmul(wm[grp], b_mat, out=y3[n0 : n0 + tn, grp * kg : (grp + 1) * kg, p0:p1])
-            if b is not None:
-                y3[n0 : n0 + tn, :, p0:p1] += b[:, None]
+    def tile(worker, t):
+        n0, tn, r0, nr = t
+        p0, p1 = r0 * g.out_w, (r0 + nr) * g.out_w
+        if pointwise:
+            np.matmul(wm[0], x3[n0 : n0 + tn, :, p0:p1], out=y3[n0 : n0 + tn, :, p0:p1])
+            return
+        cols = _im2col_block(worker, x, g, t)
+        for grp in range(g.groups):
+            b_mat = cols[grp * ckk : (grp + 1) * ckk].transpose(1, 0, 2)  # (images, ckk, P)
+            np.matmul(wm[grp], b_mat, out=y3[n0 : n0 + tn, grp * kg : (grp + 1) * kg, p0:p1])
+        if b is not None:
+            y3[n0 : n0 + tn, :, p0:p1] += b[:, None]
 
-        _run(plan.tiles, tile, plan.workers)
-        if b is not None and pointwise:
-            y3 += b[:, None]
+    _run(plan.tiles, tile, plan.workers)
+    if b is not None and pointwise:
+        y3 += b[:, None]
     return y
+
+
+def _conv2d_wide(x, w, b, g: ConvGeometry, plan: _Plan, y):
+    """The BLAS path for stride 1: im2col_wide, one matmul per group onto the grid, valid columns to y."""
+    kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
+    wm = w.reshape(g.groups, kg, ckk)
+    wg = _wide_width(g)
+    span = _wide_span(g, max(nr for _, _, _, nr in plan.tiles))
+
+    def tile(worker, t):
+        n0, tn, r0, nr = t
+        length = nr * wg
+        sizes = (g.c_in * g.kh * g.kw * tn * length, tn * g.c_out * length, g.c_in * span)
+        flat = _buffer(worker, (sum(sizes),), x.dtype)
+        cols = flat[: sizes[0]].reshape(g.c_in * g.kh * g.kw, tn, length)
+        out = flat[sizes[0] : sizes[0] + sizes[1]].reshape(tn, g.c_out, length)
+        xpad = flat[sizes[0] + sizes[1] :].reshape(g.c_in, span)
+        _k.im2col_wide(x, xpad, cols, n0, 0, r0, g.kh, g.kw, *_conv_args(g), wg, g.out_w, False)
+        for grp in range(g.groups):
+            b_mat = cols[grp * ckk : (grp + 1) * ckk].transpose(1, 0, 2)  # (images, ckk, grid)
+            np.matmul(wm[grp], b_mat, out=out[:, grp * kg : (grp + 1) * kg])
+        dst = y[n0 : n0 + tn, :, r0 : r0 + nr]
+        src = out.reshape(tn, g.c_out, nr, wg)[:, :, :, : g.out_w]
+        if b is not None:
+            np.add(src, b[:, None, None], out=dst)
+        else:
+            dst[...] = src
+
+    _run(plan.tiles, tile, plan.workers)
+    return y
+
+
+def _adjoint_as_forward(w, g: ConvGeometry):
+    """The stride-1 input gradient as a forward conv: (flipped, in/out-swapped weight, its geometry).
+
+    gx[c, ih] = sum over k, i of gy[k, ih + pt - i*dh] * w[k, c, i]; with i' = kh-1-i that is a conv
+    of gy with w'[c, k, i'] = w[k, c, kh-1-i'] and top padding dh*(kh-1) - pt (negative: a crop,
+    which the forward kernels clip like any padding). Groups map to groups; out_h/out_w are the
+    input's, so an explicit conv_transpose2d output size is honoured.
+    """
+    kg, cg = g.c_out // g.groups, g.c_in // g.groups
+    wt = w.reshape(g.groups, kg, cg, g.kh, g.kw)[:, :, :, ::-1, ::-1].transpose(0, 2, 1, 3, 4)
+    wt = np.ascontiguousarray(wt).reshape(g.c_in, kg, g.kh, g.kw)
+    pt, pl = g.dil_h * (g.kh - 1) - g.pad_top, g.dil_w * (g.kw - 1) - g.pad_left
+    gt = dataclasses.replace(
+        g, c_in=g.c_out, h=g.out_h, w=g.out_w, c_out=g.c_in,
+        pad_top=pt, pad_left=pl,
+        pad_bottom=g.h - 1 + g.dil_h * (g.kh - 1) - pt - (g.out_h - 1),
+        pad_right=g.w - 1 + g.dil_w * (g.kw - 1) - pl - (g.out_w - 1),
+        out_h=g.h, out_w=g.w,
+    )
+    return wt, gt
 
 
 def _im2col_block(worker, x, g, tile):
@@ -315,19 +439,36 @@ def _input_row_tiles(g: ConvGeometry, plan: _Plan):
 
 def conv2d_input_grad(gy, w, g: ConvGeometry):
     """gx (N, C, H, W): the adjoint of conv2d applied to gy (N, K, OH, OW); also conv_transpose2d."""
-    with _lane:
-        plan = _Plan.make(g, gy.itemsize, _is_pointwise(g)) if _use_blas(g) else None
+    with _Compute(g.flops) as run:
+        if g.stride_h == g.stride_w == 1 and not _is_pointwise(g) and _use_blas(dataclasses.replace(g, c_in=g.c_out, c_out=g.c_in)):
+            # A forward conv runs im2col + one matmul per tile, no zero-fill and no scatter-add:
+            # about twice the rate of col2im here.
+            wt, gt = _adjoint_as_forward(w, g)
+            return _conv2d(gy, wt, None, gt, run.serial)
+        plan = _Plan.make(g, gy.itemsize, _is_pointwise(g), run.serial) if _use_blas(g) else None
         if plan is not None and not _is_pointwise(g):
             tiles = _input_row_tiles(g, plan)
             biggest = max(t[1] * t[3] for t in tiles) * plan.row_bytes
             if biggest * plan.workers > _workspace_limit:
                 plan = None  # stride 1 with a tall kernel: the re-cut tiles would overrun the cap
+        if plan is None and g.stride_h == g.stride_w == 1 and g.c_out // g.groups >= 4:
+            # Small stride-1 convs: the flipped-weight forward on the small kernel measured
+            # 0.15 -> 0.09 ms on b; with one output channel (a) the row gather below is 2x faster.
+            wt, gt = _adjoint_as_forward(w, g)
+            if _use_small(gt, gy.itemsize):
+                return _conv2d(gy, wt, None, gt, run.serial)
         if plan is None:
             gx = np.empty(g.input_shape, dtype=gy.dtype)
             # The row-gather kernel: measured no slower than conv2d_input_grad_small on small shapes
             # and 4x faster on 1x1x80x80, where the small kernel's zero-fill and col2im dominate.
             _k.conv2d_input_grad_direct(gy, w, gx, g.groups, *_conv_args(g))
             return gx
+        if USE_WIDE and _use_wide(g):
+            wide = _Plan.make(g, gy.itemsize, serial=run.serial, wide=True)
+            # Whole images per tile (col2im_wide owns them), and a finite weight: the grid's
+            # overhang is then exactly 0 (0 * NaN is not).
+            if wide is not None and all(nr == g.out_h for _, _, _, nr in wide.tiles) and np.isfinite(w).all():
+                return _input_grad_wide(gy, w, g, wide)
         kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
         wm = w.reshape(g.groups, kg, ckk)
         gy3 = gy.reshape(g.n, g.c_out, g.out_h * g.out_w)
@@ -357,14 +498,41 @@ def conv2d_input_grad(gy, w, g: ConvGeometry):
     return gx
 
 
+def _input_grad_wide(gy, w, g: ConvGeometry, plan: _Plan):
+    """Stride-1 input gradient by whole images: gy on im2col_wide's grid, one matmul, col2im_wide."""
+    kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
+    wm = w.reshape(g.groups, kg, ckk)
+    wg = _wide_width(g)
+    length, span = g.out_h * wg, _wide_span(g, g.out_h)
+    gx = np.empty(g.input_shape, dtype=gy.dtype)
+
+    def tile(worker, t):
+        n0, tn, _, _ = t
+        sizes = (g.c_in * g.kh * g.kw * tn * length, g.c_out * tn * length, g.c_in * span)
+        flat = _buffer(worker, (sum(sizes),), gy.dtype)
+        cols = flat[: sizes[0]].reshape(g.c_in * g.kh * g.kw, tn, length)
+        gyw = flat[sizes[0] : sizes[0] + sizes[1]].reshape(g.c_out, tn, g.out_h, wg)
+        xpad = flat[sizes[0] + sizes[1] :].reshape(g.c_in, span)
+        gyw[:, :, :, : g.out_w] = gy[n0 : n0 + tn].transpose(1, 0, 2, 3)
+        gyw[:, :, :, g.out_w :] = 0.0
+        gym = gyw.reshape(g.c_out, tn * length)
+        for grp in range(g.groups):
+            out = cols[grp * ckk : (grp + 1) * ckk].reshape(ckk, tn * length)
+            np.matmul(wm[grp].T, gym[grp * kg : (grp + 1) * kg], out=out)
+        _k.col2im_wide(cols, xpad, gx, n0, 0, g.kh, g.kw, g.pad_top, g.pad_left, g.dil_h, g.dil_w, wg)
+
+    _run(plan.tiles, tile, plan.workers)
+    return gx
+
+
 def conv2d_weight_grad(x, gy, g: ConvGeometry):
     """gw (K, C/groups, kh, kw): the weight gradient of conv2d for input x and output gradient gy."""
     kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
-    with _lane:
+    with _Compute(g.flops) as run:
         pointwise = _is_pointwise(g)
-        plan = _Plan.make(g, x.itemsize, pointwise) if _use_blas(g) else None
-        if plan is None and _use_small(g, x.itemsize):
-            chunks = max(1, min(THREADS, g.n * g.groups))
+        plan = _Plan.make(g, x.itemsize, pointwise, run.serial) if _use_blas(g) else None
+        if plan is None and _use_small(g, x.itemsize) and not _few_weights(g):
+            chunks = 1 if run.serial else max(1, min(THREADS, g.n * g.groups))
             partial = np.empty((chunks, g.c_out, ckk), dtype=x.dtype)
             _k.conv2d_weight_grad_small(x, gy, partial, g.groups, g.kh, g.kw, *_conv_args(g))
             return partial.sum(axis=0).reshape(g.weight_shape)
@@ -372,6 +540,10 @@ def conv2d_weight_grad(x, gy, g: ConvGeometry):
             gw = np.empty(g.weight_shape, dtype=x.dtype)
             _k.conv2d_weight_grad_direct(x, gy, gw, g.groups, *_conv_args(g))
             return gw
+        if USE_WIDE and _use_wide(g) and ckk >= 64:  # measured: d, e 5-15% faster; c (ckk 27) 8% slower
+            wide = _Plan.make(g, x.itemsize, serial=run.serial, wide=True)
+            if wide is not None:
+                return _weight_grad_wide(x, gy, g, wide)
         # One accumulator per worker, summed at the end: no two threads add into the same gradient.
         partial = np.zeros((plan.workers, g.groups, kg, ckk), dtype=x.dtype)
         gy3 = gy.reshape(g.n, g.c_out, g.out_h * g.out_w)
@@ -395,6 +567,33 @@ def conv2d_weight_grad(x, gy, g: ConvGeometry):
     return partial.sum(axis=0).reshape(g.weight_shape)
 
 
+def _weight_grad_wide(x, gy, g: ConvGeometry, plan: _Plan):
+    """Stride-1 weight gradient on im2col_wide's grid: gy laid on the same grid, zero where it overhangs."""
+    kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
+    wg = _wide_width(g)
+    span = _wide_span(g, max(nr for _, _, _, nr in plan.tiles))
+    partial = np.zeros((plan.workers, g.groups, kg, ckk), dtype=x.dtype)
+
+    def tile(worker, t):
+        n0, tn, r0, nr = t
+        length = nr * wg
+        sizes = (g.c_in * g.kh * g.kw * tn * length, g.c_out * tn * length, g.c_in * span)
+        flat = _buffer(worker, (sum(sizes),), x.dtype)
+        cols = flat[: sizes[0]].reshape(g.c_in * g.kh * g.kw, tn, length)
+        gyw = flat[sizes[0] : sizes[0] + sizes[1]].reshape(g.c_out, tn, nr, wg)
+        xpad = flat[sizes[0] + sizes[1] :].reshape(g.c_in, span)
+        _k.im2col_wide(x, xpad, cols, n0, 0, r0, g.kh, g.kw, *_conv_args(g), wg, g.out_w, True)
+        gyw[:, :, :, : g.out_w] = gy[n0 : n0 + tn, :, r0 : r0 + nr].transpose(1, 0, 2, 3)
+        gyw[:, :, :, g.out_w :] = 0.0
+        acc = partial[worker]
+        gym = gyw.reshape(g.c_out, tn * length)
+        for grp in range(g.groups):
+            acc[grp] += gym[grp * kg : (grp + 1) * kg] @ cols[grp * ckk : (grp + 1) * ckk].reshape(ckk, -1).T
+
+    _run(plan.tiles, tile, plan.workers)
+    return partial.sum(axis=0).reshape(g.weight_shape)
+
+
 # -- pooling and relu ---------------------------------------------------------------------------
 
 
@@ -406,7 +605,7 @@ def max_pool2d(x, g: PoolGeometry):
     """y (N, C, OH, OW): the first maximum of each window (padding is -inf, NaN wins)."""
     y = np.empty(g.output_shape, dtype=x.dtype)
     arg = np.empty(g.output_shape, dtype=np.int32)
-    with _lane:
+    with _Compute(y.size * g.kh * g.kw):
         _k.max_pool2d(x, y, arg, *_pool_args(g))
     return y
 
@@ -416,7 +615,7 @@ def max_pool2d_backward(gy, x, g: PoolGeometry):
     y = np.empty(g.output_shape, dtype=x.dtype)
     arg = np.empty(g.output_shape, dtype=np.int32)
     gx = np.empty(g.input_shape, dtype=x.dtype)
-    with _lane:
+    with _Compute(y.size * g.kh * g.kw):
         _k.max_pool2d(x, y, arg, *_pool_args(g))
         _k.max_pool2d_backward(gy, arg, gx, *_pool_args(g))
     return gx
@@ -425,7 +624,7 @@ def max_pool2d_backward(gy, x, g: PoolGeometry):
 def avg_pool2d(x, g: PoolGeometry):
     """y (N, C, OH, OW): window sums over kh*kw, zero padding counted."""
     y = np.empty(g.output_shape, dtype=x.dtype)
-    with _lane:
+    with _Compute(y.size * g.kh * g.kw):
         _k.avg_pool2d(x, y, g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w)
     return y
 
@@ -433,7 +632,7 @@ def avg_pool2d(x, g: PoolGeometry):
 def avg_pool2d_backward(gy, g: PoolGeometry):
     """gx (N, C, H, W): each window's gradient spread evenly over its kh*kw taps."""
     gx = np.empty(g.input_shape, dtype=gy.dtype)
-    with _lane:
+    with _Compute(gy.size * g.kh * g.kw):
         _k.avg_pool2d_backward(gy, gx, g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w)
     return gx
 
@@ -441,7 +640,7 @@ def avg_pool2d_backward(gy, g: PoolGeometry):
 def relu(x):
     """max(x, 0) elementwise (NaN stays NaN)."""
     y = np.empty_like(x)
-    with _lane:
+    with _Compute(10 * x.size):  # elementwise: serial below 150k elements
         _k.relu(x.reshape(-1), y.reshape(-1))
     return y
 
@@ -449,7 +648,7 @@ def relu(x):
 def relu_backward(gy, x):
     """gy where x > 0, else 0."""
     gx = np.empty_like(gy)
-    with _lane:
+    with _Compute(10 * x.size):  # elementwise: serial below 150k elements
         _k.relu_backward(gy.reshape(-1), x.reshape(-1), gx.reshape(-1))
     return gx
 
@@ -467,8 +666,11 @@ def warm_up() -> None:
     for dtype in (np.float32, np.float64):
         rng = np.random.default_rng(0)
         for x_shape, w_shape, kw in (
-            ((2, 2, 6, 7), (2, 1, 3, 3), dict(stride=2, padding=1, groups=2)),  # direct kernels
-            ((1, 4, 6, 6), (16, 4, 3, 3), dict(padding=1)),  # im2col + BLAS
+            ((2, 2, 6, 7), (2, 1, 3, 3), dict(stride=2, padding=1, groups=2)),  # row kernels (few weights)
+            ((2, 4, 6, 7), (6, 2, 3, 3), dict(stride=2, padding=1, groups=2)),  # small im2col kernels
+            ((1, 4, 6, 6), (16, 4, 3, 3), dict(padding=1)),  # im2col_wide + BLAS (stride 1)
+            ((1, 4, 7, 7), (16, 4, 3, 3), dict(stride=2, padding=1)),  # im2col, col2im + BLAS
+            ((2, 3, 6, 6), (16, 3, 3, 3), dict(padding=1)),  # col2im_wide + BLAS (few input channels)
             ((1, 16, 3, 3), (16, 16, 1, 1), {}),  # pointwise
         ):
             x = rng.standard_normal(x_shape).astype(dtype)
@@ -482,6 +684,8 @@ def warm_up() -> None:
             # The row kernels serve only convs too big for the small ones; compile them too.
             _k.conv2d_direct(x, w, b, True, y, g.groups, *_conv_args(g))
             _k.conv2d_weight_grad_direct(x, y, np.empty_like(w), g.groups, *_conv_args(g))
+            # Plain im2col serves BLAS convs whose padded-width tiles overrun a small workspace cap.
+            _k.im2col(x, np.empty((g.c_in * g.kh * g.kw, 1, g.out_w), dtype), 0, 0, 0, g.kh, g.kw, *_conv_args(g), g.out_w)
         pg = params.pool2d_geometry(x.shape, 2, 1, 1)
         y = max_pool2d(x, pg)
         max_pool2d_backward(y, x, pg)
