@@ -196,7 +196,8 @@ def test_reference_experiment_3_fits_the_edge_kernel_through_train_kernel(client
     assert result.bias is None
     assert updates and updates[0].step == 1
     assert np.all(np.diff(result.history.step) > 0)
-    assert result.history.loss[0] > result.history.loss[-1]
+    # At thousands of steps a second only a few rate-limited updates arrive; the first is step 1.
+    assert result.history.loss[0] > result.loss
 
 
 def test_reference_experiment_4_batch_training_with_bias_converges(client):
