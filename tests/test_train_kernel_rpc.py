@@ -19,7 +19,7 @@ from server_fixtures import running_server
 from convrpc.client import ConvClient, ConvRpcError
 from convrpc.client.aio import AsyncConvClient
 from convrpc.core import get_backend
-from convrpc.core.optim import AdamOptions, SgdOptions
+from convrpc.core.optim import SgdOptions
 from convrpc.core.samples import EDGE_KERNEL, structured_image
 from convrpc.core.training import TrainConfig, fit_kernel
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Sequence
+
 import grpc
 
 from convrpc.core import config

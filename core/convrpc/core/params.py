@@ -21,8 +21,6 @@ __all__ = [
     "pair",
 ]
 
-PAD_MODES = ("valid", "same")
-
 
 def pair(value, field: str, *, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints as ``(height, width)``, each at least ``minimum``."""
