@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import AsyncIterator, Sequence
 
 import grpc
@@ -12,10 +11,9 @@ from convrpc.v1 import conv_service_pb2 as pb
 from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 
 from .aio_transport import AsyncDataPath
-from .channel import open_channels
 from .errors import ConvRpcError
 from .ops import OpMethods
-from .sharding import AsyncShardedCalls, max_message_bytes
+from .sharding import AsyncShardedCalls
 from .training import TrainingRun, TrainProgress, TrainResult
 
 __all__ = ["AsyncConvClient", "AsyncTrainingRun"]
@@ -69,39 +67,27 @@ class AsyncConvClient(OpMethods):
         data_path: str = "auto",
         chunk_bytes: int | None = None,
     ):
-        self.targets, self._metadata, self._channels = open_channels(
-            target, token=token, root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain, options=options, grpc_module=aio,
+        self._open(
+            target, timeout=timeout, token=token, root_certificates=root_certificates, private_key=private_key,
+            certificate_chain=certificate_chain, options=options, shard_size=shard_size, data_path=data_path,
+            chunk_bytes=chunk_bytes, grpc_module=aio, sharded_calls_type=AsyncShardedCalls, data_path_type=AsyncDataPath,
         )  # fmt: skip
-        self.timeout = timeout
-        self._stubs = [pb_grpc.ConvServiceStub(c) for c in self._channels]
-        self._turn = itertools.count()
-        self._shard_size = shard_size
-        self._calls = AsyncShardedCalls(self._stubs, self._metadata, shard_size, max_message_bytes(options))
-        self._paths = [AsyncDataPath(c, t, data_path, chunk_bytes) for c, t in zip(self._channels, self.targets)]
-        self._path_turn = itertools.count()
 
     def _stub(self) -> pb_grpc.ConvServiceStub:
         return self._stubs[next(self._turn) % len(self._stubs)]
 
     async def _unary(self, method: str, request, timeout):
-        deadline = self.timeout if timeout is None else timeout
+        deadline = self._deadline(timeout)
         try:
             return await getattr(self._stub(), method)(request, timeout=deadline, metadata=self._metadata)
         except grpc.RpcError as error:
             raise ConvRpcError.from_rpc_error(error) from None
 
-    def _path(self, arrays):
-        """The data path of the next call, or None for the unary path, which shards a batch over shard_size."""
-        if self._shard_size is not None and arrays["input"].shape[0] > self._shard_size:
-            return None
-        return self._paths[next(self._path_turn) % len(self._paths)]
-
     async def _forward_arrays(self, op, arrays, timeout):
         path = self._path(arrays)
         if path is None:
             return await super()._forward_arrays(op, arrays, timeout)
-        deadline = self.timeout if timeout is None else timeout
+        deadline = self._deadline(timeout)
         output = await path.forward(op, arrays, deadline, self._metadata)
         return await super()._forward_arrays(op, arrays, timeout) if output is None else output
 
@@ -109,21 +95,21 @@ class AsyncConvClient(OpMethods):
         path = self._path(arrays)
         if path is None:
             return await super()._backward_arrays(op, arrays, timeout)
-        deadline = self.timeout if timeout is None else timeout
+        deadline = self._deadline(timeout)
         grads = await path.backward(op, arrays, deadline, self._metadata)
         return await super()._backward_arrays(op, arrays, timeout) if grads is None else grads
 
     async def _forward(self, request, timeout, decode):
-        return decode(await self._calls("Forward", request, self.timeout if timeout is None else timeout))
+        return decode(await self._calls("Forward", request, self._deadline(timeout)))
 
     async def _backward(self, request, timeout, decode):
-        return decode(await self._calls("Backward", request, self.timeout if timeout is None else timeout))
+        return decode(await self._calls("Backward", request, self._deadline(timeout)))
 
     async def server_info(self, *, timeout=None) -> pb.GetServerInfoResponse:
         return await self._unary("GetServerInfo", pb.GetServerInfoRequest(), timeout)
 
     def _train(self, request, progress, timeout) -> AsyncTrainingRun:
-        deadline = self.timeout if timeout is None else timeout
+        deadline = self._deadline(timeout)
         call = self._stub().TrainKernel(request, timeout=deadline, metadata=self._metadata)
         return AsyncTrainingRun(call, max_steps=request.max_steps, progress=progress)
 

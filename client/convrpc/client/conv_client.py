@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import threading
 from typing import Sequence
 
@@ -11,10 +10,9 @@ import grpc
 from convrpc.v1 import conv_service_pb2 as pb
 from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 
-from .channel import open_channels
 from .errors import ConvRpcError
 from .ops import OpMethods
-from .sharding import ShardedCalls, max_message_bytes
+from .sharding import ShardedCalls
 from .training import TrainingRun
 from .transport import DataPath
 
@@ -54,38 +52,22 @@ class ConvClient(OpMethods):
         data_path: str = "auto",
         chunk_bytes: int | None = None,
     ):
-        self.targets, self._metadata, self._channels = open_channels(
-            target, token=token, root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain, options=options, grpc_module=grpc,
+        self._open(
+            target, timeout=timeout, token=token, root_certificates=root_certificates, private_key=private_key,
+            certificate_chain=certificate_chain, options=options, shard_size=shard_size, data_path=data_path,
+            chunk_bytes=chunk_bytes, grpc_module=grpc, sharded_calls_type=ShardedCalls, data_path_type=DataPath,
         )  # fmt: skip
-        self.timeout = timeout
-        self._stubs = [pb_grpc.ConvServiceStub(c) for c in self._channels]
-        # A data path per channel: a shared-memory session belongs to one server.
-        self._paths = [DataPath(c, t, data_path, chunk_bytes) for c, t in zip(self._channels, self.targets)]
-        self._path_turn = itertools.count()
-        self._turn = itertools.count()
         self._lock = threading.Lock()
-        self._shard_size = shard_size
-        self._calls = ShardedCalls(self._stubs, self._metadata, shard_size, max_message_bytes(options))
 
     def _stub(self) -> pb_grpc.ConvServiceStub:
         with self._lock:
             return self._stubs[next(self._turn) % len(self._stubs)]
-
-    def _deadline(self, timeout):
-        return self.timeout if timeout is None else timeout
 
     def _unary(self, method: str, request, timeout):
         try:
             return getattr(self._stub(), method)(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as error:
             raise ConvRpcError.from_rpc_error(error) from None
-
-    def _path(self, arrays):
-        """The data path of the next call, or None for the unary path, which shards a batch over shard_size."""
-        if self._shard_size is not None and arrays["input"].shape[0] > self._shard_size:
-            return None
-        return self._paths[next(self._path_turn) % len(self._paths)]
 
     def _forward_arrays(self, op, arrays, timeout):
         path = self._path(arrays)

@@ -6,10 +6,15 @@ sync client answers with arrays and the asyncio client with awaitables of arrays
 
 from __future__ import annotations
 
+import itertools
+
 from convrpc import wire
 from convrpc.core.backend import Gradients
 from convrpc.v1 import conv_service_pb2 as pb
+from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 
+from .channel import open_channels
+from .sharding import max_message_bytes
 from .tensors import as_array, from_tensor, op_message
 from .training import train_request
 
@@ -24,7 +29,38 @@ def _gradients(response: pb.BackwardResponse) -> Gradients:
 
 
 class OpMethods:
-    """One method per op and one ``<op>_backward`` per op; every method takes ``timeout=`` (seconds)."""
+    """One method per op and one ``<op>_backward`` per op; every method takes ``timeout=`` (seconds).
+
+    Also the state both clients share: channels, stubs, data paths and sharded calls (see ``_open``).
+    """
+
+    def _open(
+        self, target, *, timeout, token, root_certificates, private_key, certificate_chain, options, shard_size,
+        data_path, chunk_bytes, grpc_module, sharded_calls_type, data_path_type,
+    ):  # fmt: skip
+        """Open one channel, stub and data path per target (``grpc`` or ``grpc.aio`` flavoured, with the
+        matching sharded-calls and data-path classes)."""
+        self.targets, self._metadata, self._channels = open_channels(
+            target, token=token, root_certificates=root_certificates, private_key=private_key,
+            certificate_chain=certificate_chain, options=options, grpc_module=grpc_module,
+        )  # fmt: skip
+        self.timeout = timeout
+        self._stubs = [pb_grpc.ConvServiceStub(c) for c in self._channels]
+        self._turn = itertools.count()
+        self._shard_size = shard_size
+        self._calls = sharded_calls_type(self._stubs, self._metadata, shard_size, max_message_bytes(options))
+        # A data path per channel: a shared-memory session belongs to one server.
+        self._paths = [data_path_type(c, t, data_path, chunk_bytes) for c, t in zip(self._channels, self.targets)]
+        self._path_turn = itertools.count()
+
+    def _deadline(self, timeout):
+        return self.timeout if timeout is None else timeout
+
+    def _path(self, arrays):
+        """The data path of the next call, or None for the unary path, which shards a batch over shard_size."""
+        if self._shard_size is not None and arrays["input"].shape[0] > self._shard_size:
+            return None
+        return self._paths[next(self._path_turn) % len(self._paths)]
 
     def _forward(self, request: pb.ForwardRequest, timeout, decode):  # pragma: no cover - provided by clients
         raise NotImplementedError
