@@ -45,8 +45,7 @@ def _field_prefix(exc: ConvError, request) -> str:
         if field in _OPTIMIZER_FIELDS:
             return f"{request.WhichOneof('optimizer') or 'sgd'}."
         return ""
-    op = request.op.WhichOneof("op") if hasattr(request, "op") else None
-    return f"op.{op}." if op and field in wire.OP_OPTIONS[op] else ""
+    return status.option_prefix(exc, request.op.WhichOneof("op") if hasattr(request, "op") else None)
 
 
 def _translate_errors(method):

@@ -142,8 +142,9 @@ class DataPathService:
         try:
             return getattr(self.backend, method)(*args, **options)
         except ConvError as exc:  # option errors name torch arguments; point them into the request
-            if getattr(exc, "field", None) in wire.OP_OPTIONS[op]:
-                exc.field = f"op.{op}.{exc.field}"
+            prefix = status.option_prefix(exc, op)
+            if prefix:
+                exc.field = prefix + exc.field
             raise
 
     def _host(self, array) -> np.ndarray:
