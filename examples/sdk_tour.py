@@ -23,7 +23,7 @@ with ConvClient(target, timeout=60) as client:
     print("conv2d", x.shape, "*", w.shape, "->", y.shape)
     grads = client.conv2d_backward(np.ones_like(y), x, w, padding=1)
     print("conv2d_backward -> input", grads.input.shape, "weight", grads.weight.shape)
-    print("conv_transpose2d ->", client.conv_transpose2d(y, w.transpose(1, 0, 2, 3), stride=2).shape)
+    print("conv_transpose2d ->", client.conv_transpose2d(y, w, stride=2).shape)
     print("max_pool2d ->", client.max_pool2d(y, 2).shape, " avg_pool2d ->", client.avg_pool2d(y, 3, 1, 1).shape)
     print("relu: fraction positive", float((client.relu(y) > 0).mean()))
 
