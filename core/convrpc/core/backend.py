@@ -17,11 +17,14 @@ import numpy as np
 from . import params
 from .errors import InvalidArgumentError, ResourceExhaustedError
 
-__all__ = ["Backend", "Gradients", "Kernels", "SUPPORTED_DTYPES", "OPS"]
+__all__ = ["Backend", "DTYPES", "Gradients", "Kernels", "SUPPORTED_DTYPES", "OPS"]
 
 #: Element types every backend takes and returns. The half types (float16, ``ml_dtypes.bfloat16``)
 #: are computed in float32 and rounded once at the end, as torch does on the CPU.
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+#: The element types the wire format carries today, which the server advertises. Transitional: once
+#: the wire carries the half types (issue #13's transport half) this becomes DTYPES.
+SUPPORTED_DTYPES = DTYPES[:2]
 #: Element types the kernels compute in; the others are widened to float32 first.
 _COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: The ops of the contract, in their canonical order.
@@ -62,7 +65,7 @@ class Backend:
     """Ops with torch.nn.functional names and semantics over one kernel table.
 
     Arrays in, arrays out: host (NumPy) inputs give host outputs; device inputs of a GPU backend
-    give device outputs. Every tensor must have one of SUPPORTED_DTYPES, all the same; results have
+    give device outputs. Every tensor must have one of DTYPES, all the same; results have
     that dtype. Convs and pools take (N, C, H, W) or unbatched (C, H, W) inputs (results follow) and
     empty batches; relu takes any shape.
     """
@@ -100,7 +103,7 @@ class Backend:
                 on_host = False
             elif not isinstance(a, np.ndarray):
                 a = np.asarray(a)
-            if a.dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
+            if a.dtype.newbyteorder("=") not in DTYPES:
                 raise InvalidArgumentError(field, f"dtype must be {_DTYPE_NAMES}, got {a.dtype}")
             arrays[field] = a
         dtypes = [a.dtype.newbyteorder("=") for a in arrays.values() if a is not None]
