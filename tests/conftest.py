@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 
+import ml_dtypes
 import numpy as np
 import pytest
 from convrpc.core import available_backends, get_backend
@@ -17,7 +18,12 @@ BACKEND_NAMES = available_backends()
 #: Backends that need a GPU; their parametrisations carry the `gpu` marker.
 GPU_BACKENDS = {"cupy"}
 #: Relative tolerance of a comparison, normalised by the largest magnitude of the expected array.
-RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
+RTOL = {
+    np.dtype(np.float64): 1e-10,
+    np.dtype(np.float32): 1e-4,
+    np.dtype(np.float16): 2e-3,
+    np.dtype(ml_dtypes.bfloat16): 1.6e-2,
+}
 DTYPES = [np.float64, np.float32]
 
 

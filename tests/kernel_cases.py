@@ -34,12 +34,19 @@ MAX_POOL2D_CASES = [
     ((2, 3, 7, 8), dict(kernel_size=2)),
     ((2, 2, 9, 7), dict(kernel_size=(3, 2), stride=(2, 1), padding=1)),
     ((1, 3, 10, 9), dict(kernel_size=3, stride=2, padding=1, dilation=(2, 1))),
+    ((2, 2, 7, 8), dict(kernel_size=3, stride=2, ceil_mode=True, return_indices=True)),
+    ((1, 3, 9, 6), dict(kernel_size=(3, 2), stride=(2, 3), padding=1, dilation=(2, 1), ceil_mode=True, return_indices=True)),
+    ((2, 3, 7), dict(kernel_size=(2,), stride=(2,), padding=(1,), ceil_mode=True, return_indices=True)),  # unbatched
 ]
 
 AVG_POOL2D_CASES = [
     ((2, 3, 7, 8), dict(kernel_size=2)),
     ((2, 2, 9, 7), dict(kernel_size=(3, 2), stride=(2, 1), padding=1)),
     ((1, 3, 10, 9), dict(kernel_size=3, stride=2, padding=1)),
+    ((2, 2, 7, 8), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+    ((2, 2, 7, 8), dict(kernel_size=(3, 2), stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
+    ((1, 3, 6, 9), dict(kernel_size=2, stride=(1, 2), divisor_override=-3, ceil_mode=True)),
+    ((0, 2, 5, 5), dict(kernel_size=2)),  # an empty batch
 ]
 
 TORCH_CASES = (
@@ -82,16 +89,17 @@ def make_arrays(reference, op: str, shapes, options, dtype, seed: int = 0, value
     if op in ("conv2d", "conv_transpose2d"):
         out_channels = shapes[1][0] if op == "conv2d" else shapes[1][1] * options.get("groups", 1)
         inputs.append(rng.standard_normal(out_channels).astype(dtype))
-    y = getattr(reference, op)(*inputs, **options)
+    y = getattr(reference, op)(*inputs, **{k: v for k, v in options.items() if k != "return_indices"})
     return inputs, rng.standard_normal(y.shape).astype(dtype)
 
 
 def op_results(backend, op: str, inputs, grad_output, options, put=lambda a: a, get=np.asarray) -> list:
     """[output, *gradients] of ``op`` on ``backend``; ``put`` moves inputs there, ``get`` brings results back."""
     args = [put(a) for a in inputs]
-    y = getattr(backend, op)(*args, **options)
+    out = getattr(backend, op)(*args, **options)
+    outs = list(out) if isinstance(out, tuple) else [out]  # (output, indices) with return_indices
     grads = getattr(backend, op + "_backward")(put(grad_output), *args, **options)
-    return [get(y)] + [get(g) for g in grads if g is not None]
+    return [get(o) for o in outs] + [get(g) for g in grads if g is not None]
 
 
 def torch_results(op: str, inputs, grad_output, options) -> list:
@@ -100,9 +108,10 @@ def torch_results(op: str, inputs, grad_output, options) -> list:
 
     torch = pytest.importorskip("torch")
     tensors = [torch.from_numpy(a.copy()).requires_grad_(True) for a in inputs]
-    y = getattr(torch.nn.functional, op)(*tensors, **options)
-    y.backward(torch.from_numpy(grad_output))
-    return [y.detach().numpy()] + [t.grad.numpy() for t in tensors]
+    out = getattr(torch.nn.functional, op)(*tensors, **options)
+    outs = list(out) if isinstance(out, tuple) else [out]  # (output, indices) with return_indices
+    outs[0].backward(torch.from_numpy(grad_output))
+    return [o.detach().numpy() for o in outs] + [t.grad.numpy() for t in tensors]
 
 
 def assert_results_match(got, expected, dtype, exact: bool = False) -> None:

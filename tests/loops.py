@@ -138,28 +138,45 @@ def conv_transpose2d_backward(
 
 
 # -- pooling -----------------------------------------------------------------------------------
+#
+# Window (p, q) has taps at rows p*sh - ph + i*dh, columns q*sw - pw + j*dw. Floor mode keeps the
+# windows that end inside the padded input; ceil mode also keeps the first one that reaches past
+# its end, provided it starts inside the input or the left padding (torch's rule).
 
 
-def _pool_windows(x_shape, kernel_size, stride, padding, dilation):
-    """Yield ((n, c, p, q), taps): each output pixel and its window's in-image input pixels, row-major."""
+def pool_out_size(size, k, stride, pad, dilation=1, ceil_mode=False):
+    """Windows along one axis, counted one by one from the definition above."""
+    extent, span = size + 2 * pad, dilation * (k - 1) + 1
+    count = 0
+    while True:
+        start = count * stride  # in padded coordinates
+        if start + span <= extent or (ceil_mode and start < size + pad and (count == 0 or start - stride + span < extent)):
+            count += 1
+        else:
+            return count
+
+
+def pool_output_shape(x_shape, kernel_size, stride, padding, dilation=(1, 1), ceil_mode=False):
+    n, c, h, w = x_shape
+    out_h = pool_out_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
+    out_w = pool_out_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
+    return (n, c, out_h, out_w)
+
+
+def _pool_windows(x_shape, kernel_size, stride, padding, dilation, ceil_mode=False):
+    """Yield ((n, c, p, q), taps, padded_taps): each output pixel, its window's in-image input pixels
+    (row-major), and how many of its taps lie inside the padded input."""
     n_, c_, h, w = x_shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    _, _, out_h, out_w = pool_output_shape(x_shape, kernel_size, stride, padding, dilation, ceil_mode)
     for n, c, p, q in product(range(n_), range(c_), range(out_h), range(out_w)):
-        taps = []
+        taps, padded_taps = [], 0
         for i, j in product(range(kh), range(kw)):
             r, s = p * sh - ph + i * dh, q * sw - pw + j * dw
             if 0 <= r < h and 0 <= s < w:
                 taps.append((r, s))
-        yield (n, c, p, q), taps
-
-
-def pool_output_shape(x_shape, kernel_size, stride, padding, dilation=(1, 1)):
-    n, c, h, w = x_shape
-    out_h = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
-    out_w = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
-    return (n, c, out_h, out_w)
+            padded_taps += -ph <= r < h + ph and -pw <= s < w + pw
+        yield (n, c, p, q), taps, padded_taps
 
 
 def _first_max(x, n, c, taps):
@@ -177,44 +194,69 @@ def _first_max(x, n, c, taps):
     return best_tap
 
 
-def max_pool2d(x, kernel_size, stride, padding=(0, 0), dilation=(1, 1)):
-    """Padding reads as -inf, so a window that only covers padding gives -inf."""
+def _first_tap_at_or_after_zero(start, dilation):
+    while start < 0:
+        start += dilation
+    return start
+
+
+def max_pool2d(x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False, return_indices=False):
+    """Padding reads as -inf, so a window that only covers padding gives -inf.
+
+    Indices are flat per plane (r * W + s); a window over padding alone reports the position torch
+    starts its scan at: the first tap at or after row 0 and column 0.
+    """
     (x,) = _f64(x)
-    y = np.full(pool_output_shape(x.shape, kernel_size, stride, padding, dilation), -math.inf)
-    for (n, c, p, q), taps in _pool_windows(x.shape, kernel_size, stride, padding, dilation):
+    shape = pool_output_shape(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    y = np.full(shape, -math.inf)
+    indices = np.zeros(shape, dtype=np.int64)
+    for (n, c, p, q), taps, _ in _pool_windows(x.shape, kernel_size, stride, padding, dilation, ceil_mode):
         tap = _first_max(x, n, c, taps)
-        if tap is not None:
+        if tap is None:
+            tap = (
+                _first_tap_at_or_after_zero(p * stride[0] - padding[0], dilation[0]),
+                _first_tap_at_or_after_zero(q * stride[1] - padding[1], dilation[1]),
+            )
+        else:
             y[n, c, p, q] = x[n, c, tap[0], tap[1]]
-    return y
+        indices[n, c, p, q] = tap[0] * x.shape[3] + tap[1]
+    return (y, indices) if return_indices else y
 
 
-def max_pool2d_backward(gy, x, kernel_size, stride, padding=(0, 0), dilation=(1, 1)):
+def max_pool2d_backward(gy, x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False):
     gy, x = _f64(gy, x)
     gx = np.zeros_like(x)
-    for (n, c, p, q), taps in _pool_windows(x.shape, kernel_size, stride, padding, dilation):
+    for (n, c, p, q), taps, _ in _pool_windows(x.shape, kernel_size, stride, padding, dilation, ceil_mode):
         tap = _first_max(x, n, c, taps)
         if tap is not None:
             gx[n, c, tap[0], tap[1]] += gy[n, c, p, q]
     return gx
 
 
-def avg_pool2d(x, kernel_size, stride, padding=(0, 0)):
-    """Window sum over the full kernel area: padded zeros count in the divisor (count_include_pad)."""
+def _avg_divisor(taps, padded_taps, count_include_pad, divisor_override):
+    """divisor_override, else the taps inside the padded input (count_include_pad) or inside the image."""
+    if divisor_override is not None:
+        return divisor_override
+    return padded_taps if count_include_pad else len(taps)
+
+
+def avg_pool2d(x, kernel_size, stride, padding=(0, 0), ceil_mode=False, count_include_pad=True, divisor_override=None):
+    """Window sum of the in-image taps over torch's divisor (see _avg_divisor)."""
     (x,) = _f64(x)
-    y = np.zeros(pool_output_shape(x.shape, kernel_size, stride, padding))
-    area = kernel_size[0] * kernel_size[1]
-    for (n, c, p, q), taps in _pool_windows(x.shape, kernel_size, stride, padding, (1, 1)):
-        y[n, c, p, q] = sum(x[n, c, r, s] for r, s in taps) / area
+    y = np.zeros(pool_output_shape(x.shape, kernel_size, stride, padding, (1, 1), ceil_mode))
+    for (n, c, p, q), taps, padded in _pool_windows(x.shape, kernel_size, stride, padding, (1, 1), ceil_mode):
+        y[n, c, p, q] = sum(x[n, c, r, s] for r, s in taps) / _avg_divisor(taps, padded, count_include_pad, divisor_override)
     return y
 
 
-def avg_pool2d_backward(gy, x_shape, kernel_size, stride, padding=(0, 0)):
+def avg_pool2d_backward(
+    gy, x_shape, kernel_size, stride, padding=(0, 0), ceil_mode=False, count_include_pad=True, divisor_override=None
+):
     (gy,) = _f64(gy)
     gx = np.zeros(x_shape)
-    area = kernel_size[0] * kernel_size[1]
-    for (n, c, p, q), taps in _pool_windows(x_shape, kernel_size, stride, padding, (1, 1)):
+    for (n, c, p, q), taps, padded in _pool_windows(x_shape, kernel_size, stride, padding, (1, 1), ceil_mode):
         for r, s in taps:
-            gx[n, c, r, s] += gy[n, c, p, q] / area
+            gx[n, c, r, s] += gy[n, c, p, q] / _avg_divisor(taps, padded, count_include_pad, divisor_override)
     return gx
 
 
@@ -231,9 +273,11 @@ def relu(x):
 
 
 def relu_backward(gy, x):
+    """torch's rule: 0 where the result is <= 0, else gy; a NaN input has a NaN result, so gy passes."""
     gy, x = _f64(gy, x)
     gx = np.zeros_like(x)
     for idx in np.ndindex(*x.shape):
-        if x[idx] > 0:
+        result = relu(x[idx])
+        if not result <= 0:
             gx[idx] = gy[idx]
     return gx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import loops
+import ml_dtypes
 import numpy as np
 import pytest
 from conftest import assert_close
@@ -51,7 +52,8 @@ def explicit_pads(padding, kernel, dilation) -> tuple[int, int, int, int]:
 
 
 def as_pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
+    """torch's reading of a size argument: an int or (v,) means (v, v)."""
+    return (v, v) if isinstance(v, int) else tuple(v) * (3 - len(v))
 
 
 def make_conv2d(rng, dtype, case):
@@ -186,6 +188,11 @@ MAX_POOL_CASES = {
     "window_is_input": (2, 2, 3, 3, 3, {}),
     # The single window reaches past the image: its last taps read padding only.
     "taps_in_padding": (1, 1, 2, 2, 2, dict(stride=1, padding=1, dilation=3)),
+    "ceil": (1, 2, 7, 8, 3, dict(stride=2, ceil_mode=True)),
+    "ceil_pad_dilation": (2, 1, 9, 6, (3, 2), dict(stride=(2, 3), padding=(1, 1), dilation=(2, 1), ceil_mode=True)),
+    # ceil mode would add a window starting in the right padding: torch drops it.
+    "ceil_drops_window_in_padding": (1, 1, 5, 5, 2, dict(stride=2, padding=1, ceil_mode=True)),
+    "ceil_one_element_tuples": (1, 2, 6, 5, (2,), dict(stride=(3,), padding=(1,), ceil_mode=True)),
 }
 
 AVG_POOL_CASES = {
@@ -196,6 +203,11 @@ AVG_POOL_CASES = {
     "k1x1": (2, 2, 3, 4, 1, dict(stride=1)),
     "stride_none": (1, 2, 7, 5, (3, 2), dict(stride=None)),
     "window_is_input": (2, 1, 4, 3, (4, 3), {}),
+    "ceil_include_pad": (1, 2, 7, 6, 3, dict(stride=2, padding=1, ceil_mode=True)),
+    "ceil_exclude_pad": (2, 1, 6, 7, (3, 2), dict(stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
+    "exclude_pad": (1, 2, 5, 6, 3, dict(stride=1, padding=1, count_include_pad=False)),
+    "divisor_override": (1, 2, 5, 5, 2, dict(divisor_override=3)),
+    "negative_divisor_ceil": (1, 1, 5, 6, 3, dict(stride=2, ceil_mode=True, divisor_override=-2)),
 }
 
 
@@ -209,6 +221,7 @@ def pool_reference_options(kernel_size, options, with_dilation=True):
     )
     if with_dilation:
         ref["dilation"] = as_pair(options.get("dilation", 1))
+    ref.update({k: options[k] for k in ("ceil_mode", "count_include_pad", "divisor_override") if k in options})
     return ref
 
 
@@ -219,8 +232,13 @@ def test_max_pool2d(backend, dtype, rng, case):
     ref = pool_reference_options(kernel_size, options)
     y = backend.max_pool2d(x, kernel_size, **options)
     assert y.dtype == dtype
-    # A max selects an element: the result is exact in either dtype.
-    np.testing.assert_array_equal(y, loops.max_pool2d(x, **ref).astype(dtype))
+    # A max selects an element: the result is exact in either dtype, and so are torch's flat indices.
+    y_ref, indices_ref = loops.max_pool2d(x, **ref, return_indices=True)
+    np.testing.assert_array_equal(y, y_ref.astype(dtype))
+    y2, indices = backend.max_pool2d(x, kernel_size, **options, return_indices=True)
+    np.testing.assert_array_equal(y2, y)
+    assert indices.dtype == np.int64
+    np.testing.assert_array_equal(indices, indices_ref)
     gy = rng.standard_normal(y.shape).astype(dtype)
     grads = backend.max_pool2d_backward(gy, x, kernel_size, **options)
     assert grads.weight is None and grads.bias is None
@@ -282,7 +300,9 @@ def test_relu(backend, dtype, rng, shape):
 def test_relu_keeps_nan(backend, dtype):
     x = np.array([np.nan, -1.0, 0.0, 2.0], dtype=dtype).reshape(1, 1, 2, 2)
     np.testing.assert_array_equal(backend.relu(x), loops.relu(x))
-    np.testing.assert_array_equal(backend.relu_backward(np.ones_like(x), x).input, [[[[0, 0], [0, 1]]]])
+    # torch's rule, "0 where the result <= 0": the NaN's result is NaN, so its gradient passes.
+    np.testing.assert_array_equal(backend.relu_backward(np.ones_like(x), x).input, [[[[1, 0], [0, 1]]]])
+    np.testing.assert_array_equal(loops.relu_backward(np.ones_like(x), x), [[[[1, 0], [0, 1]]]])
 
 
 # -- the contract's reference experiments 1 and 2 (exact) -------------------------------------
@@ -294,6 +314,101 @@ A_CONV_K = [[7, 0, -3], [1, 6, 8]]
 NINE = np.arange(1, 10).reshape(3, 3)
 K2 = [[1, 2], [3, 4]]
 NINE_TRANSPOSED_K2 = [[1, 4, 7, 6], [7, 23, 33, 24], [19, 53, 63, 42], [21, 52, 59, 36]]
+
+
+# -- unbatched inputs, empty batches, half dtypes, 0-d relu ---------------------------------------
+
+UNBATCHED_CALLS = {
+    "conv2d": lambda b, x: b.conv2d(x, np.linspace(-1, 1, 24).reshape(4, 2, 1, 3), np.arange(4.0), padding=(1,)),
+    "conv_transpose2d": lambda b, x: b.conv_transpose2d(x, np.linspace(-1, 1, 18).reshape(2, 1, 3, 3), stride=2),
+    "max_pool2d": lambda b, x: b.max_pool2d(x, 3, stride=2, padding=1, ceil_mode=True, return_indices=True),
+    "avg_pool2d": lambda b, x: b.avg_pool2d(x, 2, ceil_mode=True, count_include_pad=False),
+}
+
+
+def _results(out):
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+@pytest.mark.parametrize("op", UNBATCHED_CALLS)
+def test_unbatched_input_gives_the_batch_of_one_result_without_its_batch_axis(backend, rng, op):
+    x = rng.standard_normal((2, 5, 6))
+    call = UNBATCHED_CALLS[op]
+    for got, batched in zip(_results(call(backend, x)), _results(call(backend, x[None]))):
+        assert got.shape == batched.shape[1:]
+        np.testing.assert_array_equal(got, batched[0])
+    weight = {"conv2d": np.ones((4, 2, 1, 3)), "conv_transpose2d": np.ones((2, 1, 3, 3))}.get(op)
+    options = {
+        "conv2d": dict(padding=(1,)), "conv_transpose2d": dict(stride=2),
+        "max_pool2d": dict(kernel_size=3, stride=2, padding=1, ceil_mode=True), "avg_pool2d": dict(kernel_size=2, ceil_mode=True),
+    }[op]  # fmt: skip
+    tensors = [x] if weight is None else [x, weight]
+    gy = rng.standard_normal(_results(call(backend, x))[0].shape)
+    grads = getattr(backend, op + "_backward")(gy, *tensors, **options)
+    grads_batched = getattr(backend, op + "_backward")(gy[None], x[None], *tensors[1:], **options)
+    assert grads.input.shape == x.shape
+    np.testing.assert_array_equal(grads.input, grads_batched.input[0])
+    if weight is not None:
+        np.testing.assert_array_equal(grads.weight, grads_batched.weight)
+
+
+@pytest.mark.parametrize("op", UNBATCHED_CALLS)
+def test_an_empty_batch_gives_empty_results_and_zero_parameter_gradients(backend, op):
+    x = np.ones((0, 2, 5, 6))
+    outs = _results(UNBATCHED_CALLS[op](backend, x))
+    assert all(o.shape[0] == 0 for o in outs)
+    assert outs[0].dtype == np.float64 and (len(outs) == 1 or outs[1].dtype == np.int64)
+    if op == "conv2d":
+        assert outs[0].shape == (0, 4, 7, 6)
+        grads = backend.conv2d_backward(np.ones((0, 4, 7, 6)), x, np.ones((4, 2, 1, 3)), np.ones(4), padding=1)
+        assert grads.input.shape == x.shape
+        np.testing.assert_array_equal(grads.weight, np.zeros((4, 2, 1, 3)))
+        np.testing.assert_array_equal(grads.bias, np.zeros(4))
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2), (5,), (2, 3, 4, 5, 2)])
+def test_relu_takes_any_shape_and_keeps_it(backend, rng, shape):
+    x = np.asarray(rng.standard_normal(shape))
+    y = backend.relu(x)
+    assert y.shape == shape and y.dtype == x.dtype
+    np.testing.assert_array_equal(y, loops.relu(x))
+    gy = np.asarray(rng.standard_normal(shape))
+    gx = backend.relu_backward(gy, x).input
+    assert gx.shape == shape
+    np.testing.assert_array_equal(gx, loops.relu_backward(gy, x))
+
+
+HALF = {"float16": (np.float16, 2e-3), "bfloat16": (ml_dtypes.bfloat16, 1.6e-2)}
+
+
+@pytest.mark.parametrize("half", HALF)
+@pytest.mark.parametrize("case", ["conv2d", "max_pool2d", "avg_pool2d"])
+def test_half_dtypes_compute_in_float32_and_return_the_input_dtype(backend, rng, half, case):
+    dtype, rtol = HALF[half]
+    x = rng.standard_normal((2, 3, 6, 7)).astype(dtype)
+    if case == "conv2d":
+        w = rng.standard_normal((4, 3, 3, 2)).astype(dtype)
+        y = backend.conv2d(x, w, stride=(2, 1), padding=1)
+        ref = loops.conv2d(x, w, stride=(2, 1), pads=(1, 1, 1, 1))
+        gy = rng.standard_normal(y.shape).astype(dtype)
+        grads = backend.conv2d_backward(gy, x, w, stride=(2, 1), padding=1)
+        grads_ref = loops.conv2d_backward(gy, x, w, stride=(2, 1), pads=(1, 1, 1, 1))[:2]
+    else:
+        options = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+        y = getattr(backend, case)(x, **options)
+        ref_options = dict(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), ceil_mode=True)
+        ref = getattr(loops, case)(x, **ref_options)
+        gy = rng.standard_normal(y.shape).astype(dtype)
+        grads = getattr(backend, case + "_backward")(gy, x, **options)
+        grads_ref = [
+            loops.max_pool2d_backward(gy, x, **ref_options) if case == "max_pool2d"
+            else loops.avg_pool2d_backward(gy, x.shape, **ref_options)
+        ]  # fmt: skip
+    assert y.dtype == dtype
+    assert_close(y, ref, rtol=rtol, what="output")
+    for got, want in zip([g for g in grads if g is not None], grads_ref):
+        assert got.dtype == dtype
+        assert_close(got, want, rtol=rtol, what="gradient")
 
 
 def as4d(a, dtype):

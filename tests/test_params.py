@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 from convrpc.core import InvalidArgumentError
@@ -18,15 +19,16 @@ WT = t(2, 3, 3, 3)
 # id -> (call on a backend, field the error must name)
 BAD_CALLS = {
     # rank and zero dims
-    "conv2d_input_rank3": (lambda b: b.conv2d(t(2, 5, 5), W), "input"),
+    "conv2d_input_rank2": (lambda b: b.conv2d(t(5, 5), W), "input"),
     "conv2d_input_rank5": (lambda b: b.conv2d(t(1, 1, 2, 5, 5), W), "input"),
     "conv2d_weight_rank2": (lambda b: b.conv2d(X, t(3, 3)), "weight"),
-    "conv2d_input_zero_dim": (lambda b: b.conv2d(t(0, 2, 5, 5), W), "input"),
+    "conv2d_input_zero_channels": (lambda b: b.conv2d(t(1, 0, 5, 5), t(3, 0, 3, 3)), "input"),
+    "conv2d_unbatched_input_zero_height": (lambda b: b.conv2d(t(2, 0, 5), W), "input"),
     "conv2d_input_zero_width": (lambda b: b.conv2d(t(1, 2, 5, 0), W), "input"),
     "conv2d_weight_zero_dim": (lambda b: b.conv2d(X, t(0, 2, 3, 3)), "weight"),
-    "conv_transpose2d_input_rank3": (lambda b: b.conv_transpose2d(t(2, 5, 5), WT), "input"),
+    "conv_transpose2d_input_rank5": (lambda b: b.conv_transpose2d(t(1, 1, 2, 5, 5), WT), "input"),
     "conv_transpose2d_weight_zero": (lambda b: b.conv_transpose2d(X, t(2, 3, 0, 3)), "weight"),
-    "max_pool2d_input_rank3": (lambda b: b.max_pool2d(t(2, 5, 5), 2), "input"),
+    "max_pool2d_input_rank2": (lambda b: b.max_pool2d(t(5, 5), 2), "input"),
     "avg_pool2d_input_zero": (lambda b: b.avg_pool2d(t(1, 0, 5, 5), 2), "input"),
     # groups
     "conv2d_groups_not_dividing_input": (lambda b: b.conv2d(t(1, 3, 5, 5), t(4, 1, 3, 3), groups=2), "groups"),
@@ -61,6 +63,33 @@ BAD_CALLS = {
     "max_pool2d_dilation_zero": (lambda b: b.max_pool2d(X, 2, dilation=0), "dilation"),
     "max_pool2d_kernel_zero": (lambda b: b.max_pool2d(X, 0), "kernel_size"),
     "avg_pool2d_stride_negative": (lambda b: b.avg_pool2d(X, 2, stride=-1), "stride"),
+    # non-integer geometry is refused, never truncated (as in torch)
+    "conv2d_stride_float": (lambda b: b.conv2d(X, W, stride=1.5), "stride"),
+    "conv2d_stride_integral_float": (lambda b: b.conv2d(X, W, stride=2.0), "stride"),
+    "conv2d_padding_bool": (lambda b: b.conv2d(X, W, padding=True), "padding"),
+    "conv2d_padding_numpy_bool": (lambda b: b.conv2d(X, W, padding=np.True_), "padding"),
+    "conv2d_dilation_float_in_pair": (lambda b: b.conv2d(X, W, dilation=(1, 1.5)), "dilation"),
+    "max_pool2d_kernel_float": (lambda b: b.max_pool2d(X, 2.5), "kernel_size"),
+    "max_pool2d_stride_string": (lambda b: b.max_pool2d(X, 2, stride="2"), "stride"),
+    "avg_pool2d_padding_empty_tuple": (lambda b: b.avg_pool2d(X, 2, padding=()), "padding"),
+    "conv2d_stride_over_bound": (lambda b: b.conv2d(X, W, stride=2**31), "stride"),
+    "conv_transpose2d_padding_over_bound": (lambda b: b.conv_transpose2d(X, WT, padding=(0, 2**40)), "padding"),
+    "conv2d_groups_over_bound": (lambda b: b.conv2d(X, W, groups=2**31), "groups"),
+    # pooling flags and divisors
+    "max_pool2d_ceil_mode_int": (lambda b: b.max_pool2d(X, 2, ceil_mode=1), "ceil_mode"),
+    "max_pool2d_return_indices_string": (lambda b: b.max_pool2d(X, 2, return_indices="yes"), "return_indices"),
+    "max_pool2d_backward_ceil_mode_none": (lambda b: b.max_pool2d_backward(t(1, 2, 2, 2), X, 2, ceil_mode=None), "ceil_mode"),
+    "avg_pool2d_count_include_pad_int": (lambda b: b.avg_pool2d(X, 2, count_include_pad=0), "count_include_pad"),
+    "avg_pool2d_divisor_zero": (lambda b: b.avg_pool2d(X, 2, divisor_override=0), "divisor_override"),
+    "avg_pool2d_divisor_float": (lambda b: b.avg_pool2d(X, 2, divisor_override=1.5), "divisor_override"),
+    "avg_pool2d_divisor_bool": (lambda b: b.avg_pool2d(X, 2, divisor_override=True), "divisor_override"),
+    "avg_pool2d_backward_divisor_zero": (
+        lambda b: b.avg_pool2d_backward(t(1, 2, 2, 2), X, 2, divisor_override=0),
+        "divisor_override",
+    ),
+    # unbatched calls: grad_output is unbatched too
+    "max_pool2d_backward_unbatched_grad_batched": (lambda b: b.max_pool2d_backward(t(1, 2, 2, 2), X[0], 2), "grad_output"),
+    "conv2d_backward_unbatched_grad_batched": (lambda b: b.conv2d_backward(t(1, 3, 3, 3), X[0], W), "grad_output"),
     # padding
     "conv2d_padding_negative": (lambda b: b.conv2d(X, W, padding=-1), "padding"),
     "conv2d_padding_negative_pair": (lambda b: b.conv2d(X, W, padding=(1, -1)), "padding"),
@@ -101,7 +130,7 @@ BAD_CALLS = {
     "max_pool2d_backward_grad_output": (lambda b: b.max_pool2d_backward(t(1, 2, 3, 3), X, 2), "grad_output"),
     "avg_pool2d_backward_grad_output": (lambda b: b.avg_pool2d_backward(t(1, 2, 2, 3), X, 2), "grad_output"),
     "relu_backward_grad_output": (lambda b: b.relu_backward(t(1, 2, 5, 4), X), "grad_output"),
-    # dtypes: float32/float64 only, one per call
+    # dtypes: float16, bfloat16, float32 or float64, one per call; integers are refused, never converted
     "conv2d_mixed_weight_dtype": (lambda b: b.conv2d(X, W.astype(np.float32)), "weight"),
     "conv2d_mixed_bias_dtype": (lambda b: b.conv2d(X, W, t(3, dtype=np.float32)), "bias"),
     "conv2d_backward_mixed_input_dtype": (lambda b: b.conv2d_backward(t(1, 3, 3, 3), X.astype(np.float32), W), "input"),
@@ -112,7 +141,9 @@ BAD_CALLS = {
     "relu_backward_mixed_dtype": (lambda b: b.relu_backward(X, X.astype(np.float32)), "grad_output"),  # a tie: input sets it
     "conv2d_integer_input": (lambda b: b.conv2d(X.astype(np.int64), W), "input"),
     "conv2d_integer_weight": (lambda b: b.conv2d(X, W.astype(np.int32)), "weight"),
-    "conv_transpose2d_float16_input": (lambda b: b.conv_transpose2d(X.astype(np.float16), WT), "input"),
+    "conv_transpose2d_int16_input": (lambda b: b.conv_transpose2d(X.astype(np.int16), WT), "input"),
+    "conv2d_python_int_list_input": (lambda b: b.conv2d(X.astype(int).tolist(), W), "input"),
+    "conv2d_half_weight_for_float64_input": (lambda b: b.conv2d(X, W.astype(np.float16)), "weight"),
     "max_pool2d_integer_input": (lambda b: b.max_pool2d(X.astype(np.int32), 2), "input"),
     "avg_pool2d_complex_input": (lambda b: b.avg_pool2d(X.astype(np.complex128), 2), "input"),
     "relu_bool_input": (lambda b: b.relu(X.astype(bool)), "input"),
@@ -144,9 +175,35 @@ GOOD_CALLS = {
     "stride_empty_means_kernel": lambda b: b.max_pool2d(X, 2, stride=()),
     "float32_everywhere": lambda b: b.conv2d(X.astype(np.float32), W.astype(np.float32), t(3, dtype=np.float32)),
     "depthwise": lambda b: b.conv2d(X, t(4, 1, 3, 3), groups=2),
+    "one_element_tuples": lambda b: b.conv2d(X, W, stride=(1,), padding=(1,), dilation=[1]),
+    "pool_one_element_tuples": lambda b: b.max_pool2d(X, (2,), stride=(1,), padding=(1,), dilation=(1,)),
+    "unbatched": lambda b: b.conv2d(X[0], W),
+    "empty_batch": lambda b: b.conv2d(t(0, 2, 5, 5), W),
+    "float16": lambda b: b.conv_transpose2d(X.astype(np.float16), WT.astype(np.float16)),
+    "bfloat16": lambda b: b.avg_pool2d(X.astype(ml_dtypes.bfloat16), 2, ceil_mode=True, divisor_override=-3),
+    "numpy_bool_flags": lambda b: b.max_pool2d(X, 2, ceil_mode=np.True_, return_indices=np.False_),
+    "geometry_at_the_bound": lambda b: b.max_pool2d(X, 2, stride=2**31 - 1),
 }
 
 
 @pytest.mark.parametrize("call", GOOD_CALLS.values(), ids=GOOD_CALLS.keys())
 def test_boundary_arguments_are_accepted(backend, call):
     assert np.all(np.isfinite(call(backend)))
+
+
+def test_validation_comes_before_any_allocation(backend, monkeypatch):
+    """A bad option fails before the half input is widened or moved (no astype, no to_device)."""
+    calls = []
+    monkeypatch.setattr(backend.kernels, "to_device", lambda a: calls.append(a) or a, raising=True)
+    x = X.astype(np.float16)
+    with pytest.raises(InvalidArgumentError):
+        backend.max_pool2d(x, 2, stride=1.5)
+    assert calls == []
+
+
+def test_an_output_too_big_to_address_is_refused_before_allocating(backend):
+    from convrpc.core import ResourceExhaustedError
+
+    with pytest.raises(ResourceExhaustedError) as info:
+        backend.conv_transpose2d(t(1, 2, 2, 2), t(2, 1, 1, 1), stride=2**31 - 1, output_padding=2**31 - 2)
+    assert info.value.field == "output"

@@ -80,7 +80,7 @@ BAD_INPUTS = [
     ("shape product overflows int64", fwd(input=t(X, shape=[2**62, 2**62, 1, 1]), weight=t(W)), "input.shape"),
     ("data shorter than the shape", fwd(input=t(X, data=bytes(8 * 49)), weight=t(W)), "input.data"),
     ("data longer than the shape", fwd(input=t(X, data=bytes(8 * 51)), weight=t(W)), "input.data"),
-    ("rank 3 input", fwd(input=t(X[0]), weight=t(W)), "input"),
+    ("rank 2 input", fwd(input=t(X[0, 0]), weight=t(W)), "input"),  # 3-d is unbatched, as in torch
     ("rank 5 weight", fwd(input=t(X), weight=t(W[None])), "weight"),
     ("channel mismatch", fwd(input=t(X), weight=t(np.ones((3, 1, 3, 3)))), "weight"),
     ("groups not dividing channels", fwd(conv_op(groups=3), input=t(X), weight=t(np.ones((3, 1, 3, 3)))),

@@ -115,6 +115,9 @@ MAX_POOL_CASES = {
     "dilation": ((2, 2, 11, 10), dict(kernel_size=3, stride=1, padding=1, dilation=2)),
     "dilation_pair": ((1, 2, 9, 12), dict(kernel_size=(3, 2), stride=(2, 3), padding=(1, 0), dilation=(3, 2))),
     "k1x1": ((2, 2, 5, 6), dict(kernel_size=1, stride=2)),
+    "ceil": ((2, 3, 8, 9), dict(kernel_size=3, stride=2, ceil_mode=True)),
+    "ceil_pad_dilation": ((1, 2, 10, 7), dict(kernel_size=(3, 2), stride=(3, 2), padding=1, dilation=(2, 1), ceil_mode=True)),
+    "unbatched_ceil": ((3, 7, 8), dict(kernel_size=2, stride=2, padding=1, ceil_mode=True)),
 }
 # No window here covers padding only: for one, torch 2.13's CPU kernel records an index outside the
 # input and its backward writes out of bounds (heap corruption). test_ops_reference.py covers that case.
@@ -139,6 +142,10 @@ AVG_POOL_CASES = {
     "pairs": ((1, 3, 9, 11), dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 1))),
     "k5_s1_p2": ((2, 2, 7, 6), dict(kernel_size=5, stride=1, padding=2)),
     "k1x1": ((2, 2, 5, 6), dict(kernel_size=1, stride=2)),
+    "ceil": ((2, 2, 9, 10), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+    "ceil_exclude_pad": ((1, 3, 9, 11), dict(kernel_size=(2, 3), stride=(2, 2), padding=1, ceil_mode=True, count_include_pad=False)),
+    "divisor_override": ((2, 2, 7, 6), dict(kernel_size=3, stride=2, padding=1, divisor_override=5)),
+    "unbatched": ((2, 7, 6), dict(kernel_size=(3,), stride=(2,), ceil_mode=True)),
 }
 
 
@@ -183,9 +190,11 @@ def random_geometry(op, seed):
         return [x, rng.standard_normal((c_in, c_out // groups, kh, kw)), rng.standard_normal(c_out)], options
     if seed % 4:  # mostly within the pooling rule padding <= kernel // 2, which every fourth case tests
         padding = (min(padding[0], kh // 2), min(padding[1], kw // 2))
-    options = dict(kernel_size=(kh, kw), stride=stride, padding=padding)
+    options = dict(kernel_size=(kh, kw), stride=stride, padding=padding, ceil_mode=bool(rng.integers(0, 2)))
     if op == "max_pool2d":
         options["dilation"] = dilation
+    else:
+        options["count_include_pad"] = bool(rng.integers(0, 2))
     return [x], options
 
 

@@ -11,7 +11,7 @@ import importlib
 import logging
 import threading
 
-from .backend import OPS, SUPPORTED_DTYPES, Backend, Gradients
+from .backend import DTYPES, OPS, SUPPORTED_DTYPES, Backend, Gradients
 from .errors import BackendUnavailableError, ConvError, InvalidArgumentError, ResourceExhaustedError
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "BackendUnavailableError",
     "BACKENDS",
     "ConvError",
+    "DTYPES",
     "Gradients",
     "InvalidArgumentError",
     "OPS",

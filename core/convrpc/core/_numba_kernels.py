@@ -299,13 +299,20 @@ def conv2d_weight_grad_small(x, gy, partial, groups, kh, kw, sh, sw, pt, pl, dh,
 # -- pooling -----------------------------------------------------------------------------------
 
 
+@njit(cache=True, inline="always")
+def _first_tap(start, dil):
+    """The first tap position at or after 0 of a window starting at ``start`` (torch's starting point)."""
+    return start + (-start + dil - 1) // dil * dil if start < 0 else start
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def max_pool2d(x, y, arg, kh, kw, sh, sw, ph, pw, dh, dw):
-    """y (N, C, OH, OW) = each window's maximum; arg gets its tap index (row-major).
+    """y (N, C, OH, OW) = each window's maximum; arg (int64) gets its flat index ih * W + iw in the plane.
 
     torch's rule: scan the in-image taps from the first one, and a strictly greater value or a NaN
     takes over, so ties go to the first maximum, NaNs to the last NaN and an all -inf window to its
-    first in-image tap. A window over padding alone gives -inf and tap 0 (padding: no gradient).
+    first in-image tap. A window over padding alone gives -inf and torch's starting index (its first
+    tap at or after row and column 0, which may lie outside the plane).
     """
     n_, c_, h, wd = x.shape
     out_h, out_w = y.shape[2], y.shape[3]
@@ -313,28 +320,29 @@ def max_pool2d(x, y, arg, kh, kw, sh, sw, ph, pw, dh, dw):
         oh = job % out_h
         c = (job // out_h) % c_
         n = job // (out_h * c_)
+        ih0 = _first_tap(oh * sh - ph, dh)
+        ih1 = min(oh * sh - ph + (kh - 1) * dh + 1, h)
         for ow in range(out_w):
+            iw0 = _first_tap(ow * sw - pw, dw)
+            iw1 = min(ow * sw - pw + (kw - 1) * dw + 1, wd)
             best = -np.inf
-            best_t = -1
-            for i in range(kh):
-                ih = oh * sh - ph + i * dh
-                if ih < 0 or ih >= h:
-                    continue
-                for j in range(kw):
-                    iw = ow * sw - pw + j * dw
-                    if iw < 0 or iw >= wd:
-                        continue
+            best_i = ih0 * wd + iw0
+            for ih in range(ih0, ih1, dh):
+                for iw in range(iw0, iw1, dw):
                     v = x[n, c, ih, iw]
-                    if best_t < 0 or v > best or v != v:
+                    if v > best or v != v:
                         best = v
-                        best_t = i * kw + j
+                        best_i = ih * wd + iw
             y[n, c, oh, ow] = best
-            arg[n, c, oh, ow] = max(best_t, 0)
+            arg[n, c, oh, ow] = best_i
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def max_pool2d_backward(gy, arg, gx, kh, kw, sh, sw, ph, pw, dh, dw):
-    """gx (N, C, H, W) = gy routed to each window's argmax tap; overwritten. One plane per iteration."""
+    """gx (N, C, H, W) = gy routed to each window's flat argmax; overwritten. One plane per iteration.
+
+    Windows over padding alone send nothing (their index may name an element outside them).
+    """
     n_, c_, h, wd = gx.shape
     out_h, out_w = gy.shape[2], gy.shape[3]
     for job in prange(n_ * c_):
@@ -343,20 +351,20 @@ def max_pool2d_backward(gy, arg, gx, kh, kw, sh, sw, ph, pw, dh, dw):
         plane = gx[n, c]
         plane[:, :] = 0.0
         for oh in range(out_h):
+            if _first_tap(oh * sh - ph, dh) >= min(oh * sh - ph + (kh - 1) * dh + 1, h):
+                continue
             for ow in range(out_w):
+                if _first_tap(ow * sw - pw, dw) >= min(ow * sw - pw + (kw - 1) * dw + 1, wd):
+                    continue
                 t = arg[n, c, oh, ow]
-                ih = oh * sh - ph + (t // kw) * dh
-                iw = ow * sw - pw + (t % kw) * dw
-                if 0 <= ih < h and 0 <= iw < wd:
-                    plane[ih, iw] += gy[n, c, oh, ow]
+                plane[t // wd, t % wd] += gy[n, c, oh, ow]
 
 
 @njit(**_PAR)
-def avg_pool2d(x, y, kh, kw, sh, sw, ph, pw):
-    """y (N, C, OH, OW) = window sums / (kh*kw), zero padding counted."""
+def avg_pool2d(x, y, div, kh, kw, sh, sw, ph, pw):
+    """y (N, C, OH, OW) = window sums over the in-image taps / div (OH, OW), the divisors torch uses."""
     n_, c_, h, wd = x.shape
     out_h, out_w = y.shape[2], y.shape[3]
-    scale = 1.0 / (kh * kw)
     for job in prange(n_ * c_ * out_h):
         oh = job % out_h
         c = (job // out_h) % c_
@@ -373,15 +381,14 @@ def avg_pool2d(x, y, kh, kw, sh, sw, ph, pw):
                 for ow in range(lo, hi):
                     row[ow] += xrow[ow * sw + j - pw]
         for ow in range(out_w):
-            row[ow] = row[ow] * scale
+            row[ow] = row[ow] / div[oh, ow]
 
 
 @njit(**_PAR)
-def avg_pool2d_backward(gy, gx, kh, kw, sh, sw, ph, pw):
-    """gx (N, C, H, W) = each window's gy / (kh*kw) spread over its taps; one plane per iteration."""
+def avg_pool2d_backward(gy, gx, div, kh, kw, sh, sw, ph, pw):
+    """gx (N, C, H, W) = each window's gy / div spread over its in-image taps; one plane per iteration."""
     n_, c_, h, wd = gx.shape
     out_h, out_w = gy.shape[2], gy.shape[3]
-    scale = 1.0 / (kh * kw)
     for job in prange(n_ * c_):
         c = job % c_
         n = job // c_
@@ -389,6 +396,7 @@ def avg_pool2d_backward(gy, gx, kh, kw, sh, sw, ph, pw):
         plane[:, :] = 0.0
         for oh in range(out_h):
             grow = gy[n, c, oh]
+            drow = div[oh]
             for i in range(kh):
                 ih = oh * sh - ph + i
                 if ih < 0 or ih >= h:
@@ -397,7 +405,7 @@ def avg_pool2d_backward(gy, gx, kh, kw, sh, sw, ph, pw):
                 for j in range(kw):
                     lo, hi = _col_range(j - pw, sw, wd, out_w)
                     for ow in range(lo, hi):
-                        prow[ow * sw + j - pw] += grow[ow] * scale
+                        prow[ow * sw + j - pw] += grow[ow] / drow[ow]
 
 
 # -- relu --------------------------------------------------------------------------------------
@@ -413,9 +421,9 @@ def relu(x, y):
 
 @njit(parallel=True, cache=True, nogil=True)
 def relu_backward(gy, x, gx):
-    """gx = gy where x > 0, else 0, on flat arrays."""
+    """gx = 0 where x <= 0, else gy (torch's rule: a NaN input passes gy through), on flat arrays."""
     for i in prange(x.size):
-        gx[i] = gy[i] if x[i] > 0.0 else 0.0
+        gx[i] = 0.0 if x[i] <= 0.0 else gy[i]
 
 
 # -- stride-1 im2col on a padded-width grid (long contiguous copies instead of one per output row) --

@@ -51,7 +51,7 @@ class ArrayKernels:
         return f"<ArrayKernels over {self.xp.__name__}>"
 
     def to_device(self, a):
-        return self.xp.ascontiguousarray(self.xp.asarray(a))
+        return self.xp.asarray(a, order="C")  # not ascontiguousarray, which turns 0-d into shape (1,)
 
     def to_host(self, a):
         return a if self._asnumpy is None else self._asnumpy(a)
@@ -172,71 +172,85 @@ class ArrayKernels:
 
     # -- pooling ------------------------------------------------------------------------------
 
-    def _pool_slices(self, g: PoolGeometry) -> Iterator[tuple[int, slice, slice]]:
-        """(tap index, rows, cols) of every tap's view over the padded input, row-major."""
-        for t, (i, j) in enumerate(_taps(g.kh, g.kw)):
-            yield t, _span(i * g.dil_h, g.out_h, g.stride_h), _span(j * g.dil_w, g.out_w, g.stride_w)
-
     def _first_max(self, x, g: PoolGeometry):
-        """(value, tap index) that torch's max pooling picks in each window.
+        """(value, int64 flat index h*W+w) that torch's max pooling picks in each window.
 
         torch scans the in-image taps row-major from the first one, and a strictly greater value or a
         NaN takes over: ties go to the first maximum, NaNs to the last NaN, an all -inf window to its
-        first in-image tap. Padding reads as -inf, so it never takes over.
+        first in-image tap. Padding reads as -inf, so it never takes over; a window over padding alone
+        keeps torch's starting index (see :meth:`_start_index`).
         """
         xp = self.xp
-        xpad = self._padded(x, g.pad_h, g.pad_h, g.pad_w, g.pad_w, -float("inf"))
+        xpad = self._padded(x, g.pad_h, g.pad_bottom, g.pad_w, g.pad_right, -float("inf"))
         best = xp.full(g.output_shape, -float("inf"), dtype=x.dtype)
-        idx = xp.broadcast_to(self._first_inside_tap(g), g.output_shape).astype(xp.int32)
-        for t, hs, ws in self._pool_slices(g):
+        idx = xp.broadcast_to(self._start_index(g), g.output_shape)
+        for i, j, hs, ws in self._pool_taps(g):
             v = xpad[:, :, hs, ws]
             # A running comparison rather than argmax over stacked taps: no (kh*kw)-fold buffer, and the
             # NaN rule is spelled out here instead of resting on each array library's argmax.
             take = (v > best) | xp.isnan(v)
             best = xp.where(take, v, best)
-            idx = xp.where(take, xp.int32(t), idx)
+            idx = xp.where(take, self._tap_index(g, i, j), idx)
         return best, idx
 
-    def _first_inside_tap(self, g: PoolGeometry):
-        """(out_h, out_w) flat index of each window's first tap inside the image (0 if there is none)."""
+    def _tap_index(self, g: PoolGeometry, i: int, j: int):
+        """(out_h, out_w) int64 flat input index of tap (i, j) of every window (outside the image for padding)."""
+        xp = self.xp
+        rows = xp.arange(g.out_h, dtype=xp.int64) * g.stride_h - g.pad_h + i * g.dil_h
+        cols = xp.arange(g.out_w, dtype=xp.int64) * g.stride_w - g.pad_w + j * g.dil_w
+        return rows[:, None] * g.w + cols[None, :]
+
+    def _start_index(self, g: PoolGeometry):
+        """(out_h, out_w) torch's initial index of each window: its first tap at or after row 0 and column 0."""
         xp = self.xp
 
-        def first(out, stride, pad, dil, k):
-            start = xp.arange(out) * stride - pad
-            skip = xp.where(start < 0, (-start + dil - 1) // dil, 0)
-            return xp.where(skip < k, skip, 0)
+        def first(out, stride, pad, dil):
+            start = xp.arange(out, dtype=xp.int64) * stride - pad
+            return start + xp.where(start < 0, (-start + dil - 1) // dil, 0) * dil
 
-        rows = first(g.out_h, g.stride_h, g.pad_h, g.dil_h, g.kh)
-        cols = first(g.out_w, g.stride_w, g.pad_w, g.dil_w, g.kw)
-        return rows[:, None] * g.kw + cols[None, :]
+        rows = first(g.out_h, g.stride_h, g.pad_h, g.dil_h)
+        cols = first(g.out_w, g.stride_w, g.pad_w, g.dil_w)
+        return rows[:, None] * g.w + cols[None, :]
+
+    def _pool_taps(self, g: PoolGeometry) -> Iterator[tuple[int, int, slice, slice]]:
+        """(i, j, rows, cols) of every tap's view over the padded input, row-major."""
+        for i, j in _taps(g.kh, g.kw):
+            yield i, j, _span(i * g.dil_h, g.out_h, g.stride_h), _span(j * g.dil_w, g.out_w, g.stride_w)
+
+    def _padded_grad(self, g: PoolGeometry, dtype):
+        return self.xp.zeros((g.n, g.c, g.pad_h + g.h + g.pad_bottom, g.pad_w + g.w + g.pad_right), dtype=dtype)
+
+    def _unpadded(self, gxpad, g: PoolGeometry):
+        return self.xp.ascontiguousarray(gxpad[:, :, g.pad_h : g.pad_h + g.h, g.pad_w : g.pad_w + g.w])
 
     def max_pool2d(self, x, g: PoolGeometry):
-        return self._first_max(x, g)[0]
+        best, idx = self._first_max(x, g)
+        return best, self.xp.ascontiguousarray(idx)  # a broadcast view where no tap ever took over
 
     def max_pool2d_backward(self, gy, x, g: PoolGeometry):
         xp = self.xp
         _, idx = self._first_max(x, g)
-        gxpad = xp.zeros((g.n, g.c, g.h + 2 * g.pad_h, g.w + 2 * g.pad_w), dtype=gy.dtype)
+        gxpad = self._padded_grad(g, gy.dtype)
         zero = gy.dtype.type(0)
-        for t, hs, ws in self._pool_slices(g):
-            gxpad[:, :, hs, ws] += xp.where(idx == t, gy, zero)
-        return xp.ascontiguousarray(gxpad[:, :, g.pad_h : g.pad_h + g.h, g.pad_w : g.pad_w + g.w])
+        # A padding tap's flat index may equal the chosen in-image one; its share lands in the padding, cut away.
+        for i, j, hs, ws in self._pool_taps(g):
+            gxpad[:, :, hs, ws] += xp.where(idx == self._tap_index(g, i, j), gy, zero)
+        return self._unpadded(gxpad, g)
 
     def avg_pool2d(self, x, g: PoolGeometry):
-        xpad = self._padded(x, g.pad_h, g.pad_h, g.pad_w, g.pad_w)
+        xpad = self._padded(x, g.pad_h, g.pad_bottom, g.pad_w, g.pad_right)
         total = self.xp.zeros(g.output_shape, dtype=x.dtype)
-        for _, hs, ws in self._pool_slices(g):
+        for _, _, hs, ws in self._pool_taps(g):
             total += xpad[:, :, hs, ws]
-        total /= x.dtype.type(g.kh * g.kw)
+        total /= g.divisors(self.xp).astype(x.dtype)
         return total
 
     def avg_pool2d_backward(self, gy, g: PoolGeometry):
-        xp = self.xp
-        share = gy / gy.dtype.type(g.kh * g.kw)
-        gxpad = xp.zeros((g.n, g.c, g.h + 2 * g.pad_h, g.w + 2 * g.pad_w), dtype=gy.dtype)
-        for _, hs, ws in self._pool_slices(g):
+        share = gy / g.divisors(self.xp).astype(gy.dtype)
+        gxpad = self._padded_grad(g, gy.dtype)
+        for _, _, hs, ws in self._pool_taps(g):
             gxpad[:, :, hs, ws] += share
-        return xp.ascontiguousarray(gxpad[:, :, g.pad_h : g.pad_h + g.h, g.pad_w : g.pad_w + g.w])
+        return self._unpadded(gxpad, g)
 
     # -- relu ---------------------------------------------------------------------------------
 
@@ -244,4 +258,5 @@ class ArrayKernels:
         return self.xp.maximum(x, x.dtype.type(0))
 
     def relu_backward(self, gy, x):
-        return self.xp.where(x > 0, gy, gy.dtype.type(0))
+        # torch's rule is "0 where the result <= 0": a NaN input (NaN result) passes grad_output through.
+        return self.xp.where(x <= 0, gy.dtype.type(0), gy)

@@ -11,17 +11,25 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol
 
+import ml_dtypes
 import numpy as np
 
 from . import params
 from .errors import InvalidArgumentError, ResourceExhaustedError
 
-__all__ = ["Backend", "Gradients", "Kernels", "SUPPORTED_DTYPES", "OPS"]
+__all__ = ["Backend", "DTYPES", "Gradients", "Kernels", "SUPPORTED_DTYPES", "OPS"]
 
-#: Element types every backend computes in.
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: Element types every backend takes and returns. The half types (float16, ``ml_dtypes.bfloat16``)
+#: are computed in float32 and rounded once at the end, as torch does on the CPU.
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+#: The element types the wire format carries today, which the server advertises. Transitional: once
+#: the wire carries the half types (issue #13's transport half) this becomes DTYPES.
+SUPPORTED_DTYPES = DTYPES[:2]
+#: Element types the kernels compute in; the others are widened to float32 first.
+_COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: The ops of the contract, in their canonical order.
 OPS = ("conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "relu")
+_DTYPE_NAMES = "float16, bfloat16, float32 or float64"
 
 
 class Gradients(NamedTuple):
@@ -33,22 +41,33 @@ class Gradients(NamedTuple):
 
 
 class Kernels(Protocol):
-    """What a backend module provides. Arrays are C-contiguous, of one dtype, on the backend's device.
+    """What a backend module provides. Arrays are C-contiguous float32/float64 of one dtype, on the backend's device,
+    4-d with N >= 1 (the Backend handles unbatched inputs and empty batches itself).
 
     ``conv2d(x, w, b, g)`` -> y; ``conv2d_input_grad(gy, w, g)`` -> gx;
-    ``conv2d_weight_grad(x, gy, g)`` -> gw; ``max_pool2d(x, g)``; ``max_pool2d_backward(gy, x, g)``;
-    ``avg_pool2d(x, g)``; ``avg_pool2d_backward(gy, g)``; ``relu(x)``; ``relu_backward(gy, x)``.
+    ``conv2d_weight_grad(x, gy, g)`` -> gw; ``max_pool2d(x, g)`` -> (y, int64 flat indices h*W+w per plane);
+    ``max_pool2d_backward(gy, x, g)``; ``avg_pool2d(x, g)``; ``avg_pool2d_backward(gy, g)``;
+    ``relu(x)``; ``relu_backward(gy, x)`` (any shape, 0-d included).
     ``xp`` is the array module; ``to_device``/``to_host`` move arrays in and out.
     """
 
     xp: Any
 
 
+class _Origin(NamedTuple):
+    """Where a call's arrays came from and in which dtype its results go back."""
+
+    on_host: bool
+    dtype: np.dtype
+
+
 class Backend:
     """Ops with torch.nn.functional names and semantics over one kernel table.
 
     Arrays in, arrays out: host (NumPy) inputs give host outputs; device inputs of a GPU backend
-    give device outputs. Every tensor must be float32 or float64, all of one dtype.
+    give device outputs. Every tensor must have one of DTYPES, all the same; results have
+    that dtype. Convs and pools take (N, C, H, W) or unbatched (C, H, W) inputs (results follow) and
+    empty batches; relu takes any shape.
     """
 
     def __init__(self, name: str, kernels: Any, device: str = "cpu", max_elements: int | None = None):
@@ -68,66 +87,92 @@ class Backend:
 
     # -- conversion -------------------------------------------------------------------------
 
-    def _arrays(self, **named):
-        """Check dtypes and move every non-None array to the device, C-contiguous and native-endian.
+    def _inputs(self, **named):
+        """(origin, arrays) with every dtype checked; nothing is converted or moved yet.
 
         All must share one dtype; a mismatch names the odd one out (the majority's dtype wins, the
-        input's on a tie).
+        input's on a tie). Integer, bool and complex tensors are refused, never converted.
         """
         arrays = {}
         on_host = True
         for field, a in named.items():
             if a is None:
+                arrays[field] = None
                 continue
             if hasattr(a, "__cuda_array_interface__") or type(a).__module__.startswith("cupy"):
                 on_host = False
             elif not isinstance(a, np.ndarray):
                 a = np.asarray(a)
-            if a.dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
-                raise InvalidArgumentError(field, f"dtype must be float32 or float64, got {a.dtype}")
-            if not a.dtype.isnative:
-                a = a.astype(a.dtype.newbyteorder("="))
+            if a.dtype.newbyteorder("=") not in DTYPES:
+                raise InvalidArgumentError(field, f"dtype must be {_DTYPE_NAMES}, got {a.dtype}")
             arrays[field] = a
-        dtypes = [a.dtype for a in arrays.values()]
-        first = arrays["input"].dtype if "input" in arrays else dtypes[0]
+        dtypes = [a.dtype.newbyteorder("=") for a in arrays.values() if a is not None]
+        first = arrays["input"].dtype.newbyteorder("=") if arrays.get("input") is not None else dtypes[0]
         dtype = max(dict.fromkeys([first, *dtypes]), key=dtypes.count)
         for field, a in arrays.items():
-            if a.dtype != dtype:
+            if a is not None and a.dtype.newbyteorder("=") != dtype:
                 raise InvalidArgumentError(field, f"dtype {a.dtype} differs from the other tensors' {dtype}")
-        return on_host, [None if named[f] is None else self.kernels.to_device(arrays[f]) for f in named]
+        return _Origin(on_host, dtype), list(arrays.values())
 
-    def _result(self, on_host: bool, a):
-        return None if a is None else (self.kernels.to_host(a) if on_host else a)
+    def _device(self, origin: _Origin, *arrays, shapes=None):
+        """The arrays on the device in the compute dtype, C-contiguous, native-endian, reshaped to ``shapes``."""
+        compute = origin.dtype if origin.dtype in _COMPUTE_DTYPES else np.dtype(np.float32)
+        out = []
+        for i, a in enumerate(arrays):
+            if a is not None:
+                if a.dtype != compute:
+                    a = a.astype(compute)  # widening a half type, or a byte swap; on the array's own device
+                a = self.kernels.to_device(a)
+                if shapes is not None and shapes[i] is not None:
+                    a = a.reshape(shapes[i])
+            out.append(a)
+        return out
 
-    def _grads(self, on_host, gi, gw=None, gb=None) -> Gradients:
-        return Gradients(self._result(on_host, gi), self._result(on_host, gw), self._result(on_host, gb))
+    def _result(self, origin: _Origin, a, shape=None):
+        """A result back where the inputs came from, in their dtype (int64 indices stay int64)."""
+        if a is None:
+            return None
+        if shape is not None:
+            a = a.reshape(shape)
+        if origin.on_host:
+            a = self.kernels.to_host(a)
+        if a.dtype.kind == "f" and a.dtype != origin.dtype:
+            a = a.astype(origin.dtype)
+        return a
 
-    def _check_output(self, shape) -> None:
-        if self.max_elements is not None:
-            count = 1
-            for dim in shape:
-                count *= dim
-            if count > self.max_elements:
-                raise ResourceExhaustedError(
-                    "output", f"shape {tuple(shape)} has {count} elements, over the cap of {self.max_elements}"
-                )
+    def _check_output(self, shape, itemsize: int = 8) -> None:
+        count = 1
+        for dim in shape:
+            count *= dim
+        if count * itemsize >= 2**63 or (self.max_elements is not None and count > self.max_elements):
+            cap = self.max_elements if self.max_elements is not None else (2**63 - 1) // itemsize
+            raise ResourceExhaustedError("output", f"shape {tuple(shape)} has {count} elements, over the cap of {cap}")
 
     @staticmethod
     def _check_grad_output(gy, shape) -> None:
         if tuple(gy.shape) != tuple(shape):
             raise InvalidArgumentError("grad_output", f"expected shape {tuple(shape)} (the op's output), got {tuple(gy.shape)}")
 
-    def _bias_grad(self, gy):
-        return gy.sum(axis=(0, 2, 3))
+    @staticmethod
+    def _user_shape(g, shape):
+        """``shape`` as the caller sees it: without the batch axis for an unbatched call."""
+        return tuple(shape[1:]) if g.unbatched else tuple(shape)
+
+    def _zeros(self, shape, dtype):
+        return self.xp.zeros(shape, dtype=dtype)
 
     # -- conv2d -------------------------------------------------------------------------------
 
     def conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         """(N, C, H, W) x (K, C/groups, kh, kw) -> (N, K, OH, OW); ``padding`` may be 'valid' or 'same'."""
-        on_host, (x, w, b) = self._arrays(input=input, weight=weight, bias=bias)
+        origin, (x, w, b) = self._inputs(input=input, weight=weight, bias=bias)
         g = params.conv2d_geometry(x.shape, w.shape, None if b is None else b.shape, stride, padding, dilation, groups)
         self._check_output(g.output_shape)
-        return self._result(on_host, self.kernels.conv2d(x, w, b, g))
+        x, w, b = self._device(origin, x, w, b, shapes=(g.input_shape, None, None))
+        y = self._zeros(g.output_shape, x.dtype) if g.n == 0 else self.kernels.conv2d(x, w, b, g)
+        if g.n == 0 and b is not None:
+            y += b.reshape(1, -1, 1, 1)
+        return self._result(origin, y, self._user_shape(g, g.output_shape))
 
     def conv2d_backward(
         self, grad_output, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, input_grad=True
@@ -137,78 +182,133 @@ class Backend:
         ``input_grad=False`` skips the input gradient (returned as None): kernel fitting needs
         only the weight's, and the input gradient costs as much again.
         """
-        on_host, (gy, x, w, b) = self._arrays(grad_output=grad_output, input=input, weight=weight, bias=bias)
+        origin, (gy, x, w, b) = self._inputs(grad_output=grad_output, input=input, weight=weight, bias=bias)
         g = params.conv2d_geometry(x.shape, w.shape, None if b is None else b.shape, stride, padding, dilation, groups)
-        self._check_grad_output(gy, g.output_shape)
+        self._check_grad_output(gy, self._user_shape(g, g.output_shape))
+        gy, x, w, b = self._device(origin, gy, x, w, b, shapes=(g.output_shape, g.input_shape, None, None))
         k = self.kernels
-        gi = k.conv2d_input_grad(gy, w, g) if input_grad else None
-        gb = None if b is None else self._bias_grad(gy)
-        return self._grads(on_host, gi, k.conv2d_weight_grad(x, gy, g), gb)
+        if g.n == 0:
+            gi, gw = self._zeros(g.input_shape, x.dtype), self._zeros(g.weight_shape, x.dtype)
+        else:
+            gi = k.conv2d_input_grad(gy, w, g) if input_grad else None
+            gw = k.conv2d_weight_grad(x, gy, g)
+        gi = gi if input_grad else None
+        gb = None if b is None else gy.sum(axis=(0, 2, 3))
+        return Gradients(
+            self._result(origin, gi, self._user_shape(g, g.input_shape)), self._result(origin, gw), self._result(origin, gb)
+        )
 
     # -- conv_transpose2d ---------------------------------------------------------------------
 
     def conv_transpose2d(self, input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
         """(N, C, H, W) x (C, K/groups, kh, kw) -> (N, K, OH, OW), the adjoint of conv2d."""
-        on_host, (x, w, b) = self._arrays(input=input, weight=weight, bias=bias)
+        origin, (x, w, b) = self._inputs(input=input, weight=weight, bias=bias)
         g = params.conv_transpose2d_geometry(
             x.shape, w.shape, None if b is None else b.shape, stride, padding, output_padding, groups, dilation
         )
         self._check_output(g.input_shape)
-        y = self.kernels.conv2d_input_grad(x, w, g)
+        x, w, b = self._device(origin, x, w, b, shapes=(g.output_shape, None, None))
+        y = self._zeros(g.input_shape, x.dtype) if g.n == 0 else self.kernels.conv2d_input_grad(x, w, g)
         if b is not None:
             y += b.reshape(1, -1, 1, 1)
-        return self._result(on_host, y)
+        return self._result(origin, y, self._user_shape(g, g.input_shape))
 
     def conv_transpose2d_backward(
         self, grad_output, input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1
     ) -> Gradients:
         """Gradients of conv_transpose2d w.r.t. input, weight and (when given) bias."""
-        on_host, (gy, x, w, b) = self._arrays(grad_output=grad_output, input=input, weight=weight, bias=bias)
+        origin, (gy, x, w, b) = self._inputs(grad_output=grad_output, input=input, weight=weight, bias=bias)
         g = params.conv_transpose2d_geometry(
             x.shape, w.shape, None if b is None else b.shape, stride, padding, output_padding, groups, dilation
         )
-        self._check_grad_output(gy, g.input_shape)
+        self._check_grad_output(gy, self._user_shape(g, g.input_shape))
+        gy, x, w, b = self._device(origin, gy, x, w, b, shapes=(g.input_shape, g.output_shape, None, None))
         k = self.kernels
-        gb = None if b is None else self._bias_grad(gy)
-        return self._grads(on_host, k.conv2d(gy, w, None, g), k.conv2d_weight_grad(gy, x, g), gb)
+        if g.n == 0:
+            gi, gw = self._zeros(g.output_shape, x.dtype), self._zeros(w.shape, x.dtype)
+        else:
+            gi, gw = k.conv2d(gy, w, None, g), k.conv2d_weight_grad(gy, x, g)
+        gb = None if b is None else gy.sum(axis=(0, 2, 3))
+        return Gradients(
+            self._result(origin, gi, self._user_shape(g, g.output_shape)), self._result(origin, gw), self._result(origin, gb)
+        )
 
     # -- pooling ------------------------------------------------------------------------------
 
-    def max_pool2d(self, input, kernel_size, stride=None, padding=0, dilation=1):
-        """Max over each window; padding counts as -inf."""
-        on_host, (x,) = self._arrays(input=input)
-        g = params.pool2d_geometry(x.shape, kernel_size, stride, padding, dilation)
-        return self._result(on_host, self.kernels.max_pool2d(x, g))
+    def max_pool2d(
+        self, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False
+    ):
+        """Max over each window; padding counts as -inf.
 
-    def max_pool2d_backward(self, grad_output, input, kernel_size, stride=None, padding=0, dilation=1) -> Gradients:
-        """Input gradient of max_pool2d: each window's gradient goes to its first maximum."""
-        on_host, (gy, x) = self._arrays(grad_output=grad_output, input=input)
-        g = params.pool2d_geometry(x.shape, kernel_size, stride, padding, dilation)
-        self._check_grad_output(gy, g.output_shape)
-        return self._grads(on_host, self.kernels.max_pool2d_backward(gy, x, g))
+        ``return_indices=True`` returns ``(output, indices)``: int64 flat indices ``h * W + w`` into each
+        input plane, torch's (a window over padding alone gets its first tap's index, clipped to >= 0).
+        """
+        origin, (x,) = self._inputs(input=input)
+        g = params.pool2d_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+        return_indices = params.flag(return_indices, "return_indices")
+        self._check_output(g.output_shape)
+        (x,) = self._device(origin, x, shapes=(g.input_shape,))
+        if g.n == 0:
+            y, idx = self._zeros(g.output_shape, x.dtype), self._zeros(g.output_shape, self.xp.int64)
+        else:
+            y, idx = self.kernels.max_pool2d(x, g)
+        shape = self._user_shape(g, g.output_shape)
+        y = self._result(origin, y, shape)
+        return (y, self._result(origin, idx, shape)) if return_indices else y
 
-    def avg_pool2d(self, input, kernel_size, stride=None, padding=0):
-        """Mean over each window, zero padding included in the count (torch's default)."""
-        on_host, (x,) = self._arrays(input=input)
-        g = params.pool2d_geometry(x.shape, kernel_size, stride, padding)
-        return self._result(on_host, self.kernels.avg_pool2d(x, g))
+    def max_pool2d_backward(
+        self, grad_output, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False
+    ) -> Gradients:
+        """Input gradient of max_pool2d: each window's gradient goes to the element its index names.
 
-    def avg_pool2d_backward(self, grad_output, input, kernel_size, stride=None, padding=0) -> Gradients:
-        """Input gradient of avg_pool2d."""
-        on_host, (gy, x) = self._arrays(grad_output=grad_output, input=input)
-        g = params.pool2d_geometry(x.shape, kernel_size, stride, padding)
-        self._check_grad_output(gy, g.output_shape)
-        return self._grads(on_host, self.kernels.avg_pool2d_backward(gy, g))
+        ``return_indices`` is accepted so the options match the forward's; it changes nothing here.
+        """
+        origin, (gy, x) = self._inputs(grad_output=grad_output, input=input)
+        g = params.pool2d_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+        params.flag(return_indices, "return_indices")
+        self._check_grad_output(gy, self._user_shape(g, g.output_shape))
+        gy, x = self._device(origin, gy, x, shapes=(g.output_shape, g.input_shape))
+        gx = self._zeros(g.input_shape, x.dtype) if g.n == 0 else self.kernels.max_pool2d_backward(gy, x, g)
+        return Gradients(self._result(origin, gx, self._user_shape(g, g.input_shape)))
+
+    def avg_pool2d(
+        self, input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
+    ):
+        """Mean over each window: by default zero padding counts in the divisor (torch's rules throughout)."""
+        origin, (x,) = self._inputs(input=input)
+        g = params.pool2d_geometry(
+            x.shape, kernel_size, stride, padding, 1, ceil_mode, count_include_pad, divisor_override
+        )
+        self._check_output(g.output_shape)
+        (x,) = self._device(origin, x, shapes=(g.input_shape,))
+        y = self._zeros(g.output_shape, x.dtype) if g.n == 0 else self.kernels.avg_pool2d(x, g)
+        return self._result(origin, y, self._user_shape(g, g.output_shape))
+
+    def avg_pool2d_backward(
+        self, grad_output, input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+        divisor_override=None,
+    ) -> Gradients:
+        """Input gradient of avg_pool2d."""  # fmt: skip
+        origin, (gy, x) = self._inputs(grad_output=grad_output, input=input)
+        g = params.pool2d_geometry(
+            x.shape, kernel_size, stride, padding, 1, ceil_mode, count_include_pad, divisor_override
+        )
+        self._check_grad_output(gy, self._user_shape(g, g.output_shape))
+        (gy,) = self._device(origin, gy, shapes=(g.output_shape,))
+        gx = self._zeros(g.input_shape, gy.dtype) if g.n == 0 else self.kernels.avg_pool2d_backward(gy, g)
+        return Gradients(self._result(origin, gx, self._user_shape(g, g.input_shape)))
 
     # -- relu ---------------------------------------------------------------------------------
 
     def relu(self, input):
-        """max(input, 0), elementwise; NaN stays NaN."""
-        on_host, (x,) = self._arrays(input=input)
-        return self._result(on_host, self.kernels.relu(x))
+        """max(input, 0), elementwise, any shape (0-d and empty included); NaN stays NaN."""
+        origin, (x,) = self._inputs(input=input)
+        (x,) = self._device(origin, x)
+        return self._result(origin, self.kernels.relu(x))
 
     def relu_backward(self, grad_output, input) -> Gradients:
-        """grad_output where input > 0, else 0."""
-        on_host, (gy, x) = self._arrays(grad_output=grad_output, input=input)
+        """torch's rule: 0 where the result is <= 0, else grad_output (so a NaN input passes it through)."""
+        origin, (gy, x) = self._inputs(grad_output=grad_output, input=input)
         self._check_grad_output(gy, x.shape)
-        return self._grads(on_host, self.kernels.relu_backward(gy, x))
+        gy, x = self._device(origin, gy, x)
+        return Gradients(self._result(origin, self.kernels.relu_backward(gy, x)))

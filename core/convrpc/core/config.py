@@ -19,6 +19,9 @@ MAX_TRAIN_STEPS = 1_000_000
 MAX_TRAIN_SECONDS = 3600.0
 #: Shortest interval between two streamed progress messages (seconds).
 MIN_REPORT_INTERVAL = 0.05
+#: Largest value of any geometry integer (kernel size, stride, padding, dilation, groups, divisor): keeps
+#: every size, tap count and flat index a kernel computes within int64.
+MAX_GEOMETRY_INT = 2**31 - 1
 #: Extra memory an op's im2col workspace may take (bytes).
 WORKSPACE_BYTES = 256 * 1024 * 1024
 

@@ -109,7 +109,7 @@ BLAS_WORKERS = _configure_blas()
 
 
 def to_device(a):
-    a = np.ascontiguousarray(a)
+    a = np.asarray(a, order="C")  # not ascontiguousarray, which turns a 0-d array into shape (1,)
     return a if a.flags.writeable else _writable_alias(a)
 
 
@@ -602,18 +602,18 @@ def _pool_args(g: PoolGeometry):
 
 
 def max_pool2d(x, g: PoolGeometry):
-    """y (N, C, OH, OW): the first maximum of each window (padding is -inf, NaN wins)."""
+    """(y (N, C, OH, OW), int64 flat indices): the first maximum of each window (padding is -inf, NaN wins)."""
     y = np.empty(g.output_shape, dtype=x.dtype)
-    arg = np.empty(g.output_shape, dtype=np.int32)
+    arg = np.empty(g.output_shape, dtype=np.int64)
     with _Compute(y.size * g.kh * g.kw):
         _k.max_pool2d(x, y, arg, *_pool_args(g))
-    return y
+    return y, arg
 
 
 def max_pool2d_backward(gy, x, g: PoolGeometry):
     """gx (N, C, H, W): each window's gradient added at its first maximum."""
     y = np.empty(g.output_shape, dtype=x.dtype)
-    arg = np.empty(g.output_shape, dtype=np.int32)
+    arg = np.empty(g.output_shape, dtype=np.int64)
     gx = np.empty(g.input_shape, dtype=x.dtype)
     with _Compute(y.size * g.kh * g.kw):
         _k.max_pool2d(x, y, arg, *_pool_args(g))
@@ -622,18 +622,19 @@ def max_pool2d_backward(gy, x, g: PoolGeometry):
 
 
 def avg_pool2d(x, g: PoolGeometry):
-    """y (N, C, OH, OW): window sums over kh*kw, zero padding counted."""
+    """y (N, C, OH, OW): window sums over torch's divisors (count_include_pad, divisor_override)."""
     y = np.empty(g.output_shape, dtype=x.dtype)
     with _Compute(y.size * g.kh * g.kw):
-        _k.avg_pool2d(x, y, g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w)
+        _k.avg_pool2d(x, y, g.divisors(np).astype(x.dtype), g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w)
     return y
 
 
 def avg_pool2d_backward(gy, g: PoolGeometry):
-    """gx (N, C, H, W): each window's gradient spread evenly over its kh*kw taps."""
+    """gx (N, C, H, W): each window's gradient spread over its in-image taps, divided like the forward."""
     gx = np.empty(g.input_shape, dtype=gy.dtype)
     with _Compute(gy.size * g.kh * g.kw):
-        _k.avg_pool2d_backward(gy, gx, g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w)
+        div = g.divisors(np).astype(gy.dtype)
+        _k.avg_pool2d_backward(gy, gx, div, g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w)
     return gx
 
 
@@ -646,7 +647,7 @@ def relu(x):
 
 
 def relu_backward(gy, x):
-    """gy where x > 0, else 0."""
+    """0 where x <= 0, else gy (torch's rule: a NaN input passes gy through)."""
     gx = np.empty_like(gy)
     with _Compute(10 * x.size):  # elementwise: serial below 150k elements
         _k.relu_backward(gy.reshape(-1), x.reshape(-1), gx.reshape(-1))
@@ -687,7 +688,7 @@ def warm_up() -> None:
             # Plain im2col serves BLAS convs whose padded-width tiles overrun a small workspace cap.
             _k.im2col(x, np.empty((g.c_in * g.kh * g.kw, 1, g.out_w), dtype), 0, 0, 0, g.kh, g.kw, *_conv_args(g), g.out_w)
         pg = params.pool2d_geometry(x.shape, 2, 1, 1)
-        y = max_pool2d(x, pg)
+        y, _ = max_pool2d(x, pg)
         max_pool2d_backward(y, x, pg)
         avg_pool2d_backward(avg_pool2d(x, pg), pg)
         relu_backward(relu(x), x)

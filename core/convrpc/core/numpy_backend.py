@@ -16,7 +16,7 @@ xp = np
 
 
 def to_device(a):
-    return np.ascontiguousarray(a)
+    return np.asarray(a, order="C")  # not ascontiguousarray, which turns a 0-d array into shape (1,)
 
 
 def to_host(a):
@@ -86,7 +86,7 @@ def conv2d_input_grad(gy, w, g: ConvGeometry):
 
 
 def _pool_windows(x, g: PoolGeometry, pad_value):
-    xpad = _pad(x, g.pad_h, g.pad_h, g.pad_w, g.pad_w, pad_value)
+    xpad = _pad(x, g.pad_h, g.pad_bottom, g.pad_w, g.pad_right, pad_value)
     return _windows(xpad, g.out_h, g.out_w, g.kh, g.kw, g.stride_h, g.stride_w, g.dil_h, g.dil_w)
 
 
@@ -94,16 +94,21 @@ def _pool_geometry_as_conv(g: PoolGeometry) -> ConvGeometry:
     """A depthwise conv geometry with the pooling's windows, for scattering gradients back."""
     return ConvGeometry(
         g.n, g.c, g.h, g.w, g.c, g.kh, g.kw, g.c, g.stride_h, g.stride_w,
-        g.pad_h, g.pad_h, g.pad_w, g.pad_w, g.dil_h, g.dil_w, g.out_h, g.out_w,
+        g.pad_h, g.pad_bottom, g.pad_w, g.pad_right, g.dil_h, g.dil_w, g.out_h, g.out_w,
     )  # fmt: skip
 
 
+def _tap_positions(out, stride, pad, k, dil):
+    """(out, k) input coordinate of every tap of every window along one axis."""
+    return (np.arange(out) * stride - pad)[:, None] + np.arange(k)[None, :] * dil
+
+
 def _max_taps(x, g: PoolGeometry):
-    """Per window, the flat tap index torch's max pooling picks, and the flat windows.
+    """Per window, the flat tap index torch's max pooling picks, the flat windows, and whether it has an in-image tap.
 
     torch scans a window's in-image taps row-major from the first, and a strictly greater value or a
     NaN takes over: ties go to the first maximum, NaNs to the last NaN, and a window of -inf values to
-    its first in-image tap. (A window over padding alone keeps tap 0, which is padding: no gradient.)
+    its first in-image tap.
     """
     k = g.kh * g.kw
     flat = _pool_windows(x, g, -np.inf).reshape(g.n, g.c, g.out_h, g.out_w, k)
@@ -113,31 +118,41 @@ def _max_taps(x, g: PoolGeometry):
     last_nan = k - 1 - np.argmax(nan[..., ::-1], axis=-1)
     best = np.max(flat, axis=-1, keepdims=True)  # NaN windows are settled by last_nan
     first_max = np.argmax(inside & (flat == best), axis=-1)
-    return np.where(nan.any(axis=-1), last_nan, first_max), flat
+    return np.where(nan.any(axis=-1), last_nan, first_max), flat, inside.any(axis=-1)
 
 
 def max_pool2d(x, g: PoolGeometry):
-    idx, flat = _max_taps(x, g)
+    idx, flat, nonempty = _max_taps(x, g)
     # Read the value at the chosen tap, so forward and backward agree on the element exactly.
-    return np.ascontiguousarray(np.take_along_axis(flat, idx[..., None], axis=-1)[..., 0])
+    y = np.take_along_axis(flat, idx[..., None], axis=-1)[..., 0]
+    rows = _tap_positions(g.out_h, g.stride_h, g.pad_h, g.kh, g.dil_h)  # (OH, kh)
+    cols = _tap_positions(g.out_w, g.stride_w, g.pad_w, g.kw, g.dil_w)  # (OW, kw)
+    positions = (rows[:, None, :, None] * g.w + cols[None, :, None, :]).reshape(g.out_h, g.out_w, -1)
+    picked = np.take_along_axis(np.broadcast_to(positions, flat.shape), idx[..., None], axis=-1)[..., 0]
+    # A window over padding alone reports torch's starting point: its first tap at or after row/column 0.
+    first_row = rows[np.arange(g.out_h), np.argmax(rows >= 0, axis=1)]
+    first_col = cols[np.arange(g.out_w), np.argmax(cols >= 0, axis=1)]
+    empty = first_row[:, None] * g.w + first_col[None, :]
+    indices = np.where(nonempty[0, 0], picked, empty).astype(np.int64)
+    return np.ascontiguousarray(y), np.ascontiguousarray(indices)
 
 
 def max_pool2d_backward(gy, x, g: PoolGeometry):
-    idx, _ = _max_taps(x, g)
+    idx, _, nonempty = _max_taps(x, g)
     taps = np.arange(g.kh * g.kw)
     # One-hot over taps: (N, C, OH, OW, kh*kw) -> (N, C, kh, kw, OH, OW) contributions.
-    onehot = np.where(idx[..., None] == taps, gy[..., None], gy.dtype.type(0))
+    onehot = np.where((idx[..., None] == taps) & nonempty[..., None], gy[..., None], gy.dtype.type(0))
     cols = np.moveaxis(onehot.reshape(g.n, g.c, g.out_h, g.out_w, g.kh, g.kw), (4, 5), (2, 3))
     return np.ascontiguousarray(_scatter_taps(cols, _pool_geometry_as_conv(g), gy.dtype))
 
 
 def avg_pool2d(x, g: PoolGeometry):
     win = _pool_windows(x, g, 0.0)
-    return np.ascontiguousarray(win.sum(axis=(4, 5)) / x.dtype.type(g.kh * g.kw))
+    return np.ascontiguousarray(win.sum(axis=(4, 5)) / g.divisors(np).astype(x.dtype))
 
 
 def avg_pool2d_backward(gy, g: PoolGeometry):
-    share = gy / gy.dtype.type(g.kh * g.kw)
+    share = gy / g.divisors(np).astype(gy.dtype)
     cols = np.broadcast_to(share[:, :, None, None], (g.n, g.c, g.kh, g.kw, g.out_h, g.out_w))
     return np.ascontiguousarray(_scatter_taps(cols, _pool_geometry_as_conv(g), gy.dtype))
 
@@ -147,4 +162,5 @@ def relu(x):
 
 
 def relu_backward(gy, x):
-    return np.where(x > 0, gy, gy.dtype.type(0))
+    # torch's rule is "0 where the result <= 0": a NaN input (NaN result) passes grad_output through.
+    return np.where(x <= 0, gy.dtype.type(0), gy)

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from . import params
-from .backend import SUPPORTED_DTYPES, Backend
+from .backend import Backend
 from .errors import InvalidArgumentError, ResourceExhaustedError
 from .optim import AdamOptions, SgdOptions
 
@@ -312,10 +312,14 @@ class _Run:
         yield TrainResult(self._host(w), self._host(b), known_loss, steps, reason, clock() - t0)
 
 
+#: Kernel fitting runs in full precision: half-type updates would stall far above any tolerance.
+_FIT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def _device_array(xp, a, field: str, dtype=None):
     """``a`` as a C-contiguous array of ``xp`` with a supported (or the given) dtype, every element finite."""
     arr = xp.ascontiguousarray(xp.asarray(a))
-    if arr.dtype not in SUPPORTED_DTYPES:
+    if arr.dtype not in _FIT_DTYPES:
         raise InvalidArgumentError(field, f"dtype must be float32 or float64, got {arr.dtype}")
     if dtype is not None and arr.dtype != dtype:
         raise InvalidArgumentError(field, f"dtype {arr.dtype} differs from the input's {dtype}")
