@@ -122,19 +122,24 @@ def tensor_layout(msg: pb.Tensor, field: str, *, max_elements: int | None = None
         count *= dim
         if count > INT64_MAX:
             raise InvalidArgumentError(f"{field}.shape", f"the product of {list(shape)} overflows int64")
+    _check_cap(count, field, max_elements)
+    return dtype, shape, count * dtype.itemsize
+
+
+def _check_cap(count: int, field: str, max_elements: int | None) -> None:
     if max_elements is not None and count > max_elements:
         raise ResourceExhaustedError(f"{field}.shape", f"{count} elements exceed the server's cap of {max_elements}")
-    return dtype, shape, count * dtype.itemsize
 
 
 def decode_tensor(msg: pb.Tensor, field: str, *, max_elements: int | None = None) -> np.ndarray:
     """A read-only array viewing ``msg.data`` (inline storage), after checking dtype, shape and byte length."""
-    dtype, shape, nbytes = tensor_layout(msg, field, max_elements=max_elements)
+    dtype, shape, nbytes = tensor_layout(msg, field)
     if len(msg.data) != nbytes:
         raise InvalidArgumentError(
             f"{field}.data",
             f"expected {nbytes} bytes (shape {list(shape)} x {dtype.itemsize}-byte elements), got {len(msg.data)}",
         )
+    _check_cap(nbytes // dtype.itemsize, field, max_elements)
     return np.frombuffer(msg.data, dtype=dtype).reshape(shape)
 
 
