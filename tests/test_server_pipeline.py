@@ -261,3 +261,43 @@ def test_the_servicer_registers_exactly_the_rpcs_of_the_proto(srv):
     assert len(service.methods) == 8
     for method in service.methods:
         assert callable(getattr(ConvService, method.name)), method.name
+
+
+def test_every_rpc_needs_the_token_and_is_counted_in_the_metrics():
+    """Auth and metrics sit in front of all 8 RPCs, the shared-memory and stream paths included."""
+    token = [("authorization", "Bearer s3cret")]
+    request = pb.ForwardRequest(op=wire.encode_op("relu"), input=wire.encode_tensor(np.array([-1.0, 2.0])))
+    backward = pb.BackwardRequest(op=request.op, input=request.input, grad_output=request.input)
+    train = pb.TrainKernelRequest(input=wire.encode_tensor(X[:1, :1]), target=wire.encode_tensor(X[:1, :1, 1:-1, 1:-1]),
+                                  kernel_size=pb.Size2(height=3, width=3), max_steps=2)  # fmt: skip
+    with running_server(backend="numpy", warm_up=False, auth_tokens="s3cret") as server:
+        with grpc.insecure_channel(server.target) as channel:
+            raw = pb_grpc.ConvServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                raw.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            stub = _with_metadata(raw, token)
+            s = Session(stub)
+            try:
+                for path in PATHS:
+                    with pytest.raises(grpc.RpcError) as info:
+                        send(raw, path, request, s)
+                    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED, path
+                for path in PATHS:
+                    assert send(stub, path, request, s) == send(stub, "inline", request)
+                    assert send(stub, path, backward, s) == send(stub, "inline", backward)
+            finally:
+                s.close()
+            assert list(stub.TrainKernel(train, timeout=30))[-1].WhichOneof("event") == "result"
+            stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
+        count = server.metrics.registry.get_sample_value
+        for method in pb.DESCRIPTOR.services_by_name["ConvService"].methods:
+            assert count("convrpc_requests_total", {"rpc": method.name, "code": "OK"}) >= 1, method.name
+        assert count("convrpc_requests_total", {"rpc": "ForwardStream", "code": "UNAUTHENTICATED"}) == 1
+
+
+def test_admission_covers_exactly_the_computing_rpcs():
+    from convrpc.server.interceptors import COMPUTE_RPCS
+
+    methods = {m.name for m in pb.DESCRIPTOR.services_by_name["ConvService"].methods}
+    assert COMPUTE_RPCS == {"Forward", "Backward", "ForwardStream", "BackwardStream", "TrainKernel"} <= methods
