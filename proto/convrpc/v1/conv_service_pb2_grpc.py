@@ -101,7 +101,8 @@ class ConvServiceServicer:
         """ForwardStream is Forward for tensors too large for one message. The client sends the
         ForwardRequest first, with the tensors whose bytes follow left without storage, then those bytes
         as in-order chunks, then half-closes. The server answers with the ForwardResponse, whose output
-        has no storage, then the output's bytes as chunks. No message holds a whole tensor, so tensors
+        has no storage, then the output's bytes as chunks (with shared_memory set, the response's tensors
+        are in shared memory instead and no chunks follow). No message holds a whole tensor, so tensors
         may exceed protobuf's 2 GiB message limit (up to the server's max_elements).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
