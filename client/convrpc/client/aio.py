@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator
 
 import grpc
 from grpc import aio
@@ -52,25 +52,9 @@ class AsyncConvClient(OpMethods):
     ``train_kernel`` returns an :class:`AsyncTrainingRun` at once (no await).
     """
 
-    def __init__(
-        self,
-        target: str | Sequence[str],
-        *,
-        timeout: float | None = None,
-        token: str | None = None,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        options: Sequence[tuple[str, object]] = (),
-        shard_size: int | None = None,
-        data_path: str = "auto",
-        chunk_bytes: int | None = None,
-    ):
-        self._open(
-            target, timeout=timeout, token=token, root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain, options=options, shard_size=shard_size, data_path=data_path,
-            chunk_bytes=chunk_bytes, grpc_module=aio,
-        )  # fmt: skip
+    _grpc = aio
+
+    def _start(self) -> None:
         # Shared by every call of the client, like the sync client's pool; bound to the loop at first use.
         self._slots = asyncio.Semaphore(config.SHARDS_IN_FLIGHT)
         self._background: set[asyncio.Task] = set()
@@ -93,13 +77,18 @@ class AsyncConvClient(OpMethods):
         async with self._slots:
             return await self._drive(steps)
 
+    def _forget(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # a health check racing close(): nobody waits for it
+
     async def _do(self, effect):
         if isinstance(effect, Sleep):
             return await asyncio.sleep(effect.seconds)
         if isinstance(effect, Spawn):
             task = asyncio.ensure_future(self._drive(effect.steps))
             self._background.add(task)
-            return task.add_done_callback(self._background.discard)
+            return task.add_done_callback(self._forget)
         if isinstance(effect, Gather):
             tasks = [asyncio.ensure_future(self._slot(part)) for part in effect.parts]
             try:

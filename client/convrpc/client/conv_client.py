@@ -6,8 +6,6 @@ import contextlib
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import Sequence
-
 import grpc
 
 from . import config
@@ -38,25 +36,9 @@ class ConvClient(OpMethods):
     Use it as a context manager or call ``close()``.
     """
 
-    def __init__(
-        self,
-        target: str | Sequence[str],
-        *,
-        timeout: float | None = None,
-        token: str | None = None,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        options: Sequence[tuple[str, object]] = (),
-        shard_size: int | None = None,
-        data_path: str = "auto",
-        chunk_bytes: int | None = None,
-    ):
-        self._open(
-            target, timeout=timeout, token=token, root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain, options=options, shard_size=shard_size, data_path=data_path,
-            chunk_bytes=chunk_bytes, grpc_module=grpc,
-        )  # fmt: skip
+    _grpc = grpc
+
+    def _start(self) -> None:
         self._pool = ThreadPoolExecutor(config.SHARDS_IN_FLIGHT, thread_name_prefix="convrpc-shard")
 
     def _run(self, steps, finish):
@@ -73,11 +55,15 @@ class ConvClient(OpMethods):
                     steps.error = exc
         return steps.value
 
+    def _background(self, generator) -> None:
+        with contextlib.suppress(Exception):  # a health check racing close(): nobody waits for it
+            self._drive(generator)
+
     def _do(self, effect):
         if isinstance(effect, Sleep):
             return time.sleep(effect.seconds)
         if isinstance(effect, Spawn):
-            return threading.Thread(target=self._drive, args=(effect.steps,), daemon=True).start()
+            return threading.Thread(target=self._background, args=(effect.steps,), daemon=True).start()
         if isinstance(effect, Gather):
             futures = [self._pool.submit(self._drive, part) for part in effect.parts]
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)

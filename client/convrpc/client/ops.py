@@ -7,6 +7,8 @@ arrays, the asyncio client with awaitables of arrays.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from convrpc import wire
 from convrpc.core.backend import Gradients
 from convrpc.v1 import conv_service_pb2 as pb
@@ -32,17 +34,29 @@ def _gradients(results: dict) -> Gradients:
 class OpMethods:
     """One method per op and one ``<op>_backward`` per op; every method takes ``timeout=`` (seconds).
 
-    Also the state both clients share: channels, their methods and stubs, and the call core (see ``_open``).
+    Also the constructor both clients share: one channel per target (``grpc`` or ``grpc.aio``, the class's
+    ``_grpc``), their methods and stubs, and the call core that decides over them.
     """
 
-    def _open(
-        self, target, *, timeout, token, root_certificates, private_key, certificate_chain, options, shard_size,
-        data_path, chunk_bytes, grpc_module,
-    ):  # fmt: skip
-        """Open one channel per target (``grpc`` or ``grpc.aio`` flavoured) and the core that decides over them."""
+    _grpc = None  # the grpc module whose channels a client opens
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float | None = None,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        options: Sequence[tuple[str, object]] = (),
+        shard_size: int | None = None,
+        data_path: str = "auto",
+        chunk_bytes: int | None = None,
+    ):
         self.targets, self._metadata, self._channels = open_channels(
             target, token=token, root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain, options=options, grpc_module=grpc_module,
+            certificate_chain=certificate_chain, options=options, grpc_module=self._grpc,
         )  # fmt: skip
         self.timeout = timeout
         self._core = CallCore(
@@ -51,6 +65,10 @@ class OpMethods:
         )  # fmt: skip
         self._methods = [methods(c) for c in self._channels]
         self._stubs = [pb_grpc.ConvServiceStub(c) for c in self._channels]
+        self._start()
+
+    def _start(self) -> None:  # pragma: no cover - provided by clients
+        raise NotImplementedError
 
     def _timeout(self, timeout):
         return self.timeout if timeout is None else timeout
