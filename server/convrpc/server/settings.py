@@ -105,7 +105,8 @@ class Settings:
     )
     keepalive_timeout: float = knob(10.0, "seconds a ping may go unanswered before the server drops the connection")
     min_client_ping_interval: float = knob(
-        1.0, "shortest interval between client pings the server counts as fair (seconds); see max_ping_strikes"
+        0.5, "shortest interval between client pings the server counts as fair (seconds; the SDK pings every "
+        "second during calls); see max_ping_strikes"
     )
     max_ping_strikes: int = knob(
         0, "client pings sooner than min_client_ping_interval tolerated before GOAWAY too_many_pings; 0 tolerates any"
