@@ -153,7 +153,7 @@ def test_every_op_is_byte_identical_inline_streamed_and_in_shared_memory(stub, s
         assert results["stream"] == results["inline"] == results["shm"] == results["shm, server region"]
         inline = results["inline"]
         if isinstance(request, pb.ForwardRequest):
-            expected = getattr(REF, name)(**{f: wire.decode_tensor(getattr(request, f), f) for f in wire.OP_TENSORS[name]
+            expected = getattr(REF, name)(**{f: wire.decode_tensor(getattr(request, f), f) for f in wire.OP_SPECS[name].tensors
                                              if request.HasField(f)}, **options)  # fmt: skip
             got = np.frombuffer(inline["output"][2], dtype=dtype).reshape(inline["output"][1])
             np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)

@@ -28,9 +28,7 @@ __all__ = [
     "DTYPES",
     "LOSSES",
     "LOSS_NAMES",
-    "OP_OPTIONS",
     "OP_SPECS",
-    "OP_TENSORS",
     "OpSpec",
     "Option",
     "STOP_REASONS",
@@ -284,10 +282,6 @@ OP_SPECS: dict[str, OpSpec] = {
                shape=lambda input, weight=None, bias=None: tuple(input)),
     )
 }  # fmt: skip
-#: Each op's torch option names, in order.
-OP_OPTIONS = {name: spec.option_names for name, spec in OP_SPECS.items()}
-#: Each op's forward tensor fields, in order.
-OP_TENSORS = {name: spec.tensors for name, spec in OP_SPECS.items()}
 
 
 def _spec(name: str) -> OpSpec:

@@ -52,7 +52,7 @@ def _field_prefix(exc: ConvError, request) -> str:
     if not isinstance(request, pb.TrainKernelRequest):
         return ""
     field = getattr(exc, "field", None)
-    if field in wire.OP_OPTIONS["conv2d"]:
+    if field in wire.OP_SPECS["conv2d"].option_names:
         return "conv."
     if field in _OPTIMIZER_FIELDS:
         return f"{request.WhichOneof('optimizer') or 'sgd'}."
@@ -104,7 +104,6 @@ class ConvService:
             enabled=settings.shared_memory,
             output_ttl=settings.shm_output_ttl,
             session_ttl=config.SHM_SESSION_TTL,
-            max_elements=settings.max_elements,
         )
         self._lock = threading.Lock()
         self._runs: set[threading.Event] = set()

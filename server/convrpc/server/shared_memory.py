@@ -82,13 +82,10 @@ class _Session:
 class SharedMemorySessions:
     """The server's shared-memory sessions. Thread-safe; ``close()`` unlinks every unclaimed output."""
 
-    def __init__(
-        self, *, enabled: bool, output_ttl: float, session_ttl: float, max_elements: int | None
-    ):  # fmt: skip
+    def __init__(self, *, enabled: bool, output_ttl: float, session_ttl: float):
         self.enabled = enabled and shm.AVAILABLE
         self.output_ttl = output_ttl
         self.session_ttl = session_ttl
-        self.max_elements = max_elements
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -134,11 +131,12 @@ class SharedMemorySessions:
         if session is not None:
             self._retire(session)
 
-    def _retire(self, session: _Session) -> None:
-        """Unlink the session's unclaimed outputs and unmap its regions."""
-        self._unlink_outputs(session, everything=True)
+    def _retire(self, session: _Session) -> int:
+        """Unlink the session's unclaimed outputs and unmap its regions; the number of regions unlinked."""
+        swept = self._unlink_outputs(session, everything=True)
         with self._lock:
             session.drop_mappings(list(session.mappings))
+        return swept
 
     def _session(self, session_id: str) -> _Session:
         with self._lock:
@@ -217,9 +215,7 @@ class SharedMemorySessions:
             if now - session.last_used > self.session_ttl:
                 with self._lock:
                     self._sessions.pop(session_id, None)
-                swept += self._unlink_outputs(session, everything=True)
-                with self._lock:
-                    session.drop_mappings(list(session.mappings))
+                swept += self._retire(session)
                 continue
             swept += self._unlink_outputs(session, everything=False)
             with self._lock:  # unmap regions the client has unlinked since
@@ -269,11 +265,11 @@ class _Request:
         return region
 
     def inputs(self, tensors: list[tuple[str, pb.Tensor]]) -> dict[str, np.ndarray]:
-        """Read-only arrays viewing the client's input regions (``Tensor.shared``), after checking
-        names, layout and caps."""
+        """Read-only arrays viewing the client's input regions (``Tensor.shared``), after checking their
+        names and spans (the caller has checked the layouts against the caps)."""
         arrays = {}
         for name, msg in tensors:
-            dtype, shape, nbytes = wire.tensor_layout(msg, name, max_elements=self.sessions.max_elements)
+            dtype, shape, nbytes = wire.tensor_layout(msg, name)
             span, field = msg.shared, f"{name}.shared"
             if span.offset < 0 or span.offset % dtype.itemsize:
                 raise InvalidArgumentError(
