@@ -266,3 +266,51 @@ def test_forced_paths_fail_instead_of_falling_back():
     with pytest.raises(ConvRpcError) as info:
         servers.drive(CallCore(["10.0.0.1:1"], mode="stream").call(_call("relu", dict(input=(4, 4)), {})))
     assert info.value.code == grpc.StatusCode.UNIMPLEMENTED and servers.calls == [(0, "ForwardStream")]
+
+
+class SharedServers(Servers):
+    """Fake local replicas that open shared-memory sessions but answer every shared request with ``refusal``."""
+
+    def __init__(self, refusal, details=""):
+        super().__init__()
+        self.refusal, self.refusal_details = refusal, details
+
+    def _do(self, effect):
+        if getattr(effect, "method", None) == "OpenSharedMemorySession":
+            self.calls.append((effect.replica.index, effect.method))
+            return pb.OpenSharedMemorySessionResponse(session_id="s" * 32, region_prefix="cv0123456789")
+        if getattr(effect, "method", None) == "CloseSharedMemorySession":
+            return pb.CloseSharedMemorySessionResponse()
+        if getattr(effect, "request", None) is not None and effect.request.HasField("shared_memory"):
+            self.calls.append((effect.replica.index, "shared " + effect.method))
+            error = _Failure(self.refusal)
+            error.details = lambda: self.refusal_details
+            raise error
+        return super()._do(effect)
+
+
+def test_a_server_without_room_for_the_result_sends_only_that_call_over_the_network():
+    core = CallCore(["127.0.0.1:1"], mode="auto")
+    servers = SharedServers(grpc.StatusCode.RESOURCE_EXHAUSTED, "shared_memory.output_buffer: no room for ...")
+    big = _call("relu", dict(input=(1, 200, 200)), {})
+    try:
+        _same(servers.drive(core.call(big)), _compute(big))
+        assert [m for _, m in servers.calls] == ["OpenSharedMemorySession", "shared Forward", "ForwardStream", "Forward"]
+        assert core.replicas[0].shm_ok and core.replicas[0].session is not None  # the next call tries again
+    finally:
+        servers.drive(core.close())
+
+
+def test_a_forgotten_session_is_reopened_once_then_shared_memory_is_dropped_for_that_replica():
+    core = CallCore(["127.0.0.1:1"], mode="auto")
+    servers = SharedServers(grpc.StatusCode.FAILED_PRECONDITION, "shared_memory.session_id: unknown session")
+    big = _call("relu", dict(input=(1, 200, 200)), {})
+    try:
+        _same(servers.drive(core.call(big)), _compute(big))
+        assert [m for _, m in servers.calls] == [
+            "OpenSharedMemorySession", "shared Forward", "OpenSharedMemorySession", "shared Forward",
+            "ForwardStream", "Forward",
+        ]  # fmt: skip
+        assert not core.replicas[0].shm_ok and not core.replicas[0].ejected
+    finally:
+        servers.drive(core.close())
