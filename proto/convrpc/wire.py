@@ -53,27 +53,22 @@ INT64_MAX = 2**63 - 1
 #: of the Dtype enum is refused as "not supported yet"; supporting one is adding its entry here.
 DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT64: np.dtype("<f8")}
 _ENUM_OF = {dtype.newbyteorder("="): enum for enum, dtype in DTYPES.items()}
-_EXPECTED_DTYPES = " or ".join(pb.Dtype.Name(e) for e in DTYPES)
-_EXPECTED_NUMPY = " or ".join(d.name for d in DTYPES.values())
+#: What the Dtype enum names but this version does not compute in yet: "float16", "bfloat16", "int64".
+_LATER = {pb.Dtype.Name(e)[6:].lower() for e in pb.Dtype.values() if e not in DTYPES and e != pb.DTYPE_UNSPECIFIED}
 
 
-def _dtype_label(enum: int) -> str:
-    """"float16" for DTYPE_FLOAT16; the number itself for a value the enum does not have."""
-    return pb.Dtype.Name(enum)[len("DTYPE_") :].lower() if enum in pb.Dtype.values() else str(enum)
-
-
-#: Dtypes the Dtype enum names that this version does not compute in yet ("float16", ...).
-_LATER = {_dtype_label(e) for e in pb.Dtype.values() if e not in DTYPES and e != pb.DTYPE_UNSPECIFIED}
+def _refuse(field: str, got: str, expected) -> None:
+    """INVALID_ARGUMENT for dtype ``got`` (a wire or numpy name), saying when it is one for later."""
+    names, label = " or ".join(expected), got.removeprefix("DTYPE_").lower()
+    if label in _LATER:
+        raise InvalidArgumentError(field, f"{label} is not supported yet; expected {names}")
+    raise InvalidArgumentError(field, f"expected {names}, got {got}")
 
 
 def _numpy_dtype(enum: int, field: str) -> np.dtype:
-    dtype = DTYPES.get(enum)
-    if dtype is not None:
-        return dtype
-    if enum in pb.Dtype.values() and enum != pb.DTYPE_UNSPECIFIED:
-        raise InvalidArgumentError(field, f"{_dtype_label(enum)} is not supported yet; expected {_EXPECTED_DTYPES}")
-    name = pb.Dtype.Name(enum) if enum in pb.Dtype.values() else str(enum)
-    raise InvalidArgumentError(field, f"expected {_EXPECTED_DTYPES}, got {name}")
+    if enum not in DTYPES:
+        _refuse(field, pb.Dtype.Name(enum) if enum in pb.Dtype.values() else str(enum), map(pb.Dtype.Name, DTYPES))
+    return DTYPES[enum]
 
 
 def dtype_enum(dtype, field: str = "tensor") -> int:
@@ -81,24 +76,18 @@ def dtype_enum(dtype, field: str = "tensor") -> int:
     dtype = np.dtype(dtype)
     enum = _ENUM_OF.get(dtype.newbyteorder("="))
     if enum is None:
-        if dtype.name in _LATER:
-            raise InvalidArgumentError(f"{field}.dtype", f"{dtype} is not supported yet; expected {_EXPECTED_NUMPY}")
-        raise InvalidArgumentError(f"{field}.dtype", f"expected {_EXPECTED_NUMPY}, got {dtype}")
+        _refuse(f"{field}.dtype", dtype.name, (d.name for d in DTYPES.values()))
     return enum
 
 
 # -- tensors --------------------------------------------------------------------------------------
 
 
-def _host_array(array, field: str) -> np.ndarray:
-    a = np.asarray(array)
-    return np.asarray(a, dtype=DTYPES[dtype_enum(a.dtype, field)], order="C")  # keeps 0-d arrays 0-d
-
-
 def encode_tensor(array, field: str = "tensor") -> pb.Tensor:
     """An array as a ``Tensor`` with inline data (little-endian, C order); a 0-d array keeps shape ()."""
-    a = _host_array(array, field)
-    return pb.Tensor(dtype=_ENUM_OF[a.dtype.newbyteorder("=")], shape=a.shape, data=a.tobytes())
+    a = np.asarray(array)
+    enum = dtype_enum(a.dtype, field)
+    return pb.Tensor(dtype=enum, shape=a.shape, data=np.asarray(a, dtype=DTYPES[enum], order="C").tobytes())
 
 
 def tensor_header(array, field: str = "tensor") -> pb.Tensor:
