@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2
 
 from convrpc import wire
 from convrpc.client import ConvRpcError, config
-from convrpc.client.calls import BATCHED, CallCore, Gather, Sleep, Spawn, Steps, Stream, merge, split
+from convrpc.client.calls import BATCHED, CallCore, Gather, Sleep, Spawn, Stream, drive, merge, split
 from convrpc.client.messages import Call
 from convrpc.core import get_backend
 from convrpc.v1 import conv_service_pb2 as pb
@@ -83,13 +83,7 @@ class Servers:
         self.slept = 0.0
 
     def drive(self, generator):
-        steps = Steps(generator)
-        while (effect := steps.next()) is not None:
-            try:
-                steps.reply = self._do(effect)
-            except grpc.RpcError as exc:
-                steps.error = exc
-        return steps.value
+        return drive(generator, self._do)
 
     def _do(self, effect):
         if isinstance(effect, Sleep):
@@ -295,7 +289,8 @@ def test_a_server_without_room_for_the_result_sends_only_that_call_over_the_netw
     big = _call("relu", dict(input=(1, 200, 200)), {})
     try:
         _same(servers.drive(core.call(big)), _compute(big))
-        assert [m for _, m in servers.calls] == ["OpenSharedMemorySession", "shared Forward", "ForwardStream", "Forward"]
+        methods = [m for _, m in servers.calls]
+        assert methods == ["OpenSharedMemorySession", "shared Forward", "ForwardStream", "Forward"]
         assert core.replicas[0].shm_ok and core.replicas[0].session is not None  # the next call tries again
     finally:
         servers.drive(core.close())

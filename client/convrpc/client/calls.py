@@ -23,6 +23,7 @@ threads, ``AsyncConvClient`` with awaits and tasks; neither decides anything.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -44,7 +45,7 @@ from .shared_memory import SharedMemorySession, probe_region
 
 __all__ = [
     "PATHS", "CallCore", "Gather", "Replica", "Sleep", "Spawn", "Steps", "Stream", "Unary",
-    "is_local", "merge", "split",
+    "drive", "is_local", "merge", "split",
 ]  # fmt: skip
 
 PATHS = ("auto", "unary", "stream", "shm")
@@ -120,6 +121,19 @@ class Steps:
         except StopIteration as done:
             self.value = done.value
             return None
+
+
+def drive(generator: Generator, do: Callable):
+    """Drive a core generator to its end without awaiting: ``do(effect)`` returns the reply or raises
+    ``grpc.RpcError``. The generator is closed however it ends (a failed region is never reused)."""
+    steps = Steps(generator)
+    with contextlib.closing(generator):
+        while (effect := steps.next()) is not None:
+            try:
+                steps.reply = do(effect)
+            except grpc.RpcError as exc:
+                steps.error = exc
+    return steps.value
 
 
 # -- replicas -------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import grpc
 
 from . import config
-from .calls import Gather, Sleep, Spawn, Steps, Stream
+from .calls import Gather, Sleep, Spawn, Stream, drive
 from .ops import OpMethods
 from .training import TrainingRun
 
@@ -45,15 +45,7 @@ class ConvClient(OpMethods):
         return finish(self._drive(steps))
 
     def _drive(self, generator):
-        """Run one generator of the call core to its end, doing what it yields."""
-        steps = Steps(generator)
-        with contextlib.closing(generator):
-            while (effect := steps.next()) is not None:
-                try:
-                    steps.reply = self._do(effect)
-                except grpc.RpcError as exc:
-                    steps.error = exc
-        return steps.value
+        return drive(generator, self._do)
 
     def _background(self, generator) -> None:
         with contextlib.suppress(Exception):  # a health check racing close(): nobody waits for it
