@@ -96,11 +96,11 @@ class SocketEcho:
 
 
 def _serve(ready, stop, backend: str, grpc_defaults: bool, chunk_bytes: int | None) -> None:
-    from convrpc.core import config
+    from convrpc.server import ConvServer, Settings
+    from convrpc.server import settings as server_settings
 
     if grpc_defaults:
-        config.TRANSPORT_OPTIONS = ()
-    from convrpc.server import ConvServer, Settings
+        server_settings.TRANSPORT_OPTIONS = ()
 
     settings = Settings(host="127.0.0.1", port=0, backend=backend, max_message_bytes=LIMIT, max_elements=LIMIT // 4)
     server = ConvServer(settings.replace(chunk_bytes=chunk_bytes)).start()
@@ -123,7 +123,7 @@ def start_server(backend: str, grpc_defaults: bool, chunk_bytes: int | None = No
 
 def make_client(target: str, path: str, grpc_defaults: bool, chunk_bytes: int | None):
     from convrpc.client import ConvClient
-    from convrpc.core import config
+    from convrpc.client import config
 
     if grpc_defaults:
         config.TRANSPORT_OPTIONS = ()

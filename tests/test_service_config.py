@@ -151,3 +151,17 @@ def test_readme_documents_every_setting():
         assert f"`{f.name}`" in readme and f"`{env_name(f.name)}`" in readme, f.name
         if f.metadata.get("flag", True):
             assert f"`{flag_name(f.name)}`" in readme, f.name
+
+
+@pytest.mark.parametrize("key", ["keepalive_time", "keepalive_timeout"])
+def test_a_keepalive_of_zero_is_refused_naming_the_key(key):
+    with pytest.raises(ConfigError, match=f"^{key}: must be > 0"):
+        Settings(**{key: 0.0})
+
+
+def test_keepalive_settings_become_the_servers_channel_options():
+    options = dict(Settings(keepalive_time=2.5, keepalive_timeout=1.0, min_client_ping_interval=0.2,
+                            max_ping_strikes=3).channel_options())  # fmt: skip
+    assert options["grpc.keepalive_time_ms"] == 2500 and options["grpc.keepalive_timeout_ms"] == 1000
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] == 200
+    assert options["grpc.http2.max_ping_strikes"] == 3

@@ -15,7 +15,7 @@ import pytest
 from convrpc import chunks, shm
 from convrpc.client import ConvClient, ConvRpcError
 from convrpc.client.aio import AsyncConvClient
-from convrpc.client.transport import is_local
+from convrpc.client.calls import CallCore, is_local
 from convrpc.core import get_backend
 from convrpc.v1 import conv_service_pb2 as pb
 from server_fixtures import running_server
@@ -110,9 +110,9 @@ def test_auto_picks_shared_memory_for_a_local_server_and_unary_for_small_request
     x = np.random.default_rng(0).standard_normal((4, 65, 64)).astype(np.float32)  # just over 64 KiB
     with ConvClient(srv.target, timeout=60) as client:
         _same_bytes(client.relu(np.ones((2, 2))), np.ones((2, 2)))
-        assert client._paths[0].session is None  # small: the unary RPC, no session opened
+        assert client._core.replicas[0].session is None  # small: the unary RPC, no session opened
         _same_bytes(client.relu(x), np.maximum(x, 0))
-        assert client._paths[0].session is not None
+        assert client._core.replicas[0].session is not None
 
 
 def test_auto_falls_back_to_streams_when_the_server_refuses_shared_memory():
@@ -120,8 +120,8 @@ def test_auto_falls_back_to_streams_when_the_server_refuses_shared_memory():
     with running_server(backend="numpy", shared_memory=False, warm_up=False) as server:
         with ConvClient(server.target, timeout=60) as client:
             _same_bytes(client.relu(x), np.maximum(x, 0))
-            path = client._paths[0]
-            assert not path.shm_ok and path.session is None and path.stream_ok
+            replica = client._core.replicas[0]
+            assert not replica.shm_ok and replica.session is None and replica.stream_ok
         with ConvClient(server.target, timeout=60, data_path="shm") as client:
             with pytest.raises(ConvRpcError) as info:
                 client.relu(x)
@@ -141,7 +141,8 @@ def test_an_output_larger_than_the_offered_span_comes_in_a_server_region_the_cli
         for _ in range(2):  # the second call offers the larger span it learnt it needs
             y = client.conv_transpose2d(x, w, stride=8)
             _same_bytes(y, REF.conv_transpose2d(x, w, stride=8))
-            assert shm.names_with_prefix(client._paths[0].session.prefix + "o") == []  # claimed, unlinked at once
+            prefix = client._core.replicas[0].session.prefix
+            assert shm.names_with_prefix(prefix + "o") == []  # claimed, unlinked at once
             y[...] = 0  # results are ordinary writable arrays, even when they view a claimed region
     assert created == [1]  # a server region the first time only
 
@@ -150,38 +151,34 @@ def test_a_full_dev_shm_sends_the_call_over_the_network_instead(srv, monkeypatch
     def full(fd, size):
         raise OSError(28, "No space left on device")
 
-    from convrpc.client.transport import DataPath
-
-    stream = DataPath._streamed
+    stream = CallCore._streamed
     x = np.random.default_rng(6).standard_normal((3, 100, 100))
     with ConvClient(srv.target, timeout=60) as client:
         client.relu(x)  # a session and a pooled region, made while there is room
         monkeypatch.setattr(shm, "reserve", full)
         big = np.random.default_rng(6).standard_normal((3, 400, 400))  # needs a new region: none can be made
         streamed = []
-        monkeypatch.setattr(
-            type(client._paths[0]), "_streamed", lambda self, *a: streamed.append(1) or stream(self, *a)
-        )
+        monkeypatch.setattr(CallCore, "_streamed", lambda self, *a: streamed.append(1) or stream(self, *a))
         _same_bytes(client.relu(big), np.maximum(big, 0))
-        assert streamed == [1] and client._paths[0].shm_ok  # only this call went elsewhere
+        assert streamed == [1] and client._core.replicas[0].shm_ok  # only this call went elsewhere
     with ConvClient(srv.target, timeout=60, data_path="shm") as client, pytest.raises(ConvRpcError) as info:
         client.relu(x)
     assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "No space" in info.value.message
 
 
 def test_a_region_whose_call_timed_out_is_never_reused(srv, monkeypatch):
-    from convrpc.server.transport import DataPathService
+    from convrpc.server.servicer import ConvService
 
-    forward = DataPathService._forward
-    monkeypatch.setattr(DataPathService, "_forward", lambda self, *a: time.sleep(0.5) or forward(self, *a))
+    compute = ConvService._compute
+    monkeypatch.setattr(ConvService, "_compute", lambda self, *a: time.sleep(0.5) or compute(self, *a))
     x = np.full((3, 100, 100), -1.0)
     with ConvClient(srv.target, timeout=60, data_path="shm") as client:
         with pytest.raises(ConvRpcError) as info:
             client.relu(x, timeout=0.2)  # the server goes on and writes its result 0.3 s later
         assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
-        session = client._paths[0].session
+        session = client._core.replicas[0].session
         assert session._idle == [] and shm.names_with_prefix(session.prefix) == []
-        monkeypatch.setattr(DataPathService, "_forward", forward)
+        monkeypatch.setattr(ConvService, "_compute", compute)
         y = np.arange(30000.0).reshape(3, 100, 100)
         for _ in range(3):  # while the late write lands, calls use a fresh region
             _same_bytes(client.relu(y), y)
@@ -192,10 +189,10 @@ def test_an_expired_session_is_reopened_transparently(srv, clients):
     client = clients["shm"]
     x = np.arange(-8.0, 8.0).reshape(2, 8)
     client.relu(x)
-    old = client._paths[0].session
-    srv.data_path.sessions.close_session(old.id)  # as a server restart or the idle TTL would
+    old = client._core.replicas[0].session
+    srv.servicer.sessions.close_session(old.id)  # as a server restart or the idle TTL would
     _same_bytes(client.relu(x), np.maximum(x, 0))
-    assert client._paths[0].session is not old
+    assert client._core.replicas[0].session is not old
 
 
 def test_asyncio_client_streams_and_shares_memory(srv):
@@ -241,7 +238,7 @@ def _stream_call(srv, messages, method="ForwardStream"):
 
 def _relu_header(shape=(250,), dtype=pb.DTYPE_FLOAT32):
     return pb.ForwardStreamRequest(
-        header=pb.ForwardStreamHeader(op=pb.Op(relu=pb.ReluOptions()), input=pb.TensorSpec(dtype=dtype, shape=shape))
+        request=pb.ForwardRequest(op=pb.Op(relu=pb.ReluOptions()), input=pb.Tensor(dtype=dtype, shape=shape))
     )
 
 
@@ -260,8 +257,9 @@ PAYLOAD = np.linspace(-1, 1, 250, dtype=np.float32).tobytes()  # 1000 bytes
 
 def test_a_well_formed_raw_stream_is_answered_in_chunks(srv):
     replies = _stream_call(srv, [_relu_header(), _chunk(0, PAYLOAD[:333]), _chunk(333, PAYLOAD[333:])])
-    assert replies[0].WhichOneof("message") == "header"
-    assert list(replies[0].header.output.shape) == [250]
+    assert replies[0].WhichOneof("message") == "response"
+    output = replies[0].response.output
+    assert list(output.shape) == [250] and output.WhichOneof("storage") is None  # its bytes follow as chunks
     assert [r.chunk.offset for r in replies[1:]] == [0, 777]  # the server's chunk_bytes
     body = b"".join(r.chunk.data for r in replies[1:])
     assert body == np.maximum(np.frombuffer(PAYLOAD, np.float32), 0).tobytes()
@@ -277,9 +275,9 @@ def test_a_well_formed_raw_stream_is_answered_in_chunks(srv):
     ([_relu_header(), _chunk(0, PAYLOAD), _chunk(1000, b"x")], "INVALID_ARGUMENT", "chunk.data", "more than the 1000"),
     ([_relu_header(), _chunk(0, PAYLOAD + b"extra")], "INVALID_ARGUMENT", "chunk.data", "more than the 1000"),
     ([_relu_header(), _chunk(0, b"")], "INVALID_ARGUMENT", "chunk.data", "must not be empty"),
-    ([_chunk(0, PAYLOAD)], "INVALID_ARGUMENT", "header", "first message"),
-    ([], "INVALID_ARGUMENT", "header", "first message"),
-    ([_relu_header(), _relu_header()], "INVALID_ARGUMENT", "header", "only the first"),
+    ([_chunk(0, PAYLOAD)], "INVALID_ARGUMENT", "request", "first message"),
+    ([], "INVALID_ARGUMENT", "request", "first message"),
+    ([_relu_header(), _relu_header()], "INVALID_ARGUMENT", "request", "only the first"),
     ([_relu_header(), pb.ForwardStreamRequest()], "INVALID_ARGUMENT", "chunk", "neither"),
     ([_relu_header(shape=(2**40,))], "RESOURCE_EXHAUSTED", "input.shape", "cap"),
     ([_relu_header(shape=(2**40, 2**40))], "INVALID_ARGUMENT", "input.shape", "overflows"),
@@ -293,12 +291,12 @@ def test_malformed_streams_are_refused_with_a_clear_status(srv, messages, code, 
 
 
 def test_backward_stream_refuses_a_missing_grad_output_and_extra_tensors(srv):
-    spec = pb.TensorSpec(dtype=pb.DTYPE_FLOAT32, shape=[4])
-    header = pb.BackwardStreamHeader(op=pb.Op(relu=pb.ReluOptions()), input=spec)
-    error = _refusal(srv, [pb.BackwardStreamRequest(header=header)], "BackwardStream")
+    spec = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[4])
+    request = pb.BackwardRequest(op=pb.Op(relu=pb.ReluOptions()), input=spec)
+    error = _refusal(srv, [pb.BackwardStreamRequest(request=request)], "BackwardStream")
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT and error.message.startswith("grad_output: is required")
-    header = pb.BackwardStreamHeader(op=pb.Op(relu=pb.ReluOptions()), grad_output=spec, input=spec, weight=spec)
-    error = _refusal(srv, [pb.BackwardStreamRequest(header=header)], "BackwardStream")
+    request = pb.BackwardRequest(op=pb.Op(relu=pb.ReluOptions()), grad_output=spec, input=spec, weight=spec)
+    error = _refusal(srv, [pb.BackwardStreamRequest(request=request)], "BackwardStream")
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT and "relu takes no weight" in error.message
 
 
@@ -317,12 +315,12 @@ def _open_session(srv):
         return call(pb.OpenSharedMemorySessionRequest(probe_region=name, probe_nonce=nonce), timeout=30)
 
 
-def _shared_forward(srv, request) -> pb.ForwardSharedMemoryResponse:
+def _shared_forward(srv, request) -> pb.ForwardResponse:
     with grpc.insecure_channel(srv.target) as channel:
         call = channel.unary_unary(
-            METHOD + "ForwardSharedMemory",
-            request_serializer=pb.ForwardSharedMemoryRequest.SerializeToString,
-            response_deserializer=pb.ForwardSharedMemoryResponse.FromString,
+            METHOD + "Forward",
+            request_serializer=pb.ForwardRequest.SerializeToString,
+            response_deserializer=pb.ForwardResponse.FromString,
         )
         return call(request, timeout=30)
 
@@ -334,8 +332,10 @@ def _shared_refusal(srv, request) -> ConvRpcError:
 
 
 def _relu_shared(session_id, region, offset=0, shape=(4,)):
-    tensor = pb.SharedTensor(region=region, offset=offset, dtype=pb.DTYPE_FLOAT64, shape=shape)
-    return pb.ForwardSharedMemoryRequest(session_id=session_id, op=pb.Op(relu=pb.ReluOptions()), input=tensor)
+    tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=shape, shared=pb.SharedSpan(region=region, offset=offset))
+    return pb.ForwardRequest(
+        op=pb.Op(relu=pb.ReluOptions()), input=tensor, shared_memory=pb.SharedMemoryContext(session_id=session_id)
+    )
 
 
 @pytest.fixture()
@@ -351,21 +351,21 @@ def two_sessions(srv):
         region.close()
         shm.unlink(name)
         for session in (first, second):
-            srv.data_path.sessions.close_session(session.session_id)
+            srv.servicer.sessions.close_session(session.session_id)
 
 
 def test_a_raw_shared_request_works_and_its_output_region_is_handed_over(srv, two_sessions):
     first, _, name = two_sessions
     reply = _shared_forward(srv, _relu_shared(first.session_id, name))
-    out = reply.output
+    out = reply.output.shared
     assert out.region.startswith(first.region_prefix + "o") and shm.exists(out.region)
     region = shm.attach(out.region, writable=False)
     shm.unlink(out.region)  # the client's job once mapped
     assert np.frombuffer(region, np.float64, 4, out.offset).tolist() == [0, 0, 1, 2]
     # Offered a span of the client's own region, the server writes the output there instead.
     request = _relu_shared(first.session_id, name)
-    request.output_buffer.CopyFrom(pb.SharedBuffer(region=name, offset=64, size=64))
-    out = _shared_forward(srv, request).output
+    request.shared_memory.output_buffer.CopyFrom(pb.SharedBuffer(region=name, offset=64, size=64))
+    out = _shared_forward(srv, request).output.shared
     assert (out.region, out.offset) == (name, 64)
 
 
@@ -373,23 +373,28 @@ def test_a_server_without_room_for_an_output_region_says_so(srv, two_sessions, m
     first, _, name = two_sessions
     monkeypatch.setattr(shm, "reserve", lambda fd, size: (_ for _ in ()).throw(OSError(28, "No space left")))
     error = _shared_refusal(srv, _relu_shared(first.session_id, name))
-    assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED and error.message.startswith("output_buffer: no room")
+    assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.message.startswith("shared_memory.output_buffer: no room")
 
 
 def test_shared_requests_for_foreign_missing_or_short_regions_are_refused(srv, two_sessions):
     first, second, name = two_sessions
+    mine, theirs = first.session_id, second.session_id
+    region, shared, session = "input.shared.region", "input.shared.offset", "shared_memory.session_id"
     cases = [
-        (_relu_shared(second.session_id, name), "PERMISSION_DENIED", "input.region", "does not belong"),
-        (_relu_shared(first.session_id, "psm_secret"), "PERMISSION_DENIED", "input.region", "does not belong"),
-        (_relu_shared(first.session_id, f"{first.region_prefix}i{'cd' * 8}"), "NOT_FOUND", "input.region", "no "),
-        (_relu_shared("0" * 32, name), "FAILED_PRECONDITION", "session_id", "unknown"),
-        (_relu_shared(first.session_id, name, offset=4096 - 16), "INVALID_ARGUMENT", "input.offset", "past the end"),
-        (_relu_shared(first.session_id, name, offset=4), "INVALID_ARGUMENT", "input.offset", "multiple of 8"),
-        (_relu_shared(first.session_id, name, shape=(2**40,)), "RESOURCE_EXHAUSTED", "input.shape", "cap"),
+        (_relu_shared(theirs, name), "PERMISSION_DENIED", region, "does not belong"),
+        (_relu_shared(mine, "psm_secret"), "PERMISSION_DENIED", region, "does not belong"),
+        (_relu_shared(mine, f"{first.region_prefix}i{'cd' * 8}"), "NOT_FOUND", region, "no "),
+        (_relu_shared("0" * 32, name), "FAILED_PRECONDITION", session, "unknown"),
+        (_relu_shared(mine, name, offset=4096 - 16), "INVALID_ARGUMENT", shared, "past the end"),
+        (_relu_shared(mine, name, offset=4), "INVALID_ARGUMENT", shared, "multiple of 8"),
+        (_relu_shared(mine, name, shape=(2**40,)), "RESOURCE_EXHAUSTED", "input.shape", "cap"),
     ]
     request = _relu_shared(first.session_id, name)
-    request.output_buffer.CopyFrom(pb.SharedBuffer(region=f"{second.region_prefix}i{'ef' * 8}", offset=0, size=64))
-    cases.append((request, "PERMISSION_DENIED", "output_buffer.region", "does not belong"))
+    request.shared_memory.output_buffer.CopyFrom(
+        pb.SharedBuffer(region=f"{second.region_prefix}i{'ef' * 8}", offset=0, size=64)
+    )
+    cases.append((request, "PERMISSION_DENIED", "shared_memory.output_buffer.region", "does not belong"))
     for request, code, field, words in cases:
         error = _shared_refusal(srv, request)
         assert error.code is getattr(grpc.StatusCode, code), (field, error)
@@ -436,14 +441,14 @@ def test_unclaimed_outputs_are_swept_after_the_ttl_and_on_close():
         name = f"{session.region_prefix}i{'12' * 8}"
         region = shm.create(name, 64)
         try:
-            abandoned = _shared_forward(server, _relu_shared(session.session_id, name)).output.region
+            abandoned = _shared_forward(server, _relu_shared(session.session_id, name)).output.shared.region
             assert shm.exists(abandoned)
             deadline = time.monotonic() + 10
             while shm.exists(abandoned) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert not shm.exists(abandoned), "the sweeper left an abandoned output region"
             assert shm.exists(name), "the server must never unlink a client's region"
-            kept = _shared_forward(server, _relu_shared(session.session_id, name)).output.region
+            kept = _shared_forward(server, _relu_shared(session.session_id, name)).output.shared.region
         finally:
             region.close()
             shm.unlink(name)
@@ -455,7 +460,7 @@ import os, sys, numpy as np
 from convrpc.client import ConvClient
 client = ConvClient(sys.argv[1], data_path="shm")
 client.relu(np.ones(100_000))
-print(client._paths[0].session.prefix, flush=True)
+print(client._core.replicas[0].session.prefix, flush=True)
 if sys.argv[2] == "die":
     os._exit(1)
 client.close()
@@ -498,7 +503,7 @@ def test_hand_encoded_chunks_are_exactly_protobufs_encoding_and_decode_without_c
 
 def test_the_assembler_has_no_32_bit_limits():
     # 5 GiB declared: allocated lazily, never touched, so this costs no memory.
-    spec = pb.TensorSpec(dtype=pb.DTYPE_FLOAT32, shape=[5, 2**28])
+    spec = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[5, 2**28])
     assembler = chunks.PayloadAssembler([("input", spec)])
     assert assembler.total == 5 * 2**30 and assembler.arrays["input"].nbytes == 5 * 2**30
     assembler.add(0, b"\x00" * 8)

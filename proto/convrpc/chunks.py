@@ -1,10 +1,11 @@
 """Chunked tensor payloads of ForwardStream/BackwardStream, shared by server and SDK.
 
-A stream's payload is the bytes of the tensors its header describes, concatenated in field order.
+A stream's payload is the bytes of every tensor of its first message (a ForwardRequest, a
+BackwardRequest or their responses) that has no storage set, concatenated in field order.
 The sender cuts it into ``TensorChunk`` messages that it encodes by hand: byte for byte what
 protobuf would produce, but built with one copy of the bulk bytes (protobuf's Python runtime
 copies them into a message and again when serialising, which measured 0.3-0.5 GB/s here). The
-receiver validates the header, preallocates one array per tensor and copies every chunk straight
+receiver validates those tensors' headers, preallocates one array per tensor and copies every chunk straight
 into place, refusing gaps, overlaps, extra bytes and early ends.
 """
 
@@ -17,7 +18,7 @@ from convrpc import wire
 from convrpc.core.errors import InvalidArgumentError, ResourceExhaustedError
 from convrpc.v1 import conv_service_pb2 as pb
 
-__all__ = ["PayloadAssembler", "decoder", "encode_chunk", "iter_chunks", "payload_bytes", "tensor_spec"]
+__all__ = ["PayloadAssembler", "decoder", "encode_chunk", "iter_chunks", "payload_bytes", "streamed_tensors"]
 
 #: Field number of ``chunk`` in every *StreamRequest / *StreamResponse oneof.
 CHUNK_FIELD = 2
@@ -25,9 +26,14 @@ _LEN = 2  # wire type of length-delimited fields
 _VARINT = 0
 
 
-def tensor_spec(array: np.ndarray) -> pb.TensorSpec:
-    """The ``TensorSpec`` of a little-endian, C-contiguous float32/float64 array."""
-    return pb.TensorSpec(dtype=wire.dtype_enum(array.dtype), shape=array.shape)
+def streamed_tensors(message) -> list[tuple[str, pb.Tensor]]:
+    """``[(field, Tensor)]`` of the tensors of ``message`` whose bytes follow as chunks (set, without
+    storage), in field order: the payload's order."""
+    return [
+        (f.name, value)
+        for f, value in message.ListFields()
+        if f.message_type is pb.Tensor.DESCRIPTOR and value.WhichOneof("storage") is None
+    ]
 
 
 def payload_bytes(arrays: Sequence[np.ndarray]) -> int:
@@ -106,23 +112,23 @@ def iter_chunks(arrays: Sequence[np.ndarray], chunk_bytes: int) -> Iterator[byte
 class PayloadAssembler:
     """Receives one stream's payload into preallocated arrays.
 
-    ``specs`` is ``[(field, TensorSpec)]`` in payload order. Every spec is checked (dtype, dims,
-    overflow, ``max_elements``) before anything is allocated. ``add`` copies a chunk into place;
+    ``headers`` is ``[(field, Tensor)]`` in payload order (see ``streamed_tensors``). Every header is
+    checked (dtype, dims, overflow, ``max_elements``, and all of them against ``max_bytes``) before
+    anything is allocated. ``add`` copies a chunk into place;
     ``finish`` returns ``{field: array}`` once exactly the declared bytes arrived.
     """
 
     def __init__(
-        self, specs: Sequence[tuple[str, pb.TensorSpec]], *, max_elements: int | None = None, max_bytes: int | None = None
+        self, headers: Sequence[tuple[str, pb.Tensor]], *, max_elements: int | None = None, max_bytes: int | None = None
     ):
         layouts = []
         announced = 0
-        for field, spec in specs:
-            dtype, shape, count = wire.tensor_layout(spec.dtype, spec.shape, field)
-            wire.check_elements(count, field, max_elements)
+        for field, header in headers:
+            dtype, shape, nbytes = wire.tensor_layout(header, field, max_elements=max_elements)
             layouts.append((field, dtype, shape))
-            announced += count * dtype.itemsize
+            announced += nbytes
         if max_bytes is not None and announced > max_bytes:
-            raise ResourceExhaustedError("header", f"tensors of {announced} bytes exceed the server's cap of {max_bytes}")
+            raise ResourceExhaustedError("request", f"tensors of {announced} bytes exceed the server's cap of {max_bytes}")
         self.arrays = {field: np.empty(shape, dtype) for field, dtype, shape in layouts}
         self._views = [(field, memoryview(a).cast("B")) for field, a in self.arrays.items()]
         self.total = sum(len(v) for _, v in self._views)
@@ -143,7 +149,7 @@ class PayloadAssembler:
         if offset + size > self.total:
             raise InvalidArgumentError(
                 "chunk.data",
-                f"the stream sends more than the {self.total} bytes its header declares "
+                f"the stream sends more than the {self.total} bytes its first message declares "
                 f"({offset + size} bytes by the chunk at offset {offset})",
             )
         source = memoryview(data)
@@ -165,7 +171,7 @@ class PayloadAssembler:
             field = self._views[self._index][0] if self._index < len(self._views) else "payload"
             raise InvalidArgumentError(
                 "chunk",
-                f"the stream ended after {self.received} of the {self.total} bytes its header declares "
+                f"the stream ended after {self.received} of the {self.total} bytes its first message declares "
                 f"(truncated in {field})",
             )
         return self.arrays

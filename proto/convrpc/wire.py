@@ -1,86 +1,107 @@
 """The wire codec shared by server and SDK: numpy arrays <-> ``Tensor`` messages, op options <-> ``Op``.
 
-Decoding validates before it allocates: the shape product is computed with an overflow check and the
-byte length must match it exactly, so a tiny message cannot claim a huge tensor. Decoded arrays are
-zero-copy, read-only views of the message's bytes.
+Two tables drive it. ``DTYPES`` holds every dtype this version computes in (a wire value missing
+from it is refused naming the field, so supporting float16 is one entry). ``OP_SPECS`` describes
+each op once: its options message, its torch-named options with their defaults, its tensor
+fields and its output-shape rule; encoding, decoding, field checks and the SDK's output-size
+estimate all read it instead of branching per op.
+
+Decoding validates before it allocates: the shape product is computed with an overflow check and
+the byte length must match it exactly, so a tiny message cannot claim a huge tensor. Decoded arrays
+are zero-copy, read-only views of the message's bytes.
 """
 
 from __future__ import annotations
 
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
 import numpy as np
 
+from convrpc.core import params
 from convrpc.core.errors import InvalidArgumentError, ResourceExhaustedError
 from convrpc.v1 import conv_service_pb2 as pb
 
 __all__ = [
     "DTYPES",
-    "check_elements",
-    "dtype_enum",
-    "tensor_layout",
-    "OP_OPTIONS",
-    "OP_TENSORS",
+    "LOSSES",
+    "LOSS_NAMES",
+    "OP_SPECS",
+    "OpSpec",
+    "Option",
+    "STOP_REASONS",
+    "STOP_REASON_NAMES",
     "decode_op",
     "decode_tensor",
+    "dtype_enum",
     "encode_op",
     "encode_tensor",
     "op_name",
+    "option_field",
+    "output_bytes",
+    "tensor_header",
+    "tensor_layout",
 ]
 
 INT64_MAX = 2**63 - 1
 
-#: Wire dtype enum <-> little-endian numpy dtype.
+# -- dtypes ---------------------------------------------------------------------------------------
+
+#: The wire dtypes this version computes in, with their little-endian numpy dtype. Every other value
+#: of the Dtype enum is refused as "not supported yet"; supporting one is adding its entry here.
 DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT64: np.dtype("<f8")}
-_ENUM_OF = {np.dtype(np.float32): pb.DTYPE_FLOAT32, np.dtype(np.float64): pb.DTYPE_FLOAT64}
+_ENUM_OF = {dtype.newbyteorder("="): enum for enum, dtype in DTYPES.items()}
+#: What the Dtype enum names but this version does not compute in yet: "float16", "bfloat16", "int64".
+_LATER = {pb.Dtype.Name(e)[6:].lower() for e in pb.Dtype.values() if e not in DTYPES and e != pb.DTYPE_UNSPECIFIED}
 
-#: Each op's options, in torch.nn.functional's argument order (after the tensors).
-OP_OPTIONS = {
-    "conv2d": ("stride", "padding", "dilation", "groups"),
-    "conv_transpose2d": ("stride", "padding", "output_padding", "groups", "dilation"),
-    "max_pool2d": ("kernel_size", "stride", "padding", "dilation"),
-    "avg_pool2d": ("kernel_size", "stride", "padding"),
-    "relu": (),
-}
-#: Each op's tensor inputs, in order; the first is required, the others optional (weight required for convs).
-OP_TENSORS = {
-    "conv2d": ("input", "weight", "bias"),
-    "conv_transpose2d": ("input", "weight", "bias"),
-    "max_pool2d": ("input",),
-    "avg_pool2d": ("input",),
-    "relu": ("input",),
-}
 
-_PAD_MODES = {"valid": pb.PADDING_MODE_VALID, "same": pb.PADDING_MODE_SAME}
-_PAD_NAMES = {v: k for k, v in _PAD_MODES.items()}
+def _refuse(field: str, got: str, expected) -> None:
+    """INVALID_ARGUMENT for dtype ``got`` (a wire or numpy name), saying when it is one for later."""
+    names, label = " or ".join(expected), got.removeprefix("DTYPE_").lower()
+    if label in _LATER:
+        raise InvalidArgumentError(field, f"{label} is not supported yet; expected {names}")
+    raise InvalidArgumentError(field, f"expected {names}, got {got}")
+
+
+def _numpy_dtype(enum: int, field: str) -> np.dtype:
+    if enum not in DTYPES:
+        _refuse(field, pb.Dtype.Name(enum) if enum in pb.Dtype.values() else str(enum), map(pb.Dtype.Name, DTYPES))
+    return DTYPES[enum]
+
+
+def dtype_enum(dtype, field: str = "tensor") -> int:
+    """The wire enum of a numpy dtype (either byte order); INVALID_ARGUMENT naming ``field`` if unsupported."""
+    dtype = np.dtype(dtype)
+    enum = _ENUM_OF.get(dtype.newbyteorder("="))
+    if enum is None:
+        _refuse(f"{field}.dtype", dtype.name, (d.name for d in DTYPES.values()))
+    return enum
 
 
 # -- tensors --------------------------------------------------------------------------------------
 
 
-def encode_tensor(array) -> pb.Tensor:
-    """A float32/float64 array as a ``Tensor`` (little-endian, C order)."""
+def encode_tensor(array, field: str = "tensor") -> pb.Tensor:
+    """An array as a ``Tensor`` with inline data (little-endian, C order); a 0-d array keeps shape ()."""
     a = np.asarray(array)
-    enum = _ENUM_OF.get(a.dtype.newbyteorder("="))
-    if enum is None:
-        raise InvalidArgumentError("tensor", f"dtype must be float32 or float64, got {a.dtype}")
-    a = np.ascontiguousarray(a, dtype=DTYPES[enum])
-    return pb.Tensor(dtype=enum, shape=a.shape, data=a.tobytes())
+    enum = dtype_enum(a.dtype, field)
+    return pb.Tensor(dtype=enum, shape=a.shape, data=np.asarray(a, dtype=DTYPES[enum], order="C").tobytes())
 
 
-def dtype_enum(dtype) -> int:
-    """The wire enum of a float32/float64 numpy dtype (either byte order)."""
-    enum = _ENUM_OF.get(np.dtype(dtype).newbyteorder("="))
-    if enum is None:
-        raise InvalidArgumentError("tensor", f"dtype must be float32 or float64, got {np.dtype(dtype)}")
-    return enum
+def tensor_header(array, field: str = "tensor") -> pb.Tensor:
+    """An array's dtype and shape as a ``Tensor`` without storage (its bytes travel elsewhere)."""
+    a = np.asarray(array)
+    return pb.Tensor(dtype=dtype_enum(a.dtype, field), shape=a.shape)
 
 
-def tensor_layout(dtype_enum: int, shape, field: str) -> tuple[np.dtype, tuple[int, ...], int]:
-    """``(dtype, shape, element count)`` of a described tensor, checked: a known dtype, dims > 0, no overflow."""
-    dtype = DTYPES.get(dtype_enum)
-    if dtype is None:
-        name = pb.DType.Name(dtype_enum) if dtype_enum in pb.DType.values() else str(dtype_enum)
-        raise InvalidArgumentError(f"{field}.dtype", f"expected DTYPE_FLOAT32 or DTYPE_FLOAT64, got {name}")
-    shape = tuple(shape)
+def tensor_layout(msg: pb.Tensor, field: str, *, max_elements: int | None = None) -> tuple[np.dtype, tuple, int]:
+    """``(dtype, shape, nbytes)`` of a described tensor, checked before anything is allocated for it:
+    a supported dtype, dims > 0, a shape product without int64 overflow and at most ``max_elements``
+    elements (RESOURCE_EXHAUSTED beyond; None means no cap)."""
+    dtype = _numpy_dtype(msg.dtype, f"{field}.dtype")
+    shape = tuple(msg.shape)
     count = 1
     for i, dim in enumerate(shape):
         if dim <= 0:
@@ -88,135 +109,253 @@ def tensor_layout(dtype_enum: int, shape, field: str) -> tuple[np.dtype, tuple[i
         count *= dim
         if count > INT64_MAX:
             raise InvalidArgumentError(f"{field}.shape", f"the product of {list(shape)} overflows int64")
-    return dtype, shape, count
+    _check_cap(count, field, max_elements)
+    return dtype, shape, count * dtype.itemsize
 
 
-def check_elements(count: int, field: str, max_elements: int | None) -> None:
-    """RESOURCE_EXHAUSTED when a tensor has more elements than the cap (None: no cap)."""
+def _check_cap(count: int, field: str, max_elements: int | None) -> None:
     if max_elements is not None and count > max_elements:
         raise ResourceExhaustedError(f"{field}.shape", f"{count} elements exceed the server's cap of {max_elements}")
 
 
 def decode_tensor(msg: pb.Tensor, field: str, *, max_elements: int | None = None) -> np.ndarray:
-    """A read-only array viewing ``msg.data``, after checking dtype, shape and byte length."""
-    dtype, shape, count = tensor_layout(msg.dtype, msg.shape, field)
-    expected = count * dtype.itemsize
-    if len(msg.data) != expected:
+    """A read-only array viewing ``msg.data`` (inline storage), after checking dtype, shape and byte length."""
+    dtype, shape, nbytes = tensor_layout(msg, field)
+    if len(msg.data) != nbytes:
         raise InvalidArgumentError(
             f"{field}.data",
-            f"expected {expected} bytes (shape {list(shape)} x {dtype.itemsize}-byte elements), got {len(msg.data)}",
+            f"expected {nbytes} bytes (shape {list(shape)} x {dtype.itemsize}-byte elements), got {len(msg.data)}",
         )
-    check_elements(count, field, max_elements)
+    _check_cap(nbytes // dtype.itemsize, field, max_elements)
     return np.frombuffer(msg.data, dtype=dtype).reshape(shape)
 
 
-# -- options --------------------------------------------------------------------------------------
+# -- the op table ---------------------------------------------------------------------------------
 
 
-def _size2(value) -> pb.Size2 | None:
-    if value is None:
-        return None
+def _int(value, field: str) -> int:
+    """An int as torch takes it: no bools, no floats."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise InvalidArgumentError(field, f"expected an int, got {value!r}")
+    return operator.index(value)
+
+
+def _encode_pair(value, field: str) -> pb.Size2 | None:
     if isinstance(value, (list, tuple)):
         if len(value) == 0:
             return None
-        if len(value) != 2:
-            raise InvalidArgumentError("size", f"expected an int or a pair of ints, got {value!r}")
-        h, w = value
-    else:
-        h = w = value
-    return pb.Size2(height=int(h), width=int(w))
+        if len(value) == 1:  # torch accepts 1-element size tuples
+            value = value[0]
+        elif len(value) == 2:
+            return pb.Size2(height=_int(value[0], field), width=_int(value[1], field))
+        else:
+            raise InvalidArgumentError(field, f"expected an int or a pair of ints, got {value!r}")
+    return pb.Size2(height=_int(value, field), width=_int(value, field)) if value is not None else None
 
 
-def _from_size2(parent, field: str, default):
-    if not parent.HasField(field):
-        return default
-    size = getattr(parent, field)
-    return (size.height, size.width)
+_PAD_MODES = {"valid": pb.PADDING_MODE_VALID, "same": pb.PADDING_MODE_SAME}
+_PAD_NAMES = {v: k for k, v in _PAD_MODES.items()}
+
+
+def _encode_padding(value, field: str) -> pb.Padding | None:
+    if isinstance(value, str):
+        if value not in _PAD_MODES:
+            raise InvalidArgumentError(field, f"expected 'valid', 'same', an int or a pair, got {value!r}")
+        return pb.Padding(mode=_PAD_MODES[value])
+    size = _encode_pair(value, field)
+    return None if size is None else pb.Padding(size=size)
+
+
+def _decode_padding(padding: pb.Padding, field: str):
+    kind = padding.WhichOneof("kind")
+    if kind == "size":
+        return (padding.size.height, padding.size.width)
+    if kind == "mode":
+        if padding.mode not in _PAD_NAMES:
+            raise InvalidArgumentError(f"{field}.mode", f"expected VALID or SAME, got {padding.mode}")
+        return _PAD_NAMES[padding.mode]
+    return 0
+
+
+def _encode_bool(value, field: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidArgumentError(field, f"expected a bool, got {value!r}")
+    return bool(value)
+
+
+#: How each kind of option travels: (encode torch value -> proto value, decode proto value -> torch value).
+_KINDS: dict[str, tuple[Callable, Callable]] = {
+    "pair": (_encode_pair, lambda size, field: (size.height, size.width)),
+    "padding": (_encode_padding, _decode_padding),
+    "int": (_int, lambda value, field: value),
+    "bool": (_encode_bool, lambda value, field: value),
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One torch argument of an op: the options-message field of the same name, its kind and torch's default.
+
+    ``supported=False`` options are decoded, and refused when set to anything but the default, until the
+    core computes them; wiring one is flipping the flag.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    supported: bool = True
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """Everything the wire needs to know about one op."""
+
+    name: str
+    #: The options message of the ``Op`` oneof.
+    options_type: type
+    #: The torch arguments after the tensors, in torch.nn.functional's order.
+    options: tuple[Option, ...]
+    #: The forward inputs, in torch's order (also their order in ForwardRequest); the last may be optional.
+    tensors: tuple[str, ...]
+    #: The tensors a request must carry.
+    required: tuple[str, ...]
+    #: ``shape(input_shape, weight_shape, bias_shape, **options) -> output shape``, checking the arguments.
+    shape: Callable[..., tuple]
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.options)
+
+    def request_tensors(self, backward: bool) -> tuple[str, ...]:
+        """The tensor fields of this op's ForwardRequest or BackwardRequest, in field order."""
+        return ("grad_output", *self.tensors) if backward else self.tensors
+
+    def result_tensors(self, backward: bool) -> tuple[str, ...]:
+        """The response fields this op's results fill, in field order."""
+        return tuple(f"grad_{t}" for t in self.tensors) if backward else ("output",)
+
+    def output_shape(self, shapes: Mapping[str, tuple | None], options: Mapping[str, Any]) -> tuple:
+        """The forward output's shape from the inputs' shapes (by field), checking every argument."""
+        return tuple(self.shape(*(shapes.get(t) for t in self.tensors), **options))
+
+
+def _pool_shape(input, weight=None, bias=None, **options) -> tuple:
+    return params.pool2d_geometry(input, **options).output_shape
+
+
+_CONV_OPTIONS = (Option("stride", "pair", 1), Option("padding", "padding", 0), Option("dilation", "pair", 1),
+                 Option("groups", "int", 1))  # fmt: skip
+_POOL_OPTIONS = (Option("kernel_size", "pair", None), Option("stride", "pair", None), Option("padding", "pair", 0))
+_CONV_TENSORS = dict(tensors=("input", "weight", "bias"), required=("input", "weight"))
+
+#: One description per op, in the contract's order.
+OP_SPECS: dict[str, OpSpec] = {
+    spec.name: spec
+    for spec in (
+        OpSpec("conv2d", pb.Conv2dOptions, _CONV_OPTIONS, **_CONV_TENSORS,
+               shape=lambda *shapes, **o: params.conv2d_geometry(*shapes, **o).output_shape),
+        OpSpec("conv_transpose2d", pb.ConvTranspose2dOptions,
+               (Option("stride", "pair", 1), Option("padding", "pair", 0), Option("output_padding", "pair", 0),
+                Option("groups", "int", 1), Option("dilation", "pair", 1)), **_CONV_TENSORS,
+               shape=lambda *shapes, **o: params.conv_transpose2d_geometry(*shapes, **o).input_shape),
+        OpSpec("max_pool2d", pb.MaxPool2dOptions,
+               (*_POOL_OPTIONS, Option("dilation", "pair", 1), Option("ceil_mode", "bool", False, supported=False),
+                Option("return_indices", "bool", False, supported=False)),
+               tensors=("input",), required=("input",), shape=_pool_shape),
+        OpSpec("avg_pool2d", pb.AvgPool2dOptions,
+               (*_POOL_OPTIONS, Option("ceil_mode", "bool", False, supported=False),
+                Option("count_include_pad", "bool", True, supported=False),
+                Option("divisor_override", "int", None, supported=False)),
+               tensors=("input",), required=("input",), shape=_pool_shape),
+        OpSpec("relu", pb.ReluOptions, (), tensors=("input",), required=("input",),
+               shape=lambda input, weight=None, bias=None: tuple(input)),
+    )
+}  # fmt: skip
+
+
+def _spec(name: str) -> OpSpec:
+    spec = OP_SPECS.get(name)
+    if spec is None:
+        raise InvalidArgumentError("op", f"unknown op {name!r}; expected one of {', '.join(OP_SPECS)}")
+    return spec
+
+
+def option_field(op: str | None, field: str) -> str:
+    """The request field a core error names: ``op.<op>.<field>`` for an option of ``op``, else ``field`` itself
+    (core errors name torch arguments; this is the one rule that places them in the request)."""
+    spec = OP_SPECS.get(op) if op else None
+    return f"op.{op}.{field}" if spec is not None and field in spec.option_names else field
 
 
 def encode_op(name: str, **options) -> pb.Op:
-    """An ``Op`` message for op ``name`` with torch-style keyword options (ints, pairs or None)."""
-    if name not in OP_OPTIONS:
-        raise InvalidArgumentError("op", f"unknown op {name!r}; expected one of {', '.join(OP_OPTIONS)}")
-    unknown = set(options) - set(OP_OPTIONS[name])
+    """An ``Op`` for op ``name`` with torch keyword options; None (or an omitted option) means torch's default."""
+    spec = _spec(name)
+    unknown = set(options) - set(spec.option_names)
     if unknown:
         raise InvalidArgumentError("op", f"{name} takes no option(s) {sorted(unknown)}")
     fields = {}
-    for key, value in options.items():
-        if value is None:
-            continue
-        if key == "groups":
-            fields[key] = int(value)
-        elif key == "padding" and name == "conv2d":
-            if isinstance(value, str):
-                if value not in _PAD_MODES:
-                    raise InvalidArgumentError("padding", f"expected 'valid', 'same', an int or a pair, got {value!r}")
-                fields[key] = pb.Padding(mode=_PAD_MODES[value])
-            else:
-                fields[key] = pb.Padding(size=_size2(value))
-        else:
-            size = _size2(value)
-            if size is not None:
-                fields[key] = size
-    message_type = {
-        "conv2d": pb.Conv2dOptions,
-        "conv_transpose2d": pb.ConvTranspose2dOptions,
-        "max_pool2d": pb.MaxPool2dOptions,
-        "avg_pool2d": pb.AvgPool2dOptions,
-        "relu": pb.ReluOptions,
-    }[name]
-    return pb.Op(**{name: message_type(**fields)})
+    for option in spec.options:
+        value = options.get(option.name)
+        if value is not None:
+            encoded = _KINDS[option.kind][0](value, option.name)
+            if encoded is not None:
+                fields[option.name] = encoded
+    return pb.Op(**{name: spec.options_type(**fields)})
 
 
 def op_name(op: pb.Op) -> str:
     """The op selected in an ``Op`` message; INVALID_ARGUMENT if none is."""
     name = op.WhichOneof("op")
     if name is None:
-        raise InvalidArgumentError("op", f"no op is set; expected one of {', '.join(OP_OPTIONS)}")
+        raise InvalidArgumentError("op", f"no op is set; expected one of {', '.join(OP_SPECS)}")
     return name
 
 
 def decode_op(op: pb.Op) -> tuple[str, dict]:
-    """``(name, options)`` with the torch.nn.functional keyword arguments of the op, defaults filled in."""
+    """``(name, options)``: the torch keyword arguments the core computes, defaults filled in. An option
+    the core does not compute yet is refused, naming its field, unless it holds torch's default."""
     name = op_name(op)
+    spec = OP_SPECS[name]
     msg = getattr(op, name)
+    fields = msg.DESCRIPTOR.fields_by_name
     options: dict = {}
-    if name == "conv2d":
-        options["stride"] = _from_size2(msg, "stride", 1)
-        options["padding"] = _decode_padding(msg)
-        options["dilation"] = _from_size2(msg, "dilation", 1)
-        options["groups"] = msg.groups if msg.HasField("groups") else 1
-    elif name == "conv_transpose2d":
-        options["stride"] = _from_size2(msg, "stride", 1)
-        options["padding"] = _from_size2(msg, "padding", 0)
-        options["output_padding"] = _from_size2(msg, "output_padding", 0)
-        options["groups"] = msg.groups if msg.HasField("groups") else 1
-        options["dilation"] = _from_size2(msg, "dilation", 1)
-    elif name in ("max_pool2d", "avg_pool2d"):
-        if not msg.HasField("kernel_size"):
-            raise InvalidArgumentError(f"op.{name}.kernel_size", "is required")
-        options["kernel_size"] = (msg.kernel_size.height, msg.kernel_size.width)
-        options["stride"] = _from_size2(msg, "stride", None)
-        options["padding"] = _from_size2(msg, "padding", 0)
-        if name == "max_pool2d":
-            options["dilation"] = _from_size2(msg, "dilation", 1)
+    for option in spec.options:
+        field = f"op.{name}.{option.name}"
+        if fields[option.name].has_presence and not msg.HasField(option.name):
+            value = option.default
+        else:
+            value = _KINDS[option.kind][1](getattr(msg, option.name), field)
+        if option.supported:
+            options[option.name] = value
+        elif value != option.default:
+            raise InvalidArgumentError(field, f"{option.name}={value!r} is not supported yet (only {option.default!r})")
+    if name in ("max_pool2d", "avg_pool2d") and options["kernel_size"] is None:
+        raise InvalidArgumentError(f"op.{name}.kernel_size", "is required")
     return name, options
 
 
-def _decode_padding(msg: pb.Conv2dOptions):
-    if not msg.HasField("padding"):
-        return 0
-    kind = msg.padding.WhichOneof("kind")
-    if kind == "size":
-        return (msg.padding.size.height, msg.padding.size.width)
-    if kind == "mode":
-        mode = msg.padding.mode
-        if mode not in _PAD_NAMES:
-            raise InvalidArgumentError("op.conv2d.padding.mode", f"expected VALID or SAME, got {mode}")
-        return _PAD_NAMES[mode]
-    return 0
-
-
 def decode_conv_options(msg: pb.Conv2dOptions | None) -> dict:
-    """conv2d keyword options from a ``Conv2dOptions`` message (unset message: all defaults)."""
+    """conv2d keyword options from a ``Conv2dOptions`` message (unset: all defaults), as TrainKernel takes them."""
     return decode_op(pb.Op(conv2d=msg if msg is not None else pb.Conv2dOptions()))[1]
+
+
+def output_bytes(name: str, options: Mapping[str, Any], shapes: Mapping[str, tuple | None], itemsize: int) -> int:
+    """Bytes of op ``name``'s forward output for inputs of these shapes (by field), checking the arguments."""
+    return math.prod(OP_SPECS[name].output_shape(shapes, options)) * itemsize
+
+
+# -- training enums -------------------------------------------------------------------------------
+
+
+def _enum_table(enum, prefix: str) -> dict[str, int]:
+    return {n[len(prefix) :].lower(): v for n, v in enum.items() if not n.endswith("_UNSPECIFIED")}
+
+
+#: Loss name ("mse", "half_mse", "half_sse") -> wire enum, from the proto's Loss.
+LOSSES = _enum_table(pb.Loss, "LOSS_")
+#: Wire enum -> loss name; LOSS_UNSPECIFIED means mse.
+LOSS_NAMES = {pb.LOSS_UNSPECIFIED: "mse", **{v: k for k, v in LOSSES.items()}}
+#: Stop reason name ("converged", "max_steps", ...) -> wire enum, from the proto's StopReason.
+STOP_REASONS = _enum_table(pb.StopReason, "STOP_REASON_")
+#: Wire enum -> stop reason name.
+STOP_REASON_NAMES = {v: k for k, v in STOP_REASONS.items()}

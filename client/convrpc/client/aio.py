@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Sequence
+import asyncio
+import contextlib
+from typing import AsyncIterator
 
 import grpc
 from grpc import aio
 
-from convrpc.v1 import conv_service_pb2 as pb
-from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
-
-from .aio_transport import AsyncDataPath
+from . import config
+from .calls import Gather, Sleep, Spawn, Steps, Stream
 from .errors import ConvRpcError
 from .ops import OpMethods
-from .sharding import AsyncShardedCalls
 from .training import TrainingRun, TrainProgress, TrainResult
 
 __all__ = ["AsyncConvClient", "AsyncTrainingRun"]
@@ -53,69 +52,71 @@ class AsyncConvClient(OpMethods):
     ``train_kernel`` returns an :class:`AsyncTrainingRun` at once (no await).
     """
 
-    def __init__(
-        self,
-        target: str | Sequence[str],
-        *,
-        timeout: float | None = None,
-        token: str | None = None,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        options: Sequence[tuple[str, object]] = (),
-        shard_size: int | None = None,
-        data_path: str = "auto",
-        chunk_bytes: int | None = None,
-    ):
-        self._open(
-            target, timeout=timeout, token=token, root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain, options=options, shard_size=shard_size, data_path=data_path,
-            chunk_bytes=chunk_bytes, grpc_module=aio, sharded_calls_type=AsyncShardedCalls, data_path_type=AsyncDataPath,
-        )  # fmt: skip
+    _grpc = aio
 
-    def _stub(self) -> pb_grpc.ConvServiceStub:
-        return self._stubs[next(self._turn) % len(self._stubs)]
+    def _start(self) -> None:
+        # Shared by every call of the client, like the sync client's pool; bound to the loop at first use.
+        self._slots = asyncio.Semaphore(config.SHARDS_IN_FLIGHT)
+        self._background: set[asyncio.Task] = set()
 
-    async def _unary(self, method: str, request, timeout):
-        deadline = self._deadline(timeout)
-        try:
-            return await getattr(self._stub(), method)(request, timeout=deadline, metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise ConvRpcError.from_rpc_error(error) from None
+    async def _run(self, steps, finish):
+        return finish(await self._drive(steps))
 
-    async def _forward_arrays(self, op, arrays, timeout):
-        path = self._path(arrays)
-        if path is None:
-            return await super()._forward_arrays(op, arrays, timeout)
-        deadline = self._deadline(timeout)
-        output = await path.forward(op, arrays, deadline, self._metadata)
-        return await super()._forward_arrays(op, arrays, timeout) if output is None else output
+    async def _drive(self, generator):
+        """Run one generator of the call core to its end, doing what it yields."""
+        steps = Steps(generator)
+        with contextlib.closing(generator):
+            while (effect := steps.next()) is not None:
+                try:
+                    steps.reply = await self._do(effect)
+                except grpc.RpcError as exc:
+                    steps.error = exc
+        return steps.value
 
-    async def _backward_arrays(self, op, arrays, timeout):
-        path = self._path(arrays)
-        if path is None:
-            return await super()._backward_arrays(op, arrays, timeout)
-        deadline = self._deadline(timeout)
-        grads = await path.backward(op, arrays, deadline, self._metadata)
-        return await super()._backward_arrays(op, arrays, timeout) if grads is None else grads
+    async def _slot(self, steps):
+        async with self._slots:
+            return await self._drive(steps)
 
-    async def _forward(self, request, timeout, decode):
-        return decode(await self._calls("Forward", request, self._deadline(timeout)))
+    def _forget(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # a health check racing close(): nobody waits for it
 
-    async def _backward(self, request, timeout, decode):
-        return decode(await self._calls("Backward", request, self._deadline(timeout)))
-
-    async def server_info(self, *, timeout=None) -> pb.GetServerInfoResponse:
-        return await self._unary("GetServerInfo", pb.GetServerInfoRequest(), timeout)
+    async def _do(self, effect):
+        if isinstance(effect, Sleep):
+            return await asyncio.sleep(effect.seconds)
+        if isinstance(effect, Spawn):
+            task = asyncio.ensure_future(self._drive(effect.steps))
+            self._background.add(task)
+            return task.add_done_callback(self._forget)
+        if isinstance(effect, Gather):
+            tasks = [asyncio.ensure_future(self._slot(part)) for part in effect.parts]
+            try:
+                return await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                raise
+        method = self._methods[effect.replica.index][effect.method]
+        if isinstance(effect, Stream):
+            call = method(effect.messages, timeout=effect.timeout, metadata=self._metadata)
+            try:
+                async for message in call:
+                    effect.receive(message)
+            except BaseException:
+                call.cancel()
+                raise
+            return None
+        return await method(effect.request, timeout=effect.timeout, metadata=self._metadata)
 
     def _train(self, request, progress, timeout) -> AsyncTrainingRun:
-        deadline = self._deadline(timeout)
-        call = self._stub().TrainKernel(request, timeout=deadline, metadata=self._metadata)
+        call = self._stub().TrainKernel(request, timeout=self._timeout(timeout), metadata=self._metadata)
         return AsyncTrainingRun(call, max_steps=request.max_steps, progress=progress)
 
     async def close(self) -> None:
-        for path in self._paths:
-            await path.close(self._metadata)
+        await self._drive(self._core.close())
+        for task in list(self._background):
+            task.cancel()
         for channel in self._channels:
             await channel.close()
 

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Sequence
-
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import grpc
 
-from convrpc.v1 import conv_service_pb2 as pb
-from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
-
-from .errors import ConvRpcError
+from . import config
+from .calls import Gather, Sleep, Spawn, Stream, drive
 from .ops import OpMethods
-from .sharding import ShardedCalls
 from .training import TrainingRun
-from .transport import DataPath
 
 __all__ = ["ConvClient"]
 
@@ -32,75 +29,61 @@ class ConvClient(OpMethods):
     force one; ``chunk_bytes`` overrides the stream chunk size.
 
     Forward and Backward calls whose batch exceeds ``shard_size`` (None: no limit) are split along N
-    and run concurrently over the replicas on the unary path, as are unary requests too large for one
-    message; the result is the unsharded one. A call failing with UNAVAILABLE is sent again to another
-    replica. ``train_kernel`` runs on one replica (see :mod:`convrpc.client.sharding`).
+    and run concurrently over the replicas, on any data path, as are unary requests too large for one
+    message; the result is the unsharded one. A call or shard failing with UNAVAILABLE, or whose
+    replica stops answering, is sent to another replica within the call's deadline.
+    ``train_kernel`` runs on one replica (see :mod:`convrpc.client.calls`).
     Use it as a context manager or call ``close()``.
     """
 
-    def __init__(
-        self,
-        target: str | Sequence[str],
-        *,
-        timeout: float | None = None,
-        token: str | None = None,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        options: Sequence[tuple[str, object]] = (),
-        shard_size: int | None = None,
-        data_path: str = "auto",
-        chunk_bytes: int | None = None,
-    ):
-        self._open(
-            target, timeout=timeout, token=token, root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain, options=options, shard_size=shard_size, data_path=data_path,
-            chunk_bytes=chunk_bytes, grpc_module=grpc, sharded_calls_type=ShardedCalls, data_path_type=DataPath,
-        )  # fmt: skip
-        self._lock = threading.Lock()
+    _grpc = grpc
 
-    def _stub(self) -> pb_grpc.ConvServiceStub:
-        with self._lock:
-            return self._stubs[next(self._turn) % len(self._stubs)]
+    def _start(self) -> None:
+        self._pool = ThreadPoolExecutor(config.SHARDS_IN_FLIGHT, thread_name_prefix="convrpc-shard")
 
-    def _unary(self, method: str, request, timeout):
-        try:
-            return getattr(self._stub(), method)(request, timeout=self._deadline(timeout), metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise ConvRpcError.from_rpc_error(error) from None
+    def _run(self, steps, finish):
+        return finish(self._drive(steps))
 
-    def _forward_arrays(self, op, arrays, timeout):
-        path = self._path(arrays)
-        if path is None:
-            return super()._forward_arrays(op, arrays, timeout)
-        output = path.forward(op, arrays, self._deadline(timeout), self._metadata)
-        return super()._forward_arrays(op, arrays, timeout) if output is None else output
+    def _drive(self, generator):
+        return drive(generator, self._do)
 
-    def _backward_arrays(self, op, arrays, timeout):
-        path = self._path(arrays)
-        if path is None:
-            return super()._backward_arrays(op, arrays, timeout)
-        grads = path.backward(op, arrays, self._deadline(timeout), self._metadata)
-        return super()._backward_arrays(op, arrays, timeout) if grads is None else grads
+    def _background(self, generator) -> None:
+        with contextlib.suppress(Exception):  # a health check racing close(): nobody waits for it
+            self._drive(generator)
 
-    def _forward(self, request, timeout, decode):
-        return decode(self._calls("Forward", request, self._deadline(timeout)))
-
-    def _backward(self, request, timeout, decode):
-        return decode(self._calls("Backward", request, self._deadline(timeout)))
-
-    def server_info(self, *, timeout=None) -> pb.GetServerInfoResponse:
-        """The server's version, backend, device and limits (the GetServerInfo response)."""
-        return self._unary("GetServerInfo", pb.GetServerInfoRequest(), timeout)
+    def _do(self, effect):
+        if isinstance(effect, Sleep):
+            return time.sleep(effect.seconds)
+        if isinstance(effect, Spawn):
+            return threading.Thread(target=self._background, args=(effect.steps,), daemon=True).start()
+        if isinstance(effect, Gather):
+            futures = [self._pool.submit(self._drive, part) for part in effect.parts]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in pending:
+                f.cancel()
+            for f in futures:
+                if f in done and f.exception() is not None:
+                    raise f.exception()
+            return [f.result() for f in futures]
+        method = self._methods[effect.replica.index][effect.method]
+        if isinstance(effect, Stream):
+            call = method(effect.messages, timeout=effect.timeout, metadata=self._metadata)
+            try:
+                for message in call:
+                    effect.receive(message)
+            except BaseException:
+                call.cancel()
+                raise
+            return None
+        return method(effect.request, timeout=effect.timeout, metadata=self._metadata)
 
     def _train(self, request, progress, timeout) -> TrainingRun:
-        call = self._stub().TrainKernel(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        call = self._stub().TrainKernel(request, timeout=self._timeout(timeout), metadata=self._metadata)
         return TrainingRun(call, max_steps=request.max_steps, progress=progress)
 
     def close(self) -> None:
-        self._calls.close()
-        for path in self._paths:
-            path.close(self._metadata)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._drive(self._core.close())
         for channel in self._channels:
             channel.close()
 

@@ -1,94 +1,108 @@
 """The SDK's op methods, shared by the sync and asyncio clients: named and ordered like torch.nn.functional.
 
-Each method builds its request and hands it to the client's ``_forward``/``_backward``, which the
-sync client answers with arrays and the asyncio client with awaitables of arrays.
+Each method turns its arguments into a ``Call`` (arrays by request field, the ``Op``) and hands it to
+the client's ``_run``, which drives the call core (``calls.CallCore``): the sync client answers with
+arrays, the asyncio client with awaitables of arrays.
 """
 
 from __future__ import annotations
 
-import itertools
+from typing import Sequence
 
 from convrpc import wire
 from convrpc.core.backend import Gradients
 from convrpc.v1 import conv_service_pb2 as pb
 from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 
-from .channel import open_channels
-from .sharding import max_message_bytes
-from .tensors import as_array, from_tensor, op_message
+from .calls import CallCore
+from .channel import max_message_bytes, methods, open_channels
+from .messages import Call
+from .tensors import as_array, op_message
 from .training import train_request
 
 __all__ = ["OpMethods"]
 
 
-def _gradients(response: pb.BackwardResponse) -> Gradients:
-    def get(field):
-        return from_tensor(getattr(response, field)) if response.HasField(field) else None
+def _output(results: dict):
+    return results["output"]
 
-    return Gradients(get("grad_input"), get("grad_weight"), get("grad_bias"))
+
+def _gradients(results: dict) -> Gradients:
+    return Gradients(results.get("grad_input"), results.get("grad_weight"), results.get("grad_bias"))
 
 
 class OpMethods:
     """One method per op and one ``<op>_backward`` per op; every method takes ``timeout=`` (seconds).
 
-    Also the state both clients share: channels, stubs, data paths and sharded calls (see ``_open``).
+    Also the constructor both clients share: one channel per target (``grpc`` or ``grpc.aio``, the class's
+    ``_grpc``), their methods and stubs, and the call core that decides over them.
     """
 
-    def _open(
-        self, target, *, timeout, token, root_certificates, private_key, certificate_chain, options, shard_size,
-        data_path, chunk_bytes, grpc_module, sharded_calls_type, data_path_type,
-    ):  # fmt: skip
-        """Open one channel, stub and data path per target (``grpc`` or ``grpc.aio`` flavoured, with the
-        matching sharded-calls and data-path classes)."""
+    _grpc = None  # the grpc module whose channels a client opens
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float | None = None,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        options: Sequence[tuple[str, object]] = (),
+        shard_size: int | None = None,
+        data_path: str = "auto",
+        chunk_bytes: int | None = None,
+    ):
         self.targets, self._metadata, self._channels = open_channels(
             target, token=token, root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain, options=options, grpc_module=grpc_module,
+            certificate_chain=certificate_chain, options=options, grpc_module=self._grpc,
         )  # fmt: skip
         self.timeout = timeout
+        self._core = CallCore(
+            self.targets, mode=data_path, chunk_bytes=chunk_bytes, shard_size=shard_size,
+            max_message_bytes=max_message_bytes(options),
+        )  # fmt: skip
+        self._methods = [methods(c) for c in self._channels]
         self._stubs = [pb_grpc.ConvServiceStub(c) for c in self._channels]
-        self._turn = itertools.count()
-        self._shard_size = shard_size
-        self._calls = sharded_calls_type(self._stubs, self._metadata, shard_size, max_message_bytes(options))
-        # A data path per channel: a shared-memory session belongs to one server.
-        self._paths = [data_path_type(c, t, data_path, chunk_bytes) for c, t in zip(self._channels, self.targets)]
-        self._path_turn = itertools.count()
+        self._start()
 
-    def _deadline(self, timeout):
-        return self.timeout if timeout is None else timeout
-
-    def _path(self, arrays):
-        """The data path of the next call, or None for the unary path, which shards a batch over shard_size."""
-        if self._shard_size is not None and arrays["input"].shape[0] > self._shard_size:
-            return None
-        return self._paths[next(self._path_turn) % len(self._paths)]
-
-    def _forward(self, request: pb.ForwardRequest, timeout, decode):  # pragma: no cover - provided by clients
+    def _start(self) -> None:  # pragma: no cover - provided by clients
         raise NotImplementedError
 
-    def _backward(self, request: pb.BackwardRequest, timeout, decode):  # pragma: no cover
+    def _timeout(self, timeout):
+        return self.timeout if timeout is None else timeout
+
+    def _deadline(self, timeout):
+        return self._core.deadline(self._timeout(timeout))
+
+    def _stub(self) -> pb_grpc.ConvServiceStub:
+        """The stub of the replica for a call that stays on one (TrainKernel)."""
+        return self._stubs[self._core.pick().index]
+
+    def _run(self, steps, finish):  # pragma: no cover - provided by clients
         raise NotImplementedError
 
     def _train(self, request: pb.TrainKernelRequest, progress: bool, timeout):  # pragma: no cover
         raise NotImplementedError
 
+    def _call(self, op: str, backward: bool, tensors: dict, options: dict, timeout):
+        message = op_message(op, options)
+        fields = wire.OP_SPECS[op].request_tensors(backward)
+        arrays = {f: as_array(tensors[f], f) for f in fields if tensors.get(f) is not None}
+        call = Call(op, message, backward, arrays, self._deadline(timeout))
+        return self._run(self._core.call(call), _gradients if backward else _output)
+
     def _call_forward(self, op: str, tensors: dict, options: dict, timeout):
-        arrays = {field: as_array(value, field) for field, value in tensors.items() if value is not None}
-        return self._forward_arrays(op_message(op, options), arrays, timeout)
+        return self._call(op, False, tensors, options, timeout)
 
     def _call_backward(self, op: str, grad_output, tensors: dict, options: dict, timeout):
-        arrays = {"grad_output": as_array(grad_output, "grad_output")}
-        arrays.update((field, as_array(value, field)) for field, value in tensors.items() if value is not None)
-        return self._backward_arrays(op_message(op, options), arrays, timeout)
+        return self._call(op, True, dict(tensors, grad_output=grad_output), options, timeout)
 
-    def _forward_arrays(self, op: pb.Op, arrays: dict, timeout):
-        """Forward over the unary RPC; clients with faster data paths (see ``transport``) route large ones there."""
-        request = pb.ForwardRequest(op=op, **{field: wire.encode_tensor(a) for field, a in arrays.items()})
-        return self._forward(request, timeout, lambda r: from_tensor(r.output))
-
-    def _backward_arrays(self, op: pb.Op, arrays: dict, timeout):
-        """Backward over the unary RPC (``arrays`` holds grad_output and the op's inputs)."""
-        request = pb.BackwardRequest(op=op, **{field: wire.encode_tensor(a) for field, a in arrays.items()})
-        return self._backward(request, timeout, _gradients)
+    def server_info(self, *, timeout=None) -> pb.GetServerInfoResponse:
+        """The server's version, backend, device and limits (the GetServerInfo response)."""
+        steps = self._core.unary("GetServerInfo", pb.GetServerInfoRequest(), self._deadline(timeout))
+        return self._run(steps, lambda response: response)
 
     # -- forward ------------------------------------------------------------------------------
 

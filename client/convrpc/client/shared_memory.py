@@ -97,9 +97,10 @@ class SharedMemorySession:
     def place(self, arrays: dict[str, np.ndarray]):
         """Copy ``arrays`` into a pooled region, with room after them for the response, for one call.
 
-        Yields ``(shared, output_buffer, collect)``: ``{field: SharedTensor}`` for the request, the
-        ``SharedBuffer`` to offer, and ``collect(tensors)`` turning the response's tensors into arrays
-        (to be called before the block ends, while the region is still this call's).
+        Yields ``(tensors, context, collect)``: ``{field: Tensor}`` (shared storage) for the request, its
+        ``SharedMemoryContext`` (this session, offering the rest of the region for the results), and
+        ``collect(tensors)`` turning the response's ``[(field, Tensor)]`` into arrays (to be called
+        before the block ends, while the region is still this call's).
         """
         layout, size = [], 0
         for name, array in arrays.items():
@@ -110,12 +111,16 @@ class SharedMemorySession:
         try:
             for _, array, offset in layout:
                 region.write(offset, array)
-            shared = {
-                name: pb.SharedTensor(region=region.name, offset=offset, dtype=wire.dtype_enum(a.dtype), shape=a.shape)
+            tensors = {
+                name: pb.Tensor(
+                    dtype=wire.dtype_enum(a.dtype, name), shape=a.shape,
+                    shared=pb.SharedSpan(region=region.name, offset=offset),
+                )  # fmt: skip
                 for name, a, offset in layout
             }
             buffer = pb.SharedBuffer(region=region.name, offset=size, size=region.size - size)
-            yield shared, buffer, lambda tensors: self._collect(region, tensors)
+            context = pb.SharedMemoryContext(session_id=self.id, output_buffer=buffer)
+            yield tensors, context, lambda tensors: self._collect(region, tensors)
         except BaseException:
             # A call that failed (a deadline, a lost connection) may still be running on the server,
             # which would write its result into this region later: never hand it to another call.
@@ -141,9 +146,12 @@ class SharedMemorySession:
         if region is not None:
             region.destroy()
 
-    def _collect(self, own: _Region, tensors: list[tuple[str, pb.SharedTensor]]) -> dict[str, np.ndarray]:
+    def _collect(self, own: _Region, tensors: list[tuple[str, pb.Tensor]]) -> dict[str, np.ndarray]:
         """Arrays of the response: copied out of our own region, or viewing a claimed server region."""
-        foreign = [(name, msg) for name, msg in tensors if msg.region != own.name]
+        for name, msg in tensors:
+            if msg.WhichOneof("storage") != "shared":
+                raise ConvRpcError(grpc.StatusCode.INTERNAL, f"{name}: expected a tensor in shared memory")
+        foreign = [(name, msg) for name, msg in tensors if msg.shared.region != own.name]
         out = self._claim(foreign) if foreign else {}
         if foreign:
             needed = sum(_aligned(a.nbytes) for a in out.values())
@@ -151,48 +159,48 @@ class SharedMemorySession:
                 self._output_hint = max(self._output_hint, needed)
         try:
             for name, msg in tensors:
-                if msg.region == own.name:
-                    dtype, shape, count = wire.tensor_layout(msg.dtype, msg.shape, name)
-                    if msg.offset < 0 or msg.offset + count * dtype.itemsize > own.size:
+                if msg.shared.region == own.name:
+                    dtype, shape, nbytes = wire.tensor_layout(msg, name)
+                    count, offset = nbytes // dtype.itemsize, msg.shared.offset
+                    if offset < 0 or offset + nbytes > own.size:
                         raise ConvRpcError(grpc.StatusCode.INTERNAL, f"{name} lies outside the offered buffer")
                     array = np.empty(shape, dtype)
-                    np.copyto(array.reshape(-1), np.frombuffer(own.memory.buf, dtype, count, msg.offset))
+                    np.copyto(array.reshape(-1), np.frombuffer(own.memory.buf, dtype, count, offset))
                     out[name] = array
         except ConvError as exc:
             raise ConvRpcError(grpc.StatusCode.INTERNAL, f"malformed shared-memory response: {exc}") from None
         return {name: out[name] for name, _ in tensors}
 
-    def _claim(self, tensors: list[tuple[str, pb.SharedTensor]]) -> dict[str, np.ndarray]:
+    def _claim(self, tensors: list[tuple[str, pb.Tensor]]) -> dict[str, np.ndarray]:
         """Map the server's output region(s), unlink them, and return arrays viewing the mapping."""
         regions = {}
         try:
             for _, msg in tensors:
-                if msg.region in regions:
+                name = msg.shared.region
+                if name in regions:
                     continue
-                if not self._outputs.fullmatch(msg.region):
-                    raise ConvRpcError(
-                        grpc.StatusCode.INTERNAL, f"the server named a foreign output region {msg.region!r}"
-                    )
+                if not self._outputs.fullmatch(name):
+                    raise ConvRpcError(grpc.StatusCode.INTERNAL, f"the server named a foreign output region {name!r}")
                 try:
-                    regions[msg.region] = shm.attach(msg.region, writable=True)
+                    regions[name] = shm.attach(name, writable=True)
                 except FileNotFoundError:
                     raise ConvRpcError(
-                        grpc.StatusCode.DATA_LOSS, f"output region {msg.region} vanished before it was read"
+                        grpc.StatusCode.DATA_LOSS, f"output region {name} vanished before it was read"
                     ) from None
             out = {}
             for name, msg in tensors:
-                dtype, shape, count = wire.tensor_layout(msg.dtype, msg.shape, name)
-                region = regions[msg.region]
-                if msg.offset < 0 or msg.offset + count * dtype.itemsize > len(region):
+                dtype, shape, nbytes = wire.tensor_layout(msg, name)
+                region, offset = regions[msg.shared.region], msg.shared.offset
+                if offset < 0 or offset + nbytes > len(region):
                     raise ConvRpcError(grpc.StatusCode.INTERNAL, f"{name} lies outside its output region")
-                out[name] = np.frombuffer(region, dtype=dtype, count=count, offset=msg.offset).reshape(shape)
+                out[name] = np.frombuffer(region, dtype, nbytes // dtype.itemsize, offset).reshape(shape)
             return out
         except ConvError as exc:
             raise ConvRpcError(grpc.StatusCode.INTERNAL, f"malformed shared-memory response: {exc}") from None
         finally:
             for _, msg in tensors:
-                if self._outputs.fullmatch(msg.region):
-                    shm.unlink(msg.region)
+                if self._outputs.fullmatch(msg.shared.region):
+                    shm.unlink(msg.shared.region)
 
     def discard_outputs(self) -> None:
         """Unlink any output region of this session left behind (a call that failed midway)."""

@@ -9,22 +9,13 @@ from typing import Iterator, NamedTuple
 import grpc
 import numpy as np
 
+from convrpc import wire
 from convrpc.v1 import conv_service_pb2 as pb
 
 from .errors import ConvRpcError
 from .tensors import as_tensor, from_tensor, op_message
 
 __all__ = ["History", "TrainProgress", "TrainResult", "TrainingRun", "train_request"]
-
-_LOSSES = {"mse": pb.LOSS_MSE, "half_mse": pb.LOSS_HALF_MSE, "half_sse": pb.LOSS_HALF_SSE}
-_STOP_REASONS = {
-    pb.STOP_REASON_CONVERGED: "converged",
-    pb.STOP_REASON_MAX_STEPS: "max_steps",
-    pb.STOP_REASON_CANCELLED: "cancelled",
-    pb.STOP_REASON_DIVERGED: "diverged",
-    pb.STOP_REASON_TIME_LIMIT: "time_limit",
-}
-
 
 class TrainProgress(NamedTuple):
     """One progress update: the loss before update ``step`` and the time since the run started."""
@@ -87,8 +78,10 @@ def train_request(
     batch_size=None, max_seconds=None, snapshot_every=0,
 ) -> pb.TrainKernelRequest:  # fmt: skip
     """The TrainKernelRequest for ``ConvClient.train_kernel``'s arguments."""
-    if loss not in _LOSSES:
-        raise ConvRpcError(grpc.StatusCode.INVALID_ARGUMENT, f"loss: expected one of {sorted(_LOSSES)}, got {loss!r}", "loss")
+    if loss not in wire.LOSSES:
+        raise ConvRpcError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"loss: expected one of {sorted(wire.LOSSES)}, got {loss!r}", "loss"
+        )
     conv = op_message("conv2d", dict(stride=stride, padding=padding, dilation=dilation, groups=groups)).conv2d
     kernel = op_message("max_pool2d", dict(kernel_size=kernel_size)).max_pool2d.kernel_size if kernel_size else None
     request = pb.TrainKernelRequest(
@@ -96,7 +89,7 @@ def train_request(
         target=as_tensor(target, "target"),
         bias=bool(bias),
         conv=conv,
-        loss=_LOSSES[loss],
+        loss=wire.LOSSES[loss],
         max_steps=int(max_steps),
         tol=float(tol),
         report_every=int(report_every),
@@ -203,7 +196,7 @@ class TrainingRun:
             bias=from_tensor(msg.bias) if msg.HasField("bias") else None,
             loss=msg.loss,
             steps=msg.steps,
-            stop_reason=_STOP_REASONS.get(msg.stop_reason, "unknown"),
+            stop_reason=wire.STOP_REASON_NAMES.get(msg.stop_reason, "unknown"),
             history=self.history,
             elapsed=msg.elapsed_seconds,
         )

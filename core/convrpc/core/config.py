@@ -1,4 +1,5 @@
-"""Defaults shared by the core, the server and the SDK, kept in one place."""
+"""Defaults of the core and the server, kept in one place (the SDK's channel, keepalive and data-path
+defaults are in convrpc.client.config, the server's channel options in convrpc.server.settings)."""
 
 from __future__ import annotations
 
@@ -35,46 +36,11 @@ MAX_QUEUED_RPCS = 64
 #: Seconds in-flight RPCs get to finish when a server shuts down.
 GRACE_SECONDS = 10.0
 
-# Keepalive, shared by server and SDK so that long, quiet training streams stay open through NATs and
-# load balancers and a dead peer is noticed. The server must accept pings at least as often as the SDK
-# sends them (MIN_PING_INTERVAL_MS <= KEEPALIVE_TIME_MS), or it answers GOAWAY "too_many_pings".
-#: Interval between keepalive pings on a connection with a call open (milliseconds).
-KEEPALIVE_TIME_MS = 30_000
-#: How long a ping may go unanswered before the connection is considered dead (milliseconds).
-KEEPALIVE_TIMEOUT_MS = 10_000
-#: Shortest interval between client pings the server tolerates (milliseconds).
-MIN_PING_INTERVAL_MS = 10_000
-
 # -- data path (measured by bench/transport.py; see the README's "Moving tensors fast") -------------
 
 #: Size of one chunk of a ForwardStream/BackwardStream payload (bytes): 1-2 MiB beat 64-512 KiB and 4 MiB.
 CHUNK_BYTES = 1024 * 1024
-#: Requests whose tensors hold more bytes than this go through the chunked streams, not the unary RPCs
-#: (relu round trip on loopback: unary 1.3 ms vs stream 2.6 ms at 64 KiB, 4.3 vs 3.3 ms at 256 KiB).
-STREAM_THRESHOLD_BYTES = 128 * 1024
-#: Requests whose tensors hold more bytes than this go through shared memory when the server is local
-#: (1.2 ms vs unary 1.3 ms at 64 KiB, 2.2 vs 12.5 ms at 1 MiB).
-SHM_THRESHOLD_BYTES = 64 * 1024
 #: Seconds a shared-memory output region the client never unlinked lives before the server unlinks it.
 SHM_OUTPUT_TTL = 60.0
 #: Seconds a shared-memory session may stay unused before the server forgets it.
 SHM_SESSION_TTL = 3600.0
-#: HTTP/2 and TCP tuning both server and SDK apply: bigger frames and socket reads for bulk tensors.
-#: Measured (bench/transport.py --grpc-defaults) it gains 0-25% on 16-64 MiB streams, within noise
-#: on a busy 2-core machine; larger flow-control windows, no BDP probing and a bigger write buffer
-#: gained nothing, so they are left at gRPC's defaults.
-TRANSPORT_OPTIONS = (
-    ("grpc.http2.max_frame_size", 16 * 1024 * 1024 - 1),
-    ("grpc.experimental.tcp_read_chunk_size", 4 * 1024 * 1024),
-    ("grpc.experimental.tcp_min_read_chunk_size", 1024 * 1024),
-    ("grpc.experimental.tcp_max_read_chunk_size", 16 * 1024 * 1024),
-)
-
-
-def transport_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """gRPC channel arguments for bulk tensors, the same on both ends (names as grpc spells them)."""
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        *TRANSPORT_OPTIONS,
-    ]

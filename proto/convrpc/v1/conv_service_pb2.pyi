@@ -7,11 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    DTYPE_UNSPECIFIED: _ClassVar[DType]
-    DTYPE_FLOAT32: _ClassVar[DType]
-    DTYPE_FLOAT64: _ClassVar[DType]
+    DTYPE_UNSPECIFIED: _ClassVar[Dtype]
+    DTYPE_FLOAT32: _ClassVar[Dtype]
+    DTYPE_FLOAT64: _ClassVar[Dtype]
+    DTYPE_FLOAT16: _ClassVar[Dtype]
+    DTYPE_BFLOAT16: _ClassVar[Dtype]
+    DTYPE_INT64: _ClassVar[Dtype]
 
 class PaddingMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -34,9 +37,12 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_REASON_CANCELLED: _ClassVar[StopReason]
     STOP_REASON_DIVERGED: _ClassVar[StopReason]
     STOP_REASON_TIME_LIMIT: _ClassVar[StopReason]
-DTYPE_UNSPECIFIED: DType
-DTYPE_FLOAT32: DType
-DTYPE_FLOAT64: DType
+DTYPE_UNSPECIFIED: Dtype
+DTYPE_FLOAT32: Dtype
+DTYPE_FLOAT64: Dtype
+DTYPE_FLOAT16: Dtype
+DTYPE_BFLOAT16: Dtype
+DTYPE_INT64: Dtype
 PADDING_MODE_UNSPECIFIED: PaddingMode
 PADDING_MODE_VALID: PaddingMode
 PADDING_MODE_SAME: PaddingMode
@@ -52,14 +58,24 @@ STOP_REASON_DIVERGED: StopReason
 STOP_REASON_TIME_LIMIT: StopReason
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "shared")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    dtype: DType
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    dtype: Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    shared: SharedSpan
+    def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared: _Optional[_Union[SharedSpan, _Mapping]] = ...) -> None: ...
+
+class SharedSpan(_message.Message):
+    __slots__ = ("region", "offset")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class Size2(_message.Message):
     __slots__ = ("height", "width")
@@ -104,26 +120,36 @@ class ConvTranspose2dOptions(_message.Message):
     def __init__(self, stride: _Optional[_Union[Size2, _Mapping]] = ..., padding: _Optional[_Union[Size2, _Mapping]] = ..., output_padding: _Optional[_Union[Size2, _Mapping]] = ..., groups: _Optional[int] = ..., dilation: _Optional[_Union[Size2, _Mapping]] = ...) -> None: ...
 
 class MaxPool2dOptions(_message.Message):
-    __slots__ = ("kernel_size", "stride", "padding", "dilation")
+    __slots__ = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
     KERNEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     PADDING_FIELD_NUMBER: _ClassVar[int]
     DILATION_FIELD_NUMBER: _ClassVar[int]
+    CEIL_MODE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_INDICES_FIELD_NUMBER: _ClassVar[int]
     kernel_size: Size2
     stride: Size2
     padding: Size2
     dilation: Size2
-    def __init__(self, kernel_size: _Optional[_Union[Size2, _Mapping]] = ..., stride: _Optional[_Union[Size2, _Mapping]] = ..., padding: _Optional[_Union[Size2, _Mapping]] = ..., dilation: _Optional[_Union[Size2, _Mapping]] = ...) -> None: ...
+    ceil_mode: bool
+    return_indices: bool
+    def __init__(self, kernel_size: _Optional[_Union[Size2, _Mapping]] = ..., stride: _Optional[_Union[Size2, _Mapping]] = ..., padding: _Optional[_Union[Size2, _Mapping]] = ..., dilation: _Optional[_Union[Size2, _Mapping]] = ..., ceil_mode: _Optional[bool] = ..., return_indices: _Optional[bool] = ...) -> None: ...
 
 class AvgPool2dOptions(_message.Message):
-    __slots__ = ("kernel_size", "stride", "padding")
+    __slots__ = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
     KERNEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     PADDING_FIELD_NUMBER: _ClassVar[int]
+    CEIL_MODE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_INCLUDE_PAD_FIELD_NUMBER: _ClassVar[int]
+    DIVISOR_OVERRIDE_FIELD_NUMBER: _ClassVar[int]
     kernel_size: Size2
     stride: Size2
     padding: Size2
-    def __init__(self, kernel_size: _Optional[_Union[Size2, _Mapping]] = ..., stride: _Optional[_Union[Size2, _Mapping]] = ..., padding: _Optional[_Union[Size2, _Mapping]] = ...) -> None: ...
+    ceil_mode: bool
+    count_include_pad: bool
+    divisor_override: int
+    def __init__(self, kernel_size: _Optional[_Union[Size2, _Mapping]] = ..., stride: _Optional[_Union[Size2, _Mapping]] = ..., padding: _Optional[_Union[Size2, _Mapping]] = ..., ceil_mode: _Optional[bool] = ..., count_include_pad: _Optional[bool] = ..., divisor_override: _Optional[int] = ...) -> None: ...
 
 class ReluOptions(_message.Message):
     __slots__ = ()
@@ -143,37 +169,61 @@ class Op(_message.Message):
     relu: ReluOptions
     def __init__(self, conv2d: _Optional[_Union[Conv2dOptions, _Mapping]] = ..., conv_transpose2d: _Optional[_Union[ConvTranspose2dOptions, _Mapping]] = ..., max_pool2d: _Optional[_Union[MaxPool2dOptions, _Mapping]] = ..., avg_pool2d: _Optional[_Union[AvgPool2dOptions, _Mapping]] = ..., relu: _Optional[_Union[ReluOptions, _Mapping]] = ...) -> None: ...
 
+class SharedMemoryContext(_message.Message):
+    __slots__ = ("session_id", "output_buffer")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_BUFFER_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    output_buffer: SharedBuffer
+    def __init__(self, session_id: _Optional[str] = ..., output_buffer: _Optional[_Union[SharedBuffer, _Mapping]] = ...) -> None: ...
+
+class SharedBuffer(_message.Message):
+    __slots__ = ("region", "offset", "size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    size: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
 class ForwardRequest(_message.Message):
-    __slots__ = ("op", "input", "weight", "bias")
+    __slots__ = ("op", "input", "weight", "bias", "shared_memory")
     OP_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     BIAS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     op: Op
     input: Tensor
     weight: Tensor
     bias: Tensor
-    def __init__(self, op: _Optional[_Union[Op, _Mapping]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    shared_memory: SharedMemoryContext
+    def __init__(self, op: _Optional[_Union[Op, _Mapping]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedMemoryContext, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("output",)
+    __slots__ = ("output", "indices")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    indices: Tensor
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("op", "grad_output", "input", "weight", "bias")
+    __slots__ = ("op", "grad_output", "input", "weight", "bias", "shared_memory")
     OP_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     BIAS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     op: Op
     grad_output: Tensor
     input: Tensor
     weight: Tensor
     bias: Tensor
-    def __init__(self, op: _Optional[_Union[Op, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    shared_memory: SharedMemoryContext
+    def __init__(self, op: _Optional[_Union[Op, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedMemoryContext, _Mapping]] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
     __slots__ = ("grad_input", "grad_weight", "grad_bias")
@@ -311,17 +361,9 @@ class GetServerInfoResponse(_message.Message):
     max_train_steps: int
     max_train_seconds: float
     ops: _containers.RepeatedScalarFieldContainer[str]
-    dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    dtypes: _containers.RepeatedScalarFieldContainer[Dtype]
     compute_threads: int
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., max_train_steps: _Optional[int] = ..., max_train_seconds: _Optional[float] = ..., ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., compute_threads: _Optional[int] = ...) -> None: ...
-
-class TensorSpec(_message.Message):
-    __slots__ = ("dtype", "shape")
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
-    SHAPE_FIELD_NUMBER: _ClassVar[int]
-    dtype: DType
-    shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., max_train_steps: _Optional[int] = ..., max_train_seconds: _Optional[float] = ..., ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., compute_threads: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("offset", "data")
@@ -331,101 +373,37 @@ class TensorChunk(_message.Message):
     data: bytes
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
-class ForwardStreamHeader(_message.Message):
-    __slots__ = ("op", "input", "weight", "bias")
-    OP_FIELD_NUMBER: _ClassVar[int]
-    INPUT_FIELD_NUMBER: _ClassVar[int]
-    WEIGHT_FIELD_NUMBER: _ClassVar[int]
-    BIAS_FIELD_NUMBER: _ClassVar[int]
-    op: Op
-    input: TensorSpec
-    weight: TensorSpec
-    bias: TensorSpec
-    def __init__(self, op: _Optional[_Union[Op, _Mapping]] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., weight: _Optional[_Union[TensorSpec, _Mapping]] = ..., bias: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
-
 class ForwardStreamRequest(_message.Message):
-    __slots__ = ("header", "chunk")
-    HEADER_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("request", "chunk")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
-    header: ForwardStreamHeader
+    request: ForwardRequest
     chunk: TensorChunk
-    def __init__(self, header: _Optional[_Union[ForwardStreamHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
-
-class ForwardStreamOutput(_message.Message):
-    __slots__ = ("output",)
-    OUTPUT_FIELD_NUMBER: _ClassVar[int]
-    output: TensorSpec
-    def __init__(self, output: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
+    def __init__(self, request: _Optional[_Union[ForwardRequest, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class ForwardStreamResponse(_message.Message):
-    __slots__ = ("header", "chunk")
-    HEADER_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("response", "chunk")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
-    header: ForwardStreamOutput
+    response: ForwardResponse
     chunk: TensorChunk
-    def __init__(self, header: _Optional[_Union[ForwardStreamOutput, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
-
-class BackwardStreamHeader(_message.Message):
-    __slots__ = ("op", "grad_output", "input", "weight", "bias")
-    OP_FIELD_NUMBER: _ClassVar[int]
-    GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
-    INPUT_FIELD_NUMBER: _ClassVar[int]
-    WEIGHT_FIELD_NUMBER: _ClassVar[int]
-    BIAS_FIELD_NUMBER: _ClassVar[int]
-    op: Op
-    grad_output: TensorSpec
-    input: TensorSpec
-    weight: TensorSpec
-    bias: TensorSpec
-    def __init__(self, op: _Optional[_Union[Op, _Mapping]] = ..., grad_output: _Optional[_Union[TensorSpec, _Mapping]] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., weight: _Optional[_Union[TensorSpec, _Mapping]] = ..., bias: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
+    def __init__(self, response: _Optional[_Union[ForwardResponse, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class BackwardStreamRequest(_message.Message):
-    __slots__ = ("header", "chunk")
-    HEADER_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("request", "chunk")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
-    header: BackwardStreamHeader
+    request: BackwardRequest
     chunk: TensorChunk
-    def __init__(self, header: _Optional[_Union[BackwardStreamHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
-
-class BackwardStreamGradients(_message.Message):
-    __slots__ = ("grad_input", "grad_weight", "grad_bias")
-    GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
-    GRAD_WEIGHT_FIELD_NUMBER: _ClassVar[int]
-    GRAD_BIAS_FIELD_NUMBER: _ClassVar[int]
-    grad_input: TensorSpec
-    grad_weight: TensorSpec
-    grad_bias: TensorSpec
-    def __init__(self, grad_input: _Optional[_Union[TensorSpec, _Mapping]] = ..., grad_weight: _Optional[_Union[TensorSpec, _Mapping]] = ..., grad_bias: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
+    def __init__(self, request: _Optional[_Union[BackwardRequest, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class BackwardStreamResponse(_message.Message):
-    __slots__ = ("header", "chunk")
-    HEADER_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("response", "chunk")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
-    header: BackwardStreamGradients
+    response: BackwardResponse
     chunk: TensorChunk
-    def __init__(self, header: _Optional[_Union[BackwardStreamGradients, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
-
-class SharedTensor(_message.Message):
-    __slots__ = ("region", "offset", "dtype", "shape")
-    REGION_FIELD_NUMBER: _ClassVar[int]
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
-    SHAPE_FIELD_NUMBER: _ClassVar[int]
-    region: str
-    offset: int
-    dtype: DType
-    shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class SharedBuffer(_message.Message):
-    __slots__ = ("region", "offset", "size")
-    REGION_FIELD_NUMBER: _ClassVar[int]
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
-    SIZE_FIELD_NUMBER: _ClassVar[int]
-    region: str
-    offset: int
-    size: int
-    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+    def __init__(self, response: _Optional[_Union[BackwardResponse, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class OpenSharedMemorySessionRequest(_message.Message):
     __slots__ = ("probe_region", "probe_nonce")
@@ -444,56 +422,6 @@ class OpenSharedMemorySessionResponse(_message.Message):
     region_prefix: str
     output_ttl_seconds: float
     def __init__(self, session_id: _Optional[str] = ..., region_prefix: _Optional[str] = ..., output_ttl_seconds: _Optional[float] = ...) -> None: ...
-
-class ForwardSharedMemoryRequest(_message.Message):
-    __slots__ = ("session_id", "op", "input", "weight", "bias", "output_buffer")
-    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    OP_FIELD_NUMBER: _ClassVar[int]
-    INPUT_FIELD_NUMBER: _ClassVar[int]
-    WEIGHT_FIELD_NUMBER: _ClassVar[int]
-    BIAS_FIELD_NUMBER: _ClassVar[int]
-    OUTPUT_BUFFER_FIELD_NUMBER: _ClassVar[int]
-    session_id: str
-    op: Op
-    input: SharedTensor
-    weight: SharedTensor
-    bias: SharedTensor
-    output_buffer: SharedBuffer
-    def __init__(self, session_id: _Optional[str] = ..., op: _Optional[_Union[Op, _Mapping]] = ..., input: _Optional[_Union[SharedTensor, _Mapping]] = ..., weight: _Optional[_Union[SharedTensor, _Mapping]] = ..., bias: _Optional[_Union[SharedTensor, _Mapping]] = ..., output_buffer: _Optional[_Union[SharedBuffer, _Mapping]] = ...) -> None: ...
-
-class ForwardSharedMemoryResponse(_message.Message):
-    __slots__ = ("output",)
-    OUTPUT_FIELD_NUMBER: _ClassVar[int]
-    output: SharedTensor
-    def __init__(self, output: _Optional[_Union[SharedTensor, _Mapping]] = ...) -> None: ...
-
-class BackwardSharedMemoryRequest(_message.Message):
-    __slots__ = ("session_id", "op", "grad_output", "input", "weight", "bias", "output_buffer")
-    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    OP_FIELD_NUMBER: _ClassVar[int]
-    GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
-    INPUT_FIELD_NUMBER: _ClassVar[int]
-    WEIGHT_FIELD_NUMBER: _ClassVar[int]
-    BIAS_FIELD_NUMBER: _ClassVar[int]
-    OUTPUT_BUFFER_FIELD_NUMBER: _ClassVar[int]
-    session_id: str
-    op: Op
-    grad_output: SharedTensor
-    input: SharedTensor
-    weight: SharedTensor
-    bias: SharedTensor
-    output_buffer: SharedBuffer
-    def __init__(self, session_id: _Optional[str] = ..., op: _Optional[_Union[Op, _Mapping]] = ..., grad_output: _Optional[_Union[SharedTensor, _Mapping]] = ..., input: _Optional[_Union[SharedTensor, _Mapping]] = ..., weight: _Optional[_Union[SharedTensor, _Mapping]] = ..., bias: _Optional[_Union[SharedTensor, _Mapping]] = ..., output_buffer: _Optional[_Union[SharedBuffer, _Mapping]] = ...) -> None: ...
-
-class BackwardSharedMemoryResponse(_message.Message):
-    __slots__ = ("grad_input", "grad_weight", "grad_bias")
-    GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
-    GRAD_WEIGHT_FIELD_NUMBER: _ClassVar[int]
-    GRAD_BIAS_FIELD_NUMBER: _ClassVar[int]
-    grad_input: SharedTensor
-    grad_weight: SharedTensor
-    grad_bias: SharedTensor
-    def __init__(self, grad_input: _Optional[_Union[SharedTensor, _Mapping]] = ..., grad_weight: _Optional[_Union[SharedTensor, _Mapping]] = ..., grad_bias: _Optional[_Union[SharedTensor, _Mapping]] = ...) -> None: ...
 
 class CloseSharedMemorySessionRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -45,16 +45,6 @@ class ConvServiceStub:
                 request_serializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardRequest.SerializeToString,
                 response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardResponse.FromString,
                 _registered_method=True)
-        self.TrainKernel = channel.unary_stream(
-                '/convrpc.v1.ConvService/TrainKernel',
-                request_serializer=convrpc_dot_v1_dot_conv__service__pb2.TrainKernelRequest.SerializeToString,
-                response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.TrainKernelResponse.FromString,
-                _registered_method=True)
-        self.GetServerInfo = channel.unary_unary(
-                '/convrpc.v1.ConvService/GetServerInfo',
-                request_serializer=convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoRequest.SerializeToString,
-                response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoResponse.FromString,
-                _registered_method=True)
         self.ForwardStream = channel.stream_stream(
                 '/convrpc.v1.ConvService/ForwardStream',
                 request_serializer=convrpc_dot_v1_dot_conv__service__pb2.ForwardStreamRequest.SerializeToString,
@@ -65,20 +55,20 @@ class ConvServiceStub:
                 request_serializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardStreamRequest.SerializeToString,
                 response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardStreamResponse.FromString,
                 _registered_method=True)
+        self.TrainKernel = channel.unary_stream(
+                '/convrpc.v1.ConvService/TrainKernel',
+                request_serializer=convrpc_dot_v1_dot_conv__service__pb2.TrainKernelRequest.SerializeToString,
+                response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.TrainKernelResponse.FromString,
+                _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/convrpc.v1.ConvService/GetServerInfo',
+                request_serializer=convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
         self.OpenSharedMemorySession = channel.unary_unary(
                 '/convrpc.v1.ConvService/OpenSharedMemorySession',
                 request_serializer=convrpc_dot_v1_dot_conv__service__pb2.OpenSharedMemorySessionRequest.SerializeToString,
                 response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.OpenSharedMemorySessionResponse.FromString,
-                _registered_method=True)
-        self.ForwardSharedMemory = channel.unary_unary(
-                '/convrpc.v1.ConvService/ForwardSharedMemory',
-                request_serializer=convrpc_dot_v1_dot_conv__service__pb2.ForwardSharedMemoryRequest.SerializeToString,
-                response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.ForwardSharedMemoryResponse.FromString,
-                _registered_method=True)
-        self.BackwardSharedMemory = channel.unary_unary(
-                '/convrpc.v1.ConvService/BackwardSharedMemory',
-                request_serializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardSharedMemoryRequest.SerializeToString,
-                response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardSharedMemoryResponse.FromString,
                 _registered_method=True)
         self.CloseSharedMemorySession = channel.unary_unary(
                 '/convrpc.v1.ConvService/CloseSharedMemorySession',
@@ -92,7 +82,8 @@ class ConvServiceServicer:
     """
 
     def Forward(self, request, context):
-        """Forward applies one op to its inputs and returns the output tensor.
+        """Forward applies one op to its inputs and returns the output tensor. Tensors travel inline
+        (Tensor.data) or in shared memory (Tensor.shared, with ForwardRequest.shared_memory set).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,7 +91,26 @@ class ConvServiceServicer:
 
     def Backward(self, request, context):
         """Backward returns the gradients of the loss w.r.t. every input of one op that has one,
-        given the op's inputs and the gradient of the loss w.r.t. its output.
+        given the op's inputs and the gradient of the loss w.r.t. its output. Tensors travel as in Forward.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardStream(self, request_iterator, context):
+        """ForwardStream is Forward for tensors too large for one message. The client sends the
+        ForwardRequest first, with the tensors whose bytes follow left without storage, then those bytes
+        as in-order chunks, then half-closes. The server answers with the ForwardResponse, whose output
+        has no storage, then the output's bytes as chunks (with shared_memory set, the response's tensors
+        are in shared memory instead and no chunks follow). No message holds a whole tensor, so tensors
+        may exceed protobuf's 2 GiB message limit (up to the server's max_elements).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackwardStream(self, request_iterator, context):
+        """BackwardStream is Backward for large tensors, chunked like ForwardStream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,47 +131,12 @@ class ConvServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ForwardStream(self, request_iterator, context):
-        """ForwardStream is Forward for large tensors. The client sends one header naming the op and
-        the dtype and shape of each input, then the inputs' bytes as in-order chunks, then
-        half-closes; the server answers with one header describing the output, then the output's
-        bytes as chunks. No message holds a whole tensor, so tensors may exceed protobuf's 2 GiB
-        message limit (up to the server's max_elements); each side writes the chunks straight into
-        one preallocated buffer per tensor.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def BackwardStream(self, request_iterator, context):
-        """BackwardStream is Backward for large tensors, chunked like ForwardStream.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def OpenSharedMemorySession(self, request, context):
         """OpenSharedMemorySession lets a client on the server's host (or in a container sharing its
         IPC namespace) pass tensors through POSIX shared memory. The client proves co-location by
         naming a probe region it created; the answer holds a secret session id and the name prefix
         of every region of the session. FAILED_PRECONDITION when the server does not allow shared
         memory or cannot see the probe.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ForwardSharedMemory(self, request, context):
-        """ForwardSharedMemory is Forward with tensors in shared memory: the inputs lie in regions the
-        client created; the output goes into the span of a client region the request offers, or, when
-        that is missing or too small, into a region the server creates and the client unlinks once mapped.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def BackwardSharedMemory(self, request, context):
-        """BackwardSharedMemory is Backward with tensors in shared memory, as ForwardSharedMemory.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -188,16 +163,6 @@ def add_ConvServiceServicer_to_server(servicer, server):
                     request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardRequest.FromString,
                     response_serializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardResponse.SerializeToString,
             ),
-            'TrainKernel': grpc.unary_stream_rpc_method_handler(
-                    servicer.TrainKernel,
-                    request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.TrainKernelRequest.FromString,
-                    response_serializer=convrpc_dot_v1_dot_conv__service__pb2.TrainKernelResponse.SerializeToString,
-            ),
-            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetServerInfo,
-                    request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoRequest.FromString,
-                    response_serializer=convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoResponse.SerializeToString,
-            ),
             'ForwardStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ForwardStream,
                     request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.ForwardStreamRequest.FromString,
@@ -208,20 +173,20 @@ def add_ConvServiceServicer_to_server(servicer, server):
                     request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardStreamRequest.FromString,
                     response_serializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardStreamResponse.SerializeToString,
             ),
+            'TrainKernel': grpc.unary_stream_rpc_method_handler(
+                    servicer.TrainKernel,
+                    request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.TrainKernelRequest.FromString,
+                    response_serializer=convrpc_dot_v1_dot_conv__service__pb2.TrainKernelResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoResponse.SerializeToString,
+            ),
             'OpenSharedMemorySession': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenSharedMemorySession,
                     request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.OpenSharedMemorySessionRequest.FromString,
                     response_serializer=convrpc_dot_v1_dot_conv__service__pb2.OpenSharedMemorySessionResponse.SerializeToString,
-            ),
-            'ForwardSharedMemory': grpc.unary_unary_rpc_method_handler(
-                    servicer.ForwardSharedMemory,
-                    request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.ForwardSharedMemoryRequest.FromString,
-                    response_serializer=convrpc_dot_v1_dot_conv__service__pb2.ForwardSharedMemoryResponse.SerializeToString,
-            ),
-            'BackwardSharedMemory': grpc.unary_unary_rpc_method_handler(
-                    servicer.BackwardSharedMemory,
-                    request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardSharedMemoryRequest.FromString,
-                    response_serializer=convrpc_dot_v1_dot_conv__service__pb2.BackwardSharedMemoryResponse.SerializeToString,
             ),
             'CloseSharedMemorySession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSharedMemorySession,
@@ -295,60 +260,6 @@ class ConvService:
             _registered_method=True)
 
     @staticmethod
-    def TrainKernel(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/convrpc.v1.ConvService/TrainKernel',
-            convrpc_dot_v1_dot_conv__service__pb2.TrainKernelRequest.SerializeToString,
-            convrpc_dot_v1_dot_conv__service__pb2.TrainKernelResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetServerInfo(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/convrpc.v1.ConvService/GetServerInfo',
-            convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoRequest.SerializeToString,
-            convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def ForwardStream(request_iterator,
             target,
             options=(),
@@ -403,6 +314,60 @@ class ConvService:
             _registered_method=True)
 
     @staticmethod
+    def TrainKernel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/convrpc.v1.ConvService/TrainKernel',
+            convrpc_dot_v1_dot_conv__service__pb2.TrainKernelRequest.SerializeToString,
+            convrpc_dot_v1_dot_conv__service__pb2.TrainKernelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convrpc.v1.ConvService/GetServerInfo',
+            convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoRequest.SerializeToString,
+            convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def OpenSharedMemorySession(request,
             target,
             options=(),
@@ -419,60 +384,6 @@ class ConvService:
             '/convrpc.v1.ConvService/OpenSharedMemorySession',
             convrpc_dot_v1_dot_conv__service__pb2.OpenSharedMemorySessionRequest.SerializeToString,
             convrpc_dot_v1_dot_conv__service__pb2.OpenSharedMemorySessionResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ForwardSharedMemory(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/convrpc.v1.ConvService/ForwardSharedMemory',
-            convrpc_dot_v1_dot_conv__service__pb2.ForwardSharedMemoryRequest.SerializeToString,
-            convrpc_dot_v1_dot_conv__service__pb2.ForwardSharedMemoryResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def BackwardSharedMemory(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/convrpc.v1.ConvService/BackwardSharedMemory',
-            convrpc_dot_v1_dot_conv__service__pb2.BackwardSharedMemoryRequest.SerializeToString,
-            convrpc_dot_v1_dot_conv__service__pb2.BackwardSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,8 +13,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from convrpc.core import Backend, config, get_backend
-from convrpc.v1 import conv_service_pb2, conv_service_pb2_grpc
+from convrpc.core import Backend, get_backend
+from convrpc.v1 import conv_service_pb2
 
 from . import security
 from .interceptors import BearerTokenAuth, CallObserver, ComputeAdmission
@@ -22,7 +22,6 @@ from .logs import configure_logging
 from .metrics import ServerMetrics
 from .servicer import ConvService
 from .settings import Settings
-from .transport import DataPathService
 
 log = logging.getLogger("convrpc.server")
 
@@ -37,20 +36,6 @@ def version() -> str:
         return dist_version("convrpc")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """gRPC options the server uses; the SDK mirrors the message limits, transport tuning and keepalive (see config)."""
-    return [
-        *config.transport_options(max_message_bytes),
-        ("grpc.so_reuseport", 0),
-        # The server pings quiet connections too, so a vanished client's training run is cancelled.
-        ("grpc.keepalive_time_ms", config.KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", config.KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", config.MIN_PING_INTERVAL_MS),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
 
 
 def apply_compute_threads(threads: int) -> None:
@@ -116,14 +101,12 @@ class ConvServer:
         self.metrics.watch_queue(lambda: workers._work_queue.qsize())
         self._server = grpc.server(
             workers,
-            options=channel_options(settings.max_message_bytes),
+            options=settings.channel_options(),
             interceptors=interceptors,
             # gRPC counts running and queued RPCs; past this it refuses without queueing.
             maximum_concurrent_rpcs=settings.worker_threads + settings.max_queued_rpcs,
         )
-        conv_service_pb2_grpc.add_ConvServiceServicer_to_server(self.servicer, self._server)
-        self.data_path = DataPathService(self.backend, settings)
-        self.data_path.register(self._server)
+        self.servicer.add_to_server(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -189,7 +172,7 @@ class ConvServer:
         self.health.enter_graceful_shutdown()
         self.servicer.drain()
         self._server.stop(self.settings.grace if grace is None else grace).wait()
-        self.data_path.close()
+        self.servicer.close()
         self.metrics.close()
         for pool in (self._workers, self._refusals, self.health.pool):
             pool.shutdown(wait=False)

@@ -29,7 +29,7 @@ log = logging.getLogger("convrpc.server.calls")
 SERVICE_PREFIX = "/convrpc.v1.ConvService/"
 #: RPCs that compute, and so take one of the server's compute slots.
 COMPUTE_RPCS = frozenset(
-    {"Forward", "Backward", "TrainKernel", "ForwardStream", "BackwardStream", "ForwardSharedMemory", "BackwardSharedMemory"}
+    {"Forward", "Backward", "TrainKernel", "ForwardStream", "BackwardStream"}
 )
 #: RPCs that answer a single request with a stream.
 STREAMING_RPCS = frozenset({"TrainKernel"})

@@ -1,90 +1,136 @@
-"""ConvService: translates RPCs to core calls (proto <-> arrays, errors <-> status codes) and nothing more."""
+"""ConvService: translates RPCs to core calls (proto <-> arrays, errors <-> status codes) and nothing more.
+
+Every compute RPC runs one pipeline: decode the request's tensors by their storage (inline bytes,
+a span of the request's shared-memory session, or chunks that follow on the stream), call one
+backend function (the torch-named op or ``<op>_backward``), and encode the results into the
+request's storage (shared memory when the request has a session, chunks on a stream, inline
+otherwise). ``add_to_server`` registers every RPC of the service in one table.
+"""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import threading
 
 import grpc
+import numpy as np
 
-from convrpc import wire
-from convrpc.core import OPS, SUPPORTED_DTYPES, Backend
-from convrpc.core.errors import ConvError, InvalidArgumentError, ServerDraining
+from convrpc import chunks, wire
+from convrpc.core import OPS, SUPPORTED_DTYPES, Backend, config
+from convrpc.core.errors import ConvError, InvalidArgumentError, ResourceExhaustedError, ServerDraining
 from convrpc.core.optim import AdamOptions, SgdOptions
 from convrpc.core.training import TrainConfig, TrainResult, fit_kernel
 from convrpc.v1 import conv_service_pb2 as pb
-from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 
 from . import status
 from .logs import request_id as current_request_id
 from .settings import Settings
+from .shared_memory import SharedMemorySessions
 from .train_stream import TrainStream
 
 log = logging.getLogger("convrpc.server")
 
-_STOP_REASONS = {
-    "converged": pb.STOP_REASON_CONVERGED,
-    "max_steps": pb.STOP_REASON_MAX_STEPS,
-    "cancelled": pb.STOP_REASON_CANCELLED,
-    "diverged": pb.STOP_REASON_DIVERGED,
-    "time_limit": pb.STOP_REASON_TIME_LIMIT,
-}
-_LOSSES = {pb.LOSS_UNSPECIFIED: "mse", pb.LOSS_MSE: "mse", pb.LOSS_HALF_MSE: "half_mse", pb.LOSS_HALF_SSE: "half_sse"}
+__all__ = ["ConvService", "SERVICE_NAME"]
 
-
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConvService"].full_name
 _OPTIMIZER_FIELDS = ("lr", "momentum", "nesterov", "weight_decay", "beta1", "beta2", "eps")
+#: (response message, stream response message) of the forward and the backward pipeline.
+_RESPONSES = {False: (pb.ForwardResponse, pb.ForwardStreamResponse),
+              True: (pb.BackwardResponse, pb.BackwardStreamResponse)}  # fmt: skip
+
+
+def _serialize(message) -> bytes:
+    """Pre-encoded chunks pass as they are; everything else is a protobuf message."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def _field_prefix(exc: ConvError, request) -> str:
-    """Core errors name torch arguments; point option errors at their place in the request."""
-    field = getattr(exc, "field", None)
-    if isinstance(request, pb.TrainKernelRequest):
-        if field in wire.OP_OPTIONS["conv2d"]:
-            return "conv."
-        if field in _OPTIMIZER_FIELDS:
-            return f"{request.WhichOneof('optimizer') or 'sgd'}."
+    """TrainKernel's core errors name conv2d and optimizer arguments; point them at their request fields.
+    (The op RPCs place their option errors where they compute, with ``wire.option_field``.)"""
+    if not isinstance(request, pb.TrainKernelRequest):
         return ""
-    return status.option_prefix(exc, request.op.WhichOneof("op") if hasattr(request, "op") else None)
+    field = getattr(exc, "field", None)
+    if field in wire.OP_SPECS["conv2d"].option_names:
+        return "conv."
+    if field in _OPTIMIZER_FIELDS:
+        return f"{request.WhichOneof('optimizer') or 'sgd'}."
+    return ""
 
 
-def _translate_errors(method):
-    """Turn core errors into their status codes and anything unexpected into INTERNAL, never UNKNOWN."""
+def _rpc(method):
+    """Every error becomes a status: core errors by ``status.abort``, anything else INTERNAL with the
+    request id the logs show, never UNKNOWN. Wraps unary and streaming methods alike."""
 
     def fail(exc, request, context):
         if isinstance(exc, ConvError):
             status.abort(context, exc, _field_prefix(exc, request))
+        if not context.is_active():  # the client went away mid-stream: nothing to report to
+            return
         request_id = current_request_id()
         log.exception("unexpected error in %s (request id %s)", method.__name__, request_id)
         context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def streaming(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - every error must become a status
+                fail(exc, request, context)
+
+        return streaming
 
     @functools.wraps(method)
     def unary(self, request, context):
         try:
             return method(self, request, context)
-        except Exception as exc:  # noqa: BLE001 - every error must become a status
-            fail(exc, request, context)
-
-    @functools.wraps(method)
-    def streaming(self, request, context):
-        try:
-            yield from method(self, request, context)
         except Exception as exc:  # noqa: BLE001
             fail(exc, request, context)
 
-    return streaming if method.__name__ == "TrainKernel" else unary
+    return unary
 
 
-class ConvService(pb_grpc.ConvServiceServicer):
-    """The ConvService RPCs over one compute backend."""
+class ConvService:
+    """Every RPC of ConvService over one compute backend."""
 
     def __init__(self, backend: Backend, settings: Settings, version: str):
         self.backend = backend
         self.settings = settings
         self.version = version
+        self.sessions = SharedMemorySessions(
+            enabled=settings.shared_memory,
+            output_ttl=settings.shm_output_ttl,
+            session_ttl=config.SHM_SESSION_TTL,
+        )
         self._lock = threading.Lock()
         self._runs: set[threading.Event] = set()
         self._draining = False
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        """Serve every RPC on ``server`` (before it starts). The stream RPCs use the chunk codecs of
+        ``convrpc.chunks``: pre-encoded chunks are sent untouched and received chunks are handed over
+        as views of the received bytes, without protobuf copying them."""
+        unary, stream, bidi = (grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler,
+                               grpc.stream_stream_rpc_method_handler)  # fmt: skip
+
+        def handler(make, method, request_deserializer):
+            return make(method, request_deserializer=request_deserializer, response_serializer=_serialize)
+
+        server.add_registered_method_handlers(SERVICE_NAME, {
+            "Forward": handler(unary, self.Forward, pb.ForwardRequest.FromString),
+            "Backward": handler(unary, self.Backward, pb.BackwardRequest.FromString),
+            "ForwardStream": handler(bidi, self.ForwardStream, chunks.decoder(pb.ForwardStreamRequest)),
+            "BackwardStream": handler(bidi, self.BackwardStream, chunks.decoder(pb.BackwardStreamRequest)),
+            "TrainKernel": handler(stream, self.TrainKernel, pb.TrainKernelRequest.FromString),
+            "GetServerInfo": handler(unary, self.GetServerInfo, pb.GetServerInfoRequest.FromString),
+            "OpenSharedMemorySession": handler(
+                unary, self.OpenSharedMemorySession, pb.OpenSharedMemorySessionRequest.FromString),
+            "CloseSharedMemorySession": handler(
+                unary, self.CloseSharedMemorySession, pb.CloseSharedMemorySessionRequest.FromString),
+        })  # fmt: skip
 
     def drain(self) -> None:
         """Stop every running training loop (each ends with stop reason "cancelled") and refuse new ones."""
@@ -93,6 +139,134 @@ class ConvService(pb_grpc.ConvServiceServicer):
             for cancel in self._runs:
                 cancel.set()
 
+    def close(self) -> None:
+        """Unlink the shared-memory output regions no client claimed."""
+        self.sessions.close()
+
+    # -- the op pipeline ------------------------------------------------------------------------
+
+    @_rpc
+    def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
+        return next(self._run(request, None, backward=False))
+
+    @_rpc
+    def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardResponse:
+        return next(self._run(request, None, backward=True))
+
+    @_rpc
+    def ForwardStream(self, requests, context):
+        yield from self._run(_first_request(requests, "ForwardStream"), requests, backward=False)
+
+    @_rpc
+    def BackwardStream(self, requests, context):
+        yield from self._run(_first_request(requests, "BackwardStream"), requests, backward=True)
+
+    def _run(self, request, chunked, *, backward: bool):
+        """Decode by storage -> compute -> encode into the request's storage. ``chunked`` is the rest of a
+        stream (its chunks) or None on a unary RPC; yields the response message(s)."""
+        name, options = wire.decode_op(request.op)
+        spec = wire.OP_SPECS[name]
+        fields = self._check_tensors(request, spec, backward)
+        response, stream_response = _RESPONSES[backward]
+        if request.HasField("shared_memory"):
+            shared = request.shared_memory
+            with self.sessions.request(shared.session_id) as call:
+                arrays = self._decode(request, fields, chunked, call)
+                results = self._compute(spec, options, arrays, backward)
+                del arrays
+                buffer = shared.output_buffer if shared.HasField("output_buffer") else None
+                placed = response(**call.outputs(results, buffer))
+            yield placed if chunked is None else stream_response(response=placed)
+            return
+        arrays = self._decode(request, fields, chunked, None)
+        results = self._compute(spec, options, arrays, backward)
+        del arrays
+        if chunked is None:
+            yield response(**{f: wire.encode_tensor(a, f) for f, a in results})
+            return
+        yield stream_response(response=response(**{f: wire.tensor_header(a, f) for f, a in results}))
+        yield from chunks.iter_chunks([a for _, a in results], self.settings.stream_chunk_bytes)
+
+    def _check_tensors(self, request, spec: wire.OpSpec, backward: bool) -> list[str]:
+        """The request's tensor fields, after refusing one the op does not take, then a missing one."""
+        takes = spec.request_tensors(backward)
+        for f in request.DESCRIPTOR.fields:
+            if f.message_type is pb.Tensor.DESCRIPTOR and f.name not in takes and request.HasField(f.name):
+                raise InvalidArgumentError(f.name, f"{spec.name} takes no {f.name}")
+        for f in ("grad_output", *spec.required) if backward else spec.required:
+            if not request.HasField(f):
+                raise InvalidArgumentError(f, "is required")
+        return [f for f in takes if request.HasField(f)]
+
+    def _decode(self, request, fields: list[str], chunked, call) -> dict[str, np.ndarray]:
+        """Every tensor of the request by its storage: inline, shared memory or (on a stream) chunks.
+        Each tensor's layout and caps (elements each, bytes all together) are checked before any
+        shared or streamed tensor is read or allocated."""
+        s = self.settings
+        arrays, shared, streamed, total = {}, [], [], 0
+        for f in fields:
+            tensor = getattr(request, f)
+            storage = tensor.WhichOneof("storage")
+            if storage == "shared" or (storage is None and chunked is not None):
+                if storage == "shared" and call is None:
+                    raise InvalidArgumentError(f"{f}.shared", "needs the request's shared_memory session")
+                total += wire.tensor_layout(tensor, f, max_elements=s.max_elements)[2]
+                (shared if storage == "shared" else streamed).append((f, tensor))
+            else:  # inline; on a unary RPC a tensor without storage is one without its bytes
+                arrays[f] = wire.decode_tensor(tensor, f, max_elements=s.max_elements)
+                total += arrays[f].nbytes
+        if total > s.max_request_bytes:
+            raise ResourceExhaustedError("request", f"tensors of {total} bytes exceed the server's cap of {s.max_request_bytes}")
+        if shared:
+            arrays.update(call.inputs(shared))
+        if chunked is not None:
+            arrays.update(self._receive(streamed, chunked))
+        return arrays
+
+    def _receive(self, headers, requests) -> dict[str, np.ndarray]:
+        assembler = chunks.PayloadAssembler(headers, max_elements=self.settings.max_elements)
+        for message in requests:
+            if isinstance(message, tuple):  # a chunk, decoded without copying its data
+                assembler.add(*message)
+                continue
+            kind = message.WhichOneof("message")
+            if kind == "request":
+                raise InvalidArgumentError("request", "only the first message of a stream may carry the request")
+            if kind is None:
+                raise InvalidArgumentError("chunk", "a message carries neither a request nor a chunk")
+            assembler.add(message.chunk.offset, message.chunk.data)
+        return assembler.finish()
+
+    def _compute(self, spec: wire.OpSpec, options: dict, arrays: dict, backward: bool):
+        """``[(response field, host array)]`` of the op or its backward; core errors naming an option
+        are pointed at ``op.<op>.<option>``."""
+        method = getattr(self.backend, f"{spec.name}_backward" if backward else spec.name)
+        try:
+            result = method(*(arrays.get(f) for f in spec.request_tensors(backward)), **options)
+        except ConvError as exc:
+            if getattr(exc, "field", None):
+                exc.field = wire.option_field(spec.name, exc.field)
+            raise
+        results = result if backward else (result,)
+        return [(f, self._host(a)) for f, a in zip(spec.result_tensors(backward), results) if a is not None]
+
+    def _host(self, array) -> np.ndarray:
+        a = self.backend.kernels.to_host(array)
+        return np.asarray(a, dtype=wire.DTYPES[wire.dtype_enum(a.dtype)], order="C")
+
+    # -- shared-memory sessions -----------------------------------------------------------------
+
+    @_rpc
+    def OpenSharedMemorySession(self, request, context) -> pb.OpenSharedMemorySessionResponse:
+        return self.sessions.open(request.probe_region, request.probe_nonce)
+
+    @_rpc
+    def CloseSharedMemorySession(self, request, context) -> pb.CloseSharedMemorySessionResponse:
+        self.sessions.close_session(request.session_id)
+        return pb.CloseSharedMemorySessionResponse()
+
+    # -- training -------------------------------------------------------------------------------
+
     def _tensor(self, request, field: str, *, required: bool):
         if not request.HasField(field):
             if required:
@@ -100,34 +274,7 @@ class ConvService(pb_grpc.ConvServiceServicer):
             return None
         return wire.decode_tensor(getattr(request, field), field, max_elements=self.settings.max_elements)
 
-    def _op_inputs(self, request, op: str, fields: tuple[str, ...]):
-        """Decode the op's tensors (input, then weight and bias for convs); refuse tensors it does not take."""
-        takes = wire.OP_TENSORS[op]
-        for field in fields:
-            if field not in takes and request.HasField(field):
-                raise InvalidArgumentError(field, f"{op} takes no {field}")
-        return [self._tensor(request, f, required=(f != "bias")) for f in takes]
-
-    @_translate_errors
-    def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
-        op, options = wire.decode_op(request.op)
-        inputs = self._op_inputs(request, op, ("input", "weight", "bias"))
-        output = getattr(self.backend, op)(*inputs, **options)
-        return pb.ForwardResponse(output=wire.encode_tensor(output))
-
-    @_translate_errors
-    def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardResponse:
-        op, options = wire.decode_op(request.op)
-        grad_output = self._tensor(request, "grad_output", required=True)
-        inputs = self._op_inputs(request, op, ("input", "weight", "bias"))
-        grads = getattr(self.backend, f"{op}_backward")(grad_output, *inputs, **options)
-        response = pb.BackwardResponse()
-        for field, value in zip(("grad_input", "grad_weight", "grad_bias"), grads):
-            if value is not None:
-                getattr(response, field).CopyFrom(wire.encode_tensor(value))
-        return response
-
-    @_translate_errors
+    @_rpc
     def TrainKernel(self, request: pb.TrainKernelRequest, context):
         config = self._train_config(request)
         x = self._tensor(request, "input", required=True)
@@ -174,7 +321,7 @@ class ConvService(pb_grpc.ConvServiceServicer):
             optimizer = SgdOptions(lr=m.lr, momentum=m.momentum, nesterov=m.nesterov, weight_decay=m.weight_decay)
         else:
             optimizer = SgdOptions()
-        if request.loss not in _LOSSES:
+        if request.loss not in wire.LOSS_NAMES:
             raise InvalidArgumentError("loss", f"unknown loss enum value {request.loss}")
         return TrainConfig(
             init_weight=self._tensor(request, "init_weight", required=False),
@@ -183,7 +330,7 @@ class ConvService(pb_grpc.ConvServiceServicer):
             init_bias=self._tensor(request, "init_bias", required=False),
             **wire.decode_conv_options(request.conv),
             optimizer=optimizer,
-            loss=_LOSSES[request.loss],
+            loss=wire.LOSS_NAMES[request.loss],
             max_steps=max_steps,
             tol=request.tol,
             report_every=max(1, request.report_every),
@@ -204,14 +351,16 @@ class ConvService(pb_grpc.ConvServiceServicer):
             weight=wire.encode_tensor(result.weight),
             steps=result.steps,
             loss=result.loss,
-            stop_reason=_STOP_REASONS[result.stop_reason],
+            stop_reason=wire.STOP_REASONS[result.stop_reason],
             elapsed_seconds=result.elapsed,
         )
         if result.bias is not None:
             msg.bias.CopyFrom(wire.encode_tensor(result.bias))
         return msg
 
-    @_translate_errors
+    # -- description ----------------------------------------------------------------------------
+
+    @_rpc
     def GetServerInfo(self, request, context) -> pb.GetServerInfoResponse:
         s = self.settings
         threads = getattr(self.backend.kernels, "compute_threads", lambda: 1)()
@@ -224,7 +373,14 @@ class ConvService(pb_grpc.ConvServiceServicer):
             max_train_steps=s.max_train_steps,
             max_train_seconds=s.max_train_seconds,
             ops=list(OPS),
-            dtypes=[wire._ENUM_OF[d] for d in SUPPORTED_DTYPES],
+            dtypes=[wire.dtype_enum(d) for d in SUPPORTED_DTYPES],
             compute_threads=threads,
         )
 
+
+def _first_request(requests, rpc: str):
+    """The request of a stream's first message; INVALID_ARGUMENT when it carries none."""
+    first = next(requests, None)
+    if first is None or isinstance(first, tuple) or first.WhichOneof("message") != "request":
+        raise InvalidArgumentError("request", f"the first message of a {rpc} must carry the request")
+    return first.request

@@ -40,6 +40,7 @@ __all__ = ["SharedMemorySessions"]
 _PROBE = re.compile(r"cvp[0-9a-f]{24}")
 _ALIGN = 64  # output tensors start on cache-line boundaries
 MAX_SESSIONS = 4096
+_BUFFER = "shared_memory.output_buffer"
 MAPPINGS_PER_SESSION = 4  # the SDK pools two regions per session; a few more for concurrent calls
 
 
@@ -81,15 +82,10 @@ class _Session:
 class SharedMemorySessions:
     """The server's shared-memory sessions. Thread-safe; ``close()`` unlinks every unclaimed output."""
 
-    def __init__(
-        self, *, enabled: bool, output_ttl: float, session_ttl: float, max_elements: int | None,
-        max_bytes: int | None = None,
-    ):  # fmt: skip
+    def __init__(self, *, enabled: bool, output_ttl: float, session_ttl: float):
         self.enabled = enabled and shm.AVAILABLE
         self.output_ttl = output_ttl
         self.session_ttl = session_ttl
-        self.max_elements = max_elements
-        self.max_bytes = max_bytes
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -135,18 +131,19 @@ class SharedMemorySessions:
         if session is not None:
             self._retire(session)
 
-    def _retire(self, session: _Session) -> None:
-        """Unlink the session's unclaimed outputs and unmap its regions."""
-        self._unlink_outputs(session, everything=True)
+    def _retire(self, session: _Session) -> int:
+        """Unlink the session's unclaimed outputs and unmap its regions; the number of regions unlinked."""
+        swept = self._unlink_outputs(session, everything=True)
         with self._lock:
             session.drop_mappings(list(session.mappings))
+        return swept
 
     def _session(self, session_id: str) -> _Session:
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None:
                 raise FailedPreconditionError(
-                    "session_id",
+                    "shared_memory.session_id",
                     "unknown shared-memory session (closed, expired or from before a restart); open a new one",
                 )
             session.last_used = time.monotonic()
@@ -218,9 +215,7 @@ class SharedMemorySessions:
             if now - session.last_used > self.session_ttl:
                 with self._lock:
                     self._sessions.pop(session_id, None)
-                swept += self._unlink_outputs(session, everything=True)
-                with self._lock:
-                    session.drop_mappings(list(session.mappings))
+                swept += self._retire(session)
                 continue
             swept += self._unlink_outputs(session, everything=False)
             with self._lock:  # unmap regions the client has unlinked since
@@ -269,64 +264,59 @@ class _Request:
             region = self._regions[name] = self.sessions._mapping(self.session, field, name)
         return region
 
-    def inputs(self, tensors: list[tuple[str, pb.SharedTensor]]) -> dict[str, np.ndarray]:
-        """Read-only arrays viewing the client's input regions, after checking names, layout and caps."""
+    def inputs(self, tensors: list[tuple[str, pb.Tensor]]) -> dict[str, np.ndarray]:
+        """Read-only arrays viewing the client's input regions (``Tensor.shared``), after checking their
+        names and spans (the caller has checked the layouts against the caps)."""
         arrays = {}
-        carried = 0
         for name, msg in tensors:
-            dtype, shape, count = wire.tensor_layout(msg.dtype, msg.shape, name)
-            wire.check_elements(count, name, self.sessions.max_elements)
-            carried += count * dtype.itemsize
-            if self.sessions.max_bytes is not None and carried > self.sessions.max_bytes:
-                raise ResourceExhaustedError(
-                    "request", f"tensors of at least {carried} bytes exceed the server's cap of {self.sessions.max_bytes}"
-                )
-            if msg.offset < 0 or msg.offset % dtype.itemsize:
+            dtype, shape, nbytes = wire.tensor_layout(msg, name)
+            span, field = msg.shared, f"{name}.shared"
+            if span.offset < 0 or span.offset % dtype.itemsize:
                 raise InvalidArgumentError(
-                    f"{name}.offset", f"must be >= 0 and a multiple of {dtype.itemsize}, got {msg.offset}"
+                    f"{field}.offset", f"must be >= 0 and a multiple of {dtype.itemsize}, got {span.offset}"
                 )
-            region = self._region(name, msg.region)
-            nbytes = count * dtype.itemsize
-            if msg.offset + nbytes > len(region):
+            region = self._region(field, span.region)
+            if span.offset + nbytes > len(region):
                 raise InvalidArgumentError(
-                    f"{name}.offset",
-                    f"{nbytes} bytes from offset {msg.offset} run past the end of region {msg.region} ({len(region)} bytes)",
+                    f"{field}.offset",
+                    f"{nbytes} bytes from offset {span.offset} run past the end of region {span.region} ({len(region)} bytes)",
                 )
-            array = np.frombuffer(region, dtype=dtype, count=count, offset=msg.offset).reshape(shape)
+            array = np.frombuffer(region, dtype=dtype, count=nbytes // dtype.itemsize, offset=span.offset).reshape(shape)
             array.flags.writeable = False
             arrays[name] = array
         return arrays
 
     def outputs(
         self, arrays: list[tuple[str, np.ndarray]], buffer: pb.SharedBuffer | None
-    ) -> dict[str, pb.SharedTensor]:
-        """Write host arrays into the client's ``buffer`` if they fit, else into a new output region."""
+    ) -> dict[str, pb.Tensor]:
+        """Write host arrays into the client's ``buffer`` if they fit, else into a new output region;
+        ``{field: Tensor}`` with ``shared`` spans saying where each went."""
         layout, size = [], 0
         for name, array in arrays:
-            array = np.ascontiguousarray(array, dtype=wire.DTYPES[wire.dtype_enum(array.dtype)])
+            array = np.asarray(array, dtype=wire.DTYPES[wire.dtype_enum(array.dtype, name)], order="C")
             layout.append((name, array, size))
             size += -(-array.nbytes // _ALIGN) * _ALIGN
         if buffer is not None and buffer.size >= size:
             if buffer.offset < 0 or buffer.offset % _ALIGN:
                 raise InvalidArgumentError(
-                    "output_buffer.offset", f"must be >= 0 and a multiple of {_ALIGN}, got {buffer.offset}"
+                    f"{_BUFFER}.offset", f"must be >= 0 and a multiple of {_ALIGN}, got {buffer.offset}"
                 )
-            region = self._region("output_buffer", buffer.region)
+            region = self._region(_BUFFER, buffer.region)
             if buffer.offset + buffer.size > len(region):
                 raise InvalidArgumentError(
-                    "output_buffer.size", f"the span runs past the end of region {buffer.region} ({len(region)} bytes)"
+                    f"{_BUFFER}.size", f"the span runs past the end of region {buffer.region} ({len(region)} bytes)"
                 )
             _write(region, buffer.offset, layout)
             return _shared(buffer.region, buffer.offset, layout)
         return self._new_region(layout, size)
 
-    def _new_region(self, layout, size: int) -> dict[str, pb.SharedTensor]:
+    def _new_region(self, layout, size: int) -> dict[str, pb.Tensor]:
         session = self.session
         name = f"{session.prefix}o{secrets.token_hex(8)}"
         try:
             region = shm.create(name, size)
         except OSError as exc:
-            raise ResourceExhaustedError("output_buffer", f"no room for a {size}-byte output region ({exc})") from None
+            raise ResourceExhaustedError(_BUFFER, f"no room for a {size}-byte output region ({exc})") from None
         with self.sessions._lock:  # tracked only once it exists, so a sweep cannot mistake it for a claimed one
             session.outputs[name] = time.monotonic()
         try:
@@ -348,8 +338,8 @@ def _write(region: mmap.mmap, base: int, layout) -> None:
         np.frombuffer(region, dtype=array.dtype, count=array.size, offset=base + offset)[:] = array.reshape(-1)
 
 
-def _shared(region: str, base: int, layout) -> dict[str, pb.SharedTensor]:
+def _shared(region: str, base: int, layout) -> dict[str, pb.Tensor]:
     return {
-        name: pb.SharedTensor(region=region, offset=base + offset, dtype=wire.dtype_enum(a.dtype), shape=a.shape)
+        name: pb.Tensor(dtype=wire.dtype_enum(a.dtype), shape=a.shape, shared=pb.SharedSpan(region=region, offset=base + offset))
         for name, a, offset in layout
     }

@@ -9,7 +9,6 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from convrpc import wire
 from convrpc.core.errors import (
     BackendUnavailableError,
     FailedPreconditionError,
@@ -31,11 +30,6 @@ _CODES = {
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
 }
-
-
-def option_prefix(exc: Exception, op: str | None) -> str:
-    """``"op.<op>."`` when ``exc`` names one of ``op``'s options (core errors name torch arguments), else ``""``."""
-    return f"op.{op}." if op and getattr(exc, "field", None) in wire.OP_OPTIONS.get(op, ()) else ""
 
 
 def status_for(exc: Exception, field_prefix: str = "") -> tuple[grpc.StatusCode, str, status_pb2.Status]:

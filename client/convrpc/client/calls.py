@@ -1,0 +1,490 @@
+"""How the SDK runs a call, decided once and without I/O: sharding, data path, sessions, retries, failover.
+
+The core is written in the sans-I/O style of h11 and hyper-h2: ``CallCore.call`` is a generator that
+yields what to do next (``Unary``, ``Stream``, ``Sleep``, ``Gather``, ``Spawn``) and is sent what came
+of it, or has the ``grpc.RpcError`` thrown in. ``ConvClient`` drives it with blocking calls and
+threads, ``AsyncConvClient`` with awaits and tasks; neither decides anything.
+
+- **Sharding.** A batch larger than ``shard_size``, or too large for one message on the unary path,
+  is cut along N into shards that run at once; outputs and input gradients are concatenated back,
+  weight and bias gradients (sums over the batch) are summed. A shard travels on any path.
+- **Data path**, per replica and shard: ``"auto"`` takes the unary RPC up to
+  ``STREAM_THRESHOLD_BYTES``, shared memory above ``SHM_THRESHOLD_BYTES`` to a server on this host,
+  the chunked streams otherwise; a path a server refuses is dropped for that replica and the call
+  falls back at once. ``"unary"``, ``"stream"``, ``"shm"`` force a path and fail rather than fall back.
+  A shared-memory session is opened per replica on first use and reopened once if the server forgot it.
+- **Failover.** A call or shard failing with UNAVAILABLE (a replica killed, draining, unreachable, or
+  frozen: the channels' keepalive fails its calls within ~3 s, see ``config``) is sent to the next
+  replica at once, and after one attempt per replica twice more after short pauses, each attempt
+  with what is left of the call's deadline. The replica is ejected: passed over while others are
+  healthy until a background health check answers SERVING again (after 1 s, doubling up to 30 s).
+  Ops are pure functions, so repeating one is safe. TrainKernel runs on one replica (``pick``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Generator, Iterator, Sequence
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2
+
+from convrpc import shm, wire
+from convrpc.core.errors import ConvError
+from convrpc.v1 import conv_service_pb2 as pb
+
+from . import config
+from .errors import ConvRpcError
+from .messages import Call, StreamReader, inline_request, inline_results, request, result_tensors, stream_messages
+from .shared_memory import SharedMemorySession, probe_region
+
+__all__ = [
+    "PATHS", "CallCore", "Gather", "Replica", "Sleep", "Spawn", "Steps", "Stream", "Unary",
+    "drive", "is_local", "merge", "split",
+]  # fmt: skip
+
+PATHS = ("auto", "unary", "stream", "shm")
+#: Codes that mean "this replica cannot take the call now; another one may".
+FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+#: Codes that mean "this server will not use that path", as opposed to "this call is wrong".
+REFUSALS = frozenset({
+    grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.PERMISSION_DENIED,
+})  # fmt: skip
+#: The request fields cut along N; the others (weight, bias) go whole to every shard.
+BATCHED = ("grad_output", "input")
+#: The result fields that are sums over the batch: summed over the shards, not concatenated.
+SUMMED = ("grad_weight", "grad_bias")
+
+
+# -- what the drivers do ----------------------------------------------------------------------------
+
+
+@dataclass
+class Unary:
+    """Call unary ``method`` on ``replica`` and send back the response."""
+
+    replica: "Replica"
+    method: str
+    request: object
+    timeout: float | None
+
+
+@dataclass
+class Stream:
+    """Call stream ``method`` on ``replica`` with ``messages``, passing each response message to ``receive``."""
+
+    replica: "Replica"
+    method: str
+    messages: Iterator
+    timeout: float | None
+    receive: Callable[[object], None]
+
+
+@dataclass
+class Sleep:
+    seconds: float
+
+
+@dataclass
+class Gather:
+    """Drive every generator of ``parts`` at once (at most SHARDS_IN_FLIGHT) and send back their results in order;
+    the first failure is raised and the other parts are cancelled."""
+
+    parts: list[Generator]
+
+
+@dataclass
+class Spawn:
+    """Drive ``steps`` in the background; nobody waits for it and its failures are its own."""
+
+    steps: Generator
+
+
+class Steps:
+    """One core generator being driven: ``next()`` gives the next effect (None once done, with ``value``
+    set); before the following ``next()`` the driver sets ``reply`` or ``error`` from doing it."""
+
+    def __init__(self, generator: Generator):
+        self.generator = generator
+        self.reply = self.error = self.value = None
+
+    def next(self):
+        reply, error, self.reply, self.error = self.reply, self.error, None, None
+        try:
+            return self.generator.send(reply) if error is None else self.generator.throw(error)
+        except StopIteration as done:
+            self.value = done.value
+            return None
+
+
+def drive(generator: Generator, do: Callable):
+    """Drive a core generator to its end without awaiting: ``do(effect)`` returns the reply or raises
+    ``grpc.RpcError``. The generator is closed however it ends (a failed region is never reused)."""
+    steps = Steps(generator)
+    with contextlib.closing(generator):
+        while (effect := steps.next()) is not None:
+            try:
+                steps.reply = do(effect)
+            except grpc.RpcError as exc:
+                steps.error = exc
+    return steps.value
+
+
+# -- replicas -------------------------------------------------------------------------------------
+
+
+def is_local(target: str) -> bool:
+    """Whether a target names this host (shared memory is worth trying)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("dns:///", "ipv4:", "ipv6:"):
+        target = target.removeprefix(scheme)
+    if target.startswith("["):
+        host = target[1 : target.find("]")]
+    else:
+        host = target.rsplit(":", 1)[0] if target.count(":") == 1 else target
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class Replica:
+    """What the client knows about one target: the paths it takes, its shared-memory session, its health."""
+
+    def __init__(self, index: int, target: str, mode: str):
+        self.index = index
+        self.target = target
+        self.stream_ok = True
+        self.shm_ok = shm.AVAILABLE and (mode == "shm" or (mode == "auto" and is_local(target)))
+        self.session: SharedMemorySession | None = None
+        #: When an ejected replica may be health-checked (``time.monotonic()``); None while healthy.
+        self.ejected_until: float | None = None
+        self.eject_seconds = config.EJECT_SECONDS
+        self.probing = False
+
+    @property
+    def ejected(self) -> bool:
+        return self.ejected_until is not None
+
+    def __repr__(self) -> str:
+        return f"Replica({self.target!r}{', ejected' if self.ejected else ''})"
+
+
+# -- sharding -------------------------------------------------------------------------------------
+
+
+def _batch(call: Call) -> int | None:
+    """N when every batched field is set with the same N > 1 (and a batch axis), else None: the call goes whole."""
+    sizes = set()
+    for field in BATCHED:
+        array = call.arrays.get(field)
+        if array is not None:
+            if array.ndim != 4 and not (call.op == "relu" and array.ndim >= 1):
+                return None  # (C, H, W) is one unbatched sample
+            sizes.add(array.shape[0])
+    return sizes.pop() if len(sizes) == 1 and "input" in call.arrays else None
+
+
+def _fit_rows(call: Call, n: int, max_bytes: int) -> int | None:
+    """The most rows whose request and response fit one message of ``max_bytes``; None if unknown."""
+    batched = sum(call.arrays[f].nbytes for f in BATCHED if f in call.arrays)
+    fixed = call.nbytes - batched
+    x = call.arrays["input"]
+    if call.backward:
+        out_row, out_fixed = x.nbytes // n, sum(call.arrays[f].nbytes for f in ("weight", "bias") if f in call.arrays)
+    else:
+        try:
+            name, options = wire.decode_op(call.message)
+            shapes = {f: a.shape for f, a in call.arrays.items()}
+            out_row, out_fixed = wire.output_bytes(name, options, shapes, x.dtype.itemsize) // n, 0
+        except (ConvError, TypeError, ValueError):
+            return None  # the server will say what is wrong
+    budget = max_bytes - config.FRAMING_BYTES
+    fits = [(budget - base) // row for row, base in ((batched // n, fixed), (out_row, out_fixed)) if row]
+    return max(1, min(fits)) if fits else None
+
+
+def split(call: Call, shard_size: int | None, max_bytes: int | None) -> list[Call]:
+    """``call`` cut along N into shards as even as possible, of at most ``shard_size`` rows and (with
+    ``max_bytes``) few enough that each request and response fits one message; ``[call]`` for no cut.
+    A malformed call goes whole, so that the server answers it with the precise error."""
+    n = _batch(call)
+    if n is None or n < 2:
+        return [call]
+    rows = min(n, shard_size) if shard_size else n
+    fit = _fit_rows(call, n, max_bytes) if max_bytes else None
+    rows = min(rows, fit) if fit else rows
+    count = -(-n // rows)
+    if count == 1:
+        return [call]
+    bounds = [(n * i // count, n * (i + 1) // count) for i in range(count)]
+    return [
+        call.with_arrays({f: a[start:stop] if f in BATCHED else a for f, a in call.arrays.items()})
+        for start, stop in bounds
+    ]
+
+
+def merge(results: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One result from the shards' results, in shard order: batch sums summed, the rest concatenated along N."""
+    if len(results) == 1:
+        return results[0]
+    merged = {}
+    for field in results[0]:
+        parts = [r[field] for r in results]
+        if field in SUMMED:
+            total = parts[0].copy()
+            for part in parts[1:]:
+                total += part
+            merged[field] = total
+        else:
+            merged[field] = np.concatenate(parts)
+    return merged
+
+
+# -- the core ---------------------------------------------------------------------------------------
+
+
+class CallCore:
+    """The decisions of one client over its replicas (see the module docstring). Thread-safe."""
+
+    def __init__(
+        self, targets: Sequence[str], *, mode: str = "auto", chunk_bytes: int | None = None,
+        shard_size: int | None = None, max_message_bytes: int = config.MAX_MESSAGE_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ):  # fmt: skip
+        if mode not in PATHS:
+            raise ValueError(f"data_path: expected one of {', '.join(PATHS)}, got {mode!r}")
+        if shard_size is not None and (type(shard_size) is not int or shard_size < 1):
+            raise ValueError(f"shard_size: expected None or an int >= 1, got {shard_size!r}")
+        self.mode = mode
+        self.chunk_bytes = chunk_bytes or config.CHUNK_BYTES
+        self.shard_size = shard_size
+        # Streams and shared memory have no message limit; only a call that may go unary is sized by it.
+        self.max_message_bytes = max_message_bytes if mode in ("auto", "unary") else None
+        self.replicas = [Replica(i, t, mode) for i, t in enumerate(targets)]
+        self._clock = clock
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+
+    # -- entry points (each a generator for a driver) ---------------------------------------------
+
+    def deadline(self, timeout: float | None) -> float | None:
+        return None if timeout is None else self._clock() + timeout
+
+    def call(self, call: Call) -> Generator:
+        """Run a Forward or Backward; returns ``{result field: array}``."""
+        yield from self._probes()
+        parts = split(call, self.shard_size, self.max_message_bytes)
+        if len(parts) == 1:
+            return (yield from self._failover(call.deadline, lambda replica: self._send(replica, call)))
+        results = yield Gather([self._failover(p.deadline, lambda r, p=p: self._send(r, p)) for p in parts])
+        return merge(results)
+
+    def unary(self, method: str, message, deadline: float | None) -> Generator:
+        """Run an idempotent unary RPC (GetServerInfo) with failover; returns its response."""
+        yield from self._probes()
+
+        def attempt(replica):
+            return (yield Unary(replica, method, message, self._left(deadline)))
+
+        return (yield from self._failover(deadline, attempt))
+
+    def pick(self) -> Replica:
+        """The replica for a call that cannot move (TrainKernel): the next healthy one in turn."""
+        return self._next(next(self._turn), {})
+
+    def close(self) -> Generator:
+        """End every shared-memory session (the server sweeps what a close that did not happen leaves)."""
+        for replica in self.replicas:
+            session, replica.session = replica.session, None
+            if session is not None and replica.ejected:
+                session.close()  # not worth a connection attempt to a replica that is down or frozen
+            elif session is not None:
+                yield from self._close_session(replica, session)
+
+    # -- failover ---------------------------------------------------------------------------------
+
+    def _left(self, deadline: float | None) -> float | None:
+        if deadline is None:
+            return None
+        left = deadline - self._clock()
+        if left <= 0:
+            raise ConvRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call was answered")
+        return left
+
+    def _next(self, start: int, tries: dict) -> Replica:
+        """The replica for the next attempt: fewest tries by this call first, healthy before ejected, in turn."""
+        n = len(self.replicas)
+        ring = [self.replicas[(start + i) % n] for i in range(n)]
+        return min(ring, key=lambda r: (tries.get(r.index, 0), r.ejected))
+
+    def _failover(self, deadline: float | None, attempt: Callable[[Replica], Generator]) -> Generator:
+        start, tries = next(self._turn), {}
+        attempts = len(self.replicas) + len(config.RETRY_PAUSES)
+        for i in range(attempts):
+            if i >= len(self.replicas):
+                pause = config.RETRY_PAUSES[i - len(self.replicas)]
+                left = self._left(deadline)
+                yield Sleep(pause if left is None else min(pause, left))
+            replica = self._next(start, tries)
+            tries[replica.index] = tries.get(replica.index, 0) + 1
+            try:
+                result = yield from attempt(replica)
+            except grpc.RpcError as error:
+                if error.code() not in FAILOVER_CODES or i == attempts - 1:
+                    raise ConvRpcError.from_rpc_error(error) from None
+                self._eject(replica)
+                continue
+            self._admit(replica)
+            return result
+
+    def _eject(self, replica: Replica) -> None:
+        with self._lock:
+            if not replica.ejected:
+                replica.ejected_until = self._clock() + replica.eject_seconds
+
+    def _admit(self, replica: Replica) -> None:
+        with self._lock:
+            replica.ejected_until = None
+            replica.eject_seconds = config.EJECT_SECONDS
+
+    def _probes(self) -> Generator:
+        """Start a health check of every ejected replica whose time has come."""
+        now = self._clock()
+        with self._lock:
+            due = [r for r in self.replicas if r.ejected and not r.probing and now >= r.ejected_until]
+            for replica in due:
+                replica.probing = True
+        for replica in due:
+            yield Spawn(self._probe(replica))
+
+    def _probe(self, replica: Replica) -> Generator:
+        try:
+            response = yield Unary(replica, "Check", health_pb2.HealthCheckRequest(), config.PROBE_TIMEOUT)
+            healthy = response.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            healthy = False
+        if healthy:
+            self._admit(replica)
+        else:
+            with self._lock:
+                replica.eject_seconds = min(2 * replica.eject_seconds, config.EJECT_MAX_SECONDS)
+                replica.ejected_until = self._clock() + replica.eject_seconds
+        replica.probing = False
+
+    # -- one attempt on one replica ---------------------------------------------------------------
+
+    def _path(self, replica: Replica, call: Call, *, shared: bool = True) -> str:
+        if self.mode != "auto":
+            return self.mode
+        if call.nbytes > config.SHM_THRESHOLD_BYTES and replica.shm_ok and shared:
+            return "shm"
+        if call.nbytes > config.STREAM_THRESHOLD_BYTES and replica.stream_ok:
+            return "stream"
+        return "unary"
+
+    def _send(self, replica: Replica, call: Call) -> Generator:
+        path = self._path(replica, call)
+        if path == "shm":
+            result = yield from self._shared(replica, call)
+            if result is not None:
+                return result
+            path = self._path(replica, call, shared=False)
+        if path == "stream":
+            result = yield from self._streamed(replica, call)
+            if result is not None:
+                return result
+        response = yield Unary(replica, call.method, inline_request(call), self._left(call.deadline))
+        return inline_results(response)
+
+    def _streamed(self, replica: Replica, call: Call) -> Generator:
+        reader = StreamReader()
+        messages = stream_messages(call, self.chunk_bytes)
+        try:
+            yield Stream(replica, call.method + "Stream", messages, self._left(call.deadline), reader.add)
+        except grpc.RpcError as error:
+            if self.mode == "auto" and error.code() is grpc.StatusCode.UNIMPLEMENTED:
+                replica.stream_ok = False  # a server from before the streams: unary it is
+                return None
+            raise
+        return reader.finish()
+
+    def _shared(self, replica: Replica, call: Call) -> Generator:
+        """The result by shared memory, or None when this call should take the network instead (auto)."""
+        for attempt in range(2):
+            session = yield from self._session(replica, call.deadline)
+            if session is None:
+                return None
+            try:
+                with session.place(call.arrays) as (tensors, context, collect):
+                    message = request(call, tensors, context)
+                    response = yield Unary(replica, call.method, message, self._left(call.deadline))
+                    return collect(result_tensors(response))
+            except grpc.RpcError as error:
+                session.discard_outputs()
+                code = error.code()
+                if code is grpc.StatusCode.FAILED_PRECONDITION and attempt == 0:
+                    self._forget(replica, session)  # expired, or the server restarted: open a new session once
+                    continue
+                if self.mode == "auto" and code in REFUSALS:
+                    replica.shm_ok = False
+                    return None
+                if self.mode == "auto" and code is grpc.StatusCode.RESOURCE_EXHAUSTED and (
+                    error.details() or ""
+                ).startswith("shared_memory.output_buffer:"):
+                    return None  # the server's /dev/shm had no room for the result
+                raise
+            except OSError as exc:  # /dev/shm is full here: this call takes the network
+                if self.mode == "shm":
+                    raise ConvRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no room in shared memory: {exc}") from None
+                return None
+        return None
+
+    def _session(self, replica: Replica, deadline: float | None) -> Generator:
+        if replica.session is not None:
+            return replica.session
+        if replica.shm_ok:
+            try:
+                with probe_region() as (name, nonce):
+                    message = pb.OpenSharedMemorySessionRequest(probe_region=name, probe_nonce=nonce)
+                    response = yield Unary(replica, "OpenSharedMemorySession", message, self._left(deadline))
+            except grpc.RpcError as error:
+                if self.mode != "auto" or error.code() not in REFUSALS:
+                    raise
+                replica.shm_ok = False
+            except OSError as exc:
+                replica.shm_ok = False
+                return self._no_session(f"cannot create a shared-memory region here ({exc})")
+            else:
+                session = SharedMemorySession(response)
+                with self._lock:
+                    mine = replica.session is None
+                    if mine:
+                        replica.session = session
+                if not mine:  # another shard opened one meanwhile
+                    yield Spawn(self._close_session(replica, session))
+                return replica.session
+        return self._no_session("the server refused a session")
+
+    def _no_session(self, reason: str) -> None:
+        if self.mode == "shm":
+            raise ConvRpcError(grpc.StatusCode.FAILED_PRECONDITION, f"shared memory is not usable: {reason}")
+
+    def _forget(self, replica: Replica, session: SharedMemorySession) -> None:
+        with self._lock:
+            if replica.session is session:
+                replica.session = None
+        session.close()
+
+    def _close_session(self, replica: Replica, session: SharedMemorySession) -> Generator:
+        try:
+            message = pb.CloseSharedMemorySessionRequest(session_id=session.id)
+            yield Unary(replica, "CloseSharedMemorySession", message, config.CLOSE_TIMEOUT)
+        except grpc.RpcError:
+            pass  # the server sweeps what it created once the TTL passes
+        finally:
+            session.close()

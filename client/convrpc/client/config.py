@@ -1,0 +1,56 @@
+"""Client defaults: message limits, keepalive, data-path thresholds and failover timings, in one place."""
+
+from __future__ import annotations
+
+#: Largest gRPC message the SDK sends or accepts (bytes); the server's default limit too.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: HTTP/2 and TCP tuning for bulk tensors: bigger frames and socket reads. Measured (bench/transport.py
+#: --grpc-defaults) it gains 0-25% on 16-64 MiB streams; bigger windows and write buffers gained nothing.
+TRANSPORT_OPTIONS = (
+    ("grpc.http2.max_frame_size", 16 * 1024 * 1024 - 1),
+    ("grpc.experimental.tcp_read_chunk_size", 4 * 1024 * 1024),
+    ("grpc.experimental.tcp_min_read_chunk_size", 1024 * 1024),
+    ("grpc.experimental.tcp_max_read_chunk_size", 16 * 1024 * 1024),
+)
+
+# A frozen replica (SIGSTOP, a hung VM) still completes TCP handshakes and ACKs bytes in its kernel but never
+# answers HTTP/2 PINGs. Pinging every second during calls turns it into UNAVAILABLE within ~3 s, whatever the
+# compute time; the server accepts pings that often. Measured with grpcio 1.85: the ping timeout
+# (grpc.http2.ping_timeout_ms) is what fails the call; without it an in-flight call waited for its deadline.
+#: Interval between pings on a connection with a call open (milliseconds).
+KEEPALIVE_TIME_MS = 1000
+#: How long a ping may go unanswered before the connection and its calls fail UNAVAILABLE (milliseconds).
+KEEPALIVE_TIMEOUT_MS = 2000
+#: Longest connection attempt (milliseconds): a frozen server otherwise holds new calls 20 s (waiting for
+#: its SETTINGS frame) before they fail; after one failed attempt new calls fail at once until a reconnect.
+CONNECT_TIMEOUT_MS = 2000
+
+# -- data paths (measured by bench/transport.py; see the README's "Moving tensors fast") -------------
+
+#: Size of one chunk of a ForwardStream/BackwardStream payload (bytes): 1-2 MiB beat 64-512 KiB and 4 MiB.
+CHUNK_BYTES = 1024 * 1024
+#: Requests whose tensors hold more bytes than this go through the chunked streams, not the unary RPCs
+#: (relu round trip on loopback: unary 1.3 ms vs stream 2.6 ms at 64 KiB, 4.3 vs 3.3 ms at 256 KiB).
+STREAM_THRESHOLD_BYTES = 128 * 1024
+#: Requests whose tensors hold more bytes than this go through shared memory when the server is local
+#: (1.2 ms vs unary 1.3 ms at 64 KiB, 2.2 vs 12.5 ms at 1 MiB).
+SHM_THRESHOLD_BYTES = 64 * 1024
+
+# -- sharding and failover ----------------------------------------------------------------------------
+
+#: Shards of one call in flight at once: a server admits 8 compute RPCs by default, so even a single
+#: replica never turns one client's shards away as busy.
+SHARDS_IN_FLIGHT = 8
+#: Bytes of a message kept free for framing, shapes and op options when sizing shards by the message limit.
+FRAMING_BYTES = 64 * 1024
+#: Pauses (seconds) before the attempts that follow one attempt per replica: time for a channel whose name
+#: resolves to several addresses to notice one is gone, so that its load balancer stops picking it.
+RETRY_PAUSES = (0.05, 0.25)
+#: Seconds a replica that failed UNAVAILABLE is passed over before a health check may bring it back;
+#: doubled after every failed check, up to EJECT_MAX_SECONDS.
+EJECT_SECONDS = 1.0
+EJECT_MAX_SECONDS = 30.0
+#: Deadline of the health check that brings an ejected replica back (seconds).
+PROBE_TIMEOUT = 1.0
+#: Deadline of CloseSharedMemorySession when a client closes (seconds).
+CLOSE_TIMEOUT = 5.0

@@ -1,0 +1,105 @@
+"""Forward/Backward requests and responses in the three storages: inline bytes, stream chunks, shared memory.
+
+Requests are built from the op's tensor fields (``wire.OP_SPECS``) and one builder whatever the
+storage; a response's tensors are read the same way, each by its own storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from convrpc import chunks, wire
+from convrpc.core.errors import ConvError
+from convrpc.v1 import conv_service_pb2 as pb
+
+from .errors import ConvRpcError
+
+__all__ = ["Call", "StreamReader", "inline_request", "inline_results", "request", "result_tensors", "stream_messages"]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One Forward or Backward: the op's name and ``Op`` message, and its tensors by request field, in field order."""
+
+    op: str
+    message: pb.Op
+    backward: bool
+    arrays: dict[str, np.ndarray]
+    #: ``time.monotonic()`` by which the call must be answered; None: no deadline.
+    deadline: float | None
+
+    @property
+    def method(self) -> str:
+        return "Backward" if self.backward else "Forward"
+
+    @property
+    def nbytes(self) -> int:
+        return chunks.payload_bytes(list(self.arrays.values()))
+
+    def with_arrays(self, arrays: dict[str, np.ndarray]) -> "Call":
+        return Call(self.op, self.message, self.backward, arrays, self.deadline)
+
+
+def request(call: Call, tensors: dict[str, pb.Tensor], shared_memory: pb.SharedMemoryContext | None = None):
+    """The ForwardRequest or BackwardRequest of ``call`` with these ``Tensor`` messages."""
+    kind = pb.BackwardRequest if call.backward else pb.ForwardRequest
+    return kind(op=call.message, shared_memory=shared_memory, **tensors)
+
+
+def inline_request(call: Call):
+    return request(call, {f: wire.encode_tensor(a, f) for f, a in call.arrays.items()})
+
+
+def stream_messages(call: Call, chunk_bytes: int):
+    """The request as its stream's first message (tensors without storage), then the chunks of their bytes."""
+    first = request(call, {f: wire.tensor_header(a, f) for f, a in call.arrays.items()})
+    yield (pb.BackwardStreamRequest if call.backward else pb.ForwardStreamRequest)(request=first)
+    yield from chunks.iter_chunks(list(call.arrays.values()), chunk_bytes)
+
+
+def result_tensors(response) -> list[tuple[str, pb.Tensor]]:
+    """``[(field, Tensor)]`` of a response's tensors that are set, in field order."""
+    return [(f.name, value) for f, value in response.ListFields() if f.message_type is pb.Tensor.DESCRIPTOR]
+
+
+def _malformed(exc: ConvError, code=grpc.StatusCode.INTERNAL) -> ConvRpcError:
+    return ConvRpcError(code, f"malformed response: {exc}")
+
+
+def inline_results(response) -> dict[str, np.ndarray]:
+    """A unary response's tensors as fresh, writable arrays."""
+    try:
+        return {field: wire.decode_tensor(t, field).copy() for field, t in result_tensors(response)}
+    except ConvError as exc:
+        raise _malformed(exc) from None
+
+
+class StreamReader:
+    """Reassembles a ForwardStream/BackwardStream response (the response, then chunks) into arrays."""
+
+    def __init__(self):
+        self.assembler: chunks.PayloadAssembler | None = None
+
+    def add(self, message) -> None:
+        try:
+            if isinstance(message, tuple) and self.assembler is not None:
+                self.assembler.add(*message)  # a chunk, decoded without copying its data
+            elif not isinstance(message, tuple) and message.WhichOneof("message") == "response":
+                if self.assembler is not None:
+                    raise ConvRpcError(grpc.StatusCode.INTERNAL, "the response stream sent a second response")
+                self.assembler = chunks.PayloadAssembler(chunks.streamed_tensors(message.response))
+            else:
+                raise ConvRpcError(grpc.StatusCode.INTERNAL, "the response stream sent a chunk before its response")
+        except ConvError as exc:
+            raise _malformed(exc) from None
+
+    def finish(self) -> dict[str, np.ndarray]:
+        if self.assembler is None:
+            raise ConvRpcError(grpc.StatusCode.INTERNAL, "the response stream ended without a response")
+        try:
+            return self.assembler.finish()
+        except ConvError as exc:
+            raise _malformed(exc, grpc.StatusCode.DATA_LOSS) from None
