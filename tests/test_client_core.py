@@ -42,8 +42,8 @@ def _compute(call: Call) -> dict[str, np.ndarray]:
     spec = wire.OP_SPECS[name]
     fields = spec.request_tensors(call.backward)
     result = getattr(REF, f"{name}_backward" if call.backward else name)(*map(call.arrays.get, fields), **options)
-    results = result if call.backward else (result,)
-    return {f: a for f, a in zip(spec.result_tensors(call.backward), results) if a is not None}
+    results = result if isinstance(result, tuple) else (result,)
+    return {f: a for f, a in zip(spec.result_tensors(call.backward, options), results) if a is not None}
 
 
 def _answer(effect) -> object:

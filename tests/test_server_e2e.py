@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
+from convrpc import wire
 from convrpc.client import ConvClient, ConvRpcError, Gradients
 from convrpc.client.aio import AsyncConvClient
 from convrpc.core import get_backend
@@ -62,10 +63,20 @@ def test_every_op_and_its_backward_match_the_reference(client, dtype):
 
 
 def test_outputs_are_writable_arrays_and_lists_are_accepted(client):
-    a = [[1, 3, 1, 4], [2, 8, 5, 1], [3, 2, 0, 3]]
-    y = client.conv2d(np.array(a)[None, None], np.array([[1, 0], [-1, 1]])[None, None])
+    a = [[1.0, 3, 1, 4], [2, 8, 5, 1], [3, 2, 0, 3]]
+    y = client.conv2d([[a]], np.array([[1.0, 0], [-1, 1]])[None, None])
     np.testing.assert_array_equal(y[0, 0], [[7, 0, -3], [1, 6, 8]])
     y += 1  # a fresh array, not a view of the response buffer
+
+
+def test_integer_tensors_are_refused_naming_the_tensor_never_converted(client):
+    x, w = np.ones((1, 1, 3, 3)), np.ones((1, 1, 2, 2))
+    for kwargs, field in ((dict(input=x.astype(np.int64), weight=w), "input"),
+                          (dict(input=x, weight=w.astype(np.int32)), "weight"),
+                          (dict(input=x, weight=w.astype(np.float32)), "weight")):  # fmt: skip
+        with pytest.raises(ConvRpcError) as info:
+            client.conv2d(**kwargs)
+        assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT and info.value.field == field, info.value
 
 
 def test_reference_experiment_2_transposed_conv_is_the_input_gradient(client):
@@ -123,7 +134,9 @@ RAW_BAD = [
     (pb.ForwardRequest(op=pb.Op(relu=pb.ReluOptions())), "input"),
     (_relu_request(dtype=pb.DTYPE_UNSPECIFIED, shape=[1], data=bytes(8)), "input.dtype"),
     (_relu_request(dtype=7, shape=[1], data=bytes(8)), "input.dtype"),
-    (_relu_request(dtype=pb.DTYPE_FLOAT64, shape=[2, 0], data=b""), "input.shape"),
+    (pb.ForwardRequest(op=wire.encode_op("max_pool2d", kernel_size=2),
+                       input=pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=[1, 0, 2, 2], data=b"")), "input"),
+    (_relu_request(dtype=pb.DTYPE_INT64, shape=[1], data=bytes(8)), "input"),
     (_relu_request(dtype=pb.DTYPE_FLOAT64, shape=[-1, 4], data=bytes(8)), "input.shape"),
     (_relu_request(dtype=pb.DTYPE_FLOAT64, shape=[2**40, 2**40], data=bytes(8)), "input.shape"),
     (_relu_request(dtype=pb.DTYPE_FLOAT32, shape=[2**31, 2**31], data=bytes(1024)), "input.data"),
@@ -165,7 +178,7 @@ def test_server_info_describes_the_server(client, server):
     info = client.server_info()
     assert info.backend == server.backend.name
     assert list(info.ops) == ["conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "relu"]
-    assert set(info.dtypes) == {pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64}
+    assert set(info.dtypes) == {pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16}
     assert info.max_message_bytes > 0 and info.max_elements > 0 and info.max_train_steps > 0
     assert info.compute_threads >= 1
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import secrets
 
 import grpc
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -132,6 +133,15 @@ CASES = [
     ("max_pool2d", dict(input=X), dict(kernel_size=3, stride=2, padding=1)),
     ("avg_pool2d", dict(input=X), dict(kernel_size=2)),
     ("relu", dict(input=X), {}),
+    # torch's whole surface: indices as a second result, ceil mode, divisors, unbatched, empty and 0-d tensors
+    ("max_pool2d", dict(input=X), dict(kernel_size=2, stride=2, ceil_mode=True, return_indices=True)),
+    ("max_pool2d", dict(input=X[0]), dict(kernel_size=(3,), padding=1, return_indices=True)),
+    ("avg_pool2d", dict(input=X[0]), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
+    ("avg_pool2d", dict(input=X), dict(kernel_size=2, divisor_override=-3)),
+    ("conv2d", dict(input=X[:0], weight=rng.standard_normal((3, 4, 2, 2)), bias=rng.standard_normal(3)), {}),
+    ("conv_transpose2d", dict(input=X[1], weight=rng.standard_normal((4, 3, 3, 3))), dict(stride=2)),
+    ("relu", dict(input=X[0, 0, 0, 0]), {}),
+    ("relu", dict(input=X[:, :0]), {}),
 ]  # fmt: skip
 
 
@@ -139,12 +149,13 @@ def requests(name, arrays, options, dtype):
     arrays = {f: a.astype(dtype) for f, a in arrays.items()}
     tensors = {f: wire.encode_tensor(a) for f, a in arrays.items()}
     out = getattr(REF, name)(**arrays, **options)
+    out = out[0] if isinstance(out, tuple) else out
     grad = wire.encode_tensor(rng.standard_normal(out.shape).astype(dtype))
     op = wire.encode_op(name, **options)
     return pb.ForwardRequest(op=op, **tensors), pb.BackwardRequest(op=op, grad_output=grad, **tensors)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, ml_dtypes.bfloat16], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("name,arrays,options", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_every_op_is_byte_identical_inline_streamed_and_in_shared_memory(stub, session, name, arrays, options, dtype):
     for request in requests(name, arrays, options, dtype):
@@ -155,8 +166,11 @@ def test_every_op_is_byte_identical_inline_streamed_and_in_shared_memory(stub, s
         if isinstance(request, pb.ForwardRequest):
             expected = getattr(REF, name)(**{f: wire.decode_tensor(getattr(request, f), f) for f in wire.OP_SPECS[name].tensors
                                              if request.HasField(f)}, **options)  # fmt: skip
-            got = np.frombuffer(inline["output"][2], dtype=dtype).reshape(inline["output"][1])
-            np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            assert list(inline) == ["output", "indices"][: len(expected)]
+            for (enum, shape, data), want in zip(inline.values(), expected):
+                assert wire.DTYPES[enum] == want.dtype and shape == want.shape
+                np.testing.assert_array_equal(np.frombuffer(data, dtype=want.dtype).reshape(shape), want)
         else:
             wanted = {"grad_input", "grad_weight", "grad_bias"} if "weight" in arrays else {"grad_input"}
             if "weight" in arrays and "bias" not in arrays:
@@ -174,11 +188,15 @@ FWD, BWD = requests(*CASES[0], np.float64)
 BAD = [
     ("op option the core refuses", _bad(FWD, lambda r: r.op.conv2d.stride.CopyFrom(pb.Size2(height=0, width=1))),
      "INVALID_ARGUMENT", "op.conv2d.stride"),
-    ("option not supported yet",
-     pb.ForwardRequest(op=wire.encode_op("max_pool2d", kernel_size=2, ceil_mode=True), input=FWD.input),
-     "INVALID_ARGUMENT", "op.max_pool2d.ceil_mode"),
-    ("dtype not supported yet", _bad(FWD, lambda r: setattr(r.input, "dtype", pb.DTYPE_FLOAT16)),
-     "INVALID_ARGUMENT", "input.dtype"),
+    ("divisor_override of 0 (unset is None)",
+     pb.ForwardRequest(op=wire.encode_op("avg_pool2d", kernel_size=2, divisor_override=0), input=FWD.input),
+     "INVALID_ARGUMENT", "op.avg_pool2d.divisor_override"),
+    ("int64 input (never converted)", _bad(FWD, lambda r: setattr(r.input, "dtype", pb.DTYPE_INT64)),
+     "INVALID_ARGUMENT", "input"),
+    ("a dtype of the other tensors' size", _bad(FWD, lambda r: setattr(r.weight, "dtype", pb.DTYPE_INT64)),
+     "INVALID_ARGUMENT", "weight"),
+    ("unknown dtype", _bad(FWD, lambda r: setattr(r.input, "dtype", 99)), "INVALID_ARGUMENT", "input.dtype"),
+    ("negative dimension", _bad(FWD, lambda r: r.input.shape.__setitem__(0, -2)), "INVALID_ARGUMENT", "input.shape"),
     ("tensor the op does not take", pb.ForwardRequest(op=wire.encode_op("relu"), input=FWD.input, weight=FWD.weight),
      "INVALID_ARGUMENT", "weight"),
     ("missing weight", _bad(FWD, lambda r: r.ClearField("weight")), "INVALID_ARGUMENT", "weight"),

@@ -281,7 +281,7 @@ def test_a_well_formed_raw_stream_is_answered_in_chunks(srv):
     ([_relu_header(), pb.ForwardStreamRequest()], "INVALID_ARGUMENT", "chunk", "neither"),
     ([_relu_header(shape=(2**40,))], "RESOURCE_EXHAUSTED", "input.shape", "cap"),
     ([_relu_header(shape=(2**40, 2**40))], "INVALID_ARGUMENT", "input.shape", "overflows"),
-    ([_relu_header(shape=(4, 0))], "INVALID_ARGUMENT", "input.shape", "> 0"),
+    ([_relu_header(shape=(4, -1))], "INVALID_ARGUMENT", "input.shape", ">= 0"),
     ([_relu_header(dtype=pb.DTYPE_UNSPECIFIED)], "INVALID_ARGUMENT", "input.dtype", "DTYPE_FLOAT32"),
 ])  # fmt: skip
 def test_malformed_streams_are_refused_with_a_clear_status(srv, messages, code, field, words):

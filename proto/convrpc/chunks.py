@@ -40,6 +40,12 @@ def payload_bytes(arrays: Sequence[np.ndarray]) -> int:
     return sum(a.nbytes for a in arrays)
 
 
+def _byte_view(array: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array as a flat memoryview (``memoryview.cast`` cannot take empty
+    arrays, nor dtypes outside the buffer protocol such as ``ml_dtypes.bfloat16``)."""
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
@@ -102,7 +108,7 @@ def iter_chunks(arrays: Sequence[np.ndarray], chunk_bytes: int) -> Iterator[byte
     """The encoded chunks of the payload of ``arrays`` (C-contiguous), at most ``chunk_bytes`` each."""
     offset = 0
     for array in arrays:
-        view = memoryview(array).cast("B") if array.nbytes else memoryview(b"")
+        view = _byte_view(array)
         for start in range(0, len(view), chunk_bytes):
             piece = view[start : start + chunk_bytes]
             yield encode_chunk(offset, piece)
@@ -130,7 +136,7 @@ class PayloadAssembler:
         if max_bytes is not None and announced > max_bytes:
             raise ResourceExhaustedError("request", f"tensors of {announced} bytes exceed the server's cap of {max_bytes}")
         self.arrays = {field: np.empty(shape, dtype) for field, dtype, shape in layouts}
-        self._views = [(field, memoryview(a).cast("B")) for field, a in self.arrays.items()]
+        self._views = [(field, _byte_view(a)) for field, a in self.arrays.items()]
         self.total = sum(len(v) for _, v in self._views)
         self.received = 0
         self._index = 0  # the tensor the next byte goes to

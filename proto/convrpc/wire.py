@@ -1,7 +1,7 @@
 """The wire codec shared by server and SDK: numpy arrays <-> ``Tensor`` messages, op options <-> ``Op``.
 
-Two tables drive it. ``DTYPES`` holds every dtype this version computes in (a wire value missing
-from it is refused naming the field, so supporting float16 is one entry). ``OP_SPECS`` describes
+Two tables drive it. ``DTYPES`` holds every dtype the wire carries (a wire value missing from it is
+refused naming the field, so supporting a new one is one entry). ``OP_SPECS`` describes
 each op once: its options message, its torch-named options with their defaults, its tensor
 fields and its output-shape rule; encoding, decoding, field checks and the SDK's output-size
 estimate all read it instead of branching per op.
@@ -18,9 +18,11 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import ml_dtypes
 import numpy as np
 
 from convrpc.core import params
+from convrpc.core.config import MAX_GEOMETRY_INT
 from convrpc.core.errors import InvalidArgumentError, ResourceExhaustedError
 from convrpc.v1 import conv_service_pb2 as pb
 
@@ -49,20 +51,22 @@ INT64_MAX = 2**63 - 1
 
 # -- dtypes ---------------------------------------------------------------------------------------
 
-#: The wire dtypes this version computes in, with their little-endian numpy dtype. Every other value
-#: of the Dtype enum is refused as "not supported yet"; supporting one is adding its entry here.
-DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT64: np.dtype("<f8")}
+#: The wire dtypes, with their little-endian numpy dtype: the four float types ops compute in (a result
+#: has its inputs' dtype) and int64, which carries max-pool indices out and class labels in. Which
+#: tensor may have which dtype is the core's rule (an op refuses int64 input, naming the field).
+DTYPES = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+}
 _ENUM_OF = {dtype.newbyteorder("="): enum for enum, dtype in DTYPES.items()}
-#: What the Dtype enum names but this version does not compute in yet: "float16", "bfloat16", "int64".
-_LATER = {pb.Dtype.Name(e)[6:].lower() for e in pb.Dtype.values() if e not in DTYPES and e != pb.DTYPE_UNSPECIFIED}
 
 
 def _refuse(field: str, got: str, expected) -> None:
-    """INVALID_ARGUMENT for dtype ``got`` (a wire or numpy name), saying when it is one for later."""
-    names, label = " or ".join(expected), got.removeprefix("DTYPE_").lower()
-    if label in _LATER:
-        raise InvalidArgumentError(field, f"{label} is not supported yet; expected {names}")
-    raise InvalidArgumentError(field, f"expected {names}, got {got}")
+    """The one refusal of a dtype the wire does not carry, whether a wire enum or a numpy array names it."""
+    raise InvalidArgumentError(field, f"expected {' or '.join(expected)}, got {got}")
 
 
 def _numpy_dtype(enum: int, field: str) -> np.dtype:
@@ -98,14 +102,14 @@ def tensor_header(array, field: str = "tensor") -> pb.Tensor:
 
 def tensor_layout(msg: pb.Tensor, field: str, *, max_elements: int | None = None) -> tuple[np.dtype, tuple, int]:
     """``(dtype, shape, nbytes)`` of a described tensor, checked before anything is allocated for it:
-    a supported dtype, dims > 0, a shape product without int64 overflow and at most ``max_elements``
-    elements (RESOURCE_EXHAUSTED beyond; None means no cap)."""
+    a supported dtype, dims >= 0 (which may be 0 is the op's rule), a shape product without int64
+    overflow and at most ``max_elements`` elements (RESOURCE_EXHAUSTED beyond; None means no cap)."""
     dtype = _numpy_dtype(msg.dtype, f"{field}.dtype")
     shape = tuple(msg.shape)
     count = 1
     for i, dim in enumerate(shape):
-        if dim <= 0:
-            raise InvalidArgumentError(f"{field}.shape", f"every dimension must be > 0, got {dim} at index {i}")
+        if dim < 0:
+            raise InvalidArgumentError(f"{field}.shape", f"every dimension must be >= 0, got {dim} at index {i}")
         count *= dim
         if count > INT64_MAX:
             raise InvalidArgumentError(f"{field}.shape", f"the product of {list(shape)} overflows int64")
@@ -135,22 +139,19 @@ def decode_tensor(msg: pb.Tensor, field: str, *, max_elements: int | None = None
 
 def _int(value, field: str) -> int:
     """An int as torch takes it: no bools, no floats."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
+    if isinstance(value, (bool, np.bool_)) or not hasattr(value, "__index__"):
         raise InvalidArgumentError(field, f"expected an int, got {value!r}")
     return operator.index(value)
 
 
 def _encode_pair(value, field: str) -> pb.Size2 | None:
-    if isinstance(value, (list, tuple)):
-        if len(value) == 0:
-            return None
-        if len(value) == 1:  # torch accepts 1-element size tuples
-            value = value[0]
-        elif len(value) == 2:
-            return pb.Size2(height=_int(value[0], field), width=_int(value[1], field))
-        else:
-            raise InvalidArgumentError(field, f"expected an int or a pair of ints, got {value!r}")
-    return pb.Size2(height=_int(value, field), width=_int(value, field)) if value is not None else None
+    """A size as ``Size2``, read by the core's rule (an int, a pair or torch's ``(v,)``); an empty
+    sequence is torch's "unset" (max_pool2d's ``stride=()``) and travels as no field. Ranges are the
+    op's to check (the SDK does before it encodes; the server does again)."""
+    if isinstance(value, (list, tuple)) and len(value) == 0:
+        return None
+    height, width = params.pair(value, field, minimum=-MAX_GEOMETRY_INT)
+    return pb.Size2(height=height, width=width)
 
 
 _PAD_MODES = {"valid": pb.PADDING_MODE_VALID, "same": pb.PADDING_MODE_SAME}
@@ -177,33 +178,22 @@ def _decode_padding(padding: pb.Padding, field: str):
     return 0
 
 
-def _encode_bool(value, field: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise InvalidArgumentError(field, f"expected a bool, got {value!r}")
-    return bool(value)
-
-
 #: How each kind of option travels: (encode torch value -> proto value, decode proto value -> torch value).
 _KINDS: dict[str, tuple[Callable, Callable]] = {
     "pair": (_encode_pair, lambda size, field: (size.height, size.width)),
     "padding": (_encode_padding, _decode_padding),
     "int": (_int, lambda value, field: value),
-    "bool": (_encode_bool, lambda value, field: value),
+    "bool": (params.flag, lambda value, field: value),
 }
 
 
 @dataclass(frozen=True)
 class Option:
-    """One torch argument of an op: the options-message field of the same name, its kind and torch's default.
-
-    ``supported=False`` options are decoded, and refused when set to anything but the default, until the
-    core computes them; wiring one is flipping the flag.
-    """
+    """One torch argument of an op: the options-message field of the same name, its kind and torch's default."""
 
     name: str
     kind: str
     default: Any
-    supported: bool = True
 
 
 @dataclass(frozen=True)
@@ -230,17 +220,36 @@ class OpSpec:
         """The tensor fields of this op's ForwardRequest or BackwardRequest, in field order."""
         return ("grad_output", *self.tensors) if backward else self.tensors
 
-    def result_tensors(self, backward: bool) -> tuple[str, ...]:
-        """The response fields this op's results fill, in field order."""
-        return tuple(f"grad_{t}" for t in self.tensors) if backward else ("output",)
+    def result_tensors(self, backward: bool, options: Mapping[str, Any]) -> tuple[str, ...]:
+        """The response fields this op's results fill, in field order (``indices`` with return_indices)."""
+        if backward:
+            return tuple(f"grad_{t}" for t in self.tensors)
+        return ("output", "indices") if options.get("return_indices") else ("output",)
 
     def output_shape(self, shapes: Mapping[str, tuple | None], options: Mapping[str, Any]) -> tuple:
-        """The forward output's shape from the inputs' shapes (by field), checking every argument."""
+        """The forward output's shape as the caller gets it (unbatched in, unbatched out) from the inputs'
+        shapes (by field), checking every argument with the core's rules."""
         return tuple(self.shape(*(shapes.get(t) for t in self.tensors), **options))
 
 
-def _pool_shape(input, weight=None, bias=None, **options) -> tuple:
-    return params.pool2d_geometry(input, **options).output_shape
+def _user_shape(geometry, shape) -> tuple:
+    return tuple(shape[1:]) if geometry.unbatched else tuple(shape)
+
+
+def _conv_shape(input, weight=None, bias=None, **options) -> tuple:
+    g = params.conv2d_geometry(input, weight, bias, **options)
+    return _user_shape(g, g.output_shape)
+
+
+def _conv_transpose_shape(input, weight=None, bias=None, **options) -> tuple:
+    g = params.conv_transpose2d_geometry(input, weight, bias, **options)
+    return _user_shape(g, g.input_shape)
+
+
+def _pool_shape(input, weight=None, bias=None, return_indices=False, **options) -> tuple:
+    params.flag(return_indices, "return_indices")
+    g = params.pool2d_geometry(input, **options)
+    return _user_shape(g, g.output_shape)
 
 
 _CONV_OPTIONS = (Option("stride", "pair", 1), Option("padding", "padding", 0), Option("dilation", "pair", 1),
@@ -252,20 +261,18 @@ _CONV_TENSORS = dict(tensors=("input", "weight", "bias"), required=("input", "we
 OP_SPECS: dict[str, OpSpec] = {
     spec.name: spec
     for spec in (
-        OpSpec("conv2d", pb.Conv2dOptions, _CONV_OPTIONS, **_CONV_TENSORS,
-               shape=lambda *shapes, **o: params.conv2d_geometry(*shapes, **o).output_shape),
+        OpSpec("conv2d", pb.Conv2dOptions, _CONV_OPTIONS, **_CONV_TENSORS, shape=_conv_shape),
         OpSpec("conv_transpose2d", pb.ConvTranspose2dOptions,
                (Option("stride", "pair", 1), Option("padding", "pair", 0), Option("output_padding", "pair", 0),
                 Option("groups", "int", 1), Option("dilation", "pair", 1)), **_CONV_TENSORS,
-               shape=lambda *shapes, **o: params.conv_transpose2d_geometry(*shapes, **o).input_shape),
+               shape=_conv_transpose_shape),
         OpSpec("max_pool2d", pb.MaxPool2dOptions,
-               (*_POOL_OPTIONS, Option("dilation", "pair", 1), Option("ceil_mode", "bool", False, supported=False),
-                Option("return_indices", "bool", False, supported=False)),
+               (*_POOL_OPTIONS, Option("dilation", "pair", 1), Option("ceil_mode", "bool", False),
+                Option("return_indices", "bool", False)),
                tensors=("input",), required=("input",), shape=_pool_shape),
         OpSpec("avg_pool2d", pb.AvgPool2dOptions,
-               (*_POOL_OPTIONS, Option("ceil_mode", "bool", False, supported=False),
-                Option("count_include_pad", "bool", True, supported=False),
-                Option("divisor_override", "int", None, supported=False)),
+               (*_POOL_OPTIONS, Option("ceil_mode", "bool", False), Option("count_include_pad", "bool", True),
+                Option("divisor_override", "int", None)),
                tensors=("input",), required=("input",), shape=_pool_shape),
         OpSpec("relu", pb.ReluOptions, (), tensors=("input",), required=("input",),
                shape=lambda input, weight=None, bias=None: tuple(input)),
@@ -312,8 +319,8 @@ def op_name(op: pb.Op) -> str:
 
 
 def decode_op(op: pb.Op) -> tuple[str, dict]:
-    """``(name, options)``: the torch keyword arguments the core computes, defaults filled in. An option
-    the core does not compute yet is refused, naming its field, unless it holds torch's default."""
+    """``(name, options)``: the torch keyword arguments the core computes, defaults filled in (an unset
+    ``divisor_override`` is None, told apart from 0 by the field's presence)."""
     name = op_name(op)
     spec = OP_SPECS[name]
     msg = getattr(op, name)
@@ -322,13 +329,9 @@ def decode_op(op: pb.Op) -> tuple[str, dict]:
     for option in spec.options:
         field = f"op.{name}.{option.name}"
         if fields[option.name].has_presence and not msg.HasField(option.name):
-            value = option.default
+            options[option.name] = option.default
         else:
-            value = _KINDS[option.kind][1](getattr(msg, option.name), field)
-        if option.supported:
-            options[option.name] = value
-        elif value != option.default:
-            raise InvalidArgumentError(field, f"{option.name}={value!r} is not supported yet (only {option.default!r})")
+            options[option.name] = _KINDS[option.kind][1](getattr(msg, option.name), field)
     if name in ("max_pool2d", "avg_pool2d") and options["kernel_size"] is None:
         raise InvalidArgumentError(f"op.{name}.kernel_size", "is required")
     return name, options
@@ -340,8 +343,10 @@ def decode_conv_options(msg: pb.Conv2dOptions | None) -> dict:
 
 
 def output_bytes(name: str, options: Mapping[str, Any], shapes: Mapping[str, tuple | None], itemsize: int) -> int:
-    """Bytes of op ``name``'s forward output for inputs of these shapes (by field), checking the arguments."""
-    return math.prod(OP_SPECS[name].output_shape(shapes, options)) * itemsize
+    """Bytes of op ``name``'s forward results (the output, and int64 indices with return_indices) for
+    inputs of these shapes (by field), checking the arguments."""
+    count = math.prod(OP_SPECS[name].output_shape(shapes, options))
+    return count * (itemsize + (DTYPES[pb.DTYPE_INT64].itemsize if options.get("return_indices") else 0))
 
 
 # -- training enums -------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import grpc
+import numpy as np
 from convrpc import wire
 from convrpc.core.backend import Gradients
 from convrpc.v1 import conv_service_pb2 as pb
@@ -17,18 +19,42 @@ from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 from .calls import CallCore
 from .channel import max_message_bytes, methods, open_channels
 from .messages import Call
-from .tensors import as_array, op_message
+from .errors import ConvRpcError
+from .tensors import as_array, checked_op
 from .training import train_request
 
 __all__ = ["OpMethods"]
 
 
-def _output(results: dict):
-    return results["output"]
-
-
 def _gradients(results: dict) -> Gradients:
     return Gradients(results.get("grad_input"), results.get("grad_weight"), results.get("grad_bias"))
+
+
+def _forward_results(fields: tuple[str, ...]):
+    """The forward's answer: the output, or ``(output, indices)`` when the op returns both."""
+    if len(fields) == 1:
+        return lambda results: results[fields[0]]
+    return lambda results: tuple(results[f] for f in fields)
+
+
+def _into(target: np.ndarray):
+    """relu's ``inplace=True``: the result written into the caller's array, which is returned (torch's meaning)."""
+
+    def finish(results: dict) -> np.ndarray:
+        np.copyto(target, results["output"])
+        return target
+
+    return finish
+
+
+def _max_options(kernel_size, stride, padding, dilation, ceil_mode, return_indices) -> dict:
+    return dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode,
+                return_indices=return_indices)  # fmt: skip
+
+
+def _avg_options(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override) -> dict:
+    return dict(kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode,
+                count_include_pad=count_include_pad, divisor_override=divisor_override)  # fmt: skip
 
 
 class OpMethods:
@@ -86,15 +112,19 @@ class OpMethods:
     def _train(self, request: pb.TrainKernelRequest, progress: bool, timeout):  # pragma: no cover
         raise NotImplementedError
 
-    def _call(self, op: str, backward: bool, tensors: dict, options: dict, timeout):
-        message = op_message(op, options)
-        fields = wire.OP_SPECS[op].request_tensors(backward)
-        arrays = {f: as_array(tensors[f], f) for f in fields if tensors.get(f) is not None}
+    def _call(self, op: str, backward: bool, tensors: dict, options: dict, timeout, finish=None):
+        """Check the call as the server would (``checked_op``), then run it; nothing is sent for a bad one."""
+        spec = wire.OP_SPECS[op]
+        named = {f: np.asarray(tensors[f]) for f in spec.request_tensors(backward) if tensors.get(f) is not None}
+        message = checked_op(op, named, options)
+        arrays = {f: as_array(a, f) for f, a in named.items()}
         call = Call(op, message, backward, arrays, self._deadline(timeout))
-        return self._run(self._core.call(call), _gradients if backward else _output)
+        if finish is None:
+            finish = _gradients if backward else _forward_results(spec.result_tensors(False, options))
+        return self._run(self._core.call(call), finish)
 
-    def _call_forward(self, op: str, tensors: dict, options: dict, timeout):
-        return self._call(op, False, tensors, options, timeout)
+    def _call_forward(self, op: str, tensors: dict, options: dict, timeout, finish=None):
+        return self._call(op, False, tensors, options, timeout, finish)
 
     def _call_backward(self, op: str, grad_output, tensors: dict, options: dict, timeout):
         return self._call(op, True, dict(tensors, grad_output=grad_output), options, timeout)
@@ -123,22 +153,38 @@ class OpMethods:
             timeout,
         )  # fmt: skip
 
-    def max_pool2d(self, input, kernel_size, stride=None, padding=0, dilation=1, *, timeout=None):
-        """Max pooling; ``stride=None`` means ``kernel_size``."""
+    def max_pool2d(
+        self, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False,
+        *, timeout=None,
+    ):  # fmt: skip
+        """Max pooling of (N, C, H, W) or (C, H, W); ``stride=None`` means ``kernel_size``, padding counts as
+        -inf. ``return_indices=True`` returns ``(output, indices)``: torch's int64 flat indices h*W+w per plane."""
         return self._call_forward(
             "max_pool2d", dict(input=input),
-            dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation), timeout,
+            _max_options(kernel_size, stride, padding, dilation, ceil_mode, return_indices), timeout,
         )  # fmt: skip
 
-    def avg_pool2d(self, input, kernel_size, stride=None, padding=0, *, timeout=None):
-        """Average pooling, zero padding counted; ``stride=None`` means ``kernel_size``."""
+    def avg_pool2d(
+        self, input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+        divisor_override=None, *, timeout=None,
+    ):  # fmt: skip
+        """Average pooling of (N, C, H, W) or (C, H, W); ``stride=None`` means ``kernel_size``; zero padding
+        counts in the divisor unless ``count_include_pad=False``; ``divisor_override`` replaces the divisor."""
         return self._call_forward(
-            "avg_pool2d", dict(input=input), dict(kernel_size=kernel_size, stride=stride, padding=padding), timeout
-        )
+            "avg_pool2d", dict(input=input), _avg_options(kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                                          divisor_override), timeout,
+        )  # fmt: skip
 
-    def relu(self, input, *, timeout=None):
-        """max(input, 0) elementwise."""
-        return self._call_forward("relu", dict(input=input), {}, timeout)
+    def relu(self, input, inplace=False, *, timeout=None):
+        """max(input, 0) elementwise, any shape (0-d and empty too). ``inplace=True`` writes the result into
+        ``input`` (a writable numpy array) and returns it, as torch does; the computation is remote either way."""
+        if not inplace:
+            return self._call_forward("relu", dict(input=input), {}, timeout)
+        if not isinstance(input, np.ndarray) or not input.flags.writeable:
+            raise ConvRpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, "input: inplace=True needs a writable numpy array", "input"
+            )
+        return self._call_forward("relu", dict(input=input), {}, timeout, _into(input))
 
     # -- backward -----------------------------------------------------------------------------
 
@@ -162,22 +208,30 @@ class OpMethods:
             timeout,
         )  # fmt: skip
 
-    def max_pool2d_backward(self, grad_output, input, kernel_size, stride=None, padding=0, dilation=1, *, timeout=None):
-        """Gradients(input, None, None) of max_pool2d: each window's gradient goes to its first maximum."""
+    def max_pool2d_backward(
+        self, grad_output, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+        return_indices=False, *, timeout=None,
+    ):  # fmt: skip
+        """Gradients(input, None, None) of max_pool2d: each window's gradient goes to its first maximum.
+        ``return_indices`` is accepted so the options match the forward's; it changes nothing here."""
         return self._call_backward(
             "max_pool2d", grad_output, dict(input=input),
-            dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation), timeout,
+            _max_options(kernel_size, stride, padding, dilation, ceil_mode, return_indices), timeout,
         )  # fmt: skip
 
-    def avg_pool2d_backward(self, grad_output, input, kernel_size, stride=None, padding=0, *, timeout=None):
+    def avg_pool2d_backward(
+        self, grad_output, input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+        divisor_override=None, *, timeout=None,
+    ):  # fmt: skip
         """Gradients(input, None, None) of avg_pool2d."""
         return self._call_backward(
-            "avg_pool2d", grad_output, dict(input=input),
-            dict(kernel_size=kernel_size, stride=stride, padding=padding), timeout,
+            "avg_pool2d", grad_output, dict(input=input), _avg_options(kernel_size, stride, padding, ceil_mode,
+                                                                       count_include_pad, divisor_override), timeout,
         )  # fmt: skip
 
-    def relu_backward(self, grad_output, input, *, timeout=None):
-        """Gradients(input, None, None) of relu: grad_output where input > 0."""
+    def relu_backward(self, grad_output, input, inplace=False, *, timeout=None):
+        """Gradients(input, None, None) of relu: 0 where the result is <= 0, else grad_output (torch's rule).
+        ``inplace`` is accepted so the options match the forward's; it changes nothing here."""
         return self._call_backward("relu", grad_output, dict(input=input), {}, timeout)
 
     # -- training -----------------------------------------------------------------------------

@@ -6,28 +6,30 @@ import grpc
 import numpy as np
 
 from convrpc import wire
+from convrpc.core.backend import common_dtype
 from convrpc.core.errors import ConvError
 from convrpc.v1 import conv_service_pb2 as pb
 
 from .errors import ConvRpcError
 
-__all__ = ["as_array", "as_tensor", "from_tensor", "op_message"]
+__all__ = ["as_array", "as_tensor", "checked_op", "from_tensor", "op_message"]
+
+
+def _invalid(exc: ConvError, field: str | None = None) -> ConvRpcError:
+    """A core error raised here, as the server would have reported it (the same field and message)."""
+    field = field or getattr(exc, "field", None)
+    description = getattr(exc, "description", str(exc))
+    return ConvRpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {description}" if field else description, field)
 
 
 def as_array(array, field: str) -> np.ndarray:
-    """A C-contiguous little-endian float32/float64 array: those pass as they are (no copy when
-    already laid out so), other real numbers become float64, float16 becomes float32."""
+    """An array-like as the wire carries it: C-contiguous, little-endian, in its own dtype (no copy when
+    already laid out so; a 0-d array stays 0-d). A dtype the wire does not carry is refused, never converted."""
     a = np.asarray(array)
-    if a.dtype.kind in "biu":
-        a = a.astype(np.float64)
-    elif a.dtype == np.float16:
-        a = a.astype(np.float32)
     try:
-        return np.ascontiguousarray(a, dtype=wire.DTYPES[wire.dtype_enum(a.dtype)])
-    except ConvError:
-        raise ConvRpcError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"{field}: dtype must be float32 or float64, got {a.dtype}", field
-        ) from None
+        return np.asarray(a, dtype=wire.DTYPES[wire.dtype_enum(a.dtype, field)], order="C")
+    except ConvError as exc:
+        raise _invalid(exc) from None
 
 
 def as_tensor(array, field: str) -> pb.Tensor:
@@ -44,4 +46,17 @@ def op_message(name: str, options: dict) -> pb.Op:
     try:
         return wire.encode_op(name, **options)
     except (ConvError, TypeError, ValueError) as exc:
-        raise ConvRpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), getattr(exc, "field", None)) from None
+        raise _invalid(exc) from None
+
+
+def checked_op(name: str, arrays: dict[str, np.ndarray], options: dict) -> pb.Op:
+    """The ``Op`` of a call, once its tensors (by request field) and options pass the core's own checks:
+    one dtype of the four float types, and every argument as torch takes it (no float, bool or string
+    where an int goes; ``(v,)`` means ``(v, v)``). What the server would refuse is refused here, before
+    anything is sent, naming the same field (``op.<op>.<option>`` for an option)."""
+    try:
+        common_dtype(arrays)
+        wire.OP_SPECS[name].output_shape({f: a.shape for f, a in arrays.items()}, options)
+    except ConvError as exc:
+        raise _invalid(exc, wire.option_field(name, exc.field)) from None
+    return op_message(name, options)

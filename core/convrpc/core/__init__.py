@@ -11,7 +11,7 @@ import importlib
 import logging
 import threading
 
-from .backend import DTYPES, OPS, SUPPORTED_DTYPES, Backend, Gradients
+from .backend import DTYPES, OPS, Backend, Gradients
 from .errors import BackendUnavailableError, ConvError, InvalidArgumentError, ResourceExhaustedError
 
 __all__ = [
@@ -24,7 +24,6 @@ __all__ = [
     "InvalidArgumentError",
     "OPS",
     "ResourceExhaustedError",
-    "SUPPORTED_DTYPES",
     "available_backends",
     "get_backend",
     "resolve_backend_name",

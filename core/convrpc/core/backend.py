@@ -9,7 +9,7 @@ gradient), so a table has only nine kernels.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Mapping, NamedTuple, Protocol
 
 import ml_dtypes
 import numpy as np
@@ -17,14 +17,11 @@ import numpy as np
 from . import params
 from .errors import InvalidArgumentError, ResourceExhaustedError
 
-__all__ = ["Backend", "DTYPES", "Gradients", "Kernels", "SUPPORTED_DTYPES", "OPS"]
+__all__ = ["Backend", "DTYPES", "Gradients", "Kernels", "OPS", "common_dtype"]
 
 #: Element types every backend takes and returns. The half types (float16, ``ml_dtypes.bfloat16``)
 #: are computed in float32 and rounded once at the end, as torch does on the CPU.
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
-#: The element types the wire format carries today, which the server advertises. Transitional: once
-#: the wire carries the half types (issue #13's transport half) this becomes DTYPES.
-SUPPORTED_DTYPES = DTYPES[:2]
 #: Element types the kernels compute in; the others are widened to float32 first.
 _COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: The ops of the contract, in their canonical order.
@@ -52,6 +49,25 @@ class Kernels(Protocol):
     """
 
     xp: Any
+
+
+def common_dtype(arrays: Mapping[str, Any]) -> np.dtype:
+    """The one dtype (native byte order) of an op's tensors, by field (None entries skipped).
+
+    Each must be one of DTYPES: integer, bool and complex tensors are refused, never converted. All must
+    share one dtype; a mismatch names the odd one out (the majority's dtype wins, the input's on a tie).
+    The SDK checks its arguments with this rule before sending them.
+    """
+    for field, a in arrays.items():
+        if a is not None and a.dtype.newbyteorder("=") not in DTYPES:
+            raise InvalidArgumentError(field, f"dtype must be {_DTYPE_NAMES}, got {a.dtype}")
+    dtypes = [a.dtype.newbyteorder("=") for a in arrays.values() if a is not None]
+    first = arrays["input"].dtype.newbyteorder("=") if arrays.get("input") is not None else dtypes[0]
+    dtype = max(dict.fromkeys([first, *dtypes]), key=dtypes.count)
+    for field, a in arrays.items():
+        if a is not None and a.dtype.newbyteorder("=") != dtype:
+            raise InvalidArgumentError(field, f"dtype {a.dtype} differs from the other tensors' {dtype}")
+    return dtype
 
 
 class _Origin(NamedTuple):
@@ -88,31 +104,16 @@ class Backend:
     # -- conversion -------------------------------------------------------------------------
 
     def _inputs(self, **named):
-        """(origin, arrays) with every dtype checked; nothing is converted or moved yet.
-
-        All must share one dtype; a mismatch names the odd one out (the majority's dtype wins, the
-        input's on a tie). Integer, bool and complex tensors are refused, never converted.
-        """
+        """(origin, arrays) with every dtype checked (see ``common_dtype``); nothing is converted or moved yet."""
         arrays = {}
         on_host = True
         for field, a in named.items():
-            if a is None:
-                arrays[field] = None
-                continue
-            if hasattr(a, "__cuda_array_interface__") or type(a).__module__.startswith("cupy"):
+            if a is not None and (hasattr(a, "__cuda_array_interface__") or type(a).__module__.startswith("cupy")):
                 on_host = False
-            elif not isinstance(a, np.ndarray):
+            elif a is not None and not isinstance(a, np.ndarray):
                 a = np.asarray(a)
-            if a.dtype.newbyteorder("=") not in DTYPES:
-                raise InvalidArgumentError(field, f"dtype must be {_DTYPE_NAMES}, got {a.dtype}")
             arrays[field] = a
-        dtypes = [a.dtype.newbyteorder("=") for a in arrays.values() if a is not None]
-        first = arrays["input"].dtype.newbyteorder("=") if arrays.get("input") is not None else dtypes[0]
-        dtype = max(dict.fromkeys([first, *dtypes]), key=dtypes.count)
-        for field, a in arrays.items():
-            if a is not None and a.dtype.newbyteorder("=") != dtype:
-                raise InvalidArgumentError(field, f"dtype {a.dtype} differs from the other tensors' {dtype}")
-        return _Origin(on_host, dtype), list(arrays.values())
+        return _Origin(on_host, common_dtype(arrays)), list(arrays.values())
 
     def _device(self, origin: _Origin, *arrays, shapes=None):
         """The arrays on the device in the compute dtype, C-contiguous, native-endian, reshaped to ``shapes``."""

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 
 from convrpc import chunks, wire
-from convrpc.core import OPS, SUPPORTED_DTYPES, Backend, config
+from convrpc.core import DTYPES, OPS, Backend, config
 from convrpc.core.errors import ConvError, InvalidArgumentError, ResourceExhaustedError, ServerDraining
 from convrpc.core.optim import AdamOptions, SgdOptions
 from convrpc.core.training import TrainConfig, TrainResult, fit_kernel
@@ -238,8 +238,8 @@ class ConvService:
         return assembler.finish()
 
     def _compute(self, spec: wire.OpSpec, options: dict, arrays: dict, backward: bool):
-        """``[(response field, host array)]`` of the op or its backward; core errors naming an option
-        are pointed at ``op.<op>.<option>``."""
+        """``[(response field, host array)]`` of the op or its backward (max_pool2d's indices too, with
+        return_indices); core errors naming an option are pointed at ``op.<op>.<option>``."""
         method = getattr(self.backend, f"{spec.name}_backward" if backward else spec.name)
         try:
             result = method(*(arrays.get(f) for f in spec.request_tensors(backward)), **options)
@@ -247,8 +247,9 @@ class ConvService:
             if getattr(exc, "field", None):
                 exc.field = wire.option_field(spec.name, exc.field)
             raise
-        results = result if backward else (result,)
-        return [(f, self._host(a)) for f, a in zip(spec.result_tensors(backward), results) if a is not None]
+        results = result if isinstance(result, tuple) else (result,)
+        fields = spec.result_tensors(backward, options)
+        return [(f, self._host(a)) for f, a in zip(fields, results) if a is not None]
 
     def _host(self, array) -> np.ndarray:
         a = self.backend.kernels.to_host(array)
@@ -373,7 +374,7 @@ class ConvService:
             max_train_steps=s.max_train_steps,
             max_train_seconds=s.max_train_seconds,
             ops=list(OPS),
-            dtypes=[wire.dtype_enum(d) for d in SUPPORTED_DTYPES],
+            dtypes=[wire.dtype_enum(d) for d in DTYPES],
             compute_threads=threads,
         )
 

@@ -314,7 +314,7 @@ class _Request:
         session = self.session
         name = f"{session.prefix}o{secrets.token_hex(8)}"
         try:
-            region = shm.create(name, size)
+            region = shm.create(name, max(size, _ALIGN))  # mmap cannot map 0 bytes (all results empty)
         except OSError as exc:
             raise ResourceExhaustedError(_BUFFER, f"no room for a {size}-byte output region ({exc})") from None
         with self.sessions._lock:  # tracked only once it exists, so a sweep cannot mistake it for a claimed one
