@@ -66,7 +66,7 @@ _ENUM_OF = {dtype.newbyteorder("="): enum for enum, dtype in DTYPES.items()}
 
 def _refuse(field: str, got: str, expected) -> None:
     """The one refusal of a dtype the wire does not carry, whether a wire enum or a numpy array names it."""
-    raise InvalidArgumentError(field, f"expected {' or '.join(expected)}, got {got}")
+    raise InvalidArgumentError(field, f"expected one of {', '.join(expected)}, got {got}")
 
 
 def _numpy_dtype(enum: int, field: str) -> np.dtype:
