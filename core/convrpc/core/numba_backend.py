@@ -1,7 +1,9 @@
 """The numba backend: the server's default kernel table, parallel on the CPUs this process may use.
 
 Convolutions with enough channels go through im2col into a reused, size-capped workspace plus
-one BLAS matmul per tile; small, grouped and depthwise ones run direct numba loops. Pooling and
+one BLAS matmul per tile, or, for stride-1 3x3 ones, Winograd F(2x2, 3x3) (fewer multiplications:
+batched BLAS matmuls between numba transforms); small, grouped and depthwise ones run direct numba
+loops. The algorithm is chosen once per geometry (:func:`conv_algorithm`) and can be forced. Pooling and
 relu are direct loops. Every parallel loop owns what it writes, so results do not depend on the
 thread count or on other requests.
 
@@ -320,10 +322,11 @@ def _use_wide(g: ConvGeometry) -> bool:
 #: Winograd F(2x2,3x3) / F(4x4,3x3), im2col onto the padded-width grid, plain im2col (pointwise:
 #: the input is the im2col matrix), im2col per (image, group) with axpy loops, direct row loops.
 CONV_ALGORITHMS = ("winograd-2x2", "winograd-4x4", "im2col-wide", "im2col", "small", "direct")
-#: Winograd tile per dtype. float32 takes F(2x2): F(4x4)'s transforms (4, 5, 8, 1/24) raised the
-#: error on d and e from 4e-7 to 9e-6 of the output's max, a tenth of the 1e-4 parity tolerance
-#: and growing with the channel count; F(2x2) stays at direct summation's level. float64 takes
-#: F(4x4): 2e-14 against a 1e-10 tolerance.
+#: Winograd tile per element size. F(2x2) for both: F(4x4) saves more multiplications, but its
+#: larger transforms ate the saving here (d forward, float32: 31 ms with 2x2, 39-41 with 4x4,
+#: im2col_wide 47-50; float64 51-53, 58-61, 89), and in float32 its error on d and e is 9e-6 of
+#: the output's max against 2x2's 4e-7 (the parity tolerance is 1e-4 and the error grows with the
+#: channel count). Force "winograd-4x4" to use it anyway.
 WINOGRAD_TILE = {4: 2, 8: 2}
 #: Fewest input and output channels for an automatic Winograd choice: below, the transforms cost
 #: more than the GEMM flops they save.
@@ -846,6 +849,12 @@ def warm_up() -> None:
             _k.conv2d_weight_grad_direct(x, y, np.empty_like(w), g.groups, *_conv_args(g))
             # Plain im2col serves BLAS convs whose padded-width tiles overrun a small workspace cap.
             _k.im2col(x, np.empty((g.c_in * g.kh * g.kw, 1, g.out_w), dtype), 0, 0, 0, g.kh, g.kw, *_conv_args(g), g.out_w)
+        x = rng.standard_normal((1, 2, 5, 6)).astype(dtype)
+        w = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
+        g = params.conv2d_geometry(x.shape, w.shape, None, padding=1)
+        for m in (2, 4):  # the Winograd transforms (only 2x2 is chosen by default; 4x4 may be forced)
+            with _lane:
+                _conv2d_winograd(x, w, w[:, 0, 0, 0].copy(), g, m, True, np.empty(g.output_shape, dtype))
         pg = params.pool2d_geometry(x.shape, 2, 1, 1)
         y = max_pool2d(x, pg)
         max_pool2d_backward(y, x, pg)

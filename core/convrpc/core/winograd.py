@@ -5,11 +5,10 @@ transformed as V = B^T d B and the filter as U = G g G^T, the tile's output is A
 tile and (input, output) channel pair, a*a products (a = m+2) instead of 9*m*m. Summed over input
 channels, the a*a element-wise products become a*a matmuls (K x C) @ (C x tiles), which BLAS runs.
 
-- F(2x2, 3x3): 16 products per 4 outputs, 2.25x fewer multiplications. The transforms use only 0,
-  ±1 and ±1/2, so float32 rounding stays close to the direct sum's.
-- F(4x4, 3x3): 36 products per 16 outputs, 4x fewer; its transforms carry 4, 5, 8 and 1/24, which
-  amplify rounding about 10x over direct summation. Used for float64, whose 1e-16 eps leaves that
-  far inside any tolerance; float32 keeps 2x2 (measured below, see the numba backend).
+- F(2x2, 3x3): 16 products per 4 outputs, 2.25x fewer multiplications. The transforms use only 0
+  and ±1, so rounding stays at the direct sum's level (4e-7 of the output's max on shapes d, e).
+- F(4x4, 3x3): 36 products per 16 outputs, 4x fewer; its transforms carry 2, 4, 5 and 8 (1/24 in
+  the filter's), which raised float32 errors to 9e-6 of the max on d and e.
 
 The transforms run in numba, vectorised across a row of tiles; each call handles one chunk of
 images x tile rows so a worker's V and M blocks stay near its cache.
