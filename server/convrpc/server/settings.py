@@ -98,6 +98,10 @@ class Settings:
     chunk_bytes: int = knob(
         config.CHUNK_BYTES, "bytes per chunk of the ForwardStream/BackwardStream responses (at most max_message_bytes/2)"
     )
+    # -- operations (added later; fields are never reordered)
+    health_port: int = knob(
+        0, "port of a plaintext server answering grpc.health.v1 alone (for probes under TLS), bound to host; 0: none"
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -113,7 +117,7 @@ class Settings:
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise ConfigError(f.name, f"expected one of {', '.join(choices)}, got {value!r}")
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "health_port"):
             if getattr(self, name) > 65535:
                 raise ConfigError(name, f"must be in 0..65535, got {getattr(self, name)}")
         for name in ("max_message_bytes", "max_request_bytes", "max_elements", "max_train_steps"):
