@@ -302,9 +302,7 @@ class ConvServer:
     def target(self) -> str:
         """``host:port`` a client on this machine can dial."""
         host = self.settings.host
-        if host in ("0.0.0.0", "::", "[::]"):
-            host = "127.0.0.1"
-        return f"{host}:{self.port}" if ":" not in host else f"[{host.strip('[]')}]:{self.port}"
+        return _address("127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host, self.port)
 
     def _set_health(self, state) -> None:
         for name in ("", SERVICE_NAME):
