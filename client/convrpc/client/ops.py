@@ -18,8 +18,8 @@ from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 
 from .calls import CallCore
 from .channel import max_message_bytes, methods, open_channels
-from .messages import Call
 from .errors import ConvRpcError
+from .messages import Call
 from .tensors import as_array, checked_op
 from .training import train_request
 
