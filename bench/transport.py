@@ -97,10 +97,10 @@ class SocketEcho:
 
 def _serve(ready, stop, backend: str, grpc_defaults: bool, chunk_bytes: int | None) -> None:
     from convrpc.server import ConvServer, Settings
-    from convrpc.server import settings as server_settings
+    from convrpc import chunks
 
     if grpc_defaults:
-        server_settings.TRANSPORT_OPTIONS = ()
+        chunks.TRANSPORT_OPTIONS = ()
 
     settings = Settings(host="127.0.0.1", port=0, backend=backend, max_message_bytes=LIMIT, max_elements=LIMIT // 4)
     server = ConvServer(settings.replace(chunk_bytes=chunk_bytes)).start()
@@ -123,10 +123,10 @@ def start_server(backend: str, grpc_defaults: bool, chunk_bytes: int | None = No
 
 def make_client(target: str, path: str, grpc_defaults: bool, chunk_bytes: int | None):
     from convrpc.client import ConvClient
-    from convrpc.client import config
+    from convrpc import chunks
 
     if grpc_defaults:
-        config.TRANSPORT_OPTIONS = ()
+        chunks.TRANSPORT_OPTIONS = ()
     limits = [("grpc.max_receive_message_length", LIMIT), ("grpc.max_send_message_length", LIMIT)]
     return ConvClient(target, timeout=600, data_path=path, options=limits, chunk_bytes=chunk_bytes)
 

@@ -34,7 +34,7 @@ def channel_options(max_message_bytes: int = config.MAX_MESSAGE_BYTES) -> list[t
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        *config.TRANSPORT_OPTIONS,
+        *chunks.TRANSPORT_OPTIONS,
         ("grpc.service_config", _SERVICE_CONFIG),
         ("grpc.keepalive_time_ms", config.KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", config.KEEPALIVE_TIMEOUT_MS),

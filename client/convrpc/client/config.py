@@ -4,14 +4,6 @@ from __future__ import annotations
 
 #: Largest gRPC message the SDK sends or accepts (bytes); the server's default limit too.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-#: HTTP/2 and TCP tuning for bulk tensors: bigger frames and socket reads. Measured (bench/transport.py
-#: --grpc-defaults) it gains 0-25% on 16-64 MiB streams; bigger windows and write buffers gained nothing.
-TRANSPORT_OPTIONS = (
-    ("grpc.http2.max_frame_size", 16 * 1024 * 1024 - 1),
-    ("grpc.experimental.tcp_read_chunk_size", 4 * 1024 * 1024),
-    ("grpc.experimental.tcp_min_read_chunk_size", 1024 * 1024),
-    ("grpc.experimental.tcp_max_read_chunk_size", 16 * 1024 * 1024),
-)
 
 # A frozen replica (SIGSTOP, a hung VM) still completes TCP handshakes and ACKs bytes in its kernel but never
 # answers HTTP/2 PINGs. Pinging every second during calls turns it into UNAVAILABLE within ~3 s, whatever the

@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from convrpc import chunks
 from convrpc.core import config
 
 __all__ = ["ConfigError", "Settings", "env_name", "flag_name"]
@@ -25,15 +26,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 SPARE_WORKERS = 4
 #: The least the server may send in one message (gRPC's own default send limit), whatever max_message_bytes says.
 MIN_SEND_BYTES = 4 * 1024 * 1024
-#: HTTP/2 and TCP tuning for bulk tensors (the SDK applies the same): bigger frames and socket reads.
-#: Measured (bench/transport.py --grpc-defaults) it gains 0-25% on 16-64 MiB streams, within noise on a
-#: busy 2-core machine; larger flow-control windows, no BDP probing and a bigger write buffer gained nothing.
-TRANSPORT_OPTIONS = (
-    ("grpc.http2.max_frame_size", 16 * 1024 * 1024 - 1),
-    ("grpc.experimental.tcp_read_chunk_size", 4 * 1024 * 1024),
-    ("grpc.experimental.tcp_min_read_chunk_size", 1024 * 1024),
-    ("grpc.experimental.tcp_max_read_chunk_size", 16 * 1024 * 1024),
-)
 
 
 class ConfigError(ValueError):
@@ -170,7 +162,7 @@ class Settings:
             # Reflection's descriptors with their comments and error details must always fit, whatever
             # max_message_bytes says: the server sends at least gRPC's own default limit.
             ("grpc.max_send_message_length", max(self.max_message_bytes, MIN_SEND_BYTES)),
-            *TRANSPORT_OPTIONS,
+            *chunks.TRANSPORT_OPTIONS,
             ("grpc.so_reuseport", 0),
             ("grpc.keepalive_time_ms", round(self.keepalive_time * 1000)),
             ("grpc.keepalive_timeout_ms", round(self.keepalive_timeout * 1000)),
