@@ -8,6 +8,8 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import grpc
 
+from convrpc.v1 import conv_service_pb2 as pb
+
 from . import config
 from .calls import Gather, Sleep, Spawn, Stream, drive
 from .ops import OpMethods
@@ -78,8 +80,21 @@ class ConvClient(OpMethods):
         return method(effect.request, timeout=effect.timeout, metadata=self._metadata)
 
     def _train(self, request, progress, timeout) -> TrainingRun:
-        call = self._stub().TrainKernel(request, timeout=self._timeout(timeout), metadata=self._metadata)
-        return TrainingRun(call, max_steps=request.max_steps, progress=progress)
+        calls, channel = self._run_methods()
+        deadline = None if timeout is None else timeout + config.STOP_GRACE_SECONDS
+        call = calls["TrainKernel"](request, timeout=deadline, metadata=self._metadata)
+        stop_request = pb.StopTrainingRequest(run_id=request.run_id)
+
+        def stop() -> None:
+            try:
+                calls["StopTraining"](stop_request, timeout=config.STOP_TIMEOUT, metadata=self._metadata)
+            except grpc.RpcError:
+                call.cancel()  # the server cannot be asked: at least free its worker (the fit is lost)
+
+        return TrainingRun(
+            call, max_steps=request.max_steps, progress=progress, stop=stop, timeout=timeout,
+            on_end=None if channel is None else channel.close,
+        )  # fmt: skip
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
