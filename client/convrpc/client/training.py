@@ -102,7 +102,7 @@ class TrainResult:
         try:
             import matplotlib.pyplot as plt
         except ImportError:
-            raise ImportError("plot() needs matplotlib: pip install 'convrpc[notebook]'") from None
+            raise ImportError("plot() needs matplotlib: pip install -e '.[notebook]' in a clone of convrpc") from None
         if ax is None:
             _, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(self.history.step, self.history.loss, lw=1.5)

@@ -21,7 +21,7 @@ from .interceptors import BearerTokenAuth, CallObserver, ComputeAdmission
 from .logs import configure_logging
 from .metrics import ServerMetrics
 from .servicer import ConvService
-from .settings import Settings
+from .settings import ConfigError, Settings
 
 log = logging.getLogger("convrpc.server")
 
@@ -110,13 +110,21 @@ class ConvServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        if credentials is None:
-            self.port = self._server.add_insecure_port(settings.address)
-        else:
-            self.port = self._server.add_secure_port(settings.address, credentials)
+        try:
+            if credentials is None:
+                self.port = self._server.add_insecure_port(settings.address)
+            else:
+                self.port = self._server.add_secure_port(settings.address, credentials)
+        except RuntimeError:  # gRPC says only "Failed to bind"; in use is by far the commonest cause
+            raise ConfigError(
+                "port", f"cannot listen on {settings.address}: the port is in use (another convrpc serve?) or the "
+                "address is not this machine's; choose another with --port or --host"
+            ) from None
         self.metrics_port: int | None = None
         self.ready = threading.Event()
         self.warm_up_seconds: float | None = None
+        #: (kernel groups compiled, of how many) while warming up.
+        self.warm_up_progress: tuple[int, int] = (0, 0)
         self._stopped = threading.Event()
 
     @property
@@ -149,8 +157,14 @@ class ConvServer:
         started = time.perf_counter()
         warm_up = getattr(self.backend.kernels, "warm_up", None)
         if self.settings.warm_up and warm_up is not None:
+
+            def progress(done: int, total: int) -> None:
+                self.warm_up_progress = (done, total)
+                log.info("compiling kernels %d/%d (%.0f s; cached on disk for later starts)", done, total,
+                         time.perf_counter() - started)  # fmt: skip
+
             try:
-                warm_up()
+                warm_up(progress)
             except Exception:  # noqa: BLE001 - a failed warm-up leaves the server NOT_SERVING, visibly
                 log.exception("warm-up of backend %s failed", self.backend.name)
                 return
