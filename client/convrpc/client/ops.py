@@ -20,6 +20,7 @@ from .calls import CallCore
 from .errors import ConvRpcError
 from .channel import max_message_bytes, methods, open_channels, pinned_options, single_address
 from .messages import Call
+from .server_info import ServerInfo
 from .tensors import as_array, op_message
 from .training import train_request
 
@@ -113,10 +114,28 @@ class OpMethods:
     def _call_backward(self, op: str, grad_output, tensors: dict, options: dict, timeout):
         return self._call(op, True, dict(tensors, grad_output=grad_output), options, timeout)
 
-    def server_info(self, *, timeout=None) -> pb.GetServerInfoResponse:
-        """The server's version, backend, device and limits (the GetServerInfo response)."""
+    def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        """Describe the server: its version, backend, device and limits.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Deadline in seconds (default: the client's ``timeout``).
+
+        Returns
+        -------
+        ServerInfo
+            Named fields (``version``, ``backend``, ``device``, ``max_message_bytes``,
+            ``max_elements``, ``max_train_steps``, ``max_train_seconds``, ``ops``, ``dtypes``,
+            ``compute_threads``); ``print(info)`` shows one per line.
+
+        Raises
+        ------
+        ConvRpcError
+            UNAVAILABLE when no replica answers, DEADLINE_EXCEEDED after ``timeout``.
+        """
         steps = self._core.unary("GetServerInfo", pb.GetServerInfoRequest(), self._deadline(timeout))
-        return self._run(steps, lambda response: response)
+        return self._run(steps, ServerInfo.from_response)
 
     # -- forward ------------------------------------------------------------------------------
 
