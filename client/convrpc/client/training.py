@@ -6,7 +6,7 @@ import math
 import numbers
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
 
@@ -220,30 +220,28 @@ class _StreamReader:
 
     A Ctrl-C while waiting must not lose the read in flight: gRPC refuses a second read on a call
     whose first one an interrupt abandoned ("Internal gRPC call error 8"). Here the interrupted
-    wait leaves its read pending, and the next ``read()`` waits for that same one.
+    wait leaves its read pending, and the next ``read()`` waits for that same one. The helper is one
+    thread kept for the run (its pool lets it go when the run ends or is dropped).
     """
 
     def __init__(self, stream):
         self._stream = stream
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="convrpc-train-read")
         self._pending: Future | None = None
-
-    def _read(self, future: Future) -> None:
-        try:
-            future.set_result(next(self._stream))
-        except BaseException as exc:  # noqa: BLE001 - StopIteration and RpcError go to the reader
-            future.set_exception(exc)
 
     def read(self):
         """The next message; raises StopIteration at the end and the stream's RpcError on failure."""
         if self._pending is None:
-            self._pending = Future()
-            threading.Thread(target=self._read, args=(self._pending,), name="convrpc-train-read", daemon=True).start()
+            self._pending = self._pool.submit(next, self._stream)
         future = self._pending
         try:
             return future.result()  # an interrupt here leaves the read pending for the next call
         finally:
             if future.done():
                 self._pending = None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
 
 
 class TrainingRun:
@@ -326,6 +324,8 @@ class TrainingRun:
         self._failed = failed
         if self._timer is not None:
             self._timer.cancel()
+        if self._reader is not None:
+            self._reader.close()
         if self._on_end is not None:
             on_end, self._on_end = self._on_end, None
             on_end()
