@@ -84,3 +84,37 @@ def test_results_and_gradients_print_shapes_not_arrays():
         "elapsed=1.5s)"
     )
     assert repr(h) == "History(3 points, steps 0..2, last loss 0.25)"
+
+
+def test_a_closed_client_refuses_every_call_with_a_conv_rpc_error():
+    import asyncio
+
+    import grpc
+    import numpy as np
+    import pytest
+
+    from convrpc.client import ConvClient, ConvRpcError
+    from convrpc.client.aio import AsyncConvClient
+
+    with ConvClient("127.0.0.1:1") as client:
+        pass
+    calls = [
+        lambda: client.relu(np.ones(3)),
+        lambda: client.conv2d_backward(np.ones((1, 1, 2, 2)), np.ones((1, 1, 3, 3)), np.ones((1, 1, 2, 2))),
+        lambda: client.server_info(),
+        lambda: client.train_kernel(np.ones((1, 1, 4, 4)), np.ones((1, 1, 2, 2)), kernel_size=3),
+    ]
+    for call in calls:
+        with pytest.raises(ConvRpcError) as info:
+            call()
+        assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION and "is closed" in info.value.message
+
+    async def closed_async():
+        async with AsyncConvClient("127.0.0.1:1") as c:
+            pass
+        with pytest.raises(ConvRpcError, match="is closed"):
+            await c.relu(np.ones(3))
+        with pytest.raises(ConvRpcError, match="is closed"):
+            c.train_kernel(np.ones((1, 1, 4, 4)), np.ones((1, 1, 2, 2)), kernel_size=3)
+
+    asyncio.run(closed_async())

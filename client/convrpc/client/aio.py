@@ -71,6 +71,7 @@ class AsyncConvClient(OpMethods):
         self._background: set[asyncio.Task] = set()
 
     async def _run(self, steps, finish):
+        self._check_open()
         return finish(await self._drive(steps))
 
     async def _drive(self, generator):
@@ -119,6 +120,7 @@ class AsyncConvClient(OpMethods):
         return await method(effect.request, timeout=effect.timeout, metadata=self._metadata)
 
     def _train(self, request, progress, timeout) -> AsyncTrainingRun:
+        self._check_open()
         calls, channel = self._run_methods()
         deadline = None if timeout is None else timeout + config.STOP_GRACE_SECONDS
         call = calls["TrainKernel"](request, timeout=deadline, metadata=self._metadata)
@@ -127,7 +129,7 @@ class AsyncConvClient(OpMethods):
         async def stop() -> None:
             try:
                 await calls["StopTraining"](stop_request, timeout=config.STOP_TIMEOUT, metadata=self._metadata)
-            except grpc.RpcError:
+            except (grpc.RpcError, ValueError):  # ValueError: the client was closed meanwhile
                 call.cancel()  # the server cannot be asked: at least free its worker (the fit is lost)
 
         # cancel() and the end of a run are not coroutines: their calls run as background tasks.
@@ -142,6 +144,7 @@ class AsyncConvClient(OpMethods):
         task.add_done_callback(self._forget)
 
     async def close(self) -> None:
+        self._closed = True
         await self._drive(self._core.close())
         for task in list(self._background):
             task.cancel()

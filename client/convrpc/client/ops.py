@@ -75,6 +75,17 @@ class OpMethods:
     def _start(self) -> None:  # pragma: no cover - provided by clients
         raise NotImplementedError
 
+    _closed = False
+
+    def _check_open(self) -> None:
+        """Refuse a call on a closed client with the SDK's one error, not gRPC's ValueError."""
+        if self._closed:
+            raise ConvRpcError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this client of {', '.join(self.targets)} is closed (its 'with' block ended or close() was called); "
+                "open a new one",
+            )  # fmt: skip
+
     def _timeout(self, timeout):
         return self.timeout if timeout is None else timeout
 
