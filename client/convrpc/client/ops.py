@@ -11,18 +11,19 @@ import secrets
 from typing import Sequence
 
 import grpc
+from numpy.typing import ArrayLike
 
 from convrpc import wire
 from convrpc.core.backend import Gradients
 from convrpc.v1 import conv_service_pb2 as pb
 
 from .calls import CallCore
-from .errors import ConvRpcError
 from .channel import max_message_bytes, methods, open_channels, pinned_options, single_address
+from .errors import ConvRpcError
 from .messages import Call
 from .server_info import ServerInfo
 from .tensors import as_array, op_message
-from .training import train_request
+from .training import TrainingRun, train_request
 
 __all__ = ["OpMethods"]
 
@@ -227,11 +228,15 @@ class OpMethods:
     # -- training -----------------------------------------------------------------------------
 
     def train_kernel(
-        self, input, target, *, kernel_size=None, init_weight=None, bias=False, init_bias=None, stride=1, padding=0,
-        dilation=1, groups=1, optimizer="sgd", lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0,
-        betas=(0.9, 0.999), eps=1e-8, loss="mse", max_steps=1000, tol=0.0, report_every=1, seed=None,
-        batch_size=None, max_seconds=None, snapshot_every=0, progress=False, timeout=None,
-    ):  # fmt: skip
+        self, input: ArrayLike, target: ArrayLike, *, kernel_size: int | Sequence[int] | None = None,
+        init_weight: ArrayLike | None = None, bias: bool = False, init_bias: ArrayLike | None = None,
+        stride: int | Sequence[int] = 1, padding: int | str | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+        groups: int = 1, optimizer: str = "sgd", lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
+        weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, loss: str = "mse",
+        max_steps: int = 1000, tol: float = 0.0, report_every: int = 1, seed: int | None = None,
+        batch_size: int | None = None, max_seconds: float | None = None, snapshot_every: int = 0,
+        progress: bool = False, timeout: float | None = None,
+    ) -> TrainingRun:  # fmt: skip
         """Fit a conv2d weight (and a bias if ``bias=True``) so that conv2d(input) approaches ``target``.
 
         Returns at once with a live run: iterate it for progress updates (``.step``, ``.loss``,
