@@ -184,10 +184,9 @@ def scrape(metrics_port: int):
 
 
 def server_latency(families, rpc: str) -> tuple[float, float]:
-    """p50 and p99 (ms, bucket upper bounds) of the server's own duration histogram for ``rpc``."""
+    """p50 and p99 (ms, bucket upper bounds) of the server's grpc_server_handling_seconds histogram for ``rpc`` (every code)."""
     buckets = sorted((float(s.labels["le"]), s.value) for f in families for s in f.samples
-                     if s.name == "convrpc_request_duration_seconds_bucket" and s.labels.get("rpc") == rpc
-                     and s.labels.get("code") == "OK")  # fmt: skip
+                     if s.name == "grpc_server_handling_seconds_bucket" and s.labels.get("grpc_method") == rpc)  # fmt: skip
     total = buckets[-1][1] if buckets else 0
     quantile = lambda q: next((le * 1e3 for le, n in buckets if n >= q * total), float("nan"))  # noqa: E731
     return quantile(0.5), quantile(0.99)

@@ -1,7 +1,7 @@
 """Dockerfile, docker-compose.yml and deploy/k8s agree with the code: env names, commands, ports, entrypoint, grace.
 
-No container engine runs here; these files are parsed and checked against the settings model, the CLI
-parser and pyproject.toml, and test_scale_out.py runs the same `convrpc serve` processes as plain processes.
+These files are parsed and checked against the settings model, the CLI parser and pyproject.toml;
+test_containers.py builds and runs them for real where a container engine is reachable.
 """
 
 from __future__ import annotations
@@ -105,14 +105,18 @@ def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
     return args, stages
 
 
-DOCKER_ARGS, STAGES = parse_dockerfile((ROOT / "Dockerfile").read_text())
+DOCKERFILES = {name: parse_dockerfile((ROOT / name).read_text()) for name in
+               ("Dockerfile", "Dockerfile.gpu", "Dockerfile.notebook")}  # fmt: skip
+DOCKER_ARGS, STAGES = DOCKERFILES["Dockerfile"]
 BY_NAME = {s.name: s for s in STAGES}
 
 
-def effective(stage_name: str) -> dict:
-    """A stage's image config as Docker builds it: ENV, USER, ENTRYPOINT, CMD, ... inherited along FROM."""
-    stage = BY_NAME[stage_name]
-    conf = effective(stage.base) if stage.base in BY_NAME else {"ENV": {}, "RUN": [], "COPY": []}
+def effective(stage_name: str, stages=None) -> dict:
+    """A stage's image config as Docker builds it: ENV, USER, ENTRYPOINT, CMD, ... inherited along FROM;
+    ``stages`` maps the stage names (and the other images a Dockerfile starts FROM) that may be inherited."""
+    stages = BY_NAME if stages is None else stages
+    stage = stages[stage_name]
+    conf = effective(stage.base, stages) if stage.base in stages else {"ENV": {}, "RUN": [], "COPY": []}
     conf = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v) for k, v in conf.items()}
     for keyword, rest in stage.instructions:
         if keyword == "ENV":
@@ -125,56 +129,68 @@ def effective(stage_name: str) -> dict:
     return conf
 
 
+def gpu_image() -> dict:
+    """Dockerfile.gpu's image: FROM the server image (its ARG default)."""
+    args, (stage,) = DOCKERFILES["Dockerfile.gpu"]
+    assert stage.base == "${SERVER_IMAGE}" and args["SERVER_IMAGE"] == "convrpc:latest"
+    return effective("gpu", {"gpu": Stage("gpu", "server", stage.instructions), "server": BY_NAME["server"]})
+
+
 def exec_form(value: str) -> list[str]:
     argv = json.loads(value)
     assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), value
     return argv
 
 
-def test_dockerfile_is_multi_stage_on_slim_python_311_and_builds_the_server_by_default():
+def test_dockerfiles_need_no_registry_frontend_and_the_default_build_is_the_server_alone():
+    for name in DOCKERFILES:
+        first = (ROOT / name).read_text().splitlines()[0]
+        assert not re.match(r"#\s*syntax\s*=", first), f"{name}: BuildKit would fetch the frontend from a registry"
     assert "python:3.11-slim" in DOCKER_ARGS["PYTHON_IMAGE"]
+    # The legacy builder builds every stage of the file: the default Dockerfile holds only the server's.
+    assert [s.name for s in STAGES] == ["builder", "server"]
     assert {s.base for s in STAGES if s.base not in BY_NAME} == {"${PYTHON_IMAGE}"}
-    assert STAGES[-1].name == "server", "a plain `docker build .` must produce the server image"
     builder = effective("builder")
     assert any("pip wheel" in r and "/wheels" in r for r in builder["RUN"])
     extras = PYPROJECT["project"]["optional-dependencies"]
-    for stage, extra in (("builder", "server"), ("builder-gpu", "gpu"), ("notebook", "notebook")):
-        installs = [r for r in effective(stage)["RUN"] if f"convrpc-*.whl)[{extra}]" in r]
-        assert installs and extra in extras, (stage, extra)
-    # Only the build stages carry build tools; the runtime images get the finished venv.
-    for stage, source in (("server", "builder"), ("gpu", "builder-gpu")):
-        assert any(c.startswith(f"--from={source} /opt/venv /opt/venv") for c in effective(stage)["COPY"])
+    assert any('["optional-dependencies"]["server"]' in r for r in builder["RUN"]) and "server" in extras
+    assert any(c.startswith("--from=builder /opt/venv /opt/venv") for c in effective("server")["COPY"])
+    assert any('cupy-cuda12x[ctk]' in r for r in gpu_image()["RUN"]) and "gpu" in extras
+    _, (notebook,) = DOCKERFILES["Dockerfile.notebook"]
+    assert any('".[notebook]"' in r for k, r in notebook.instructions if k == "RUN") and "notebook" in extras
 
 
 @pytest.mark.parametrize("stage", ["server", "gpu"])
-def test_server_images_run_convrpc_serve_as_a_non_root_user_with_health_and_sigterm(stage):
-    conf = effective(stage)
-    assert conf["USER"] not in ("root", "0") and conf["USER"]
-    # ENTRYPOINT is the real console script, exec form, so the server is PID 1 and receives SIGTERM.
+def test_server_images_run_convrpc_serve_under_tini_as_a_non_root_user_with_health_and_sigterm(stage):
+    conf = effective("server") if stage == "server" else gpu_image()
+    uid = re.search(r"ARG UID=(\d+)", (ROOT / "Dockerfile").read_text()).group(1)
+    assert conf["USER"] == "${UID}:${UID}" and uid != "0"
+    # tini is PID 1 and forwards SIGTERM from the first instant; the console script is its child.
     entrypoint = exec_form(conf["ENTRYPOINT"])
+    assert entrypoint[:2] == ["tini", "--"] and any("install" in r and " tini" in r for r in conf["RUN"])
     scripts = PYPROJECT["project"]["scripts"]
-    assert entrypoint == ["convrpc"] and scripts["convrpc"] == "convrpc.cli:main"
+    assert entrypoint[2:] == ["convrpc"] and scripts["convrpc"] == "convrpc.cli:main"
     module, func = scripts["convrpc"].split(":")
     assert getattr(importlib.import_module(module), func) is cli.main
-    assert parse_command(entrypoint + exec_form(conf["CMD"])).func is cli.cmd_serve
+    assert parse_command(entrypoint[2:] + exec_form(conf["CMD"])).func is cli.cmd_serve
     assert conf["STOPSIGNAL"] == "SIGTERM"
 
     env = conf["ENV"]
     settings = check_server_env(env)
     assert ipaddress.ip_address(settings.host).is_unspecified and settings.port == config.DEFAULT_PORT
-    assert settings.backend in BACKENDS
-    assert conf["EXPOSE"] == str(settings.port)
+    assert settings.backend in BACKENDS and settings.health_port
+    assert conf["EXPOSE"].split() == [str(settings.port), str(settings.health_port)]
 
+    # The probe dials the plaintext health port, so it passes under TLS and mutual TLS.
     health = re.fullmatch(r"(--\S+\s+)*CMD\s+(.*)", conf["HEALTHCHECK"])
-    argv = [a.replace("${CONVRPC_PORT}", env["CONVRPC_PORT"]) for a in shlex.split(health.group(2))]
-    probe = parse_command(argv)
-    assert probe.func is cli.cmd_health and port_of(probe.target) == settings.port
-    assert probe.target.startswith("127.0.0.1:")
+    probe = parse_command(exec_form(health.group(2)))
+    assert probe.func is cli.cmd_health and probe.tls_ca is None
+    assert cli._local_health_target(env) == f"127.0.0.1:{settings.health_port}"
 
     # Kernel caches live where the server's user may write.
     for var in ("NUMBA_CACHE_DIR", "CUPY_CACHE_DIR"):
         assert any(env[var] in r and "mkdir" in r for r in conf["RUN"])
-    assert any("chown" in r and f"{conf['USER']}:" in r and "/var/cache/convrpc" in r for r in conf["RUN"])
+    assert any("chown" in r and "convrpc:convrpc" in r and "/var/cache/convrpc" in r for r in conf["RUN"])
 
 
 def test_numba_warm_up_runs_at_build_time_as_the_server_user():
@@ -183,7 +199,8 @@ def test_numba_warm_up_runs_at_build_time_as_the_server_user():
     runs = [r for k, r in stage.instructions if k == "RUN"]
     warm = [r for r in runs if "warm_up()" in r]
     assert warm, "the server image should compile its numba kernels at build time"
-    assert effective("runtime")["USER"] == "convrpc" and "USER" not in keywords[: keywords.index("RUN")]
+    assert "USER" in keywords[: keywords.index("RUN", keywords.index("USER"))]
+    assert keywords.index("USER") < max(i for i, (k, r) in enumerate(stage.instructions) if "warm_up()" in r)
     code = shlex.split(warm[0])[2]
     assert shlex.split(warm[0])[:2] == ["python", "-c"]
     assert code == "from convrpc.core import numba_backend; numba_backend.warm_up()"
@@ -199,7 +216,7 @@ def _dockerignore() -> list[str]:
 
 def test_every_copied_path_exists_and_is_in_the_build_context():
     ignored = _dockerignore()
-    for stage in STAGES:
+    for stage in [s for _, stages in DOCKERFILES.values() for s in stages]:
         for keyword, rest in stage.instructions:
             if keyword != "COPY" or "--from=" in rest:
                 continue
@@ -208,7 +225,7 @@ def test_every_copied_path_exists_and_is_in_the_build_context():
                 path = source.rstrip("/")
                 assert (ROOT / path).exists(), source
                 assert not any(fnmatch.fnmatch(path, p) or path.startswith(p + "/") for p in ignored), source
-    assert ".git" in ignored and "**/__pycache__" in ignored
+    assert ".git" in ignored and "**/__pycache__" in ignored and "Dockerfile.*" in ignored
 
 
 # -- docker-compose.yml ---------------------------------------------------------------------------
@@ -218,48 +235,55 @@ SERVICES = COMPOSE["services"]
 SERVER_SERVICES = ["server", "server-gpu"]
 
 
-def _interpolate(value: str) -> str:
+def _interpolate(value) -> str:
     """Compose's ${NAME:-default} with NAME unset."""
-    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
 
 
 def test_compose_has_no_obsolete_version_and_the_expected_services():
     assert "version" not in COMPOSE
     assert set(SERVICES) == {"server", "server-gpu", "notebook"}
     for name, service in SERVICES.items():
-        assert service["build"]["target"] in BY_NAME, name
+        assert (ROOT / service["build"]["dockerfile"]).is_file(), name
         assert service["build"]["context"] == "."
+    gpu = SERVICES["server-gpu"]["build"]
+    assert gpu["additional_contexts"] == {gpu["args"]["SERVER_IMAGE"]: "service:server"}
 
 
 @pytest.mark.parametrize("name", SERVER_SERVICES)
 def test_compose_servers_agree_with_settings_cli_and_ports(name):
     service = SERVICES[name]
-    settings = check_server_env(service["environment"])
+    env = {k: _interpolate(v) for k, v in service["environment"].items()}
+    settings = check_server_env(env)
     assert ipaddress.ip_address(settings.host).is_unspecified and settings.port == config.DEFAULT_PORT
-    probe = parse_command(service["healthcheck"]["test"][1:])
     assert service["healthcheck"]["test"][0] == "CMD"
-    assert probe.func is cli.cmd_health and port_of(probe.target) == settings.port
-    assert all(str(p).rsplit(":", 1)[1] == str(settings.port) for p in service["ports"])
+    probe = parse_command(service["healthcheck"]["test"][1:])
+    assert probe.func is cli.cmd_health and probe.tls_ca is None
+    assert settings.health_port and cli._local_health_target(env) == f"127.0.0.1:{settings.health_port}"
+    published = {int(str(p).rsplit(":", 1)[1]) for p in service["ports"]}
+    assert published == {settings.port, settings.metrics_port} and settings.metrics_port
     assert all(str(p).startswith("127.0.0.1:") for p in service["ports"]), "publish on the host's loopback only"
     # Docker's SIGKILL must not cut the server's own drain short.
     assert seconds(service["stop_grace_period"]) > settings.grace
-    assert service["ipc"] == "shareable"
+    # Each replica has its own IPC namespace: the shared-memory path cannot reach a container's server.
+    assert "ipc" not in service and "shm_size" not in service
     assert "command" not in service and "entrypoint" not in service  # the image's `convrpc serve`
 
 
-def test_compose_cpu_servers_scale_out_with_numba_threads_matching_their_cpu_limit():
+def test_compose_cpu_replicas_fit_a_two_core_host_with_numba_threads_matching_their_cpu_limit():
     service = SERVICES["server"]
-    assert service["deploy"]["replicas"] >= 2
+    replicas = int(_interpolate(service["deploy"]["replicas"]))
+    limit = cpus(_interpolate(service["deploy"]["resources"]["limits"]["cpus"]))
+    assert replicas >= 2 and replicas * limit <= 2, "the defaults must not oversubscribe a 2-core machine"
     assert check_server_env(service["environment"]).backend == "numba"
-    limit = cpus(service["deploy"]["resources"]["limits"]["cpus"])
-    assert int(service["environment"]["NUMBA_NUM_THREADS"]) == math.ceil(limit)
+    assert int(_interpolate(service["environment"]["NUMBA_NUM_THREADS"])) == math.ceil(limit)
     assert "-" in str(service["ports"][0]).rsplit(":", 1)[0], "a host port range, so that replicas can scale"
 
 
 def test_compose_gpu_profile_runs_cupy_with_an_nvidia_reservation():
     service = SERVICES["server-gpu"]
     assert service["profiles"] == ["gpu"] and "profiles" not in SERVICES["server"]
-    assert service["build"]["target"] == "gpu"
+    assert service["build"]["dockerfile"] == "Dockerfile.gpu"
     assert check_server_env(service["environment"]).backend == "cupy"
     (device,) = service["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device["count"] >= 1
@@ -273,7 +297,7 @@ def test_compose_notebook_reaches_the_servers_by_service_name():
     m = re.fullmatch(r"dns:///([\w-]+):(\d+)", target)
     assert m and m.group(1) in SERVER_SERVICES and int(m.group(2)) == config.DEFAULT_PORT, target
     assert service["depends_on"]["server"]["condition"] == "service_healthy"
-    assert service["ipc"] == "service:server"
+    assert "ipc" not in service and service["init"] is True
     assert any(str(p).endswith(":8888") for p in service["ports"])
 
 
@@ -314,10 +338,14 @@ def test_deployment_runs_convrpc_serve_with_valid_settings_and_grpc_probes():
     assert "command" not in container  # the image's ENTRYPOINT, the console script
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     settings = check_server_env(env)
-    (port,) = container["ports"]
-    assert port["containerPort"] == settings.port == config.DEFAULT_PORT and ipaddress.ip_address(settings.host).is_unspecified
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": settings.port, "health": settings.health_port, "metrics": settings.metrics_port}
+    assert settings.port == config.DEFAULT_PORT and ipaddress.ip_address(settings.host).is_unspecified
+    # The kubelet's gRPC probes speak plaintext: they go to the health-only port, which TLS leaves alone.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == port["containerPort"], probe
+        assert container[probe]["grpc"]["port"] == settings.health_port, probe
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == str(ports["metrics"])
     assert pod["spec"]["terminationGracePeriodSeconds"] > settings.grace
     security = pod["spec"]["securityContext"]
     assert security["runAsNonRoot"] and str(security["runAsUser"]) == re.search(
@@ -344,10 +372,10 @@ def test_headless_service_selects_the_pods_on_the_grpc_port():
     pod_labels = MANIFESTS["Deployment"]["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["clusterIP"] == "None"  # DNS returns every pod: clients balance round_robin
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    (port,) = service["spec"]["ports"]
-    (container_port,) = _container()["ports"]
-    assert port["port"] == config.DEFAULT_PORT
-    assert port["targetPort"] in (container_port["name"], container_port["containerPort"])
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    container_ports = {p["name"]: p["containerPort"] for p in _container()["ports"]}
+    assert ports["grpc"]["port"] == config.DEFAULT_PORT == container_ports["grpc"] and ports["grpc"]["targetPort"] == "grpc"
+    assert ports["metrics"]["targetPort"] == "metrics" and ports["metrics"]["port"] == container_ports["metrics"]
     assert service["metadata"]["name"] == "convrpc"  # dns:///convrpc:50051 in the README
     assert MANIFESTS["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 

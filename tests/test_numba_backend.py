@@ -144,8 +144,8 @@ def _pool_config(i: int, with_dilation: bool):
 # -- the sweep --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("i", range(N_CONFIGS))
-def test_conv2d_sweep(nb, ref, i):
+def check_conv2d_config(nb, ref, i: int) -> None:
+    """conv2d and its gradients of sweep configuration ``i``: the numba backend against the reference."""
     x, w, b, opts = _conv_config(i)
     y = ref.conv2d(x, w, b, **opts)
     assert_close(nb.conv2d(x, w, b, **opts), y, "conv2d")
@@ -155,6 +155,11 @@ def test_conv2d_sweep(nb, ref, i):
     assert_close(got.weight, want.weight, "grad weight")
     if b is not None:
         assert_close(got.bias, want.bias, "grad bias")
+
+
+@pytest.mark.parametrize("i", range(N_CONFIGS))
+def test_conv2d_sweep(nb, ref, i):
+    check_conv2d_config(nb, ref, i)
 
 
 @pytest.mark.parametrize("i", range(N_CONFIGS))
@@ -289,13 +294,8 @@ def test_conv2d_direct_kernels(nb, ref, i, monkeypatch):
     """The row-wise direct kernels, which serve convs whose im2col block is too big for a thread."""
     monkeypatch.setattr(numba_backend, "SMALL_COLS_BYTES", 0)
     monkeypatch.setattr(numba_backend, "_use_blas", lambda g: False)
-    x, w, b, opts = _conv_config(i)
-    y = ref.conv2d(x, w, b, **opts)
-    assert_close(nb.conv2d(x, w, b, **opts), y, "conv2d")
-    gy = np.random.default_rng(i).standard_normal(y.shape).astype(x.dtype)
-    got, want = nb.conv2d_backward(gy, x, w, b, **opts), ref.conv2d_backward(gy, x, w, b, **opts)
-    assert_close(got.input, want.input, "grad input")
-    assert_close(got.weight, want.weight, "grad weight")
+    monkeypatch.setattr(numba_backend, "_choices", {})  # choices cached under the real _use_blas
+    check_conv2d_config(nb, ref, i)
 
 
 def test_read_only_inputs_reuse_the_warmed_up_kernels():

@@ -108,6 +108,8 @@ BAD_INPUTS = [
     ("NaN in a training input", train(input=t(np.where(X > 3, np.nan, X))), "input"),
     ("max_steps zero", train(max_steps=0), "max_steps"),
     ("max_steps over the cap", train(max_steps=51), "max_steps"),
+    ("max_seconds over the cap", train(max_seconds=1e9), "max_seconds"),
+    ("max_seconds negative", train(max_seconds=-1.0), "max_seconds"),
     ("learning rate zero", train(sgd=pb.SgdOptions(lr=0.0)), "sgd.lr"),
     ("training stride zero", train(conv=pb.Conv2dOptions(stride=pb.Size2(height=0, width=1))), "conv.stride"),
     ("training target of the wrong shape", train(target=t(np.ones((1, 3, 4, 4)))), "target"),

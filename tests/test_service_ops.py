@@ -88,7 +88,8 @@ def test_metrics_count_calls_codes_latency_bytes_and_training(tmp_path):
                 np.ones((1, 1, 5, 5)), np.ones((1, 1, 3, 3)), kernel_size=3, max_steps=7
             ).result()
         # The client has the result message a moment before the server's handler returns.
-        _wait_for(lambda: _gauge(ports[0], "convrpc_requests_total", rpc="TrainKernel") == 1, 10, "the stream's end")
+        _wait_for(lambda: _gauge(ports[0], "grpc_server_handled_total", grpc_type="server_stream", grpc_service="convrpc.v1.ConvService", grpc_method="TrainKernel",
+                                    grpc_code="OK") == 1, 10, "the stream's end")
         text = urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/metrics", timeout=10).read().decode()
         other_text = urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/metrics", timeout=10).read().decode()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -97,20 +98,26 @@ def test_metrics_count_calls_codes_latency_bytes_and_training(tmp_path):
     def value(name, **labels):
         return samples[(name, tuple(sorted(labels.items())))]
 
-    assert value("convrpc_requests_total", rpc="Forward", code="OK") == 1
-    assert value("convrpc_requests_total", rpc="Forward", code="INVALID_ARGUMENT") == 1
-    assert value("convrpc_requests_total", rpc="TrainKernel", code="OK") == 1
-    assert value("convrpc_request_duration_seconds_count", rpc="Forward", code="OK") == 1
-    assert value("convrpc_request_duration_seconds_bucket", rpc="Forward", code="INVALID_ARGUMENT", le="+Inf") == 1
-    assert value("convrpc_received_bytes_total", rpc="Forward") == good.ByteSize() + bad.ByteSize()
-    assert value("convrpc_sent_bytes_total", rpc="Forward") == reply.ByteSize()
-    assert value("convrpc_in_flight_requests", rpc="Forward") == 0
+    forward = dict(grpc_type="unary", grpc_service="convrpc.v1.ConvService", grpc_method="Forward")
+    train = dict(grpc_type="server_stream", grpc_service="convrpc.v1.ConvService", grpc_method="TrainKernel")
+    assert value("grpc_server_started_total", **forward) == 2
+    assert value("grpc_server_handled_total", **forward, grpc_code="OK") == 1
+    assert value("grpc_server_handled_total", **forward, grpc_code="INVALID_ARGUMENT") == 1
+    assert value("grpc_server_handled_total", **train, grpc_code="OK") == 1
+    assert value("grpc_server_handling_seconds_count", **forward) == 2
+    assert value("grpc_server_handling_seconds_bucket", **forward, le="+Inf") == 2
+    assert value("grpc_server_msg_received_total", **forward) == 2
+    assert value("grpc_server_msg_sent_total", **forward) == 1
+    assert value("grpc_server_msg_sent_total", **train) > 1  # progress messages and the result
+    assert value("convrpc_received_bytes_total", grpc_method="Forward") == good.ByteSize() + bad.ByteSize()
+    assert value("convrpc_sent_bytes_total", grpc_method="Forward") == reply.ByteSize()
+    assert value("convrpc_in_flight_requests", grpc_method="Forward") == 0
     assert value("convrpc_queued_rpcs") == 0
     assert value("convrpc_compute_slots") == 5
     assert value("convrpc_train_steps_total") == result.steps == 7
     assert value("convrpc_train_steps_per_second") > 0
     assert value("convrpc_warm_up_seconds") >= 0
-    assert 'rpc="Forward"' not in other_text  # each server has its own registry
+    assert 'grpc_method="Forward"' not in other_text  # each server has its own registry
 
 
 def test_json_logs_carry_the_request_id_and_errors_are_internal_never_unknown():
@@ -214,7 +221,7 @@ def test_sigterm_lets_unary_calls_finish_ends_streams_with_a_result_and_exits_ze
             updates = iter(run)  # kept: dropping an iteration part-way cancels the run
             first = next(updates)
             unary = pool.submit(client.conv2d, x, w, padding=3)
-            _wait_for(lambda: _gauge(metrics_port, "convrpc_in_flight_requests", rpc="Forward") == 1, what="Forward")
+            _wait_for(lambda: _gauge(metrics_port, "convrpc_in_flight_requests", grpc_method="Forward") == 1, what="Forward")
             proc.send_signal(signal.SIGTERM)
             result = run.result()
             y = unary.result(timeout=60)

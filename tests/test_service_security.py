@@ -116,7 +116,9 @@ def test_bearer_tokens_guard_every_conv_rpc_but_leave_health_and_reflection_open
         assert cli.main(["info", "--target", srv.target, "--token", "beta-token-2"]) == 0
         assert "\nbackend            numpy\n" in capsys.readouterr().out
         refused = srv.metrics.registry.get_sample_value(
-            "convrpc_requests_total", {"rpc": "Forward", "code": "UNAUTHENTICATED"}
+            "grpc_server_handled_total",
+            {"grpc_type": "unary", "grpc_service": "convrpc.v1.ConvService", "grpc_method": "Forward",
+             "grpc_code": "UNAUTHENTICATED"},
         )
         assert refused == 4
 
@@ -138,7 +140,10 @@ def test_bearer_tokens_guard_the_bulk_data_paths(data_path, rpcs):
         with ConvClient(srv.target, timeout=10, token="s3cret", data_path=data_path) as client:
             np.testing.assert_array_equal(client.relu(big), np.maximum(big, 0))
         for rpc in rpcs:  # the bulk path carried it, past the auth interceptor
-            assert srv.metrics.registry.get_sample_value("convrpc_requests_total", {"rpc": rpc, "code": "OK"}) == 1
+            served = srv.metrics.registry.get_sample_value("grpc_server_handled_total", {
+                "grpc_type": "bidi_stream" if rpc.endswith("Stream") else "unary",
+                "grpc_service": "convrpc.v1.ConvService", "grpc_method": rpc, "grpc_code": "OK"})  # fmt: skip
+            assert served == 1
         with ConvClient(srv.target, timeout=10, token="wrong", data_path=data_path) as client:
             with pytest.raises(ConvRpcError) as info:
                 client.relu(big)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -33,19 +34,29 @@ def _settings_fields():
     return dataclasses.fields(Settings)
 
 
-def cmd_serve(args) -> int:
-    server = _server_modules()
-    from convrpc.core.errors import ConvError
+def _exit_on_signal(signum, frame):
+    raise SystemExit(0)  # nothing to drain yet: the server's own handlers replace this one once it is built
 
-    flags = {f.name: getattr(args, f.name, None) for f in _settings_fields()}
+
+def cmd_serve(args) -> int:
+    # First, before the slow imports: a stop signal during start-up ends the process at once.
+    previous = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        settings = server.Settings.load(args.config, flags=flags)
-        if args.print_config:
-            print(settings.to_toml(), end="")
-            return 0
-        return server.serve(settings)
-    except (server.ConfigError, ConvError) as exc:
-        sys.exit(f"convrpc serve: {exc}")
+        server = _server_modules()
+        from convrpc.core.errors import ConvError
+
+        flags = {f.name: getattr(args, f.name, None) for f in _settings_fields()}
+        try:
+            settings = server.Settings.load(args.config, flags=flags)
+            if args.print_config:
+                print(settings.to_toml(), end="")
+                return 0
+            return server.serve(settings)
+        except (server.ConfigError, ConvError) as exc:
+            sys.exit(f"convrpc serve: {exc}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _read_pem(path: str | None) -> bytes | None:
@@ -137,6 +148,15 @@ def cmd_demo(args) -> int:
         except ImportError:
             print("matplotlib is not installed; no loss curve (pip install -e '.[notebook]' in a clone of convrpc)")
     return 0 if ok else 1
+
+
+def _local_health_target(environ) -> str:
+    """The server of this machine or container: its plaintext health port when it has one (it answers
+    whatever TLS the gRPC port requires), else its gRPC port."""
+    port = environ.get("CONVRPC_HEALTH_PORT", "0").strip()
+    if port in ("", "0"):
+        port = environ.get("CONVRPC_PORT", "").strip() or str(config.DEFAULT_PORT)
+    return f"127.0.0.1:{port}"
 
 
 def cmd_health(args) -> int:
@@ -240,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     health = sub.add_parser(
         "health", help="probe a server's gRPC health; exit 0 when SERVING", formatter_class=defaults
     )
-    health.add_argument("--target", default=f"127.0.0.1:{config.DEFAULT_PORT}", help="host:port or gRPC name")
+    health.add_argument("--target", default=_local_health_target(os.environ),
+                        help="host:port to probe: 127.0.0.1 and the port of env CONVRPC_HEALTH_PORT, else "
+                        f"CONVRPC_PORT, else {config.DEFAULT_PORT} (inside the image, the plaintext health port)")  # fmt: skip
     health.add_argument("--service", default="", help="service name to check ('' is the whole server)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     _add_client_security_flags(health, token=False)

@@ -1,7 +1,9 @@
 """The numba backend: the server's default kernel table, parallel on the CPUs this process may use.
 
 Convolutions with enough channels go through im2col into a reused, size-capped workspace plus
-one BLAS matmul per tile; small, grouped and depthwise ones run direct numba loops. Pooling and
+one BLAS matmul per tile, or, for stride-1 3x3 ones, Winograd F(2x2, 3x3) (fewer multiplications:
+batched BLAS matmuls between numba transforms); small, grouped and depthwise ones run direct numba
+loops. The algorithm is chosen once per geometry (:func:`conv_algorithm`) and can be forced. Pooling and
 relu are direct loops. Every parallel loop owns what it writes, so results do not depend on the
 thread count or on other requests.
 
@@ -16,6 +18,7 @@ rather than oversubscribe the cores. Compiled kernels are cached on disk (``cach
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import threading
@@ -57,12 +60,16 @@ numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 numba.config.reload_config()
 
 from . import _numba_kernels as _k  # noqa: E402
-from . import config  # noqa: E402
+from . import config, winograd  # noqa: E402
 from .params import ConvGeometry, PoolGeometry  # noqa: E402
 
 __all__ = [
+    "CONV_ALGORITHMS",
     "THREADS",
+    "conv_algorithm",
     "compute_threads",
+    "force_conv_algorithm",
+    "last_algorithm",
     "set_workspace_limit",
     "threading_layer",
     "warm_up",
@@ -147,6 +154,7 @@ def set_workspace_limit(nbytes: int) -> None:
     with _lane:
         _workspace_limit = int(nbytes)
         _worker_buffers[:] = [None] * THREADS
+        _choices.clear()  # which algorithms fit depends on the cap
 
 
 def workspace_limit() -> int:
@@ -311,6 +319,81 @@ def _use_wide(g: ConvGeometry) -> bool:
     return g.stride_h == g.stride_w == 1 and not _is_pointwise(g)
 
 
+#: Forward algorithms, each forceable (``force_conv_algorithm`` or ``CONVRPC_CONV_ALGORITHM``):
+#: Winograd F(2x2,3x3) / F(4x4,3x3), im2col onto the padded-width grid, plain im2col (pointwise:
+#: the input is the im2col matrix), im2col per (image, group) with axpy loops, direct row loops.
+CONV_ALGORITHMS = ("winograd-2x2", "winograd-4x4", "im2col-wide", "im2col", "small", "direct")
+#: Winograd tile per element size. F(2x2) for both: F(4x4) saves more multiplications, but its
+#: larger transforms ate the saving here (d forward, float32: 31 ms with 2x2, 39-41 with 4x4,
+#: im2col_wide 47-50; float64 51-53, 58-61, 89), and in float32 its error on d and e is 9e-6 of
+#: the output's max against 2x2's 4e-7 (the parity tolerance is 1e-4 and the error grows with the
+#: channel count). Force "winograd-4x4" to use it anyway.
+WINOGRAD_TILE = {4: 2, 8: 2}
+#: Fewest input and output channels for an automatic Winograd choice: below, the transforms cost
+#: more than the GEMM flops they save.
+WINOGRAD_MIN_CHANNELS = 16
+_log = logging.getLogger(__name__)
+_forced: str | None = os.environ.get("CONVRPC_CONV_ALGORITHM") or None
+if _forced not in (None, *CONV_ALGORITHMS):
+    raise ValueError(f"CONVRPC_CONV_ALGORITHM must be one of {', '.join(CONV_ALGORITHMS)}, got {_forced!r}")
+_choices: dict = {}
+#: direction ("forward", "grad-input", "grad-weight") -> the algorithm its last call ran (bench/core.py reports it).
+last_algorithm: dict[str, str] = {}
+
+
+def force_conv_algorithm(name: str | None) -> None:
+    """Run every conv2d forward (and the stride-1 input gradients computed as one) with ``name``
+    where its geometry allows it, else with the automatic choice; ``None`` restores the automatic choice."""
+    global _forced
+    if name is not None and name not in CONV_ALGORITHMS:
+        raise ValueError(f"conv algorithm must be one of {', '.join(CONV_ALGORITHMS)} or None, got {name!r}")
+    _forced = name
+    _choices.clear()
+
+
+def _winograd_fits(g: ConvGeometry) -> bool:
+    return g.kh == g.kw == 3 and g.stride_h == g.stride_w == g.dil_h == g.dil_w == g.groups == 1
+
+
+def _fits(name: str, g: ConvGeometry, itemsize: int, serial: bool) -> bool:
+    """Whether algorithm ``name`` can run geometry ``g`` (within the workspace cap)."""
+    if name.startswith("winograd"):
+        return _winograd_fits(g) and _winograd_tasks(g, itemsize, int(name[-1]), serial) is not None
+    if name == "im2col-wide":
+        return not _is_pointwise(g) and _Plan.make(g, itemsize, serial=serial, wide=True) is not None
+    if name == "im2col":
+        return _Plan.make(g, itemsize, _is_pointwise(g), serial) is not None
+    if name == "small":
+        return _use_small(g, itemsize)
+    return True
+
+
+def _auto_algorithm(g: ConvGeometry, itemsize: int, serial: bool) -> str:
+    if _use_blas(g):
+        m = WINOGRAD_TILE[itemsize]
+        if min(g.c_in, g.c_out) >= WINOGRAD_MIN_CHANNELS and _fits(f"winograd-{m}x{m}", g, itemsize, serial):
+            return f"winograd-{m}x{m}"
+        if USE_WIDE and _use_wide(g) and _fits("im2col-wide", g, itemsize, serial):
+            return "im2col-wide"
+        if _fits("im2col", g, itemsize, serial):
+            return "im2col"
+    return "small" if _use_small(g, itemsize) and not _few_weights(g) else "direct"
+
+
+def conv_algorithm(g: ConvGeometry, itemsize: int, serial: bool = False) -> str:
+    """The forward algorithm for geometry ``g`` and element size ``itemsize``: chosen once per shape, then cached."""
+    key = (g, itemsize, serial)
+    name = _choices.get(key)
+    if name is None:
+        forced = _forced
+        name = forced if forced is not None and _fits(forced, g, itemsize, serial) else _auto_algorithm(g, itemsize, serial)
+        if len(_choices) >= 4096:
+            _choices.clear()
+        _choices[key] = name
+        _log.debug("conv2d %s itemsize %d%s: %s", g, itemsize, " serial" if serial else "", name)
+    return name
+
+
 def conv2d(x, w, b, g: ConvGeometry):
     """y (N, K, OH, OW) = conv2d(x (N, C, H, W), w (K, C/groups, kh, kw)) + b (K,) or None."""
     with _Compute(g.flops) as run:
@@ -320,17 +403,21 @@ def conv2d(x, w, b, g: ConvGeometry):
 def _conv2d(x, w, b, g: ConvGeometry, serial: bool = False):
     """conv2d's body; the caller holds the lane. Padding may be negative (a crop): the kernels clip."""
     y = np.empty(g.output_shape, dtype=x.dtype)
-    blas = _use_blas(g)
-    if blas and USE_WIDE and _use_wide(g):
-        plan = _Plan.make(g, x.itemsize, serial=serial, wide=True)
-        if plan is not None:
-            return _conv2d_wide(x, w, b, g, plan, y)
-    plan = _Plan.make(g, x.itemsize, _is_pointwise(g), serial) if blas else None
-    if plan is None:
+    name = conv_algorithm(g, x.itemsize, serial)
+    last_algorithm["forward"] = "pointwise" if name == "im2col" and _is_pointwise(g) else name
+    if name.startswith("winograd"):
+        if _conv2d_winograd(x, w, b, g, int(name[-1]), serial, y):
+            return y
+        # A non-finite value reached a tile (and spread over it): the exact im2col path decides.
+        name = last_algorithm["forward"] = "im2col" if _fits("im2col", g, x.itemsize, serial) else "direct"
+    if name == "im2col-wide":
+        return _conv2d_wide(x, w, b, g, _Plan.make(g, x.itemsize, serial=serial, wide=True), y)
+    if name in ("small", "direct"):
         bias = b if b is not None else np.zeros(1, x.dtype)
-        direct = _k.conv2d_small if _use_small(g, x.itemsize) and not _few_weights(g) else _k.conv2d_direct
+        direct = _k.conv2d_small if name == "small" else _k.conv2d_direct
         direct(x, w, bias, b is not None, y, g.groups, *_conv_args(g))
         return y
+    plan = _Plan.make(g, x.itemsize, _is_pointwise(g), serial)
     kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
     wm = w.reshape(g.groups, kg, ckk)
     y3 = y.reshape(g.n, g.c_out, g.out_h * g.out_w)
@@ -384,6 +471,66 @@ def _conv2d_wide(x, w, b, g: ConvGeometry, plan: _Plan, y):
 
     _run(plan.tiles, tile, plan.workers)
     return y
+
+
+def _winograd_sizes(g: ConvGeometry, m: int, tn: int, nth: int, tiles_w: int) -> tuple[int, ...]:
+    """Elements of one Winograd task's buffers: V, M, padded input rows, row transforms, output tile rows, column transforms."""
+    a, p = m + 2, tn * nth * tiles_w
+    rows = nth * m + 2
+    return (a * a * g.c_in * p, a * a * g.c_out * p, rows * (tiles_w * m + 2), rows * a * tiles_w,
+            nth * m * tiles_w * m, m * a * tiles_w)  # fmt: skip
+
+
+def _winograd_tasks(g: ConvGeometry, itemsize: int, m: int, serial: bool):
+    """(tasks (n0, images, tile row 0, tile rows), workers) with each task's buffers within its share of the cap, or None."""
+    workers = 1 if serial else BLAS_WORKERS
+    tiles_h, tiles_w = -(-g.out_h // m), -(-g.out_w // m)
+    row_bytes = sum(_winograd_sizes(g, m, 1, 1, tiles_w)) * itemsize
+    budget = min(TILE_BYTES, _workspace_limit // workers)
+    if row_bytes > budget:
+        workers, budget = 1, _workspace_limit
+        if row_bytes > budget:
+            return None
+    image_rows = budget // row_bytes
+    if image_rows >= tiles_h and g.n >= 2 * workers:
+        per = max(1, min(image_rows // tiles_h, -(-g.n // (2 * workers))))
+        return [(n0, min(per, g.n - n0), 0, tiles_h) for n0 in range(0, g.n, per)], workers
+    pieces = max(1, -(-2 * workers // g.n))
+    rows = max(1, min(image_rows, -(-tiles_h // pieces)))
+    rows = -(-tiles_h // -(-tiles_h // rows))  # even pieces
+    return [(n, 1, r0, min(rows, tiles_h - r0)) for n in range(g.n) for r0 in range(0, tiles_h, rows)], workers
+
+
+def _conv2d_winograd(x, w, b, g: ConvGeometry, m: int, serial: bool, y) -> bool:
+    """y = conv2d by Winograd F(m x m, 3x3); False (y incomplete) when an output came out non-finite."""
+    tasks, workers = _winograd_tasks(g, x.itemsize, m, serial)
+    a, tiles_w = m + 2, -(-g.out_w // m)
+    u = winograd.filter_transform(w, m)
+    consts = np.array([2, 4, 5, 8], dtype=x.dtype)
+    bias = b if b is not None else np.zeros(1, x.dtype)
+    finite = [True] * len(tasks)
+
+    def task(worker, i):
+        n0, tn, th0, nth = tasks[i]
+        sizes = _winograd_sizes(g, m, tn, nth, tiles_w)
+        flat = _buffer(worker, (sum(sizes),), x.dtype)
+        parts, start = [], 0
+        for size in sizes:
+            parts.append(flat[start : start + size])
+            start += size
+        p = tn * nth * tiles_w
+        v = parts[0].reshape(a * a, g.c_in, p)
+        mm = parts[1].reshape(a * a, g.c_out, p)
+        xp = parts[2].reshape(nth * m + 2, tiles_w * m + 2)
+        rt = parts[3].reshape(nth * m + 2, a, tiles_w)
+        yp = parts[4].reshape(nth * m, tiles_w * m)
+        ct = parts[5].reshape(m, a, tiles_w)
+        winograd.input_transform(x, v, xp, rt, consts, n0, tn, th0, nth, tiles_w, g.pad_top, g.pad_left, m)
+        np.matmul(u, v, out=mm)  # a*a GEMMs (K x C) @ (C x tiles)
+        finite[i] = winograd.output_transform(mm, bias, b is not None, y, yp, ct, consts, n0, tn, th0, nth, tiles_w, m)
+
+    _run(list(range(len(tasks))), task, workers)
+    return all(finite)
 
 
 def _adjoint_as_forward(w, g: ConvGeometry):
@@ -441,62 +588,74 @@ def _input_row_tiles(g: ConvGeometry, plan: _Plan):
 def conv2d_input_grad(gy, w, g: ConvGeometry):
     """gx (N, C, H, W): the adjoint of conv2d applied to gy (N, K, OH, OW); also conv_transpose2d."""
     with _Compute(g.flops) as run:
-        if g.stride_h == g.stride_w == 1 and not _is_pointwise(g) and _use_blas(dataclasses.replace(g, c_in=g.c_out, c_out=g.c_in)):
-            # A forward conv runs im2col + one matmul per tile, no zero-fill and no scatter-add:
-            # about twice the rate of col2im here.
-            wt, gt = _adjoint_as_forward(w, g)
-            return _conv2d(gy, wt, None, gt, run.serial)
-        plan = _Plan.make(g, gy.itemsize, _is_pointwise(g), run.serial) if _use_blas(g) else None
-        if plan is not None and not _is_pointwise(g):
-            tiles = _input_row_tiles(g, plan)
-            biggest = max(t[1] * t[3] for t in tiles) * plan.row_bytes
-            if biggest * plan.workers > _workspace_limit:
-                plan = None  # stride 1 with a tall kernel: the re-cut tiles would overrun the cap
-        if plan is None and g.stride_h == g.stride_w == 1 and g.c_out // g.groups >= 4:
-            # Small stride-1 convs: the flipped-weight forward on the small kernel measured
-            # 0.15 -> 0.09 ms on b; with one output channel (a) the row gather below is 2x faster.
-            wt, gt = _adjoint_as_forward(w, g)
-            if _use_small(gt, gy.itemsize):
-                return _conv2d(gy, wt, None, gt, run.serial)
-        if plan is None:
-            gx = np.empty(g.input_shape, dtype=gy.dtype)
-            # The row-gather kernel: measured no slower than conv2d_input_grad_small on small shapes
-            # and 4x faster on 1x1x80x80, where the small kernel's zero-fill and col2im dominate.
-            _k.conv2d_input_grad_direct(gy, w, gx, g.groups, *_conv_args(g))
-            return gx
-        if USE_WIDE and _use_wide(g):
-            wide = _Plan.make(g, gy.itemsize, serial=run.serial, wide=True)
-            # Whole images per tile (col2im_wide owns them), and a finite weight: the grid's
-            # overhang is then exactly 0 (0 * NaN is not).
-            if wide is not None and all(nr == g.out_h for _, _, _, nr in wide.tiles) and np.isfinite(w).all():
-                return _input_grad_wide(gy, w, g, wide)
-        kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
-        wm = w.reshape(g.groups, kg, ckk)
-        gy3 = gy.reshape(g.n, g.c_out, g.out_h * g.out_w)
-        if _is_pointwise(g):
-            gx = np.empty(g.input_shape, dtype=gy.dtype)
-            gx3 = gx.reshape(g.n, g.c_in, -1)
+        gx, name = _conv2d_input_grad(gy, w, g, run.serial)
+    last_algorithm["grad-input"] = name
+    return gx
 
-            def tile(worker, t):
-                n0, tn, r0, nr = t
-                p0, p1 = r0 * g.out_w, (r0 + nr) * g.out_w
-                np.matmul(wm[0].T, gy3[n0 : n0 + tn, :, p0:p1], out=gx3[n0 : n0 + tn, :, p0:p1])
 
-            _run(plan.tiles, tile, plan.workers)
-            return gx
-        gx = np.zeros(g.input_shape, dtype=gy.dtype)
+def _conv2d_input_grad(gy, w, g: ConvGeometry, serial: bool):
+    """(gx, the algorithm that ran); the caller holds the lane."""
+    forced_winograd = _forced is not None and _forced.startswith("winograd") and _winograd_fits(g)
+    if g.stride_h == g.stride_w == 1 and not _is_pointwise(g) and (
+        forced_winograd or _use_blas(dataclasses.replace(g, c_in=g.c_out, c_out=g.c_in))
+    ):
+        # A forward conv runs im2col + one matmul per tile (or Winograd), no zero-fill and no
+        # scatter-add: about twice the rate of col2im here.
+        wt, gt = _adjoint_as_forward(w, g)
+        gx = _conv2d(gy, wt, None, gt, serial)
+        return gx, "flipped " + last_algorithm["forward"]
+    plan = _Plan.make(g, gy.itemsize, _is_pointwise(g), serial) if _use_blas(g) else None
+    if plan is not None and not _is_pointwise(g):
+        tiles = _input_row_tiles(g, plan)
+        biggest = max(t[1] * t[3] for t in tiles) * plan.row_bytes
+        if biggest * plan.workers > _workspace_limit:
+            plan = None  # stride 1 with a tall kernel: the re-cut tiles would overrun the cap
+    if plan is None and g.stride_h == g.stride_w == 1 and g.c_out // g.groups >= 4:
+        # Small stride-1 convs: the flipped-weight forward on the small kernel measured
+        # 0.15 -> 0.09 ms on b; with one output channel (a) the row gather below is 2x faster.
+        wt, gt = _adjoint_as_forward(w, g)
+        if _use_small(gt, gy.itemsize):
+            gx = _conv2d(gy, wt, None, gt, serial)
+            return gx, "flipped " + last_algorithm["forward"]
+    if plan is None:
+        gx = np.empty(g.input_shape, dtype=gy.dtype)
+        # The row-gather kernel: measured no slower than conv2d_input_grad_small on small shapes
+        # and 4x faster on 1x1x80x80, where the small kernel's zero-fill and col2im dominate.
+        _k.conv2d_input_grad_direct(gy, w, gx, g.groups, *_conv_args(g))
+        return gx, "row-gather"
+    if USE_WIDE and _use_wide(g):
+        wide = _Plan.make(g, gy.itemsize, serial=serial, wide=True)
+        # Whole images per tile (col2im_wide owns them), and a finite weight: the grid's
+        # overhang is then exactly 0 (0 * NaN is not).
+        if wide is not None and all(nr == g.out_h for _, _, _, nr in wide.tiles) and np.isfinite(w).all():
+            return _input_grad_wide(gy, w, g, wide), "col2im-wide"
+    kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
+    wm = w.reshape(g.groups, kg, ckk)
+    gy3 = gy.reshape(g.n, g.c_out, g.out_h * g.out_w)
+    if _is_pointwise(g):
+        gx = np.empty(g.input_shape, dtype=gy.dtype)
+        gx3 = gx.reshape(g.n, g.c_in, -1)
 
         def tile(worker, t):
-            n0, tn, r0, nr, ih_lo, ih_hi = t
-            cols = _buffer(worker, (g.c_in * g.kh * g.kw, tn, nr * g.out_w), gy.dtype)
+            n0, tn, r0, nr = t
             p0, p1 = r0 * g.out_w, (r0 + nr) * g.out_w
-            for grp in range(g.groups):
-                out = cols[grp * ckk : (grp + 1) * ckk].transpose(1, 0, 2)
-                np.matmul(wm[grp].T, gy3[n0 : n0 + tn, grp * kg : (grp + 1) * kg, p0:p1], out=out)
-            _k.col2im_add(cols, gx, n0, 0, r0, ih_lo, ih_hi, g.kh, g.kw, *_conv_args(g), g.out_w)
+            np.matmul(wm[0].T, gy3[n0 : n0 + tn, :, p0:p1], out=gx3[n0 : n0 + tn, :, p0:p1])
 
-        _run(tiles, tile, plan.workers)
-    return gx
+        _run(plan.tiles, tile, plan.workers)
+        return gx, "pointwise"
+    gx = np.zeros(g.input_shape, dtype=gy.dtype)
+
+    def tile(worker, t):
+        n0, tn, r0, nr, ih_lo, ih_hi = t
+        cols = _buffer(worker, (g.c_in * g.kh * g.kw, tn, nr * g.out_w), gy.dtype)
+        p0, p1 = r0 * g.out_w, (r0 + nr) * g.out_w
+        for grp in range(g.groups):
+            out = cols[grp * ckk : (grp + 1) * ckk].transpose(1, 0, 2)
+            np.matmul(wm[grp].T, gy3[n0 : n0 + tn, grp * kg : (grp + 1) * kg, p0:p1], out=out)
+        _k.col2im_add(cols, gx, n0, 0, r0, ih_lo, ih_hi, g.kh, g.kw, *_conv_args(g), g.out_w)
+
+    _run(tiles, tile, plan.workers)
+    return gx, "col2im"
 
 
 def _input_grad_wide(gy, w, g: ConvGeometry, plan: _Plan):
@@ -536,15 +695,19 @@ def conv2d_weight_grad(x, gy, g: ConvGeometry):
             chunks = 1 if run.serial else max(1, min(THREADS, g.n * g.groups))
             partial = np.empty((chunks, g.c_out, ckk), dtype=x.dtype)
             _k.conv2d_weight_grad_small(x, gy, partial, g.groups, g.kh, g.kw, *_conv_args(g))
+            last_algorithm["grad-weight"] = "small"
             return partial.sum(axis=0).reshape(g.weight_shape)
         if plan is None:
             gw = np.empty(g.weight_shape, dtype=x.dtype)
             _k.conv2d_weight_grad_direct(x, gy, gw, g.groups, *_conv_args(g))
+            last_algorithm["grad-weight"] = "direct"
             return gw
         if USE_WIDE and _use_wide(g) and ckk >= 64:  # measured: d, e 5-15% faster; c (ckk 27) 8% slower
             wide = _Plan.make(g, x.itemsize, serial=run.serial, wide=True)
             if wide is not None:
+                last_algorithm["grad-weight"] = "im2col-wide"
                 return _weight_grad_wide(x, gy, g, wide)
+        last_algorithm["grad-weight"] = "pointwise" if pointwise else "im2col"
         # One accumulator per worker, summed at the end: no two threads add into the same gradient.
         partial = np.zeros((plan.workers, g.groups, kg, ckk), dtype=x.dtype)
         gy3 = gy.reshape(g.n, g.c_out, g.out_h * g.out_w)
@@ -677,7 +840,7 @@ def warm_up(progress: Callable[[int, int], None] | None = None) -> None:
     """
     from . import params
 
-    total, done = 2 * (len(_WARM_UP_CONVS) + 1), 0
+    total, done = 2 * (len(_WARM_UP_CONVS) + 3), 0  # per dtype: the convs, two Winograd sizes, pools + relu
 
     def advance() -> None:
         nonlocal done
@@ -701,6 +864,13 @@ def warm_up(progress: Callable[[int, int], None] | None = None) -> None:
             _k.conv2d_weight_grad_direct(x, y, np.empty_like(w), g.groups, *_conv_args(g))
             # Plain im2col serves BLAS convs whose padded-width tiles overrun a small workspace cap.
             _k.im2col(x, np.empty((g.c_in * g.kh * g.kw, 1, g.out_w), dtype), 0, 0, 0, g.kh, g.kw, *_conv_args(g), g.out_w)
+            advance()
+        x = rng.standard_normal((1, 2, 5, 6)).astype(dtype)
+        w = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
+        g = params.conv2d_geometry(x.shape, w.shape, None, padding=1)
+        for m in (2, 4):  # the Winograd transforms (only 2x2 is chosen by default; 4x4 may be forced)
+            with _lane:
+                _conv2d_winograd(x, w, w[:, 0, 0, 0].copy(), g, m, True, np.empty(g.output_shape, dtype))
             advance()
         pg = params.pool2d_geometry(x.shape, 2, 1, 1)
         y, _ = max_pool2d(x, pg)

@@ -1,7 +1,8 @@
 """Server interceptors: per-call observation (request id, log line, metrics), bearer-token auth, admission control.
 
 Order matters: observation is outermost so refusals by the others are logged and counted too.
-Health and reflection pass through untouched (probes need no token and keep their own thread pool).
+Health and reflection pass auth and admission untouched (probes need no token and keep their own thread
+pool), but are observed like every RPC: counted, and given a request id.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from . import status
 from .logs import REQUEST_ID, new_request_id
 from .metrics import ServerMetrics
 
-__all__ = ["BearerTokenAuth", "CallObserver", "ComputeAdmission", "OPEN_SERVICES"]
+__all__ = ["BearerTokenAuth", "CallObserver", "ComputeAdmission", "OPEN_SERVICES", "REQUEST_ID_KEY"]
 
 log = logging.getLogger("convrpc.server.calls")
 
@@ -31,14 +32,19 @@ SERVICE_PREFIX = "/convrpc.v1.ConvService/"
 COMPUTE_RPCS = frozenset(
     {"Forward", "Backward", "TrainKernel", "ForwardStream", "BackwardStream"}
 )
-#: RPCs that answer a single request with a stream.
-STREAMING_RPCS = frozenset({"TrainKernel"})
-#: RPCs that stream both ways (the chunked data path).
-BIDI_RPCS = frozenset({"ForwardStream", "BackwardStream"})
 #: Services reachable without a token: probes and tooling must work before credentials are handed out.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")  # fmt: skip
+#: The metadata key of a call's request id: the client's, when it sends one, else the server's; it comes
+#: back in every response's trailing metadata and tags every log line of the call.
+REQUEST_ID_KEY = "x-request-id"
+#: ConvService's RPCs that are not unary-unary, by handler kind: an auth refusal must know the kind
+#: without asking the inner interceptors (that would admit the call).
+STREAMING_RPCS = {"TrainKernel": "unary_stream", "ForwardStream": "stream_stream", "BackwardStream": "stream_stream"}
 _TENSOR = "convrpc.v1.Tensor"
+#: The grpc_type label of each handler kind, as the gRPC ecosystem's metrics spell it.
+_GRPC_TYPES = {"unary_unary": "unary", "unary_stream": "server_stream", "stream_unary": "client_stream",
+               "stream_stream": "bidi_stream"}  # fmt: skip
 
 
 def _rpc_name(details) -> str | None:
@@ -55,37 +61,32 @@ def _size(item) -> int:
     return item.ByteSize()
 
 
-def _wrap(handler, wrap_unary, wrap_stream, wrap_bidi):
-    """``handler`` with its behavior wrapped, whichever of ConvService's three kinds of RPC it serves."""
-    if handler is None:
-        return None
-    if handler.unary_unary is not None:
-        return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
-    if handler.unary_stream is not None:
-        return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
-    if handler.stream_stream is not None:
-        return handler._replace(stream_stream=wrap_bidi(handler.stream_stream))
-    return handler
+def _kind(handler) -> str | None:
+    """The attribute of ``handler`` holding its behavior: ``unary_unary``, ``unary_stream``, ..."""
+    return next((k for k in _GRPC_TYPES if getattr(handler, k, None) is not None), None)
 
 
-def _kind(rpc: str | None) -> str:
-    return "bidi" if rpc in BIDI_RPCS else "stream" if rpc in STREAMING_RPCS else "unary"
+def _wrap(handler, wrap):
+    """``handler`` with its behavior replaced by ``wrap(behavior, kind)``, whatever its kind."""
+    kind = _kind(handler)
+    if kind is None:
+        return handler
+    return handler._replace(**{kind: wrap(getattr(handler, kind), kind)})
 
 
-def _refusal(kind: str, code: grpc.StatusCode, message: str, pool: futures.ThreadPoolExecutor):
-    """A handler that ends the call with ``code`` at once, run on ``pool``: a refusal must not wait behind
-    the work queued for the RPC workers. It never reads the request, so it needs no deserializer."""
+def _refusal(kind: str, code: grpc.StatusCode, message: str, pool: futures.ThreadPoolExecutor, reason: str,
+             *details):  # fmt: skip
+    """A handler of ``kind`` that ends the call with ``code`` and ``details`` at once, run on ``pool``: a
+    refusal must not wait behind the work queued for the RPC workers. It never reads the request, so it
+    needs no deserializer. ``reason`` (one of metrics.REFUSAL_REASONS) is what the observer counts."""
+    rich = status.rich_status(code, message, *details)
 
     def refuse(request, context):
-        context.abort(code, message)
+        status.abort_with(context, rich)
 
     refuse.experimental_thread_pool = pool
-    make = {
-        "unary": grpc.unary_unary_rpc_method_handler,
-        "stream": grpc.unary_stream_rpc_method_handler,
-        "bidi": grpc.stream_stream_rpc_method_handler,
-    }[kind]
-    return make(refuse)
+    refuse.refusal_reason = reason
+    return getattr(grpc, f"{kind}_rpc_method_handler")(refuse)
 
 
 def _metadata(details, key: str) -> str | None:
@@ -96,44 +97,80 @@ def _metadata(details, key: str) -> str | None:
 
 
 class CallObserver(grpc.ServerInterceptor):
-    """Gives each ConvService call a request id (the client's ``x-request-id`` or a fresh one), logs one
-    line when it ends (method, status code, duration) and feeds the server's metrics."""
+    """Gives each call a request id (the client's ``x-request-id`` or a fresh one) and returns it in the
+    trailing metadata, logs one line when a ConvService call ends (method, status code, duration) and
+    feeds the server's metrics, the gRPC ecosystem's and convrpc's own."""
 
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        rpc = _rpc_name(details)
-        if rpc is None or handler is None:
+        kind = _kind(handler)
+        if kind is None:
             return handler
-        given = _metadata(details, "x-request-id")
+        behavior = getattr(handler, kind)
+        if getattr(behavior, "experimental_non_blocking", False):
+            return handler  # health's Watch answers through a callback, long after the handler returned
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        given = _metadata(details, REQUEST_ID_KEY)
         rid = given if given and len(given) <= 64 and given.isprintable() else new_request_id()
-        return _wrap(
-            handler,
-            lambda b: self._unary(rpc, rid, b),
-            lambda b: self._stream(rpc, rid, b),
-            lambda b: self._bidi(rpc, rid, b),
-        )
+        call = _Call(self, (_GRPC_TYPES[kind], service, method), _rpc_name(details), rid,
+                     getattr(behavior, "refusal_reason", None))  # fmt: skip
+        return _wrap(handler, call.wrap)
 
-    def _begin(self, rpc, rid, request) -> float:
-        REQUEST_ID.set(rid)
-        self.metrics.in_flight.labels(rpc).inc()
-        if request is not None:  # a refusal's request stays undecoded bytes
-            self.metrics.bytes_received.labels(rpc).inc(_size(request))
+
+class _Call:
+    """One call's observation: what the wrappers of its behavior share."""
+
+    def __init__(self, observer: CallObserver, labels: tuple[str, str, str], rpc: str | None, rid: str,
+                 refusal: str | None):  # fmt: skip
+        self.metrics = observer.metrics
+        self.labels, self.rpc, self.rid, self.refusal = labels, rpc, rid, refusal
+        self.method = labels[2]
+
+    def wrap(self, behavior, kind):
+        return {"unary_unary": self._unary, "unary_stream": self._stream, "stream_stream": self._bidi,
+                "stream_unary": self._client_stream}[kind](behavior)  # fmt: skip
+
+    def _begin(self, context, request) -> float:
+        REQUEST_ID.set(self.rid)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, self.rid),))
+        m = self.metrics
+        m.started.labels(*self.labels).inc()
+        m.in_flight.labels(self.method).inc()
+        if request is not None and self.refusal is None:  # a refusal's request stays undecoded bytes
+            m.msg_received.labels(*self.labels).inc()
+            m.bytes_received.labels(self.method).inc(_size(request))
         return time.perf_counter()
 
-    def _end(self, rpc, context, started, code, sent) -> None:
+    def _received(self, request_iterator):
+        received, count = self.metrics.bytes_received.labels(self.method), self.metrics.msg_received.labels(*self.labels)
+        for request in request_iterator:
+            count.inc()
+            received.inc(_size(request))
+            yield request
+
+    def _sent(self, response) -> int:
+        self.metrics.msg_sent.labels(*self.labels).inc()
+        return _size(response)
+
+    def _end(self, context, started, code, sent) -> None:
         elapsed = time.perf_counter() - started
         m = self.metrics
-        m.in_flight.labels(rpc).dec()
-        m.requests.labels(rpc, code.name).inc()
-        m.latency.labels(rpc, code.name).observe(elapsed)
-        m.bytes_sent.labels(rpc).inc(sent)
+        m.in_flight.labels(self.method).dec()
+        m.handled.labels(*self.labels, code.name).inc()
+        m.handling.labels(*self.labels).observe(elapsed)
+        m.bytes_sent.labels(self.method).inc(sent)
+        reason = self.refusal or ("too_large" if code is grpc.StatusCode.RESOURCE_EXHAUSTED else None)
+        if reason:
+            m.refused.labels(self.method, reason).inc()
+        if self.rpc is None:
+            return  # health and reflection: counted, not logged
         level = logging.ERROR if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) else logging.INFO
         if log.isEnabledFor(level):
-            log.log(level, "%s %s %.1f ms", rpc, code.name, elapsed * 1e3,
-                    extra={"rpc": rpc, "code": code.name, "duration_ms": round(elapsed * 1e3, 3),
+            log.log(level, "%s %s %.1f ms", self.rpc, code.name, elapsed * 1e3,
+                    extra={"rpc": self.rpc, "code": code.name, "duration_ms": round(elapsed * 1e3, 3),
                            "peer": context.peer(), "bytes_out": sent})  # fmt: skip
 
     @staticmethod
@@ -143,69 +180,71 @@ class CallObserver(grpc.ServerInterceptor):
             return grpc.StatusCode.UNKNOWN if raised else grpc.StatusCode.OK
         return code
 
-    def _unary(self, rpc, rid, behavior):
+    def _unary(self, behavior):
         @functools.wraps(behavior)
         def observed(request, context):
-            started = self._begin(rpc, rid, request)
+            started = self._begin(context, request)
             sent, raised = 0, True
             try:
                 response = behavior(request, context)
-                sent, raised = response.ByteSize(), False
+                raised = False
+                if response is not None and context.code() in (None, grpc.StatusCode.OK):
+                    sent = self._sent(response)
                 return response
             finally:
-                self._end(rpc, context, started, self._code(context, raised), sent)
+                self._end(context, started, self._code(context, raised), sent)
 
         return observed
 
-    def _stream(self, rpc, rid, behavior):
-        @functools.wraps(behavior)
-        def observed(request, context):
-            started = self._begin(rpc, rid, request)
-            sent, code, delivered = 0, None, False
-            try:
-                for response in behavior(request, context):
-                    sent += response.ByteSize()
-                    if rpc == "TrainKernel" and response.WhichOneof("event") == "result":
-                        self.metrics.observe_training(response.result.steps, response.result.elapsed_seconds)
-                        delivered = True
-                    yield response
-            except GeneratorExit:  # the client went away: mid-stream, or (fine) once it had its result
-                code = grpc.StatusCode.OK if delivered else grpc.StatusCode.CANCELLED
-                raise
-            except BaseException:
-                code = self._code(context, True)
-                raise
-            finally:
-                self._end(rpc, context, started, code or self._code(context, False), sent)
-
-        return observed
-
-    def _bidi(self, rpc, rid, behavior):
+    def _client_stream(self, behavior):
         @functools.wraps(behavior)
         def observed(request_iterator, context):
-            started = self._begin(rpc, rid, None)
-            received = self.metrics.bytes_received.labels(rpc)
-
-            def counted():
-                for request in request_iterator:
-                    received.inc(_size(request))
-                    yield request
-
-            sent, code = 0, None
+            started = self._begin(context, None)
+            sent, raised = 0, True
             try:
-                for response in behavior(counted(), context):
-                    sent += _size(response)
-                    yield response
-            except GeneratorExit:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except BaseException:
-                code = self._code(context, True)
-                raise
+                response = behavior(self._received(request_iterator), context)
+                sent, raised = self._sent(response), False
+                return response
             finally:
-                self._end(rpc, context, started, code or self._code(context, False), sent)
+                self._end(context, started, self._code(context, raised), sent)
 
         return observed
+
+    def _stream(self, behavior):
+        @functools.wraps(behavior)
+        def observed(request, context):
+            started = self._begin(context, request)
+            yield from self._responses(lambda: behavior(request, context), context, started)
+
+        return observed
+
+    def _bidi(self, behavior):
+        @functools.wraps(behavior)
+        def observed(request_iterator, context):
+            started = self._begin(context, None)
+            yield from self._responses(lambda: behavior(self._received(request_iterator), context), context, started)
+
+        return observed
+
+    def _responses(self, respond, context, started):
+        """Yield what ``respond()`` returns, counting it; a handler that fails before it returns an iterator
+        (a refusal aborts at once) is counted too."""
+        sent, code, delivered = 0, None, False
+        try:
+            for response in respond():
+                sent += self._sent(response)
+                if self.rpc == "TrainKernel" and response.WhichOneof("event") == "result":
+                    self.metrics.observe_training(response.result.steps, response.result.elapsed_seconds)
+                    delivered = True
+                yield response
+        except GeneratorExit:  # the client went away: mid-stream, or (fine) once it had its result
+            code = grpc.StatusCode.OK if delivered else grpc.StatusCode.CANCELLED
+            raise
+        except BaseException:
+            code = self._code(context, True)
+            raise
+        finally:
+            self._end(context, started, code or self._code(context, False), sent)
 
 
 class BearerTokenAuth(grpc.ServerInterceptor):
@@ -238,8 +277,9 @@ class BearerTokenAuth(grpc.ServerInterceptor):
         message = (
             "invalid bearer token" if header else "missing bearer token: send metadata 'authorization: Bearer <token>'"
         )
-        # The refusal only needs the method's kind; asking the inner interceptors for it would admit the call.
-        return _refusal(_kind(_rpc_name(details)), grpc.StatusCode.UNAUTHENTICATED, message, self._refusals)
+        reason = status.error_info("INVALID_TOKEN" if header else "MISSING_TOKEN")
+        kind = STREAMING_RPCS.get(_rpc_name(details), "unary_unary")
+        return _refusal(kind, grpc.StatusCode.UNAUTHENTICATED, message, self._refusals, "unauthenticated", reason)
 
 
 class _Slot:
@@ -254,23 +294,33 @@ class ComputeAdmission(grpc.ServerInterceptor):
     """At most ``slots`` compute RPCs are admitted (waiting for a worker or running) at once; the next is
     refused with RESOURCE_EXHAUSTED at once rather than queued. The decision is taken when the call
     arrives, before it waits for a worker thread, so a burst never builds a queue in front of them.
-    Requests whose tensors exceed ``max_request_bytes`` are refused as well."""
+    Until ``ready`` is set (the kernels are compiled) compute RPCs are refused with UNAVAILABLE, as health
+    says NOT_SERVING meanwhile. Both refusals carry a RetryInfo. Requests whose tensors exceed
+    ``max_request_bytes`` are refused as well."""
 
-    def __init__(self, slots: int, max_request_bytes: int, refusals: futures.ThreadPoolExecutor):
+    def __init__(self, slots: int, max_request_bytes: int, refusals: futures.ThreadPoolExecutor,
+                 ready: threading.Event | None = None):  # fmt: skip
         self.slots = slots
         self.max_request_bytes = max_request_bytes
         self._free = threading.BoundedSemaphore(slots)
         self._refusals = refusals
+        self._ready = ready
         self._busy = f"server busy: all {slots} compute slots are in use; retry with backoff"
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
         if handler is None or _rpc_name(details) not in COMPUTE_RPCS:
             return handler
+        kind = _kind(handler)
+        if self._ready is not None and not self._ready.is_set():
+            message = "server warming up: its kernels are being compiled; retry shortly or use another replica"
+            return _refusal(kind, grpc.StatusCode.UNAVAILABLE, message, self._refusals, "warming_up", status.retry_info())
         if not self._free.acquire(blocking=False):
-            return _refusal(_kind(_rpc_name(details)), grpc.StatusCode.RESOURCE_EXHAUSTED, self._busy, self._refusals)
+            return _refusal(kind, grpc.StatusCode.RESOURCE_EXHAUSTED, self._busy, self._refusals, "busy",
+                            status.retry_info())  # fmt: skip
         slot = _Slot(self._free)
-        return _wrap(handler, lambda b: self._unary(b, slot), lambda b: self._stream(b, slot), lambda b: self._bidi(b, slot))
+        wrappers = {"unary_unary": self._unary, "unary_stream": self._stream, "stream_stream": self._bidi}
+        return _wrap(handler, lambda behavior, k: wrappers[k](behavior, slot))
 
     def _check_size(self, request, context) -> None:
         carried = sum(

@@ -326,6 +326,10 @@ class ConvService:
         max_seconds = request.max_seconds or s.max_train_seconds
         if max_seconds < 0:
             raise InvalidArgumentError("max_seconds", f"must be >= 0, got {request.max_seconds}")
+        if max_seconds > s.max_train_seconds:  # refused like max_steps, never silently clamped
+            raise InvalidArgumentError(
+                "max_seconds", f"must be at most the server's cap {s.max_train_seconds:g}, got {max_seconds:g}"
+            )
         if request.WhichOneof("optimizer") == "adam":
             m = request.adam
             optimizer = AdamOptions(
@@ -356,7 +360,7 @@ class ConvService:
             snapshot_every=request.snapshot_every,
             seed=request.seed if request.HasField("seed") else None,
             batch_size=request.batch_size or None,
-            max_seconds=min(max_seconds, s.max_train_seconds),
+            max_seconds=max_seconds,
         )
 
     def _progress_message(self, event) -> pb.TrainProgress:

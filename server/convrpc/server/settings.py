@@ -23,6 +23,8 @@ LOG_FORMATS = ("plain", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Handler threads kept beyond the compute slots, so refusals, GetServerInfo and reflection always find one.
 SPARE_WORKERS = 4
+#: The least the server may send in one message (gRPC's own default send limit), whatever max_message_bytes says.
+MIN_SEND_BYTES = 4 * 1024 * 1024
 #: HTTP/2 and TCP tuning for bulk tensors (the SDK applies the same): bigger frames and socket reads.
 #: Measured (bench/transport.py --grpc-defaults) it gains 0-25% on 16-64 MiB streams, within noise on a
 #: busy 2-core machine; larger flow-control windows, no BDP probing and a bigger write buffer gained nothing.
@@ -119,6 +121,10 @@ class Settings:
     chunk_bytes: int = knob(
         config.CHUNK_BYTES, "bytes per chunk of the ForwardStream/BackwardStream responses (at most max_message_bytes/2)"
     )
+    # -- operations (added later; fields are never reordered)
+    health_port: int = knob(
+        0, "port of a plaintext server answering grpc.health.v1 alone (for probes under TLS), bound to host; 0: none"
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -134,7 +140,7 @@ class Settings:
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise ConfigError(f.name, f"expected one of {', '.join(choices)}, got {value!r}")
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "health_port"):
             if getattr(self, name) > 65535:
                 raise ConfigError(name, f"must be in 0..65535, got {getattr(self, name)}")
         for name in ("max_message_bytes", "max_request_bytes", "max_elements", "max_train_steps"):
@@ -161,7 +167,9 @@ class Settings:
         """The gRPC server options: message limits, bulk-tensor tuning and keepalive (names as grpc spells them)."""
         return [
             ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
+            # Reflection's descriptors with their comments and error details must always fit, whatever
+            # max_message_bytes says: the server sends at least gRPC's own default limit.
+            ("grpc.max_send_message_length", max(self.max_message_bytes, MIN_SEND_BYTES)),
             *TRANSPORT_OPTIONS,
             ("grpc.so_reuseport", 0),
             ("grpc.keepalive_time_ms", round(self.keepalive_time * 1000)),

@@ -1,0 +1,206 @@
+"""Winograd minimal filtering F(m x m, 3 x 3) for stride-1 3x3 convs (Lavin & Gray, 2015).
+
+A conv is cut into m x m output tiles; each reads an (m+2) x (m+2) input tile. With the input tile
+transformed as V = B^T d B and the filter as U = G g G^T, the tile's output is A^T (U * V) A: per
+tile and (input, output) channel pair, a*a products (a = m+2) instead of 9*m*m. Summed over input
+channels, the a*a element-wise products become a*a matmuls (K x C) @ (C x tiles), which BLAS runs.
+
+- F(2x2, 3x3): 16 products per 4 outputs, 2.25x fewer multiplications. The transforms use only 0
+  and ±1, so rounding stays at the direct sum's level (4e-7 of the output's max on shapes d, e).
+- F(4x4, 3x3): 36 products per 16 outputs, 4x fewer; its transforms carry 2, 4, 5 and 8 (1/24 in
+  the filter's), which raised float32 errors to 9e-6 of the max on d and e.
+
+The transforms run in numba, vectorised across a row of tiles; each call handles one chunk of
+images x tile rows so a worker's V and M blocks stay near its cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+__all__ = ["TRANSFORMS", "filter_transform", "input_transform", "output_transform"]
+
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+_SER = dict(cache=True, nogil=True, fastmath=_FAST)
+
+#: m -> (B^T (a x a), G (a x 3), A^T (m x a)), a = m + 2; the interpolation points of Lavin & Gray.
+TRANSFORMS = {
+    2: (
+        np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64),
+        np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64),
+    ),
+    4: (
+        np.array(
+            [
+                [4, 0, -5, 0, 1, 0],
+                [0, -4, -4, 1, 1, 0],
+                [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0],
+                [0, 2, -1, -2, 1, 0],
+                [0, 4, 0, -5, 0, 1],
+            ],
+            dtype=np.float64,
+        ),
+        np.array(
+            [
+                [1 / 4, 0, 0],
+                [-1 / 6, -1 / 6, -1 / 6],
+                [-1 / 6, 1 / 6, -1 / 6],
+                [1 / 24, 1 / 12, 1 / 6],
+                [1 / 24, -1 / 12, 1 / 6],
+                [0, 0, 1],
+            ],
+            dtype=np.float64,
+        ),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], dtype=np.float64),
+    ),
+}
+
+
+def filter_transform(w: np.ndarray, m: int) -> np.ndarray:
+    """U (a*a, K, C) = G w[k, c] G^T for w (K, C, 3, 3), in float64 then cast to w's dtype."""
+    _, g_mat, _ = TRANSFORMS[m]
+    u = np.einsum("ai,kcij,bj->abkc", g_mat, w.astype(np.float64), g_mat, optimize=True)
+    a = m + 2
+    return np.ascontiguousarray(u.reshape(a * a, w.shape[0], w.shape[1]), dtype=w.dtype)
+
+
+# The 1-D transforms written out, in the arrays' dtype: ``k`` holds 2, 4, 5, 8 of that dtype
+# (a float literal would promote float32 to float64 and stop 8-wide SIMD).
+
+
+@njit(cache=True, inline="always")
+def _bt2(d0, d1, d2, d3, k):
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+@njit(cache=True, inline="always")
+def _bt4(d0, d1, d2, d3, d4, d5, k):
+    four, five = k[1], k[2]
+    two = k[0]
+    return (
+        four * d0 - five * d2 + d4,
+        d3 + d4 - four * (d1 + d2),
+        four * (d1 - d2) + d4 - d3,
+        two * (d3 - d1) + d4 - d2,
+        two * (d1 - d3) + d4 - d2,
+        four * d1 - five * d3 + d5,
+    )
+
+
+@njit(cache=True, inline="always")
+def _at2(m0, m1, m2, m3, k):
+    return m0 + m1 + m2, m1 - m2 - m3
+
+
+@njit(cache=True, inline="always")
+def _at4(m0, m1, m2, m3, m4, m5, k):
+    s13, d13 = m1 + m2, m1 - m2
+    s24, d24 = m3 + m4, m3 - m4
+    return m0 + s13 + s24, d13 + k[0] * d24, s13 + k[1] * s24, d13 + k[3] * d24 + m5
+
+
+@njit(cache=True, inline="always")
+def _pad_rows(x, n, c, xp, row0, col0):
+    """xp = x[n, c] from row row0, column col0 on, zero outside the image; xp is overwritten."""
+    h, wd = x.shape[2], x.shape[3]
+    rows, cols = xp.shape
+    lo, hi = max(0, -col0), min(cols, wd - col0)
+    for rr in range(rows):
+        ih = row0 + rr
+        if ih < 0 or ih >= h or hi <= lo:
+            xp[rr, :] = 0.0
+            continue
+        xp[rr, :lo] = 0.0
+        xp[rr, lo:hi] = x[n, c, ih, lo + col0 : hi + col0]
+        xp[rr, hi:] = 0.0
+
+
+@njit(**_SER)
+def input_transform(x, v, xp, rt, k, n0, tn, th0, nth, tiles_w, pt, pl, m):
+    """v (a*a, C, tn*nth*tiles_w) = B^T d B of the input tiles of images n0..n0+tn, tile rows th0..th0+nth.
+
+    Column ``(t*nth + r)*tiles_w + q`` is image n0 + t, tile row th0 + r, tile column q, whose input
+    tile starts at row (th0 + r)*m - pt, column q*m - pl (zero outside the image). Scratch: xp
+    (nth*m + 2, tiles_w*m + 2), rt (nth*m + 2, a, tiles_w); both passes run along a row of tiles
+    (contiguous, so LLVM vectorises them). v, xp and rt are overwritten.
+    """
+    c_in = x.shape[1]
+    rows = xp.shape[0]
+    for t in range(tn):
+        for c in range(c_in):
+            _pad_rows(x, n0 + t, c, xp, th0 * m - pt, -pl)
+            for rr in range(rows):  # B^T along each row: rt[rr, j, q] for tile column q
+                for q in range(tiles_w):
+                    x0 = q * m
+                    if m == 2:
+                        e2 = _bt2(xp[rr, x0], xp[rr, x0 + 1], xp[rr, x0 + 2], xp[rr, x0 + 3], k)
+                        for j in range(4):
+                            rt[rr, j, q] = e2[j]
+                    else:
+                        e4 = _bt4(xp[rr, x0], xp[rr, x0 + 1], xp[rr, x0 + 2], xp[rr, x0 + 3], xp[rr, x0 + 4],
+                                  xp[rr, x0 + 5], k)  # fmt: skip
+                        for j in range(6):
+                            rt[rr, j, q] = e4[j]
+            for r in range(nth):  # then B^T down each column of every tile
+                p0, y0 = (t * nth + r) * tiles_w, r * m
+                for j in range(m + 2):
+                    for q in range(tiles_w):
+                        if m == 2:
+                            e2 = _bt2(rt[y0, j, q], rt[y0 + 1, j, q], rt[y0 + 2, j, q], rt[y0 + 3, j, q], k)
+                            for i in range(4):
+                                v[i * 4 + j, c, p0 + q] = e2[i]
+                        else:
+                            e4 = _bt4(rt[y0, j, q], rt[y0 + 1, j, q], rt[y0 + 2, j, q], rt[y0 + 3, j, q],
+                                      rt[y0 + 4, j, q], rt[y0 + 5, j, q], k)  # fmt: skip
+                            for i in range(6):
+                                v[i * 6 + j, c, p0 + q] = e4[i]
+
+
+@njit(**_SER)
+def output_transform(mm, b, has_bias, y, yp, ct, k, n0, tn, th0, nth, tiles_w, m):
+    """y's tiles for images n0..n0+tn, tile rows th0..th0+nth = A^T M A (+ b), from mm (a*a, K, tn*nth*tiles_w).
+
+    Scratch: yp (nth*m, tiles_w*m), ct (m, a, tiles_w); tile pixels past y's edge are dropped.
+    Returns whether every value written is finite (a NaN or inf anywhere in a tile's input
+    spreads over the whole tile, where a direct sum keeps it to the windows that read it).
+    """
+    _, c_out, out_h, out_w = y.shape
+    a = m + 2
+    rows = min(nth * m, out_h - th0 * m)
+    check = 0.0
+    for t in range(tn):
+        for kk in range(c_out):
+            init = b[kk] if has_bias else 0.0
+            for r in range(nth):
+                p0, y0 = (t * nth + r) * tiles_w, r * m
+                for j in range(a):  # A^T down the columns
+                    for q in range(tiles_w):
+                        p = p0 + q
+                        if m == 2:
+                            f2 = _at2(mm[j, kk, p], mm[a + j, kk, p], mm[2 * a + j, kk, p], mm[3 * a + j, kk, p], k)
+                            for i in range(2):
+                                ct[i, j, q] = f2[i]
+                        else:
+                            f4 = _at4(mm[j, kk, p], mm[a + j, kk, p], mm[2 * a + j, kk, p], mm[3 * a + j, kk, p],
+                                      mm[4 * a + j, kk, p], mm[5 * a + j, kk, p], k)  # fmt: skip
+                            for i in range(4):
+                                ct[i, j, q] = f4[i]
+                for i in range(m):  # then along the rows
+                    for q in range(tiles_w):
+                        if m == 2:
+                            g2 = _at2(ct[i, 0, q], ct[i, 1, q], ct[i, 2, q], ct[i, 3, q], k)
+                            for j in range(2):
+                                yp[y0 + i, q * 2 + j] = g2[j] + init
+                        else:
+                            g4 = _at4(ct[i, 0, q], ct[i, 1, q], ct[i, 2, q], ct[i, 3, q], ct[i, 4, q], ct[i, 5, q], k)
+                            for j in range(4):
+                                yp[y0 + i, q * 4 + j] = g4[j] + init
+            for rr in range(rows):
+                for ow in range(out_w):
+                    val = yp[rr, ow]
+                    y[n0 + t, kk, th0 * m + rr, ow] = val
+                    check += val * 0.0
+    return check == 0.0

@@ -1,0 +1,155 @@
+"""Each conv algorithm of the numba backend, forced, against the NumPy reference and PyTorch.
+
+``force_conv_algorithm`` pins one algorithm wherever a geometry allows it (Winograd: 3x3, stride 1,
+dilation 1, one group); every test checks the algorithm really ran (``last_algorithm``) before it
+compares values, so a silently ignored force fails here. The 200-config sweep of
+test_numba_backend runs again with each Winograd tile forced.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import conftest
+import numpy as np
+import pytest
+from test_numba_backend import N_CONFIGS, assert_close, check_conv2d_config, nb, ref  # noqa: F401 (fixtures)
+
+from convrpc.core import params
+
+numba_backend = pytest.importorskip("convrpc.core.numba_backend")
+ALGORITHMS = numba_backend.CONV_ALGORITHMS
+WINOGRAD = [a for a in ALGORITHMS if a.startswith("winograd")]
+
+#: 3x3 stride-1 geometries every algorithm can run: odd sizes, partial last tiles, padding 0-3
+#: (3 makes the flipped input gradient a crop), asymmetric padding, batch 1 and 3, 1 to 20 channels.
+CASES = [
+    ((1, 1, 5, 5), (1, 1, 3, 3), 0),
+    ((3, 2, 7, 9), (4, 2, 3, 3), 1),
+    ((2, 5, 6, 11), (3, 5, 3, 3), (2, 0)),
+    ((1, 4, 5, 4), (6, 4, 3, 3), 3),
+    ((2, 20, 9, 10), (17, 20, 3, 3), 1),
+    ((1, 3, 3, 3), (2, 3, 3, 3), (0, 2)),
+]
+
+
+@pytest.fixture
+def force():
+    yield numba_backend.force_conv_algorithm
+    numba_backend.force_conv_algorithm(None)
+
+
+def _arrays(x_shape, w_shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_forced_algorithm_matches_the_reference(nb, ref, force, algorithm, case, dtype):
+    x_shape, w_shape, padding = CASES[case]
+    x, w, b = _arrays(x_shape, w_shape, dtype, case)
+    force(algorithm)
+    got = nb.conv2d(x, w, b, padding=padding)
+    assert numba_backend.last_algorithm["forward"] == algorithm
+    want = ref.conv2d(x, w, b, padding=padding)
+    assert_close(got, want, f"{algorithm} conv2d")
+    gy = np.random.default_rng(7).standard_normal(want.shape).astype(dtype)
+    grads = nb.conv2d_backward(gy, x, w, b, padding=padding)
+    if algorithm in WINOGRAD:
+        assert numba_backend.last_algorithm["grad-input"] == f"flipped {algorithm}"
+    expected = ref.conv2d_backward(gy, x, w, b, padding=padding)
+    assert_close(grads.input, expected.input, f"{algorithm} grad input")
+    assert_close(grads.weight, expected.weight, f"{algorithm} grad weight")
+    assert_close(grads.bias, expected.bias, f"{algorithm} grad bias")
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("algorithm", WINOGRAD)
+def test_winograd_matches_torch_on_many_channels(nb, force, algorithm, dtype):
+    """64 channels in and out, values up to 1e3: rounding adds up where Winograd's transforms amplify it."""
+    torch = pytest.importorskip("torch")
+    x, w, b = _arrays((2, 64, 13, 12), (64, 64, 3, 3), dtype, 3)
+    x *= 1e3
+    force(algorithm)
+    xt, wt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w)
+    yt = torch.nn.functional.conv2d(xt, wt, torch.from_numpy(b), padding=1)
+    gy = np.random.default_rng(4).standard_normal(tuple(yt.shape)).astype(dtype)
+    yt.backward(torch.from_numpy(gy))
+    assert_close(nb.conv2d(x, w, b, padding=1), yt.detach().numpy(), f"{algorithm} conv2d")
+    assert numba_backend.last_algorithm["forward"] == algorithm
+    assert_close(nb.conv2d_backward(gy, x, w, b, padding=1).input, xt.grad.numpy(), f"{algorithm} grad input")
+
+
+@pytest.mark.parametrize("algorithm", WINOGRAD)
+@pytest.mark.parametrize("i", range(0, N_CONFIGS, 2))
+def test_sweep_with_winograd_forced(nb, ref, force, algorithm, i):
+    force(algorithm)
+    check_conv2d_config(nb, ref, i)
+
+
+@pytest.mark.parametrize("algorithm", WINOGRAD)
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_winograd_keeps_non_finite_values_where_the_direct_sum_puts_them(nb, ref, force, algorithm, value):
+    """A NaN or inf spreads over a whole Winograd tile; such outputs are recomputed exactly."""
+    x, w, b = _arrays((2, 16, 8, 9), (16, 16, 3, 3), np.float64)
+    x[1, 3, 2, 5] = value
+    force(algorithm)
+    got = nb.conv2d(x, w, b, padding=1)
+    want = ref.conv2d(x, w, b, padding=1)
+    assert np.isnan(want).any() or np.isinf(want).any()
+    conftest.assert_close(got, want, what="conv2d")  # NaN and inf positions equal, the rest close
+
+
+def test_winograd_is_chosen_for_wide_3x3_convs_and_not_for_few_channels():
+    wide = params.conv2d_geometry((2, 32, 14, 14), (32, 32, 3, 3), None, padding=1)
+    few = params.conv2d_geometry((8, 3, 14, 14), (16, 3, 3, 3), None, padding=1)
+    strided = params.conv2d_geometry((2, 32, 14, 14), (32, 32, 3, 3), None, stride=2, padding=1)
+    for itemsize in (4, 8):
+        tile = numba_backend.WINOGRAD_TILE[itemsize]
+        assert numba_backend.conv_algorithm(wide, itemsize) == f"winograd-{tile}x{tile}"
+        assert not numba_backend.conv_algorithm(few, itemsize).startswith("winograd")
+        assert not numba_backend.conv_algorithm(strided, itemsize).startswith("winograd")
+
+
+def test_the_choice_is_made_once_per_shape_and_logged(force, caplog):
+    force(None)  # also empties the cache
+    g = params.conv2d_geometry((1, 16, 10, 10), (16, 16, 3, 3), None, padding=1)
+    with caplog.at_level(logging.DEBUG, logger=numba_backend.__name__):
+        first = numba_backend.conv_algorithm(g, 8)
+        assert numba_backend.conv_algorithm(g, 8) == first
+    logged = [r.getMessage() for r in caplog.records if r.name == numba_backend.__name__]
+    assert len(logged) == 1 and logged[0].endswith(first)
+
+
+def test_a_forced_algorithm_that_cannot_run_a_geometry_gives_way(nb, ref, force):
+    x, w, b = _arrays((1, 4, 9, 9), (8, 4, 5, 5), np.float64)
+    force("winograd-2x2")
+    assert_close(nb.conv2d(x, w, b, padding=2), ref.conv2d(x, w, b, padding=2), "5x5 conv2d")
+    assert numba_backend.last_algorithm["forward"] != "winograd-2x2"
+
+
+def test_unknown_algorithm_names_are_refused(force):
+    with pytest.raises(ValueError, match="winograd-2x2"):
+        force("fft")
+
+
+@pytest.mark.parametrize("algorithm", WINOGRAD)
+def test_winograd_splits_images_into_tile_rows_under_a_small_workspace(nb, ref, force, algorithm):
+    x, w, b = _arrays((2, 8, 21, 20), (8, 8, 3, 3), np.float64)
+    g = params.conv2d_geometry(x.shape, w.shape, b.shape, padding=1)
+    old = numba_backend.workspace_limit()
+    numba_backend.set_workspace_limit(100 * 1024)
+    try:
+        tasks, _ = numba_backend._winograd_tasks(g, 8, int(algorithm[-1]), serial=False)
+        assert any(th0 > 0 for _, _, th0, _ in tasks)  # parts of an image, not whole ones
+        force(algorithm)
+        assert_close(nb.conv2d(x, w, b, padding=1), ref.conv2d(x, w, b, padding=1), "conv2d")
+        assert numba_backend.last_algorithm["forward"] == algorithm
+    finally:
+        numba_backend.set_workspace_limit(old)
