@@ -201,7 +201,7 @@ def fake_cupy(device_count):
 
 def test_cupy_missing_names_the_gpu_extra(fresh_backends, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
-    with pytest.raises(BackendUnavailableError, match=r"convrpc\[gpu\]"):
+    with pytest.raises(BackendUnavailableError, match=r"pip install -e .\.\[gpu\]. in a clone of convrpc"):
         get_backend("cupy")
     assert "cupy" not in core.available_backends()
 
@@ -209,7 +209,7 @@ def test_cupy_missing_names_the_gpu_extra(fresh_backends, monkeypatch):
 @pytest.mark.parametrize("device_count", [0, RuntimeError("cudaErrorNoDevice: no CUDA-capable device")])
 def test_cupy_without_a_device_is_unavailable(fresh_backends, monkeypatch, device_count):
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy(device_count))
-    with pytest.raises(BackendUnavailableError, match=r"no CUDA device.*convrpc\[gpu\]"):
+    with pytest.raises(BackendUnavailableError, match=r"no CUDA device.*\.\[gpu\]. in a clone of convrpc"):
         get_backend("cupy")
 
 

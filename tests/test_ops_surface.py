@@ -53,7 +53,7 @@ def details_of(error: grpc.RpcError) -> dict:
 
 def slow_backend(release: threading.Event) -> Backend:
     kernels = types.SimpleNamespace(**{k: getattr(numpy_backend, k) for k in dir(numpy_backend) if not k.startswith("_")})
-    kernels.warm_up = lambda: release.wait(30)
+    kernels.warm_up = lambda progress=None: release.wait(30)  # numba_backend.warm_up(progress) as a test double
     return Backend("slow", kernels)
 
 
@@ -171,7 +171,8 @@ def test_errors_carry_bad_request_and_retry_info_and_every_response_a_request_id
             with ConvClient(srv.target, timeout=60) as client:
                 run = client.train_kernel(np.ones((1, 1, 8, 8)), np.ones((1, 1, 6, 6)), kernel_size=3,
                                           max_steps=10**6, lr=1e-9, seed=0)  # fmt: skip
-                next(iter(run))
+                updates = iter(run)  # kept: dropping an iteration part-way stops the run
+                next(updates)
                 with pytest.raises(grpc.RpcError) as busy:
                     stub.Forward(RELU, timeout=10)
                 run.cancel()

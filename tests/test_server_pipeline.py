@@ -276,13 +276,13 @@ def test_the_servicer_registers_exactly_the_rpcs_of_the_proto(srv):
     from convrpc.server.servicer import ConvService
 
     service = pb.DESCRIPTOR.services_by_name["ConvService"]
-    assert len(service.methods) == 8
+    assert len(service.methods) == 9
     for method in service.methods:
         assert callable(getattr(ConvService, method.name)), method.name
 
 
 def test_every_rpc_needs_the_token_and_is_counted_in_the_metrics():
-    """Auth and metrics sit in front of all 8 RPCs, the shared-memory and stream paths included."""
+    """Auth and metrics sit in front of all 9 RPCs, the shared-memory and stream paths included."""
     token = [("authorization", "Bearer s3cret")]
     request = pb.ForwardRequest(op=wire.encode_op("relu"), input=wire.encode_tensor(np.array([-1.0, 2.0])))
     backward = pb.BackwardRequest(op=request.op, input=request.input, grad_output=request.input)
@@ -308,6 +308,12 @@ def test_every_rpc_needs_the_token_and_is_counted_in_the_metrics():
                 s.close()
             assert list(stub.TrainKernel(train, timeout=30))[-1].WhichOneof("event") == "result"
             stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
+            stop = pb.StopTrainingRequest(run_id="0" * 32)
+            with pytest.raises(grpc.RpcError) as info:
+                raw.StopTraining(stop, timeout=30)
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert not stub.StopTraining(stop, timeout=30).stopped
+
         def handled(method, code):
             kind = {(False, False): "unary", (False, True): "server_stream", (True, True): "bidi_stream"}[
                 (method.client_streaming, method.server_streaming)]

@@ -54,7 +54,7 @@ def test_health_is_not_serving_during_warm_up_and_after_stop():
     kernels = types.SimpleNamespace(
         **{k: getattr(numpy_backend, k) for k in dir(numpy_backend) if not k.startswith("_")}
     )
-    kernels.warm_up = lambda: release.wait(30)
+    kernels.warm_up = lambda progress=None: release.wait(30)  # numba_backend.warm_up(progress) as a test double
     server = ConvServer(Settings(host="127.0.0.1", port=0, warm_up=True), backend=Backend("slow", kernels)).start()
     try:
         assert health(server.target) == NOT_SERVING

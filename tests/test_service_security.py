@@ -114,7 +114,7 @@ def test_bearer_tokens_guard_every_conv_rpc_but_leave_health_and_reflection_open
             assert "convrpc.v1.ConvService" in {s.name for r in replies for s in r.list_services_response.service}
         assert probe_health(srv.target) == 1  # SERVING, no token needed
         assert cli.main(["info", "--target", srv.target, "--token", "beta-token-2"]) == 0
-        assert 'backend: "numpy"' in capsys.readouterr().out
+        assert "\nbackend            numpy\n" in capsys.readouterr().out
         refused = srv.metrics.registry.get_sample_value(
             "grpc_server_handled_total",
             {"grpc_type": "unary", "grpc_service": "convrpc.v1.ConvService", "grpc_method": "Forward",

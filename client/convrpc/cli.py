@@ -12,7 +12,7 @@ import numpy as np
 
 from convrpc.core import config
 
-SERVER_EXTRA_HINT = "the server needs its extra: pip install 'convrpc[server]'"
+SERVER_EXTRA_HINT = "the server needs its extra: pip install -e '.[server]' in a clone of convrpc"
 
 
 def _server_modules():
@@ -83,9 +83,19 @@ def _security_kwargs(args) -> dict:
     return kwargs
 
 
+def _wait_warm(server) -> None:
+    """Wait for a local server's warm-up, showing how far the kernel compilation got."""
+    shown = None
+    while not server.wait_ready(timeout=0.5):
+        done, total = server.warm_up_progress
+        if total and (done, total) != shown:
+            shown = (done, total)
+            print(f"  compiling kernels {done}/{total} (first start only: they are cached on disk)", flush=True)
+
+
 def cmd_demo(args) -> int:
     """Fit the 3x3 edge kernel of an 80x80 image through TrainKernel and check it was recovered."""
-    from convrpc.client import ConvClient
+    from convrpc.client import ConvClient, ConvRpcError
     from convrpc.core.samples import EDGE_KERNEL, structured_image
 
     local = None
@@ -95,12 +105,17 @@ def cmd_demo(args) -> int:
         print(f"starting a local server (backend {args.backend}) on 127.0.0.1 ...", flush=True)
         local = server.ConvServer(server.Settings(host="127.0.0.1", port=0, backend=args.backend)).start()
         started = time.perf_counter()
-        local.wait_ready()
+        _wait_warm(local)
         print(f"server ready on {local.target} after {time.perf_counter() - started:.1f} s of kernel warm-up")
         target = local.target
     try:
         with ConvClient(target, timeout=args.timeout) as client:
-            info = client.server_info()
+            try:
+                info = client.server_info(timeout=min(args.timeout, 10.0))
+            except ConvRpcError as exc:
+                print(f"convrpc demo: no convrpc server answers at {target} ({exc.code.name}: {exc.message})",
+                      file=sys.stderr)  # fmt: skip
+                return 1
             print(f"connected to convrpc {info.version} at {target}: backend {info.backend} on {info.device}")
             image = structured_image(80)[None, None]
             true_kernel = EDGE_KERNEL[None, None]
@@ -131,7 +146,7 @@ def cmd_demo(args) -> int:
             ax.figure.savefig(args.plot, dpi=120, bbox_inches="tight")
             print(f"loss curve written to {args.plot}")
         except ImportError:
-            print("matplotlib is not installed; no loss curve (pip install 'convrpc[notebook]')")
+            print("matplotlib is not installed; no loss curve (pip install -e '.[notebook]' in a clone of convrpc)")
     return 0 if ok else 1
 
 
@@ -236,23 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target", help="host:port of a running server (default: start one in this process)")
     demo.add_argument("--backend", default=config.DEFAULT_BACKEND, choices=("auto", "numpy", "numba", "cupy"), help="backend of the local server")
     demo.add_argument("--tol", type=float, default=1e-7, help="stop once the loss is below this (default 1e-7)")
-    demo.add_argument("--max-steps", type=int, default=10000)
-    demo.add_argument("--timeout", type=float, default=600.0, help="deadline of each call in seconds")
+    demo.add_argument("--max-steps", type=int, default=10000, help="most optimizer steps (default 10000)")
+    demo.add_argument("--timeout", type=float, default=600.0, help="deadline of each call in seconds (default 600)")
     demo.add_argument("--plot", default="convrpc-demo-loss.png", help="where to write the loss curve PNG ('' for none)")
     demo.set_defaults(func=cmd_demo)
 
-    health = sub.add_parser("health", help="probe a server's gRPC health; exit 0 when SERVING")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    health = sub.add_parser(
+        "health", help="probe a server's gRPC health; exit 0 when SERVING", formatter_class=defaults
+    )
     health.add_argument("--target", default=_local_health_target(os.environ),
-                        help="host:port to probe (default 127.0.0.1 and the port of env CONVRPC_HEALTH_PORT, else "
-                        f"CONVRPC_PORT, else {config.DEFAULT_PORT}: inside the image, the plaintext health port)")  # fmt: skip
+                        help="host:port to probe: 127.0.0.1 and the port of env CONVRPC_HEALTH_PORT, else "
+                        f"CONVRPC_PORT, else {config.DEFAULT_PORT} (inside the image, the plaintext health port)")  # fmt: skip
     health.add_argument("--service", default="", help="service name to check ('' is the whole server)")
-    health.add_argument("--timeout", type=float, default=3.0)
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     _add_client_security_flags(health, token=False)
     health.set_defaults(func=cmd_health)
 
-    info = sub.add_parser("info", help="print a server's version, backend, device and limits")
-    info.add_argument("--target", default=f"127.0.0.1:{config.DEFAULT_PORT}")
-    info.add_argument("--timeout", type=float, default=10.0)
+    info = sub.add_parser("info", help="print a server's version, backend, device and limits", formatter_class=defaults)
+    info.add_argument("--target", default=f"127.0.0.1:{config.DEFAULT_PORT}", help="host:port or gRPC name")
+    info.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
     _add_client_security_flags(info, token=True)
     info.set_defaults(func=cmd_info)
     return parser

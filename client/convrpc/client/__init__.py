@@ -12,6 +12,9 @@ from convrpc.core.backend import Gradients
 
 from .conv_client import ConvClient
 from .errors import ConvRpcError
+from .server_info import ServerInfo
 from .training import History, TrainingRun, TrainProgress, TrainResult
 
-__all__ = ["ConvClient", "ConvRpcError", "Gradients", "History", "TrainProgress", "TrainResult", "TrainingRun"]
+__all__ = [
+    "ConvClient", "ConvRpcError", "Gradients", "History", "ServerInfo", "TrainProgress", "TrainResult", "TrainingRun",
+]  # fmt: skip

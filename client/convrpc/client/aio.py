@@ -9,6 +9,8 @@ from typing import AsyncIterator
 import grpc
 from grpc import aio
 
+from convrpc.v1 import conv_service_pb2 as pb
+
 from . import config
 from .calls import Gather, Sleep, Spawn, Steps, Stream
 from .errors import ConvRpcError
@@ -21,28 +23,37 @@ __all__ = ["AsyncConvClient", "AsyncTrainingRun"]
 class AsyncTrainingRun(TrainingRun):
     """A training run for asyncio: ``async for update in run``, ``await run.result()``, ``run.cancel()``."""
 
+    @staticmethod
+    def _start_timer(seconds: float, callback) -> asyncio.TimerHandle:
+        return asyncio.get_running_loop().call_later(seconds, callback)
+
     async def __aiter__(self) -> AsyncIterator[TrainProgress]:
         bar = self._progress_bar() if self._progress and self._result is None else None
         try:
-            while self._result is None:
+            while self._result is None and not self._failed:
                 try:
                     message = await self._call.read()
                 except grpc.RpcError as error:
+                    self._end(failed=True)
                     raise ConvRpcError.from_rpc_error(error) from None
                 if message is aio.EOF:
+                    self._end(failed=True)
                     raise ConvRpcError(grpc.StatusCode.INTERNAL, "the training stream ended without a result")
                 update = self._receive(message, bar)
                 if update is not None:
                     yield update
         finally:
-            self._leave(bar)  # leaving early (break, task cancelled, Ctrl-C) cancels the server's run
+            self._leave(bar)  # leaving early (break, task cancelled, Ctrl-C) stops the server's run
 
     def __iter__(self):
         raise TypeError("an AsyncTrainingRun is iterated with 'async for'")
 
     async def result(self) -> TrainResult:
+        """Await the end of the run and return its result; see :meth:`TrainingRun.result`."""
         async for _ in self:
             pass
+        if self._result is None:
+            raise ConvRpcError(grpc.StatusCode.INTERNAL, "the training stream failed before its result")
         return self._result
 
 
@@ -60,6 +71,7 @@ class AsyncConvClient(OpMethods):
         self._background: set[asyncio.Task] = set()
 
     async def _run(self, steps, finish):
+        self._check_open()
         return finish(await self._drive(steps))
 
     async def _drive(self, generator):
@@ -86,9 +98,7 @@ class AsyncConvClient(OpMethods):
         if isinstance(effect, Sleep):
             return await asyncio.sleep(effect.seconds)
         if isinstance(effect, Spawn):
-            task = asyncio.ensure_future(self._drive(effect.steps))
-            self._background.add(task)
-            return task.add_done_callback(self._forget)
+            return self._spawn(self._drive(effect.steps))
         if isinstance(effect, Gather):
             tasks = [asyncio.ensure_future(self._slot(part)) for part in effect.parts]
             try:
@@ -110,10 +120,31 @@ class AsyncConvClient(OpMethods):
         return await method(effect.request, timeout=effect.timeout, metadata=self._metadata)
 
     def _train(self, request, progress, timeout) -> AsyncTrainingRun:
-        call = self._stub().TrainKernel(request, timeout=self._timeout(timeout), metadata=self._metadata)
-        return AsyncTrainingRun(call, max_steps=request.max_steps, progress=progress)
+        self._check_open()
+        calls, channel = self._run_methods()
+        deadline = None if timeout is None else timeout + config.STOP_GRACE_SECONDS
+        call = calls["TrainKernel"](request, timeout=deadline, metadata=self._metadata)
+        stop_request = pb.StopTrainingRequest(run_id=request.run_id)
+
+        async def stop() -> None:
+            try:
+                await calls["StopTraining"](stop_request, timeout=config.STOP_TIMEOUT, metadata=self._metadata)
+            except (grpc.RpcError, ValueError):  # ValueError: the client was closed meanwhile
+                call.cancel()  # the server cannot be asked: at least free its worker (the fit is lost)
+
+        # cancel() and the end of a run are not coroutines: their calls run as background tasks.
+        return AsyncTrainingRun(
+            call, max_steps=request.max_steps, progress=progress, stop=lambda: self._spawn(stop()), timeout=timeout,
+            on_end=None if channel is None else lambda: self._spawn(channel.close()),
+        )  # fmt: skip
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._forget)
 
     async def close(self) -> None:
+        self._closed = True
         await self._drive(self._core.close())
         for task in list(self._background):
             task.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 
 import grpc
@@ -12,12 +13,15 @@ from convrpc.v1 import conv_service_pb2 as pb
 
 from . import config
 
-__all__ = ["channel_options", "credentials", "methods", "open_channels"]
+__all__ = ["channel_options", "credentials", "methods", "open_channels", "pinned_options", "single_address"]
 
 # Every address a name resolves to takes calls in turn. No gRPC retry policy: the SDK's failover (see
 # ``calls``) retries on another replica at once, where a channel's own retry would first wait, on the
 # same replica, for a reconnection that a frozen server never completes (measured: 4.5 s instead of 3).
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+# A training run's stream and its StopTraining must reach the same server: a run on a name that may
+# resolve to several addresses gets a channel of its own that keeps to one of them, picked at random.
+_PINNED_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"pick_first": {"shuffleAddressList": True}}]})
 _SERVICE = "/convrpc.v1.ConvService/"
 #: The unary methods the SDK calls, with their response types.
 _UNARY = {
@@ -26,6 +30,7 @@ _UNARY = {
     "GetServerInfo": pb.GetServerInfoResponse,
     "OpenSharedMemorySession": pb.OpenSharedMemorySessionResponse,
     "CloseSharedMemorySession": pb.CloseSharedMemorySessionResponse,
+    "StopTraining": pb.StopTrainingResponse,
 }
 _STREAMS = {"ForwardStream": pb.ForwardStreamResponse, "BackwardStream": pb.BackwardStreamResponse}
 
@@ -68,6 +73,25 @@ def open_channels(target, *, token, root_certificates, private_key, certificate_
     return targets, metadata, channels
 
 
+def single_address(target: str) -> bool:
+    """Whether ``target`` can only ever reach one server: an IP literal with a port, or a unix socket."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    host, _, port = target.removeprefix("ipv4:").removeprefix("ipv6:").rpartition(":")
+    if "," in target or not port.isdigit():
+        return False
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # a name: it may resolve to several addresses
+    return True
+
+
+def pinned_options(options=()) -> list[tuple[str, object]]:
+    """``options`` for a channel that sends every call to one address of its target."""
+    return [("grpc.service_config", _PINNED_SERVICE_CONFIG)] + [o for o in options if o[0] != "grpc.service_config"]
+
+
 def max_message_bytes(options=()) -> int:
     """The smaller of the send and receive limits a channel opened with ``options`` ends up with."""
     limits = {}
@@ -98,6 +122,10 @@ def methods(channel) -> dict:
         ))  # fmt: skip
         for name, kind in _STREAMS.items()
     )
+    calls["TrainKernel"] = channel.unary_stream(
+        _SERVICE + "TrainKernel", request_serializer=_encode,
+        response_deserializer=pb.TrainKernelResponse.FromString, _registered_method=True,
+    )  # fmt: skip
     calls["Check"] = channel.unary_unary(
         "/grpc.health.v1.Health/Check", request_serializer=_encode,
         response_deserializer=health_pb2.HealthCheckResponse.FromString,

@@ -46,3 +46,11 @@ EJECT_MAX_SECONDS = 30.0
 PROBE_TIMEOUT = 1.0
 #: Deadline of CloseSharedMemorySession when a client closes (seconds).
 CLOSE_TIMEOUT = 5.0
+
+# -- training runs ------------------------------------------------------------------------------------
+
+#: Deadline of the StopTraining call that cancel(), leaving a run's loop or its timeout sends (seconds).
+STOP_TIMEOUT = 10.0
+#: A run given ``timeout=T`` is asked to stop at T; its stream fails DEADLINE_EXCEEDED only if the result
+#: has not come this many seconds later (a server that stopped answering), so a healthy run keeps its fit.
+STOP_GRACE_SECONDS = 30.0

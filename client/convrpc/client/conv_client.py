@@ -8,6 +8,8 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import grpc
 
+from convrpc.v1 import conv_service_pb2 as pb
+
 from . import config
 from .calls import Gather, Sleep, Spawn, Stream, drive
 from .ops import OpMethods
@@ -21,8 +23,9 @@ class ConvClient(OpMethods):
 
     ``target`` is ``"host:port"``, a gRPC name such as ``"dns:///convrpc:50051"`` (every address it
     resolves to is used round-robin), or a list of those (calls rotate over them). ``timeout`` is the
-    default deadline of every call in seconds (None: no deadline); each method also takes
-    ``timeout=``. ``token`` is sent as a bearer token; ``root_certificates`` (PEM bytes) switches to
+    default deadline of every op call in seconds (None: no deadline); each method also takes
+    ``timeout=``. A training run is not bounded by it: ``train_kernel(timeout=T)`` stops a run at T
+    and keeps its result. ``token`` is sent as a bearer token; ``root_certificates`` (PEM bytes) switches to
     TLS, and ``private_key``/``certificate_chain`` add a client certificate for mutual TLS.
     ``data_path`` picks how tensors travel: ``"auto"`` (unary for small requests, shared memory to
     a server on this host, chunked streams otherwise), or ``"unary"``, ``"stream"``, ``"shm"`` to
@@ -32,8 +35,9 @@ class ConvClient(OpMethods):
     and run concurrently over the replicas, on any data path, as are unary requests too large for one
     message; the result is the unsharded one. A call or shard failing with UNAVAILABLE, or whose
     replica stops answering, is sent to another replica within the call's deadline.
-    ``train_kernel`` runs on one replica (see :mod:`convrpc.client.calls`).
-    Use it as a context manager or call ``close()``.
+    ``train_kernel`` runs on one replica (see :mod:`convrpc.client.calls`), and its stop request
+    goes to the same one. Use it as a context manager or call ``close()``; calls on a closed client
+    raise ConvRpcError(FAILED_PRECONDITION).
     """
 
     _grpc = grpc
@@ -42,6 +46,7 @@ class ConvClient(OpMethods):
         self._pool = ThreadPoolExecutor(config.SHARDS_IN_FLIGHT, thread_name_prefix="convrpc-shard")
 
     def _run(self, steps, finish):
+        self._check_open()
         return finish(self._drive(steps))
 
     def _drive(self, generator):
@@ -78,10 +83,25 @@ class ConvClient(OpMethods):
         return method(effect.request, timeout=effect.timeout, metadata=self._metadata)
 
     def _train(self, request, progress, timeout) -> TrainingRun:
-        call = self._stub().TrainKernel(request, timeout=self._timeout(timeout), metadata=self._metadata)
-        return TrainingRun(call, max_steps=request.max_steps, progress=progress)
+        self._check_open()
+        calls, channel = self._run_methods()
+        deadline = None if timeout is None else timeout + config.STOP_GRACE_SECONDS
+        call = calls["TrainKernel"](request, timeout=deadline, metadata=self._metadata)
+        stop_request = pb.StopTrainingRequest(run_id=request.run_id)
+
+        def stop() -> None:
+            try:
+                calls["StopTraining"](stop_request, timeout=config.STOP_TIMEOUT, metadata=self._metadata)
+            except (grpc.RpcError, ValueError):  # ValueError: the client was closed meanwhile
+                call.cancel()  # the server cannot be asked: at least free its worker (the fit is lost)
+
+        return TrainingRun(
+            call, max_steps=request.max_steps, progress=progress, stop=stop, timeout=timeout,
+            on_end=None if channel is None else channel.close,
+        )  # fmt: skip
 
     def close(self) -> None:
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._drive(self._core.close())
         for channel in self._channels:

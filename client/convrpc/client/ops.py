@@ -7,21 +7,24 @@ arrays, the asyncio client with awaitables of arrays.
 
 from __future__ import annotations
 
+import secrets
 from typing import Sequence
 
 import grpc
 import numpy as np
+from numpy.typing import ArrayLike
+
 from convrpc import wire
 from convrpc.core.backend import Gradients
 from convrpc.v1 import conv_service_pb2 as pb
-from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 
 from .calls import CallCore
-from .channel import max_message_bytes, methods, open_channels
+from .channel import max_message_bytes, methods, open_channels, pinned_options, single_address
 from .errors import ConvRpcError
 from .messages import Call
+from .server_info import ServerInfo
 from .tensors import as_array, checked_op
-from .training import train_request
+from .training import TrainingRun, train_request
 
 __all__ = ["OpMethods"]
 
@@ -80,21 +83,33 @@ class OpMethods:
         data_path: str = "auto",
         chunk_bytes: int | None = None,
     ):
-        self.targets, self._metadata, self._channels = open_channels(
-            target, token=token, root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain, options=options, grpc_module=self._grpc,
+        self._channel_args = dict(
+            token=token, root_certificates=root_certificates, private_key=private_key,
+            certificate_chain=certificate_chain, grpc_module=self._grpc,
         )  # fmt: skip
+        self._options = tuple(options)
+        self.targets, self._metadata, self._channels = open_channels(target, options=options, **self._channel_args)
         self.timeout = timeout
         self._core = CallCore(
             self.targets, mode=data_path, chunk_bytes=chunk_bytes, shard_size=shard_size,
             max_message_bytes=max_message_bytes(options),
         )  # fmt: skip
         self._methods = [methods(c) for c in self._channels]
-        self._stubs = [pb_grpc.ConvServiceStub(c) for c in self._channels]
         self._start()
 
     def _start(self) -> None:  # pragma: no cover - provided by clients
         raise NotImplementedError
+
+    _closed = False
+
+    def _check_open(self) -> None:
+        """Refuse a call on a closed client with the SDK's one error, not gRPC's ValueError."""
+        if self._closed:
+            raise ConvRpcError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this client of {', '.join(self.targets)} is closed (its 'with' block ended or close() was called); "
+                "open a new one",
+            )  # fmt: skip
 
     def _timeout(self, timeout):
         return self.timeout if timeout is None else timeout
@@ -102,9 +117,19 @@ class OpMethods:
     def _deadline(self, timeout):
         return self._core.deadline(self._timeout(timeout))
 
-    def _stub(self) -> pb_grpc.ConvServiceStub:
-        """The stub of the replica for a call that stays on one (TrainKernel)."""
-        return self._stubs[self._core.pick().index]
+    def _run_methods(self) -> tuple[dict, object | None]:
+        """``(methods, channel)`` for a training run: its stream and its StopTraining must reach one server.
+
+        A target that is one IP address uses the client's channel (``channel`` None); a name, which
+        may resolve to several servers, gets a channel of its own (to close when the run ends) that
+        sends both calls to one of its addresses, picked at random.
+        """
+        replica = self._core.pick()
+        target = self.targets[replica.index]
+        if single_address(target):
+            return self._methods[replica.index], None
+        _, _, (channel,) = open_channels(target, options=pinned_options(self._options), **self._channel_args)
+        return methods(channel), channel
 
     def _run(self, steps, finish):  # pragma: no cover - provided by clients
         raise NotImplementedError
@@ -129,10 +154,28 @@ class OpMethods:
     def _call_backward(self, op: str, grad_output, tensors: dict, options: dict, timeout):
         return self._call(op, True, dict(tensors, grad_output=grad_output), options, timeout)
 
-    def server_info(self, *, timeout=None) -> pb.GetServerInfoResponse:
-        """The server's version, backend, device and limits (the GetServerInfo response)."""
+    def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        """Describe the server: its version, backend, device and limits.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Deadline in seconds (default: the client's ``timeout``).
+
+        Returns
+        -------
+        ServerInfo
+            Named fields (``version``, ``backend``, ``device``, ``max_message_bytes``,
+            ``max_elements``, ``max_train_steps``, ``max_train_seconds``, ``ops``, ``dtypes``,
+            ``compute_threads``); ``print(info)`` shows one per line.
+
+        Raises
+        ------
+        ConvRpcError
+            UNAVAILABLE when no replica answers, DEADLINE_EXCEEDED after ``timeout``.
+        """
         steps = self._core.unary("GetServerInfo", pb.GetServerInfoRequest(), self._deadline(timeout))
-        return self._run(steps, lambda response: response)
+        return self._run(steps, ServerInfo.from_response)
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -237,29 +280,80 @@ class OpMethods:
     # -- training -----------------------------------------------------------------------------
 
     def train_kernel(
-        self, input, target, *, kernel_size=None, init_weight=None, bias=False, init_bias=None, stride=1, padding=0,
-        dilation=1, groups=1, optimizer="sgd", lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0,
-        betas=(0.9, 0.999), eps=1e-8, loss="mse", max_steps=1000, tol=0.0, report_every=1, seed=None,
-        batch_size=None, max_seconds=None, snapshot_every=0, progress=False, timeout=None,
-    ):  # fmt: skip
+        self, input: ArrayLike, target: ArrayLike, *, kernel_size: int | Sequence[int] | None = None,
+        init_weight: ArrayLike | None = None, bias: bool = False, init_bias: ArrayLike | None = None,
+        stride: int | Sequence[int] = 1, padding: int | str | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+        groups: int = 1, optimizer: str = "sgd", lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
+        weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, loss: str = "mse",
+        max_steps: int = 1000, tol: float = 0.0, report_every: int = 1, seed: int | None = None,
+        batch_size: int | None = None, max_seconds: float | None = None, snapshot_every: int = 0,
+        progress: bool = False, timeout: float | None = None,
+    ) -> TrainingRun:  # fmt: skip
         """Fit a conv2d weight (and a bias if ``bias=True``) so that conv2d(input) approaches ``target``.
 
-        Returns a live training run: iterate it for progress updates (``.step``, ``.loss``,
+        Returns at once with a live run: iterate it for progress updates (``.step``, ``.loss``,
         ``.elapsed``), call ``.result()`` for the :class:`TrainResult`, ``.cancel()`` to stop it.
+        The whole run happens on one server.
 
-        - ``kernel_size``: with no ``init_weight``, the weight is (target channels, input
-          channels/groups, kh, kw), Kaiming-uniform like torch's Conv2d, seeded by ``seed``.
-        - ``optimizer``: ``"sgd"`` (``lr``, ``momentum``, ``nesterov``, ``weight_decay``) or ``"adam"``
-          (``lr``, ``betas``, ``eps``, ``weight_decay``), with torch.optim's update rules.
-        - ``loss``: ``"mse"`` = mean((z-y)^2) as torch; ``"half_mse"`` = ½·mean; ``"half_sse"`` = ½·sum.
-        - stops when loss <= ``tol``, after ``max_steps``, after ``max_seconds`` (default: the
-          server's cap), when the loss turns non-finite ("diverged", last finite state returned) or
-          when cancelled.
-        - ``batch_size``: samples per step (None: full batch), shuffled per epoch from ``seed``.
-        - ``report_every``: a progress update every this many steps (the server also rate-limits them);
-          ``snapshot_every``: attach the weight to every this-many-th update.
-        - ``progress=True`` shows a tqdm bar (terminal or notebook) while the run is consumed.
+        Parameters
+        ----------
+        input : array_like, (N, C, H, W), float32 or float64
+            The conv input.
+        target : array_like, (N, K, OH, OW), the input's dtype
+            What conv2d(input, weight, bias, stride, padding, dilation, groups) should become.
+        kernel_size : int or (int, int), optional
+            With no ``init_weight``: the weight is (K, C/groups, kh, kw), Kaiming-uniform like
+            torch's Conv2d, drawn from ``seed``.
+        init_weight : array_like, (K, C/groups, kh, kw), optional
+            The starting weight (give it or ``kernel_size``).
+        bias : bool, default False
+            Fit a bias (K,) too, starting at ``init_bias`` or zero.
+        stride, padding, dilation, groups
+            conv2d's options, as ``torch.nn.functional.conv2d`` takes them.
+        optimizer : {"sgd", "adam"}, default "sgd"
+            With torch.optim's update rules: SGD takes ``lr``, ``momentum``, ``nesterov``,
+            ``weight_decay``; Adam takes ``lr``, ``betas``, ``eps``, ``weight_decay`` and refuses
+            ``momentum``/``nesterov`` (its momentum terms are the betas).
+        loss : {"mse", "half_mse", "half_sse"}, default "mse"
+            mean((z-y)^2) as torch's mse_loss; half of it; half the sum of squares.
+        max_steps : int, default 1000
+            At most this many updates (and at most the server's cap).
+        tol : float, default 0.0
+            Stop as "converged" once the loss is <= tol.
+        report_every : int, default 1
+            A progress update every this many steps (the server also sends at most one per 50 ms).
+        seed : int in [0, 2**64), optional
+            Seeds the initial weight and the mini-batch shuffling.
+        batch_size : int, optional
+            Samples per step (None: the whole batch), shuffled per epoch.
+        max_seconds : float, optional
+            Stop as "time_limit" after this long (None: the server's cap).
+        snapshot_every : int, default 0
+            Attach the weight to every this-many-th progress update (0: never).
+        progress : bool, default False
+            Show a tqdm bar (terminal or notebook) while the run is consumed.
+        timeout : float, optional
+            Stop the run this many seconds after it started; ``result()`` then returns it with stop
+            reason "cancelled" and the weights reached. A run is *not* bounded by the client's
+            default ``timeout``: it ends when it converges, runs out of steps or time, or is stopped.
+
+        Returns
+        -------
+        TrainingRun
+            ``.result()`` returns a :class:`TrainResult` (weight, bias, loss, steps, stop_reason,
+            history). ``.cancel()``, leaving its loop early and Ctrl-C stop the run on the server
+            without losing it: ``.result()`` then returns the weights of the last step.
+
+        Raises
+        ------
+        ConvRpcError
+            INVALID_ARGUMENT naming the argument (``.field``) for a bad one, before anything is
+            sent; the server's refusals (shapes, caps) when the run is consumed.
         """
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ConvRpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"timeout: expected None or seconds > 0, got {timeout!r}", "timeout"
+            )
         request = train_request(
             input, target, kernel_size=kernel_size, init_weight=init_weight, bias=bias, init_bias=init_bias,
             stride=stride, padding=padding, dilation=dilation, groups=groups, optimizer=optimizer, lr=lr,
@@ -267,4 +361,5 @@ class OpMethods:
             max_steps=max_steps, tol=tol, report_every=report_every, seed=seed, batch_size=batch_size,
             max_seconds=max_seconds, snapshot_every=snapshot_every,
         )  # fmt: skip
+        request.run_id = secrets.token_hex(16)  # 128 random bits: only this client can stop the run
         return self._train(request, progress, timeout)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import time
+import math
+import numbers
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import grpc
 import numpy as np
@@ -30,7 +34,15 @@ class TrainProgress(NamedTuple):
 
 @dataclass(frozen=True)
 class History:
-    """Every progress update received, as arrays of equal length."""
+    """A loss curve as numpy arrays of equal length.
+
+    A finished run's history (``TrainResult.history``) has one point per step plus the start:
+    ``step`` is 0, 1, ..., ``steps`` and ``loss[s]`` the loss of the weights after ``s`` updates
+    (with mini-batches, of the batch that step ``s + 1`` drew), so ``loss[-1] == result.loss``.
+    ``elapsed[s]`` (seconds) and ``grad_norm[s]`` (of update ``s``) are known only at the steps a
+    progress update reported, NaN elsewhere. While a run is live, ``TrainingRun.history`` holds
+    the progress updates received so far (each step's loss measured before its update).
+    """
 
     step: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -40,10 +52,35 @@ class History:
     def __len__(self) -> int:
         return len(self.step)
 
+    def __repr__(self) -> str:
+        if not len(self):
+            return "History(empty)"
+        return f"History({len(self)} points, steps {self.step[0]}..{self.step[-1]}, last loss {self.loss[-1]:.4g})"
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
 class TrainResult:
-    """The outcome of a run: fitted ``weight`` (and ``bias``), final ``loss``, ``steps`` run, why it stopped."""
+    """The outcome of a run.
+
+    Attributes
+    ----------
+    weight : numpy.ndarray
+        The fitted conv2d weight, (K, C/groups, kh, kw), in the input's dtype.
+    bias : numpy.ndarray or None
+        The fitted bias (K,), or None when ``bias=False``.
+    loss : float
+        The loss of exactly these weights on the whole data set.
+    steps : int
+        Optimizer updates run.
+    stop_reason : str
+        ``"converged"`` (loss <= tol), ``"max_steps"``, ``"cancelled"`` (``cancel()``, leaving
+        the loop, Ctrl-C, ``timeout=`` or a server shutdown), ``"diverged"`` (the last finite
+        state is returned) or ``"time_limit"`` (``max_seconds`` or the server's cap).
+    history : History
+        The whole loss curve, ``steps + 1`` points, the last equal to ``loss``.
+    elapsed : float
+        Seconds the run took on the server.
+    """
 
     weight: np.ndarray
     bias: np.ndarray | None
@@ -53,12 +90,19 @@ class TrainResult:
     history: History
     elapsed: float = 0.0
 
+    def __repr__(self) -> str:
+        bias = "None" if self.bias is None else f"<{self.bias.shape}>"
+        return (
+            f"TrainResult(stop_reason={self.stop_reason!r}, steps={self.steps}, loss={self.loss:.4g}, "
+            f"weight=<{self.weight.dtype} {self.weight.shape}>, bias={bias}, elapsed={self.elapsed:.3g}s)"
+        )
+
     def plot(self, ax=None, *, title: str | None = None):
         """Draw the loss curve (log scale) with matplotlib and return the axes."""
         try:
             import matplotlib.pyplot as plt
         except ImportError:
-            raise ImportError("plot() needs matplotlib: pip install 'convrpc[notebook]'") from None
+            raise ImportError("plot() needs matplotlib: pip install -e '.[notebook]' in a clone of convrpc") from None
         if ax is None:
             _, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(self.history.step, self.history.loss, lw=1.5)
@@ -71,17 +115,79 @@ class TrainResult:
         return ax
 
 
+def _refuse(name: str, expected: str, value) -> ConvRpcError:
+    return ConvRpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: expected {expected}, got {value!r}", name)
+
+
+def _real(name: str, value, *, positive: bool = False, below: float | None = None) -> float:
+    """``value`` as a finite float >= 0 (> 0 if ``positive``, < ``below`` if given), else a ConvRpcError
+    naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _refuse(name, "a real number", value)
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (positive and v == 0) or (below is not None and v >= below):
+        bound = f"in [0, {below:g})" if below is not None else f"a finite number {'>' if positive else '>='} 0"
+        raise _refuse(name, bound, value)
+    return v
+
+
+def _integer(name: str, value, *, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _refuse(name, "an int", value)
+    if value < minimum or (maximum is not None and value > maximum):
+        raise _refuse(name, f"an int >= {minimum}" + (f" and <= {maximum}" if maximum is not None else ""), value)
+    return int(value)
+
+
+def _optimizer(optimizer, lr, momentum, nesterov, weight_decay, betas, eps):
+    """The request's optimizer message; every argument checked like torch.optim checks it."""
+    lr, weight_decay = _real("lr", lr, positive=True), _real("weight_decay", weight_decay)
+    if optimizer == "sgd":
+        momentum = _real("momentum", momentum)
+        if not isinstance(nesterov, bool):
+            raise _refuse("nesterov", "a bool", nesterov)
+        if nesterov and momentum == 0:
+            raise _refuse("nesterov", "momentum > 0 with nesterov=True (as torch.optim.SGD)", momentum)
+        return "sgd", pb.SgdOptions(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    if optimizer == "adam":
+        if momentum or nesterov:
+            name = "momentum" if momentum else "nesterov"
+            raise ConvRpcError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{name}: not used by optimizer='adam' (its momentum terms are betas=(beta1, beta2))", name,
+            )  # fmt: skip
+        if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+            raise _refuse("betas", "a pair (beta1, beta2)", betas)
+        beta1, beta2 = (_real("betas", b, below=1.0) for b in betas)
+        options = pb.AdamOptions(
+            lr=lr, beta1=beta1, beta2=beta2, eps=_real("eps", eps, positive=True), weight_decay=weight_decay
+        )
+        return "adam", options
+    raise _refuse("optimizer", "'sgd' or 'adam'", optimizer)
+
+
 def train_request(
     input, target, *, kernel_size=None, init_weight=None, bias=False, init_bias=None, stride=1, padding=0,
     dilation=1, groups=1, optimizer="sgd", lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0,
     betas=(0.9, 0.999), eps=1e-8, loss="mse", max_steps=1000, tol=0.0, report_every=1, seed=None,
     batch_size=None, max_seconds=None, snapshot_every=0,
 ) -> pb.TrainKernelRequest:  # fmt: skip
-    """The TrainKernelRequest for ``ConvClient.train_kernel``'s arguments."""
+    """The TrainKernelRequest for ``ConvClient.train_kernel``'s arguments, each checked first: a bad one
+    raises ConvRpcError(INVALID_ARGUMENT) naming it, before anything is encoded or sent."""
     if loss not in wire.LOSSES:
-        raise ConvRpcError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"loss: expected one of {sorted(wire.LOSSES)}, got {loss!r}", "loss"
-        )
+        raise _refuse("loss", f"one of {sorted(wire.LOSSES)}", loss)
+    if not isinstance(bias, (bool, np.bool_)):
+        raise _refuse("bias", "a bool", bias)
+    kind, options = _optimizer(optimizer, lr, momentum, nesterov, weight_decay, betas, eps)
+    max_steps = _integer("max_steps", max_steps, minimum=1)
+    tol = _real("tol", tol)
+    report_every = _integer("report_every", report_every, minimum=1)
+    snapshot_every = _integer("snapshot_every", snapshot_every, minimum=0)
+    batch_size = 0 if batch_size is None else _integer("batch_size", batch_size, minimum=1)
+    if max_seconds is not None:
+        _real("max_seconds", max_seconds, positive=True)
+    if seed is not None:
+        seed = _integer("seed", seed, minimum=0, maximum=2**64 - 1)
     conv = op_message("conv2d", dict(stride=stride, padding=padding, dilation=dilation, groups=groups)).conv2d
     kernel = op_message("max_pool2d", dict(kernel_size=kernel_size)).max_pool2d.kernel_size if kernel_size else None
     request = pb.TrainKernelRequest(
@@ -90,12 +196,13 @@ def train_request(
         bias=bool(bias),
         conv=conv,
         loss=wire.LOSSES[loss],
-        max_steps=int(max_steps),
-        tol=float(tol),
-        report_every=int(report_every),
-        batch_size=int(batch_size or 0),
+        max_steps=max_steps,
+        tol=tol,
+        report_every=report_every,
+        batch_size=batch_size,
         max_seconds=float(max_seconds or 0.0),
-        snapshot_every=int(snapshot_every),
+        snapshot_every=snapshot_every,
+        **{kind: options},
     )
     if kernel is not None:
         request.kernel_size.CopyFrom(kernel)
@@ -104,46 +211,93 @@ def train_request(
     if init_bias is not None:
         request.init_bias.CopyFrom(as_tensor(init_bias, "init_bias"))
     if seed is not None:
-        request.seed = int(seed)
-    if optimizer == "sgd":
-        request.sgd.CopyFrom(pb.SgdOptions(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
-    elif optimizer == "adam":
-        request.adam.CopyFrom(pb.AdamOptions(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay))
-    else:
-        raise ConvRpcError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"optimizer: expected 'sgd' or 'adam', got {optimizer!r}", "optimizer"
-        )
+        request.seed = seed
     return request
+
+
+class _StreamReader:
+    """Reads a blocking gRPC stream one message at a time on a helper thread.
+
+    A Ctrl-C while waiting must not lose the read in flight: gRPC refuses a second read on a call
+    whose first one an interrupt abandoned ("Internal gRPC call error 8"). Here the interrupted
+    wait leaves its read pending, and the next ``read()`` waits for that same one. The helper is one
+    thread kept for the run (its pool lets it go when the run ends or is dropped).
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="convrpc-train-read")
+        self._pending: Future | None = None
+
+    def read(self):
+        """The next message; raises StopIteration at the end and the stream's RpcError on failure."""
+        if self._pending is None:
+            self._pending = self._pool.submit(next, self._stream)
+        future = self._pending
+        try:
+            return future.result()  # an interrupt here leaves the read pending for the next call
+        finally:
+            if future.done():
+                self._pending = None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
 
 
 class TrainingRun:
     """A kernel-fitting run streaming from the server.
 
     Iterate it for :class:`TrainProgress` updates as they arrive; ``result()`` waits for the end and
-    returns the :class:`TrainResult`; ``cancel()`` stops the run on the server; ``history`` holds
-    the updates received so far as numpy arrays. Leaving the iteration early (``break``, an
-    exception, Ctrl-C or a notebook's interrupt, also inside ``result()``) cancels the server's run
-    too; the client stays usable. With ``progress=True`` a tqdm bar (step, loss, ETA) follows the
-    iteration, in a terminal or a notebook.
+    returns the :class:`TrainResult`; ``cancel()`` stops the run on the server, after which
+    ``result()`` returns what the run reached (stop reason ``"cancelled"``, the weights of the
+    last step). Leaving the iteration early (``break``, an exception, Ctrl-C or a notebook's
+    interrupt, also inside ``result()``) stops the run the same way: the interrupt goes on to the
+    caller, and a later ``result()`` returns the fit. ``timeout`` (seconds, the ``train_kernel``
+    argument) stops the run that long after it started, with the same outcome. ``history`` holds
+    the updates received so far as numpy arrays. With ``progress=True`` a tqdm bar (step, loss,
+    ETA; at the end the stop reason) follows the iteration, in a terminal or a notebook.
     """
 
-    def __init__(self, call, *, max_steps: int, progress: bool = False):
+    def __init__(
+        self,
+        call,
+        *,
+        max_steps: int,
+        progress: bool = False,
+        stop: Callable[[], None] | None = None,
+        timeout: float | None = None,
+        on_end: Callable[[], None] | None = None,
+    ):
         self._call = call
+        self._reader = _StreamReader(call) if hasattr(call, "__next__") else None  # aio calls are awaited
         self._max_steps = max_steps
         self._progress = progress
+        self._stop = stop or call.cancel
+        self._on_end = on_end
         self._rows: list[tuple[int, float, float, float]] = []
         self._result: TrainResult | None = None
-        self._started = time.monotonic()
+        self._failed = False
+        self._stopping = False
+        self._timer = self._start_timer(timeout, self.cancel) if timeout is not None else None
+
+    @staticmethod
+    def _start_timer(seconds: float, callback) -> object:
+        timer = threading.Timer(seconds, callback)
+        timer.daemon = True
+        timer.start()
+        return timer
 
     def __iter__(self) -> Iterator[TrainProgress]:
         bar = self._progress_bar() if self._progress and self._result is None else None
         try:
-            while self._result is None:
+            while self._result is None and not self._failed:
                 try:
-                    message = next(self._call)
+                    message = self._reader.read()
                 except StopIteration:
+                    self._end(failed=True)
                     raise ConvRpcError(grpc.StatusCode.INTERNAL, "the training stream ended without a result") from None
                 except grpc.RpcError as error:
+                    self._end(failed=True)
                     raise ConvRpcError.from_rpc_error(error) from None
                 update = self._receive(message, bar)
                 if update is not None:
@@ -155,9 +309,9 @@ class TrainingRun:
         """Record one stream message; returns the progress update, or None for the result."""
         if message.HasField("result"):
             self._result = self._make_result(message.result)
+            self._end(failed=False)
             if bar is not None:
-                bar.update(self._result.steps - bar.n)
-                bar.set_postfix(loss=f"{self._result.loss:.3e}", stop=self._result.stop_reason, refresh=False)
+                self._finish_bar(bar, self._result)
             return None
         update = self._record(message.progress)
         if bar is not None:
@@ -165,14 +319,39 @@ class TrainingRun:
             bar.set_postfix(loss=f"{update.loss:.3e}", refresh=False)
         return update
 
+    def _end(self, *, failed: bool) -> None:
+        """The stream is over: stop the timer, release the run's own channel."""
+        self._failed = failed
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._reader is not None:
+            self._reader.close()
+        if self._on_end is not None:
+            on_end, self._on_end = self._on_end, None
+            on_end()
+
+    @staticmethod
+    def _finish_bar(bar, result: TrainResult) -> None:
+        """Show the end: a converged run fills the bar (green, where tqdm colours), every run names its reason."""
+        if result.stop_reason == "converged":
+            bar.total = result.steps
+            widgets = getattr(getattr(bar, "container", None), "children", ())  # tqdm.notebook: (label, bar, text)
+            if len(widgets) == 3:
+                widgets[1].max = max(result.steps, 1)
+            bar.colour = "green"
+        bar.update(result.steps - bar.n)
+        bar.set_description(f"train_kernel: {result.stop_reason}", refresh=False)
+        bar.set_postfix(loss=f"{result.loss:.3e}", refresh=False)
+        bar.refresh()
+
     def _leave(self, bar) -> None:
         """The iteration is over: by the result, an error, or the caller leaving the loop early.
 
         Leaving early (``break``, an exception or Ctrl-C in the loop body, a notebook's interrupt
-        while waiting for the next message) cancels the server's run: nobody is reading it any more,
-        and the server frees its worker at once.
+        while waiting for the next message) stops the server's run: it ends within one step and
+        its result waits on the stream for the next ``result()``.
         """
-        if self._result is None:
+        if self._result is None and not self._failed:
             self.cancel()
         if bar is not None:
             bar.close()
@@ -181,8 +360,8 @@ class TrainingRun:
         try:
             from tqdm.auto import tqdm
         except ImportError:
-            raise ImportError("progress=True needs tqdm: pip install 'convrpc[notebook]'") from None
-        # total=max_steps gives the ETA; a run that converges early simply ends short of it.
+            raise ImportError("progress=True needs tqdm: pip install -e '.[notebook]' in a clone of convrpc") from None
+        # total=max_steps gives the ETA; a run that converges early fills the bar at its end.
         return tqdm(total=self._max_steps, unit="step", desc="train_kernel")
 
     def _record(self, msg: pb.TrainProgress) -> TrainProgress:
@@ -197,13 +376,26 @@ class TrainingRun:
             loss=msg.loss,
             steps=msg.steps,
             stop_reason=wire.STOP_REASON_NAMES.get(msg.stop_reason, "unknown"),
-            history=self.history,
+            history=self._curve(msg),
             elapsed=msg.elapsed_seconds,
         )
 
+    def _curve(self, msg: pb.TrainResult) -> History:
+        """The result's whole loss curve, with the elapsed time and gradient norm of the steps reported."""
+        if not msg.HasField("loss_history"):  # a server from before the curve was sent: what was received
+            return self.history
+        loss = from_tensor(msg.loss_history).astype(np.float64, copy=False)
+        elapsed, grad_norm = np.full(len(loss), np.nan), np.full(len(loss), np.nan)
+        for step, _, seconds, norm in self._rows:
+            if step < len(loss):
+                elapsed[step], grad_norm[step] = seconds, norm
+        return History(np.arange(len(loss), dtype=np.int64), loss, elapsed, grad_norm)
+
     @property
     def history(self) -> History:
-        """The progress received so far."""
+        """The progress received so far; once the run is over, its whole loss curve."""
+        if self._result is not None:
+            return self._result.history
         if not self._rows:
             return History()
         step, loss, elapsed, grad_norm = map(np.asarray, zip(*self._rows))
@@ -211,21 +403,44 @@ class TrainingRun:
 
     @property
     def done(self) -> bool:
+        """Whether the result has arrived."""
         return self._result is not None
 
     def result(self) -> TrainResult:
-        """Wait for the run to end and return its result (with the progress seen, showing a bar if asked)."""
+        """Wait for the run to end and return its result (showing a bar if ``progress=True``).
+
+        Returns
+        -------
+        TrainResult
+            Also after ``cancel()``, ``break``, an interrupt or ``timeout=``: then with stop reason
+            ``"cancelled"`` and the weights of the last step.
+
+        Raises
+        ------
+        ConvRpcError
+            When the server refused the run or the stream failed (the weights are lost then).
+        """
         for _ in self:
             pass
+        if self._result is None:
+            raise ConvRpcError(grpc.StatusCode.INTERNAL, "the training stream failed before its result")
         return self._result
 
     def cancel(self) -> None:
-        """Stop the run on the server; iterating afterwards raises ConvRpcError(CANCELLED)."""
-        self._call.cancel()
+        """Ask the server to stop the run; it ends within one step and ``result()`` returns its state.
+
+        Returns at once (it does not wait for the result). Calling it again, or after the end, does nothing.
+        """
+        if self._result is None and not self._failed and not self._stopping:
+            self._stopping = True
+            self._stop()
+
+    def __repr__(self) -> str:
+        state = self._result.stop_reason if self._result is not None else "stopping" if self._stopping else "running"
+        return f"<TrainingRun {state}, {len(self._rows)} updates received>"
 
     def __enter__(self) -> "TrainingRun":
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._result is None:
-            self.cancel()
+        self.cancel()

@@ -57,7 +57,7 @@ def get_backend(name: str = "numba") -> Backend:
             try:
                 module = importlib.import_module(module_name)
             except ImportError as exc:
-                hint = f"; install it with: pip install 'convrpc[{extra}]'" if extra else ""
+                hint = f"; install it with: pip install -e '.[{extra}]' in a clone of convrpc" if extra else ""
                 raise BackendUnavailableError(f"backend {name!r} is not available ({exc}){hint}") from None
             device = getattr(module, "DEVICE", "cpu")
             if callable(device):

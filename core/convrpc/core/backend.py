@@ -36,6 +36,12 @@ class Gradients(NamedTuple):
     weight: Any = None
     bias: Any = None
 
+    def __repr__(self) -> str:  # shapes, not whole arrays: a notebook cell shows this
+        def brief(a) -> str:
+            return "None" if a is None else f"<{getattr(a, 'dtype', '?')} {tuple(getattr(a, 'shape', ()))}>"
+
+        return f"Gradients(input={brief(self.input)}, weight={brief(self.weight)}, bias={brief(self.bias)})"
+
 
 class Kernels(Protocol):
     """What a backend module provides. Arrays are C-contiguous float32/float64 of one dtype, on the backend's device,

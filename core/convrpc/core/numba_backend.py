@@ -23,6 +23,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 # Both must be in the environment before numba's OpenMP runtime loads (at its first parallel call).
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
@@ -820,23 +821,36 @@ def relu_backward(gy, x):
 # -- start-up -----------------------------------------------------------------------------------
 
 
-def warm_up() -> None:
+#: The conv cases warm_up compiles, per dtype: (input shape, weight shape, options).
+_WARM_UP_CONVS = (
+    ((2, 2, 6, 7), (2, 1, 3, 3), dict(stride=2, padding=1, groups=2)),  # row kernels (few weights)
+    ((2, 4, 6, 7), (6, 2, 3, 3), dict(stride=2, padding=1, groups=2)),  # small im2col kernels
+    ((1, 4, 6, 6), (16, 4, 3, 3), dict(padding=1)),  # im2col_wide + BLAS (stride 1)
+    ((1, 4, 7, 7), (16, 4, 3, 3), dict(stride=2, padding=1)),  # im2col, col2im + BLAS
+    ((2, 3, 6, 6), (16, 3, 3, 3), dict(padding=1)),  # col2im_wide + BLAS (few input channels)
+    ((1, 16, 3, 3), (16, 16, 1, 1), {}),  # pointwise
+)
+
+
+def warm_up(progress: Callable[[int, int], None] | None = None) -> None:
     """Compile (or load from the on-disk cache) every kernel for float32 and float64.
 
     The server calls this before reporting SERVING; afterwards no request pays for compilation.
+    ``progress(done, total)`` is called after each group of kernels (a first compile takes minutes).
     """
     from . import params
 
+    total, done = 2 * (len(_WARM_UP_CONVS) + 3), 0  # per dtype: the convs, two Winograd sizes, pools + relu
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     for dtype in (np.float32, np.float64):
         rng = np.random.default_rng(0)
-        for x_shape, w_shape, kw in (
-            ((2, 2, 6, 7), (2, 1, 3, 3), dict(stride=2, padding=1, groups=2)),  # row kernels (few weights)
-            ((2, 4, 6, 7), (6, 2, 3, 3), dict(stride=2, padding=1, groups=2)),  # small im2col kernels
-            ((1, 4, 6, 6), (16, 4, 3, 3), dict(padding=1)),  # im2col_wide + BLAS (stride 1)
-            ((1, 4, 7, 7), (16, 4, 3, 3), dict(stride=2, padding=1)),  # im2col, col2im + BLAS
-            ((2, 3, 6, 6), (16, 3, 3, 3), dict(padding=1)),  # col2im_wide + BLAS (few input channels)
-            ((1, 16, 3, 3), (16, 16, 1, 1), {}),  # pointwise
-        ):
+        for x_shape, w_shape, kw in _WARM_UP_CONVS:
             x = rng.standard_normal(x_shape).astype(dtype)
             w = rng.standard_normal(w_shape).astype(dtype)
             b = rng.standard_normal(w_shape[0]).astype(dtype)
@@ -850,14 +864,17 @@ def warm_up() -> None:
             _k.conv2d_weight_grad_direct(x, y, np.empty_like(w), g.groups, *_conv_args(g))
             # Plain im2col serves BLAS convs whose padded-width tiles overrun a small workspace cap.
             _k.im2col(x, np.empty((g.c_in * g.kh * g.kw, 1, g.out_w), dtype), 0, 0, 0, g.kh, g.kw, *_conv_args(g), g.out_w)
+            advance()
         x = rng.standard_normal((1, 2, 5, 6)).astype(dtype)
         w = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
         g = params.conv2d_geometry(x.shape, w.shape, None, padding=1)
         for m in (2, 4):  # the Winograd transforms (only 2x2 is chosen by default; 4x4 may be forced)
             with _lane:
                 _conv2d_winograd(x, w, w[:, 0, 0, 0].copy(), g, m, True, np.empty(g.output_shape, dtype))
+            advance()
         pg = params.pool2d_geometry(x.shape, 2, 1, 1)
         y, _ = max_pool2d(x, pg)
         max_pool2d_backward(y, x, pg)
         avg_pool2d_backward(avg_pool2d(x, pg), pg)
         relu_backward(relu(x), x)
+        advance()

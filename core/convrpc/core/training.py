@@ -97,7 +97,11 @@ class TrainProgress:
 
 @dataclass(frozen=True, eq=False)
 class TrainResult:
-    """The final state: host arrays, the full-data loss of exactly these weights, updates run."""
+    """The final state: host arrays, the full-data loss of exactly these weights, updates run.
+
+    ``history`` is the whole loss curve, float64 of shape (steps + 1,): element s is the loss of
+    the weights after s updates (with mini-batches, of the batch step s + 1 drew); the last
+    element is ``loss``."""
 
     weight: np.ndarray
     bias: np.ndarray | None
@@ -105,6 +109,7 @@ class TrainResult:
     steps: int
     stop_reason: str
     elapsed: float
+    history: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def kaiming_uniform(shape, fan_in: int, rng: np.random.Generator) -> np.ndarray:
@@ -256,6 +261,7 @@ class _Run:
         known_loss = None  # the full-data loss of (w, b), when already measured
         reason = "max_steps"
         steps = reports = 0
+        losses: list[float] = []  # the loss before each update: 8 bytes a step, even at the steps cap
         batches = self._batches()
         for _ in range(self.max_steps):
             if stop_event is not None and stop_event.is_set():
@@ -290,6 +296,7 @@ class _Run:
                 reason = "diverged"
                 break
             prev = (w, b, known_loss)
+            losses.append(loss)
             if b is None:
                 (w,) = self.optimizer.step([w], [grad_w])
             else:
@@ -309,7 +316,9 @@ class _Run:
                 w, b, known_loss = prev
                 if known_loss is None:
                     known_loss = self._full_loss(w, b)
-        yield TrainResult(self._host(w), self._host(b), known_loss, steps, reason, clock() - t0)
+        losses.append(known_loss)
+        history = np.array(losses, dtype=np.float64)
+        yield TrainResult(self._host(w), self._host(b), known_loss, steps, reason, clock() - t0, history)
 
 
 #: Kernel fitting runs in full precision: half-type updates would stall far above any tolerance.

@@ -262,7 +262,7 @@ class AdamOptions(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
 
 class TrainKernelRequest(_message.Message):
-    __slots__ = ("input", "target", "init_weight", "kernel_size", "bias", "init_bias", "conv", "sgd", "adam", "loss", "max_steps", "tol", "report_every", "seed", "batch_size", "max_seconds", "snapshot_every")
+    __slots__ = ("input", "target", "init_weight", "kernel_size", "bias", "init_bias", "conv", "sgd", "adam", "loss", "max_steps", "tol", "report_every", "seed", "batch_size", "max_seconds", "snapshot_every", "run_id")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     INIT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +280,7 @@ class TrainKernelRequest(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     input: Tensor
     target: Tensor
     init_weight: Tensor
@@ -297,7 +298,8 @@ class TrainKernelRequest(_message.Message):
     batch_size: int
     max_seconds: float
     snapshot_every: int
-    def __init__(self, input: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ..., init_weight: _Optional[_Union[Tensor, _Mapping]] = ..., kernel_size: _Optional[_Union[Size2, _Mapping]] = ..., bias: _Optional[bool] = ..., init_bias: _Optional[_Union[Tensor, _Mapping]] = ..., conv: _Optional[_Union[Conv2dOptions, _Mapping]] = ..., sgd: _Optional[_Union[SgdOptions, _Mapping]] = ..., adam: _Optional[_Union[AdamOptions, _Mapping]] = ..., loss: _Optional[_Union[Loss, str]] = ..., max_steps: _Optional[int] = ..., tol: _Optional[float] = ..., report_every: _Optional[int] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_seconds: _Optional[float] = ..., snapshot_every: _Optional[int] = ...) -> None: ...
+    run_id: str
+    def __init__(self, input: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ..., init_weight: _Optional[_Union[Tensor, _Mapping]] = ..., kernel_size: _Optional[_Union[Size2, _Mapping]] = ..., bias: _Optional[bool] = ..., init_bias: _Optional[_Union[Tensor, _Mapping]] = ..., conv: _Optional[_Union[Conv2dOptions, _Mapping]] = ..., sgd: _Optional[_Union[SgdOptions, _Mapping]] = ..., adam: _Optional[_Union[AdamOptions, _Mapping]] = ..., loss: _Optional[_Union[Loss, str]] = ..., max_steps: _Optional[int] = ..., tol: _Optional[float] = ..., report_every: _Optional[int] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_seconds: _Optional[float] = ..., snapshot_every: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
     __slots__ = ("step", "loss", "elapsed_seconds", "grad_norm", "weight")
@@ -314,20 +316,34 @@ class TrainProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., grad_norm: _Optional[float] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class TrainResult(_message.Message):
-    __slots__ = ("weight", "bias", "steps", "loss", "stop_reason", "elapsed_seconds")
+    __slots__ = ("weight", "bias", "steps", "loss", "stop_reason", "elapsed_seconds", "loss_history")
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     BIAS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_HISTORY_FIELD_NUMBER: _ClassVar[int]
     weight: Tensor
     bias: Tensor
     steps: int
     loss: float
     stop_reason: StopReason
     elapsed_seconds: float
-    def __init__(self, weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., loss: _Optional[float] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
+    loss_history: Tensor
+    def __init__(self, weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., loss: _Optional[float] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., elapsed_seconds: _Optional[float] = ..., loss_history: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class StopTrainingRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class StopTrainingResponse(_message.Message):
+    __slots__ = ("stopped",)
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    stopped: bool
+    def __init__(self, stopped: _Optional[bool] = ...) -> None: ...
 
 class TrainKernelResponse(_message.Message):
     __slots__ = ("progress", "result")

@@ -60,6 +60,11 @@ class ConvServiceStub:
                 request_serializer=convrpc_dot_v1_dot_conv__service__pb2.TrainKernelRequest.SerializeToString,
                 response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.TrainKernelResponse.FromString,
                 _registered_method=True)
+        self.StopTraining = channel.unary_unary(
+                '/convrpc.v1.ConvService/StopTraining',
+                request_serializer=convrpc_dot_v1_dot_conv__service__pb2.StopTrainingRequest.SerializeToString,
+                response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.StopTrainingResponse.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/convrpc.v1.ConvService/GetServerInfo',
                 request_serializer=convrpc_dot_v1_dot_conv__service__pb2.GetServerInfoRequest.SerializeToString,
@@ -119,6 +124,18 @@ class ConvServiceServicer:
     def TrainKernel(self, request, context):
         """TrainKernel fits a conv2d weight (and optionally a bias) so that conv2d(input)
         approaches a target. It streams progress messages and ends with exactly one result.
+        Cancelling the RPC stops the run and discards its result; to stop a run and still receive
+        its result, call StopTraining with the run's run_id and keep reading this stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopTraining(self, request, context):
+        """StopTraining asks the running TrainKernel run with the given run_id to stop. The run stops
+        within one step and its stream ends as usual with its result (stop reason CANCELLED, the
+        weights of the last step). The call must reach the replica that runs the fit (the SDK opens
+        both calls on one connection). Stopping an unknown or finished run succeeds with stopped false.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -177,6 +194,11 @@ def add_ConvServiceServicer_to_server(servicer, server):
                     servicer.TrainKernel,
                     request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.TrainKernelRequest.FromString,
                     response_serializer=convrpc_dot_v1_dot_conv__service__pb2.TrainKernelResponse.SerializeToString,
+            ),
+            'StopTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopTraining,
+                    request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.StopTrainingRequest.FromString,
+                    response_serializer=convrpc_dot_v1_dot_conv__service__pb2.StopTrainingResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -330,6 +352,33 @@ class ConvService:
             '/convrpc.v1.ConvService/TrainKernel',
             convrpc_dot_v1_dot_conv__service__pb2.TrainKernelRequest.SerializeToString,
             convrpc_dot_v1_dot_conv__service__pb2.TrainKernelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convrpc.v1.ConvService/StopTraining',
+            convrpc_dot_v1_dot_conv__service__pb2.StopTrainingRequest.SerializeToString,
+            convrpc_dot_v1_dot_conv__service__pb2.StopTrainingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ from .interceptors import BearerTokenAuth, CallObserver, ComputeAdmission
 from .logs import configure_logging
 from .metrics import ServerMetrics
 from .servicer import ConvService
-from .settings import Settings
+from .settings import ConfigError, Settings
 
 log = logging.getLogger("convrpc.server")
 
@@ -259,17 +259,20 @@ class ConvServer:
                            _described_files()).register(self._server)  # fmt: skip
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if credentials is None:
-            self.port = self._server.add_insecure_port(settings.address)
+            self.port = _bind(self._server.add_insecure_port, settings.address, "port")
         else:
-            self.port = self._server.add_secure_port(settings.address, credentials)
+            self.port = _bind(lambda address: self._server.add_secure_port(address, credentials), settings.address, "port")
         self._health_server = None
         self.health_port: int | None = None
         if settings.health_port:
             self._health_server = grpc.server(self.health.pool, options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
-            self.health_port = self._health_server.add_insecure_port(_address(settings.host, settings.health_port))
+            self.health_port = _bind(self._health_server.add_insecure_port,
+                                     _address(settings.host, settings.health_port), "health_port")  # fmt: skip
         self.metrics_port: int | None = None
         self.warm_up_seconds: float | None = None
+        #: (kernel groups compiled, of how many) while warming up.
+        self.warm_up_progress: tuple[int, int] = (0, 0)
         self._stopped = threading.Event()
 
     @property
@@ -311,8 +314,14 @@ class ConvServer:
 
     def _warm_up(self, warm_up) -> None:
         started = time.perf_counter()
+
+        def progress(done: int, total: int) -> None:
+            self.warm_up_progress = (done, total)
+            log.info("compiling kernels %d/%d (%.0f s; cached on disk for later starts)", done, total,
+                     time.perf_counter() - started)  # fmt: skip
+
         try:
-            warm_up()
+            warm_up(progress)
         except Exception:  # noqa: BLE001 - a failed warm-up leaves the server NOT_SERVING, visibly
             log.exception("warm-up of backend %s failed", self.backend.name)
             return
@@ -367,6 +376,18 @@ class ConvServer:
 
 def _address(host: str, port: int) -> str:
     return f"[{host.strip('[]')}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind(add_port, address: str, key: str) -> int:
+    """``add_port(address)``: the port bound, or a ConfigError naming ``key`` when gRPC cannot bind."""
+    try:
+        return add_port(address)
+    except RuntimeError:  # gRPC says only "Failed to bind"; in use is by far the commonest cause
+        flag = "--" + key.replace("_", "-")
+        raise ConfigError(
+            key, f"cannot listen on {address}: the port is in use (another convrpc serve?) or the address is not "
+            f"this machine's; choose another with {flag} or --host",
+        ) from None  # fmt: skip
 
 
 def serve(settings: Settings) -> int:

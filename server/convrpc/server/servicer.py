@@ -35,6 +35,8 @@ log = logging.getLogger("convrpc.server")
 __all__ = ["ConvService", "SERVICE_NAME"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConvService"].full_name
+#: The longest run_id a TrainKernelRequest may carry (the SDK sends 32 hex digits).
+_MAX_RUN_ID = 64
 _OPTIMIZER_FIELDS = ("lr", "momentum", "nesterov", "weight_decay", "beta1", "beta2", "eps")
 #: (response message, stream response message) of the forward and the backward pipeline.
 _RESPONSES = {False: (pb.ForwardResponse, pb.ForwardStreamResponse),
@@ -106,7 +108,8 @@ class ConvService:
             session_ttl=config.SHM_SESSION_TTL,
         )
         self._lock = threading.Lock()
-        self._runs: set[threading.Event] = set()
+        #: The stop event of every running TrainKernel run, by its run_id (or a private key without one).
+        self._runs: dict[object, threading.Event] = {}
         self._draining = False
 
     def add_to_server(self, server: grpc.Server) -> None:
@@ -125,6 +128,7 @@ class ConvService:
             "ForwardStream": handler(bidi, self.ForwardStream, chunks.decoder(pb.ForwardStreamRequest)),
             "BackwardStream": handler(bidi, self.BackwardStream, chunks.decoder(pb.BackwardStreamRequest)),
             "TrainKernel": handler(stream, self.TrainKernel, pb.TrainKernelRequest.FromString),
+            "StopTraining": handler(unary, self.StopTraining, pb.StopTrainingRequest.FromString),
             "GetServerInfo": handler(unary, self.GetServerInfo, pb.GetServerInfoRequest.FromString),
             "OpenSharedMemorySession": handler(
                 unary, self.OpenSharedMemorySession, pb.OpenSharedMemorySessionRequest.FromString),
@@ -136,7 +140,7 @@ class ConvService:
         """Stop every running training loop (each ends with stop reason "cancelled") and refuse new ones."""
         with self._lock:
             self._draining = True
-            for cancel in self._runs:
+            for cancel in self._runs.values():
                 cancel.set()
 
     def close(self) -> None:
@@ -280,14 +284,21 @@ class ConvService:
         config = self._train_config(request)
         x = self._tensor(request, "input", required=True)
         y = self._tensor(request, "target", required=True)
+        if len(request.run_id) > _MAX_RUN_ID:
+            raise InvalidArgumentError("run_id", f"must be at most {_MAX_RUN_ID} characters, got {len(request.run_id)}")
         cancelled = threading.Event()
         run = fit_kernel(self.backend, x, y, config, stop_event=cancelled)  # validates; nothing runs yet
+        # A cancelled RPC stops the run too (its result has nobody to go to); StopTraining stops it
+        # and lets the stream below end with the result.
         if not context.add_callback(cancelled.set):
             cancelled.set()  # the client is already gone
+        key = request.run_id or object()
         with self._lock:
             if self._draining:
                 raise ServerDraining()
-            self._runs.add(cancelled)
+            if key in self._runs:
+                raise InvalidArgumentError("run_id", "is already used by a running run: draw a fresh one per run")
+            self._runs[key] = cancelled
         try:
             for event in TrainStream(run, cancelled, min_interval=self.settings.report_interval):
                 if isinstance(event, TrainResult):
@@ -296,7 +307,15 @@ class ConvService:
                 yield pb.TrainKernelResponse(progress=self._progress_message(event))
         finally:
             with self._lock:
-                self._runs.discard(cancelled)
+                self._runs.pop(key, None)
+
+    @_rpc
+    def StopTraining(self, request: pb.StopTrainingRequest, context) -> pb.StopTrainingResponse:
+        with self._lock:
+            cancel = self._runs.get(request.run_id) if request.run_id else None
+        if cancel is not None:
+            cancel.set()
+        return pb.StopTrainingResponse(stopped=cancel is not None)
 
     def _train_config(self, request: pb.TrainKernelRequest) -> TrainConfig:
         s = self.settings
@@ -358,6 +377,7 @@ class ConvService:
             loss=result.loss,
             stop_reason=wire.STOP_REASONS[result.stop_reason],
             elapsed_seconds=result.elapsed,
+            loss_history=wire.encode_tensor(result.history),
         )
         if result.bias is not None:
             msg.bias.CopyFrom(wire.encode_tensor(result.bias))
