@@ -61,7 +61,8 @@ def _avg_options(kernel_size, stride, padding, ceil_mode, count_include_pad, div
 
 
 class OpMethods:
-    """One method per op and one ``<op>_backward`` per op; every method takes ``timeout=`` (seconds).
+    """One method per op and one ``<op>_backward`` per op; every method takes ``timeout=`` (seconds). The
+    return types are the sync client's: on ``AsyncConvClient`` each method is a coroutine returning them.
 
     Also the constructor both clients share: one channel per target (``grpc`` or ``grpc.aio``, the class's
     ``_grpc``), their methods and stubs, and the call core that decides over them.
@@ -179,17 +180,76 @@ class OpMethods:
 
     # -- forward ------------------------------------------------------------------------------
 
-    def conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, timeout=None):
-        """conv2d of (N, C, H, W) by (K, C/groups, kh, kw) -> (N, K, OH, OW); ``padding`` may be 'valid'/'same'."""
+    def conv2d(
+        self, input: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None, stride: int | Sequence[int] = 1,
+        padding: int | str | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1, *,
+        timeout: float | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """2-D convolution (cross-correlation), as ``torch.nn.functional.conv2d``.
+
+        Parameters
+        ----------
+        input : array_like, (N, C, H, W) or unbatched (C, H, W), float16, bfloat16, float32 or float64
+            N may be 0.
+        weight : array_like, (K, C/groups, kh, kw), the input's dtype
+        bias : array_like, (K,), optional
+        stride : int or (int, int), default 1
+        padding : int or (int, int) or {"valid", "same"}, default 0
+            Zeros added on each side; "same" (stride 1 only) puts an odd pixel bottom/right, like torch.
+        dilation : int or (int, int), default 1
+        groups : int, default 1
+            Must divide C and K.
+        timeout : float, optional
+            Deadline in seconds (default: the client's ``timeout``).
+
+        Returns
+        -------
+        numpy.ndarray, (N, K, OH, OW) or (K, OH, OW), the input's dtype
+
+        Raises
+        ------
+        ConvRpcError
+            INVALID_ARGUMENT naming the argument (``op.conv2d.<argument>``, ``input``, ``weight``...) for what
+            torch would refuse, raised before anything is sent; RESOURCE_EXHAUSTED past the server's caps;
+            UNAVAILABLE when no replica answers; DEADLINE_EXCEEDED after ``timeout``.
+        """
         return self._call_forward(
             "conv2d", dict(input=input, weight=weight, bias=bias),
             dict(stride=stride, padding=padding, dilation=dilation, groups=groups), timeout,
         )  # fmt: skip
 
     def conv_transpose2d(
-        self, input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *, timeout=None
-    ):
-        """conv_transpose2d of (N, C, H, W) by (C, K/groups, kh, kw) -> (N, K, OH, OW)."""
+        self, input: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None, stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0, output_padding: int | Sequence[int] = 0, groups: int = 1,
+        dilation: int | Sequence[int] = 1, *, timeout: float | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """2-D transposed convolution (the adjoint of conv2d), as ``torch.nn.functional.conv_transpose2d``.
+
+        Parameters
+        ----------
+        input : array_like, (N, C, H, W) or unbatched (C, H, W), float16, bfloat16, float32 or float64
+        weight : array_like, (C, K/groups, kh, kw), the input's dtype
+            Note the layout: in_channels first, as in torch.
+        bias : array_like, (K,), optional
+        stride, padding, dilation : int or (int, int), defaults 1, 0, 1
+            Those of the conv2d this is the adjoint of; ``padding`` is removed from the output.
+        output_padding : int or (int, int), default 0
+            Rows/columns added bottom/right; smaller than the stride or the dilation.
+        groups : int, default 1
+        timeout : float, optional
+            Deadline in seconds (default: the client's ``timeout``).
+
+        Returns
+        -------
+        numpy.ndarray, (N, K, OH, OW) or (K, OH, OW), the input's dtype
+
+        Raises
+        ------
+        ConvRpcError
+            INVALID_ARGUMENT naming the argument (``op.conv_transpose2d.<argument>``, ``input``, ``weight``...) for what
+            torch would refuse, raised before anything is sent; RESOURCE_EXHAUSTED past the server's caps;
+            UNAVAILABLE when no replica answers; DEADLINE_EXCEEDED after ``timeout``.
+        """
         return self._call_forward(
             "conv_transpose2d", dict(input=input, weight=weight, bias=bias),
             dict(stride=stride, padding=padding, output_padding=output_padding, groups=groups, dilation=dilation),
@@ -197,30 +257,108 @@ class OpMethods:
         )  # fmt: skip
 
     def max_pool2d(
-        self, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False,
-        *, timeout=None,
-    ):  # fmt: skip
-        """Max pooling of (N, C, H, W) or (C, H, W); ``stride=None`` means ``kernel_size``, padding counts as
-        -inf. ``return_indices=True`` returns ``(output, indices)``: torch's int64 flat indices h*W+w per plane."""
+        self, input: ArrayLike, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
+        padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, ceil_mode: bool = False,
+        return_indices: bool = False, *, timeout: float | None = None,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """2-D max pooling, as ``torch.nn.functional.max_pool2d``; padding counts as -inf.
+
+        Parameters
+        ----------
+        input : array_like, (N, C, H, W) or unbatched (C, H, W), float16, bfloat16, float32 or float64
+        kernel_size : int or (int, int)
+        stride : int or (int, int), optional
+            Default: ``kernel_size``.
+        padding : int or (int, int), default 0
+            At most half the kernel size.
+        dilation : int or (int, int), default 1
+        ceil_mode : bool, default False
+            Round the output size up; a last window must still start inside the input or its left padding.
+        return_indices : bool, default False
+            Also return the int64 flat index (h*W + w within its plane) of every maximum.
+        timeout : float, optional
+            Deadline in seconds (default: the client's ``timeout``).
+
+        Returns
+        -------
+        numpy.ndarray, (N, C, OH, OW) or (C, OH, OW), the input's dtype
+            With ``return_indices=True``, ``(output, indices)``, indices int64 shaped like output.
+
+        Raises
+        ------
+        ConvRpcError
+            INVALID_ARGUMENT naming the argument (``op.max_pool2d.<argument>``, ``input``, ``weight``...) for what
+            torch would refuse, raised before anything is sent; RESOURCE_EXHAUSTED past the server's caps;
+            UNAVAILABLE when no replica answers; DEADLINE_EXCEEDED after ``timeout``.
+        """
         return self._call_forward(
             "max_pool2d", dict(input=input),
             _max_options(kernel_size, stride, padding, dilation, ceil_mode, return_indices), timeout,
         )  # fmt: skip
 
     def avg_pool2d(
-        self, input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-        divisor_override=None, *, timeout=None,
-    ):  # fmt: skip
-        """Average pooling of (N, C, H, W) or (C, H, W); ``stride=None`` means ``kernel_size``; zero padding
-        counts in the divisor unless ``count_include_pad=False``; ``divisor_override`` replaces the divisor."""
+        self, input: ArrayLike, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
+        padding: int | Sequence[int] = 0, ceil_mode: bool = False, count_include_pad: bool = True,
+        divisor_override: int | None = None, *, timeout: float | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """2-D average pooling, as ``torch.nn.functional.avg_pool2d``.
+
+        Parameters
+        ----------
+        input : array_like, (N, C, H, W) or unbatched (C, H, W), float16, bfloat16, float32 or float64
+        kernel_size : int or (int, int)
+        stride : int or (int, int), optional
+            Default: ``kernel_size``.
+        padding : int or (int, int), default 0
+            Implicit zeros on each side, at most half the kernel size.
+        ceil_mode : bool, default False
+            Round the output size up, as torch does.
+        count_include_pad : bool, default True
+            Whether the zero padding counts in the divisor.
+        divisor_override : int, optional
+            Divide every window's sum by this (non-zero) instead.
+        timeout : float, optional
+            Deadline in seconds (default: the client's ``timeout``).
+
+        Returns
+        -------
+        numpy.ndarray, (N, C, OH, OW) or (C, OH, OW), the input's dtype
+
+        Raises
+        ------
+        ConvRpcError
+            INVALID_ARGUMENT naming the argument (``op.avg_pool2d.<argument>``, ``input``, ``weight``...) for what
+            torch would refuse, raised before anything is sent; RESOURCE_EXHAUSTED past the server's caps;
+            UNAVAILABLE when no replica answers; DEADLINE_EXCEEDED after ``timeout``.
+        """
         return self._call_forward(
             "avg_pool2d", dict(input=input), _avg_options(kernel_size, stride, padding, ceil_mode, count_include_pad,
                                                           divisor_override), timeout,
         )  # fmt: skip
 
-    def relu(self, input, inplace=False, *, timeout=None):
-        """max(input, 0) elementwise, any shape (0-d and empty too). ``inplace=True`` writes the result into
-        ``input`` (a writable numpy array) and returns it, as torch does; the computation is remote either way."""
+    def relu(self, input: ArrayLike, inplace: bool = False, *, timeout: float | None = None) -> np.ndarray:
+        """max(input, 0) elementwise, as ``torch.nn.functional.relu``.
+
+        Parameters
+        ----------
+        input : array_like, any shape (0-d and empty too), float16, bfloat16, float32 or float64
+        inplace : bool, default False
+            Write the result into ``input`` (a writable numpy array) and return it, as torch does; the
+            computation is remote either way.
+        timeout : float, optional
+            Deadline in seconds (default: the client's ``timeout``).
+
+        Returns
+        -------
+        numpy.ndarray, the input's shape and dtype
+
+        Raises
+        ------
+        ConvRpcError
+            INVALID_ARGUMENT naming the argument (``op.relu.<argument>``, ``input``, ``weight``...) for what
+            torch would refuse, raised before anything is sent; RESOURCE_EXHAUSTED past the server's caps;
+            UNAVAILABLE when no replica answers; DEADLINE_EXCEEDED after ``timeout``.
+        """
         if not inplace:
             return self._call_forward("relu", dict(input=input), {}, timeout)
         if not isinstance(input, np.ndarray) or not input.flags.writeable:
@@ -232,19 +370,66 @@ class OpMethods:
     # -- backward -----------------------------------------------------------------------------
 
     def conv2d_backward(
-        self, grad_output, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, timeout=None
-    ):
-        """Gradients(input, weight, bias) of conv2d; ``bias`` is None unless a bias is passed."""
+        self, grad_output: ArrayLike, input: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None,
+        stride: int | Sequence[int] = 1, padding: int | str | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+        groups: int = 1, *, timeout: float | None = None,
+    ) -> Gradients:  # fmt: skip
+        """Gradients of conv2d given ``grad_output``, the gradient of the loss w.r.t. its output.
+
+        Parameters
+        ----------
+        grad_output : array_like, shaped like conv2d's output, the inputs' dtype
+        input, weight, bias, stride, padding, dilation, groups
+            The op's inputs and options, exactly as given to ``conv2d``.
+        timeout : float, optional
+            Deadline in seconds (default: the client's ``timeout``).
+
+        Returns
+        -------
+        Gradients
+            ``Gradients(input, weight, bias)``: arrays shaped like the op's inputs, in their dtype;
+            ``bias`` is None unless a bias was given.
+
+        Raises
+        ------
+        ConvRpcError
+            INVALID_ARGUMENT naming the argument (``op.conv2d.<argument>``, ``input``, ``weight``...) for what
+            torch would refuse, raised before anything is sent; RESOURCE_EXHAUSTED past the server's caps;
+            UNAVAILABLE when no replica answers; DEADLINE_EXCEEDED after ``timeout``.
+        """
         return self._call_backward(
             "conv2d", grad_output, dict(input=input, weight=weight, bias=bias),
             dict(stride=stride, padding=padding, dilation=dilation, groups=groups), timeout,
         )  # fmt: skip
 
     def conv_transpose2d_backward(
-        self, grad_output, input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
-        *, timeout=None,
-    ):  # fmt: skip
-        """Gradients(input, weight, bias) of conv_transpose2d."""
+        self, grad_output: ArrayLike, input: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None,
+        stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0, output_padding: int | Sequence[int] = 0,
+        groups: int = 1, dilation: int | Sequence[int] = 1, *, timeout: float | None = None,
+    ) -> Gradients:  # fmt: skip
+        """Gradients of conv_transpose2d given ``grad_output``, the gradient of the loss w.r.t. its output.
+
+        Parameters
+        ----------
+        grad_output : array_like, shaped like conv_transpose2d's output, the inputs' dtype
+        input, weight, bias, stride, padding, output_padding, groups, dilation
+            The op's inputs and options, exactly as given to ``conv_transpose2d``.
+        timeout : float, optional
+            Deadline in seconds (default: the client's ``timeout``).
+
+        Returns
+        -------
+        Gradients
+            ``Gradients(input, weight, bias)``: arrays shaped like the op's inputs, in their dtype;
+            ``bias`` is None unless a bias was given.
+
+        Raises
+        ------
+        ConvRpcError
+            INVALID_ARGUMENT naming the argument (``op.conv_transpose2d.<argument>``, ``input``, ``weight``...) for what
+            torch would refuse, raised before anything is sent; RESOURCE_EXHAUSTED past the server's caps;
+            UNAVAILABLE when no replica answers; DEADLINE_EXCEEDED after ``timeout``.
+        """
         return self._call_backward(
             "conv_transpose2d", grad_output, dict(input=input, weight=weight, bias=bias),
             dict(stride=stride, padding=padding, output_padding=output_padding, groups=groups, dilation=dilation),
@@ -252,29 +437,101 @@ class OpMethods:
         )  # fmt: skip
 
     def max_pool2d_backward(
-        self, grad_output, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-        return_indices=False, *, timeout=None,
-    ):  # fmt: skip
-        """Gradients(input, None, None) of max_pool2d: each window's gradient goes to its first maximum.
-        ``return_indices`` is accepted so the options match the forward's; it changes nothing here."""
+        self, grad_output: ArrayLike, input: ArrayLike, kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] | None = None, padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1, ceil_mode: bool = False, return_indices: bool = False, *,
+        timeout: float | None = None,
+    ) -> Gradients:  # fmt: skip
+        """Gradients of max_pool2d given ``grad_output``, the gradient of the loss w.r.t. its output.
+
+        Parameters
+        ----------
+        grad_output : array_like, shaped like max_pool2d's output, the inputs' dtype
+        input, kernel_size, stride, padding, dilation, ceil_mode, return_indices
+            The op's inputs and options, exactly as given to ``max_pool2d``.
+            ``return_indices`` is accepted so the options match the forward's; it changes nothing here.
+        timeout : float, optional
+            Deadline in seconds (default: the client's ``timeout``).
+
+        Returns
+        -------
+        Gradients
+            ``Gradients(input, weight, bias)``: arrays shaped like the op's inputs, in their dtype
+            (``weight`` and ``bias`` None); each window's gradient goes to its first maximum.
+
+        Raises
+        ------
+        ConvRpcError
+            INVALID_ARGUMENT naming the argument (``op.max_pool2d.<argument>``, ``input``, ``weight``...) for what
+            torch would refuse, raised before anything is sent; RESOURCE_EXHAUSTED past the server's caps;
+            UNAVAILABLE when no replica answers; DEADLINE_EXCEEDED after ``timeout``.
+        """
         return self._call_backward(
             "max_pool2d", grad_output, dict(input=input),
             _max_options(kernel_size, stride, padding, dilation, ceil_mode, return_indices), timeout,
         )  # fmt: skip
 
     def avg_pool2d_backward(
-        self, grad_output, input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-        divisor_override=None, *, timeout=None,
-    ):  # fmt: skip
-        """Gradients(input, None, None) of avg_pool2d."""
+        self, grad_output: ArrayLike, input: ArrayLike, kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] | None = None, padding: int | Sequence[int] = 0, ceil_mode: bool = False,
+        count_include_pad: bool = True, divisor_override: int | None = None, *, timeout: float | None = None,
+    ) -> Gradients:  # fmt: skip
+        """Gradients of avg_pool2d given ``grad_output``, the gradient of the loss w.r.t. its output.
+
+        Parameters
+        ----------
+        grad_output : array_like, shaped like avg_pool2d's output, the inputs' dtype
+        input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+            The op's inputs and options, exactly as given to ``avg_pool2d``.
+        timeout : float, optional
+            Deadline in seconds (default: the client's ``timeout``).
+
+        Returns
+        -------
+        Gradients
+            ``Gradients(input, weight, bias)``: arrays shaped like the op's inputs, in their dtype
+            (``weight`` and ``bias`` None).
+
+        Raises
+        ------
+        ConvRpcError
+            INVALID_ARGUMENT naming the argument (``op.avg_pool2d.<argument>``, ``input``, ``weight``...) for what
+            torch would refuse, raised before anything is sent; RESOURCE_EXHAUSTED past the server's caps;
+            UNAVAILABLE when no replica answers; DEADLINE_EXCEEDED after ``timeout``.
+        """
         return self._call_backward(
             "avg_pool2d", grad_output, dict(input=input), _avg_options(kernel_size, stride, padding, ceil_mode,
                                                                        count_include_pad, divisor_override), timeout,
         )  # fmt: skip
 
-    def relu_backward(self, grad_output, input, inplace=False, *, timeout=None):
-        """Gradients(input, None, None) of relu: 0 where the result is <= 0, else grad_output (torch's rule).
-        ``inplace`` is accepted so the options match the forward's; it changes nothing here."""
+    def relu_backward(
+        self, grad_output: ArrayLike, input: ArrayLike, inplace: bool = False, *, timeout: float | None = None
+    ) -> Gradients:
+        """Gradients of relu given ``grad_output``, the gradient of the loss w.r.t. its output.
+
+        Parameters
+        ----------
+        grad_output : array_like, shaped like relu's output, the inputs' dtype
+        input, inplace
+            The op's inputs and options, exactly as given to ``relu``.
+            ``inplace`` is accepted so the options match the forward's; it changes nothing here.
+        timeout : float, optional
+            Deadline in seconds (default: the client's ``timeout``).
+
+        Returns
+        -------
+        Gradients
+            ``Gradients(input, weight, bias)``: arrays shaped like the op's inputs, in their dtype
+            (``weight`` and ``bias`` None): 0 where the result is <= 0, else grad_output (torch's rule,
+            so a NaN input passes grad_output through).
+
+        Raises
+        ------
+        ConvRpcError
+            INVALID_ARGUMENT naming the argument (``op.relu.<argument>``, ``input``, ``weight``...) for what
+            torch would refuse, raised before anything is sent; RESOURCE_EXHAUSTED past the server's caps;
+            UNAVAILABLE when no replica answers; DEADLINE_EXCEEDED after ``timeout``.
+        """
         return self._call_backward("relu", grad_output, dict(input=input), {}, timeout)
 
     # -- training -----------------------------------------------------------------------------
