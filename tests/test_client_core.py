@@ -309,3 +309,11 @@ def test_a_forgotten_session_is_reopened_once_then_shared_memory_is_dropped_for_
         assert not core.replicas[0].shm_ok and not core.replicas[0].ejected
     finally:
         servers.drive(core.close())
+
+
+def test_a_call_over_a_server_cap_is_cut_to_fit_it():
+    x = np.ones((10, 2, 5, 5))
+    call = Call("relu", wire.encode_op("relu"), False, {"input": x}, None)
+    assert len(split(call, None, None, {"max_elements": 100})) == 5  # 50 elements a row: 2 rows a shard
+    assert len(split(call, None, None, {"max_request_bytes": 1200})) == 4  # 400 bytes a row: 3 rows a shard
+    assert split(call, None, None, {"max_elements": 10}) == [call]  # one row is over the cap: no cut helps

@@ -178,17 +178,39 @@ def test_memory_bombs_are_refused_before_allocating(srv, stub):
     assert_serving(stub)
 
 
+@pytest.mark.parametrize("data_path", ["auto", "unary", "stream", "shm"])
+def test_a_batch_over_the_element_cap_is_cut_to_fit_it_on_every_path(srv, data_path):
+    """The issue's 335 MB relu at scale: twice the server's max_elements in one call comes back whole."""
+    x = np.random.default_rng(1).standard_normal((8, 1, 128, 128)).astype(np.float32)  # 2 x 2**16 elements
+    w = np.ones((2, 1, 3, 3), np.float32)
+    with ConvClient(srv.target, timeout=30, data_path=data_path) as client:
+        np.testing.assert_array_equal(client.relu(x), np.maximum(x, 0))
+        assert client._core.caps == {"max_elements": 1 << 16}
+        grads = client.conv2d_backward(np.ones((8, 2, 126, 126), np.float32), x, w)  # output and grad over it too
+        assert grads.weight.shape == w.shape and grads.input.shape == x.shape
+        with pytest.raises(ConvRpcError) as info:  # one sample over the cap: refused, saying what to do
+            client.relu(np.ones((1, 1, 300, 300), np.float32))
+        assert info.value.field == "input.shape" and "max_elements setting" in info.value.message
+        assert "send smaller tensors or raise it" in info.value.message
+
+
 def test_oversize_messages_and_requests_are_resource_exhausted():
     with running_server(backend="numpy", warm_up=False, max_message_bytes=64 * 1024, max_request_bytes=4000) as server:
         with ConvClient(server.target, timeout=30) as client:
             with pytest.raises(ConvRpcError) as info:
-                client.relu(np.ones(100 * 1024 // 8))  # a 100 KiB message
+                client.max_pool2d(np.ones((1, 1, 160, 80)), 2)  # a 100 KiB message of one sample: no cut helps
             assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            # A batch over the request cap is cut to fit it: the server's refusal names the cap, the SDK re-splits.
+            x = np.random.default_rng(0).standard_normal((60, 1, 4, 4))  # 7680 bytes: three shards of 2560
+            np.testing.assert_array_equal(client.relu(x), np.maximum(x, 0))
+            assert client._core.caps == {"max_request_bytes": 4000}
             with pytest.raises(
                 ConvRpcError
             ) as info:  # two tensors of 2560 bytes: under the message cap, over the request cap
                 client.conv2d(np.ones((1, 1, 16, 20)), np.ones((1, 1, 16, 20)))
             assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "4000" in info.value.message
+            assert info.value.cap == ("max_request_bytes", 4000) and "max_request_bytes setting" in info.value.message
+            assert "cannot be cut along its batch" in info.value.message
             with pytest.raises(ConvRpcError) as info:  # an answer larger than the message cap
                 client.conv_transpose2d(np.ones((1, 1, 4, 4)), np.ones((1, 4, 60, 60)))
             assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED

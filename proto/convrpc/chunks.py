@@ -143,7 +143,8 @@ class PayloadAssembler:
             layouts.append((field, dtype, shape))
             announced += nbytes
         if max_bytes is not None and announced > max_bytes:
-            raise ResourceExhaustedError("request", f"tensors of {announced} bytes exceed the server's cap of {max_bytes}")
+            raise ResourceExhaustedError("request", f"tensors of {announced} bytes exceed the server's cap of {max_bytes}",
+                                         setting="max_request_bytes", limit=max_bytes)  # fmt: skip
         self.arrays = {field: np.empty(shape, dtype) for field, dtype, shape in layouts}
         self._views = [(field, _byte_view(a)) for field, a in self.arrays.items()]
         self.total = sum(len(v) for _, v in self._views)

@@ -119,7 +119,8 @@ def tensor_layout(msg: pb.Tensor, field: str, *, max_elements: int | None = None
 
 def _check_cap(count: int, field: str, max_elements: int | None) -> None:
     if max_elements is not None and count > max_elements:
-        raise ResourceExhaustedError(f"{field}.shape", f"{count} elements exceed the server's cap of {max_elements}")
+        raise ResourceExhaustedError(f"{field}.shape", f"{count} elements exceed the server's cap of {max_elements}",
+                                     setting="max_elements", limit=max_elements)  # fmt: skip
 
 
 def decode_tensor(msg: pb.Tensor, field: str, *, max_elements: int | None = None) -> np.ndarray:

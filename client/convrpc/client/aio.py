@@ -81,7 +81,7 @@ class AsyncConvClient(OpMethods):
             while (effect := steps.next()) is not None:
                 try:
                     steps.reply = await self._do(effect)
-                except grpc.RpcError as exc:
+                except (grpc.RpcError, ConvRpcError) as exc:  # back into the core, as the sync driver does
                     steps.error = exc
         return steps.value
 

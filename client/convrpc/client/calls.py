@@ -125,13 +125,14 @@ class Steps:
 
 def drive(generator: Generator, do: Callable):
     """Drive a core generator to its end without awaiting: ``do(effect)`` returns the reply or raises
-    ``grpc.RpcError``. The generator is closed however it ends (a failed region is never reused)."""
+    ``grpc.RpcError`` (or, for a Gather, the ``ConvRpcError`` of a part), which goes back into the generator.
+    The generator is closed however it ends (a failed region is never reused)."""
     steps = Steps(generator)
     with contextlib.closing(generator):
         while (effect := steps.next()) is not None:
             try:
                 steps.reply = do(effect)
-            except grpc.RpcError as exc:
+            except (grpc.RpcError, ConvRpcError) as exc:
                 steps.error = exc
     return steps.value
 
@@ -208,9 +209,37 @@ def _fit_rows(call: Call, n: int, max_bytes: int) -> int | None:
     return max(1, min(fits)) if fits else None
 
 
-def split(call: Call, shard_size: int | None, max_bytes: int | None) -> list[Call]:
-    """``call`` cut along N into shards as even as possible, of at most ``shard_size`` rows and (with
-    ``max_bytes``) few enough that each request and response fits one message; ``[call]`` for no cut.
+def _rows_under_cap(call: Call, n: int, setting: str, limit: int) -> int | None:
+    """The most rows whose tensors stay within a server cap the server reported (None: no cut helps):
+    ``max_elements`` bounds every tensor and the output, ``max_request_bytes`` the request's tensors."""
+    if setting == "max_request_bytes":
+        batched = sum(call.arrays[f].nbytes for f in BATCHED if f in call.arrays)
+        room = limit - (call.nbytes - batched)
+        return room // (batched // n) if room > 0 and batched else None
+    if setting != "max_elements":
+        return None
+    per_row = [call.arrays[f].size // n for f in BATCHED if f in call.arrays]
+    if any(call.arrays[f].size > limit for f in call.arrays if f not in BATCHED):
+        return None  # a weight over the cap: no cut along N helps
+    if not call.backward:
+        try:
+            name, options = wire.decode_op(call.message)
+            x = call.arrays["input"]
+            shapes = {f: a.shape for f, a in call.arrays.items()}
+            per_row.append(wire.output_bytes(name, options, shapes, x.dtype.itemsize) // x.dtype.itemsize // n)
+        except (ConvError, TypeError, ValueError):
+            return None
+    per_row = [r for r in per_row if r]
+    rows = min(limit // r for r in per_row) if per_row else None
+    return rows or None
+
+
+def split(
+    call: Call, shard_size: int | None, max_bytes: int | None, caps: dict[str, int] | None = None
+) -> list[Call]:
+    """``call`` cut along N into shards as even as possible, of at most ``shard_size`` rows, (with
+    ``max_bytes``) few enough that each request and response fits one message, and within the server
+    ``caps`` ({setting: limit}) refusals reported; ``[call]`` for no cut.
     A malformed call goes whole, so that the server answers it with the precise error."""
     n = _batch(call)
     if n is None or n < 2:
@@ -218,6 +247,9 @@ def split(call: Call, shard_size: int | None, max_bytes: int | None) -> list[Cal
     rows = min(n, shard_size) if shard_size else n
     fit = _fit_rows(call, n, max_bytes) if max_bytes else None
     rows = min(rows, fit) if fit else rows
+    for setting, limit in (caps or {}).items():
+        under = _rows_under_cap(call, n, setting, limit)
+        rows = min(rows, under) if under else rows
     count = -(-n // rows)
     if count == 1:
         return [call]
@@ -266,6 +298,8 @@ class CallCore:
         # Streams and shared memory have no message limit; only a call that may go unary is sized by it.
         self.max_message_bytes = max_message_bytes if mode in ("auto", "unary") else None
         self.replicas = [Replica(i, t, mode) for i, t in enumerate(targets)]
+        #: Size caps the servers reported when refusing a call ({setting: limit}); calls are cut to fit them.
+        self.caps: dict[str, int] = {}
         self._clock = clock
         self._turn = itertools.count()
         self._lock = threading.Lock()
@@ -278,9 +312,27 @@ class CallCore:
     def call(self, call: Call) -> Generator:
         """Run a Forward or Backward; returns ``{result field: array}``."""
         yield from self._probes()
-        parts = split(call, self.shard_size, self.max_message_bytes)
+        parts = split(call, self.shard_size, self.max_message_bytes, self.caps)
+        while True:
+            try:
+                return (yield from self._run_parts(call, parts))
+            except ConvRpcError as exc:
+                if exc.cap is None:
+                    raise
+                # Over one of the server's size caps: remember it (later calls are cut to fit at once) and cut
+                # this batch to fit; say what to do when no cut along N fits.
+                setting, limit = exc.cap
+                with self._lock:
+                    self.caps[setting] = min(limit, self.caps.get(setting, limit))
+                smaller = split(call, self.shard_size, self.max_message_bytes, self.caps)
+                if len(smaller) <= len(parts):
+                    hint = "the call cannot be cut along its batch to fit: send smaller tensors or raise it"
+                    raise ConvRpcError(exc.code, f"{exc.message}; {hint}", exc.field, exc.cap) from None
+                parts = smaller
+
+    def _run_parts(self, call: Call, parts: list[Call]) -> Generator:
         if len(parts) == 1:
-            return (yield from self._failover(call.deadline, lambda replica: self._send(replica, call)))
+            return (yield from self._failover(call.deadline, lambda replica: self._send(replica, parts[0])))
         results = yield Gather([self._failover(p.deadline, lambda r, p=p: self._send(r, p)) for p in parts])
         return merge(results)
 

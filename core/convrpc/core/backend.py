@@ -153,7 +153,10 @@ class Backend:
             count *= dim
         if count * itemsize >= 2**63 or (self.max_elements is not None and count > self.max_elements):
             cap = self.max_elements if self.max_elements is not None else (2**63 - 1) // itemsize
-            raise ResourceExhaustedError("output", f"shape {tuple(shape)} has {count} elements, over the cap of {cap}")
+            if self.max_elements is None:  # past what int64 byte offsets address: no setting lifts it
+                raise ResourceExhaustedError("output", f"shape {tuple(shape)} has {count} elements, over the cap of {cap}")
+            raise ResourceExhaustedError("output", f"shape {tuple(shape)} has {count} elements, over the cap of {cap}",
+                                         setting="max_elements", limit=cap)  # fmt: skip
 
     @staticmethod
     def _check_grad_output(gy, shape) -> None:

@@ -28,12 +28,19 @@ class InvalidArgumentError(ConvError, ValueError):
 
 
 class ResourceExhaustedError(ConvError):
-    """A request is well formed but larger than a configured cap allows."""
+    """A request is well formed but larger than a configured cap allows.
 
-    def __init__(self, field: str, message: str):
+    ``setting`` and ``limit`` name the cap when it is one of the server's settings (``max_elements``,
+    ``max_request_bytes``): the message then says so, and a client can size its shards by them."""
+
+    def __init__(self, field: str, message: str, *, setting: str | None = None, limit: int | None = None):
+        if setting is not None:
+            message = f"{message} (the server's {setting} setting)"
         super().__init__(f"{field}: {message}")
         self.field = field
         self.description = message
+        self.setting = setting
+        self.limit = limit
 
 
 class BackendUnavailableError(ConvError, RuntimeError):

@@ -328,7 +328,8 @@ class ComputeAdmission(grpc.ServerInterceptor):
         )
         if carried > self.max_request_bytes:
             message = f"tensors of {carried} bytes exceed the server's cap of {self.max_request_bytes}"
-            status.abort(context, ResourceExhaustedError("request", message))
+            exc = ResourceExhaustedError("request", message, setting="max_request_bytes", limit=self.max_request_bytes)
+            status.abort(context, exc)
 
     def _unary(self, behavior, slot: _Slot):
         @functools.wraps(behavior)

@@ -220,7 +220,8 @@ class ConvService:
                 arrays[f] = wire.decode_tensor(tensor, f, max_elements=s.max_elements)
                 total += arrays[f].nbytes
         if total > s.max_request_bytes:
-            raise ResourceExhaustedError("request", f"tensors of {total} bytes exceed the server's cap of {s.max_request_bytes}")
+            raise ResourceExhaustedError("request", f"tensors of {total} bytes exceed the server's cap of {s.max_request_bytes}",
+                                         setting="max_request_bytes", limit=s.max_request_bytes)  # fmt: skip
         if shared:
             arrays.update(call.inputs(shared))
         if chunked is not None:

@@ -3,7 +3,8 @@
 Details travel in the ``grpc-status-details-bin`` trailer (grpcio-status, the standard encoding every gRPC
 library reads): ``BadRequest`` naming the field on INVALID_ARGUMENT and on a size cap's RESOURCE_EXHAUSTED,
 ``RetryInfo`` on the refusals a client should retry (UNAVAILABLE while warming up or draining,
-RESOURCE_EXHAUSTED when every compute slot is busy), ``ErrorInfo`` with a reason on UNAUTHENTICATED.
+RESOURCE_EXHAUSTED when every compute slot is busy), ``ErrorInfo`` with a reason on UNAUTHENTICATED and,
+reason ``OVER_SERVER_CAP`` with the setting's name and value, on a request over a size cap.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ log = logging.getLogger("convrpc.server")
 
 #: The ``ErrorInfo.domain`` of convrpc's errors.
 ERROR_DOMAIN = "convrpc.v1"
+#: The ``ErrorInfo.reason`` of a request over one of the server's size caps; its metadata names the setting
+#: and its value, so that a client can cut the call to fit (the SDK does).
+CAP_REASON = "OVER_SERVER_CAP"
 #: The wait a RetryInfo suggests: a compute slot frees within a typical call, a draining server's
 #: replicas take over at once, and warm-up loads cached kernels in about a second.
 RETRY_DELAY_SECONDS = 1.0
@@ -58,6 +62,8 @@ def status_for(exc: Exception, field_prefix: str = "") -> tuple[grpc.StatusCode,
     if field is not None and code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
         violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=exc.description)
         details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+    if getattr(exc, "setting", None) is not None:  # a cap of the server's settings: say which and how big
+        details.append(error_info(CAP_REASON, setting=exc.setting, limit=str(exc.limit)))
     if code is grpc.StatusCode.UNAVAILABLE:
         details.append(retry_info())
     return code, message, rich_status(code, message, *details)
