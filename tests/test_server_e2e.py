@@ -168,10 +168,11 @@ def test_outputs_over_the_element_cap_are_resource_exhausted():
         with pytest.raises(ConvRpcError) as info:
             c.conv_transpose2d(np.ones((1, 1, 10, 10)), np.ones((1, 1, 3, 3)), stride=10)
         assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-        with pytest.raises(ConvRpcError) as info:
-            c.relu(np.ones(1001))
-        assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(ConvRpcError) as info:  # one row of 1001: no cut along the first axis fits
+            c.relu(np.ones((1, 1001)))
+        assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED and info.value.cap == ("max_elements", 1000)
         assert c.relu(np.ones(1000)).shape == (1000,)
+        assert c.relu(-np.ones(1001)).tolist() == [0.0] * 1001  # cut along its first axis to fit the cap
 
 
 def test_server_info_describes_the_server(client, server):
