@@ -86,7 +86,7 @@ class ConvServer:
         tokens = security.load_tokens(settings)
         apply_compute_threads(settings.compute_threads)
         backend = backend or get_backend(settings.backend)
-        self.backend = backend.with_max_elements(settings.max_elements)
+        self.backend = backend.with_max_elements(settings.max_elements, settings.max_op_flops)
         self.servicer = ConvService(self.backend, settings, version())
         self.metrics = ServerMetrics()
         self.metrics.compute_slots.set(settings.compute_slots)
@@ -96,7 +96,7 @@ class ConvServer:
         interceptors = [CallObserver(self.metrics)]
         if tokens:
             interceptors.append(BearerTokenAuth(tokens, self._refusals))
-        interceptors.append(ComputeAdmission(settings.compute_slots, settings.max_request_bytes, self._refusals))
+        interceptors.append(ComputeAdmission(self.servicer.slots, settings.max_request_bytes, self._refusals))
         self._workers = workers = futures.ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="convrpc-rpc")
         self.metrics.watch_queue(lambda: workers._work_queue.qsize())
         self._server = grpc.server(

@@ -6,23 +6,24 @@ Health and reflection pass through untouched (probes need no token and keep thei
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import logging
 import threading
 import time
-import weakref
 from concurrent import futures
 
 import grpc
 
-from convrpc.core.errors import ResourceExhaustedError
+from convrpc.core.errors import ResourceExhaustedError, ServerBusy
 
 from . import status
+from .decoding import Undecodable
 from .logs import REQUEST_ID, new_request_id
 from .metrics import ServerMetrics
 
-__all__ = ["BearerTokenAuth", "CallObserver", "ComputeAdmission", "OPEN_SERVICES"]
+__all__ = ["BearerTokenAuth", "CallObserver", "ComputeAdmission", "ComputeSlots", "OPEN_SERVICES", "Undecodable"]
 
 log = logging.getLogger("convrpc.server.calls")
 
@@ -242,35 +243,53 @@ class BearerTokenAuth(grpc.ServerInterceptor):
         return _refusal(_kind(_rpc_name(details)), grpc.StatusCode.UNAUTHENTICATED, message, self._refusals)
 
 
-class _Slot:
-    """One admitted compute RPC's slot: released once, by its handler, or when gRPC drops a handler it
-    never ran (a call cancelled while it waited for a worker)."""
+class ComputeSlots:
+    """The server's compute slots. A handler takes one (``held()``) only once its request's bytes have
+    arrived (a unary message, a stream's chunks), so a client that withholds them holds none."""
 
-    def __init__(self, semaphore: threading.BoundedSemaphore):
-        self.release = weakref.finalize(self, semaphore.release)
+    def __init__(self, count: int):
+        self.count = count
+        self._used = 0
+        self._lock = threading.Lock()
+        self.busy = f"server busy: all {count} compute slots are in use; retry with backoff"
+
+    def full(self) -> bool:
+        return self._used >= self.count
+
+    @contextlib.contextmanager
+    def held(self):
+        """One slot for the block; ServerBusy (RESOURCE_EXHAUSTED) at once if none is free."""
+        with self._lock:
+            if self._used >= self.count:
+                raise ServerBusy(self.busy)
+            self._used += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._used -= 1
 
 
 class ComputeAdmission(grpc.ServerInterceptor):
-    """At most ``slots`` compute RPCs are admitted (waiting for a worker or running) at once; the next is
-    refused with RESOURCE_EXHAUSTED at once rather than queued. The decision is taken when the call
-    arrives, before it waits for a worker thread, so a burst never builds a queue in front of them.
-    Requests whose tensors exceed ``max_request_bytes`` are refused as well."""
+    """Refuses a compute RPC with RESOURCE_EXHAUSTED when it arrives while every slot is in use, before
+    it waits for a worker thread, so a full server builds no queue; the handler takes its slot later
+    (``ComputeSlots.held``), and a call admitted here may still be refused there in a burst. Requests
+    whose inline tensors exceed ``max_request_bytes`` are refused as well."""
 
-    def __init__(self, slots: int, max_request_bytes: int, refusals: futures.ThreadPoolExecutor):
+    def __init__(self, slots: ComputeSlots, max_request_bytes: int, refusals: futures.ThreadPoolExecutor):
         self.slots = slots
         self.max_request_bytes = max_request_bytes
-        self._free = threading.BoundedSemaphore(slots)
         self._refusals = refusals
-        self._busy = f"server busy: all {slots} compute slots are in use; retry with backoff"
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        if handler is None or _rpc_name(details) not in COMPUTE_RPCS:
+        rpc = _rpc_name(details)
+        if handler is None or rpc not in COMPUTE_RPCS:
             return handler
-        if not self._free.acquire(blocking=False):
-            return _refusal(_kind(_rpc_name(details)), grpc.StatusCode.RESOURCE_EXHAUSTED, self._busy, self._refusals)
-        slot = _Slot(self._free)
-        return _wrap(handler, lambda b: self._unary(b, slot), lambda b: self._stream(b, slot), lambda b: self._bidi(b, slot))
+        if self.slots.full():
+            return _refusal(_kind(rpc), grpc.StatusCode.RESOURCE_EXHAUSTED, self.slots.busy, self._refusals)
+        # A chunked stream's size is checked from its header, by the data path.
+        return _wrap(handler, self._unary, self._stream, lambda behavior: behavior)
 
     def _check_size(self, request, context) -> None:
         carried = sum(
@@ -280,38 +299,20 @@ class ComputeAdmission(grpc.ServerInterceptor):
             message = f"tensors of {carried} bytes exceed the server's cap of {self.max_request_bytes}"
             status.abort(context, ResourceExhaustedError("request", message))
 
-    def _unary(self, behavior, slot: _Slot):
+    def _unary(self, behavior):
         @functools.wraps(behavior)
         def admitted(request, context):
-            try:
+            if not isinstance(request, Undecodable):
                 self._check_size(request, context)
-                return behavior(request, context)
-            finally:
-                slot.release()
+            return behavior(request, context)
 
         return admitted
 
-    def _stream(self, behavior, slot: _Slot):
+    def _stream(self, behavior):
         @functools.wraps(behavior)
         def admitted(request, context):
-            try:
+            if not isinstance(request, Undecodable):
                 self._check_size(request, context)
-                yield from behavior(request, context)
-            finally:
-                slot.release()
-
-        return admitted
-
-    @staticmethod
-    def _bidi(behavior, slot: _Slot):
-        """A chunked stream holds a slot while it runs; its size is checked against the caps by the
-        data path from the header, before the server allocates for it."""
-
-        @functools.wraps(behavior)
-        def admitted(request_iterator, context):
-            try:
-                yield from behavior(request_iterator, context)
-            finally:
-                slot.release()
+            yield from behavior(request, context)
 
         return admitted
