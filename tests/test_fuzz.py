@@ -165,7 +165,7 @@ def test_mutated_requests_of_every_rpc_get_only_actionable_statuses_and_leak_not
     regions = set(shm.names_with_prefix("cv"))
     seen: dict[str, set] = {}
 
-    @settings(max_examples=int(os.environ.get("CONVRPC_FUZZ_EXAMPLES", "400")), deadline=None, derandomize=True,
+    @settings(max_examples=int(os.environ.get("CONVRPC_FUZZ_EXAMPLES", "1000")), deadline=None, derandomize=True,
               database=None, suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(st.data())
     def fuzz(data):

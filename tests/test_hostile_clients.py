@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 from convrpc import shm
-from convrpc.client import ConvClient
+from convrpc.client import ConvClient, ConvRpcError
 from convrpc.v1 import conv_service_pb2 as pb
 from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 from server_fixtures import open_shm_session, running_server
@@ -252,7 +252,7 @@ def test_a_name_that_is_a_link_or_not_a_regular_file_is_refused(proc, stub, kind
 
 _KILLED_CLIENT = """
 import sys, time, numpy as np
-from convrpc.client import ConvClient
+from convrpc.client import ConvClient, ConvRpcError
 client = ConvClient(sys.argv[1], data_path="shm")
 client.relu(np.ones(100_000))
 print(client._core.replicas[0].session.prefix, flush=True)
@@ -478,3 +478,28 @@ def test_a_huge_kernel_size_is_refused_before_allocating(proc, stub, size, code)
             list(stub.TrainKernel(request, timeout=60))
         assert info.value.code() is code and info.value.details().startswith("kernel_size:"), info.value.details()
     assert _rss(proc.process.pid) - before < 50 << 20
+
+
+# -- row 5: work that would hold a slot for hours is refused up front ---------------------------------
+
+
+def test_work_over_the_cost_cap_is_refused_before_anything_is_allocated_naming_the_setting():
+    x = np.ones((1, 4, 512, 512), np.float32)  # 4 MiB; a 256 x 256 window at stride 1: ~1.1e12 flops
+    with running_server(backend="numpy", warm_up=False) as server:  # the default cap
+        with ConvClient(server.target, timeout=60) as client, Bystander(server.target):
+            for call in (lambda: client.max_pool2d(x, 256, stride=1),
+                         lambda: client.max_pool2d_backward(np.ones((1, 4, 257, 257), np.float32), x, 256, stride=1)):
+                with pytest.raises(ConvRpcError) as info:
+                    call()
+                assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "op: " in info.value.message and "(setting max_op_flops)" in info.value.message
+            np.testing.assert_array_equal(client.max_pool2d(x, 2), np.ones((1, 4, 256, 256), np.float32))
+
+
+@pytest.mark.parametrize("option", ["stride", "padding", "dilation"])
+def test_geometry_integers_past_int32_are_refused_naming_the_field(proc, option):
+    with ConvClient(proc.target, timeout=60, data_path="unary") as client:
+        with pytest.raises(ConvRpcError) as info:
+            client.conv2d(np.ones((1, 1, 4, 4)), np.ones((1, 1, 2, 2)), **{option: 2**31})
+        assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.message.startswith(f"op.conv2d.{option}"), info.value.message
