@@ -25,10 +25,10 @@ from convrpc.core.training import TrainConfig, TrainResult, fit_kernel
 from convrpc.v1 import conv_service_pb2 as pb
 
 from . import status
-from .logs import request_id as current_request_id
-from .settings import Settings
 from .decoding import Undecodable, UndecodableLog, UndecodableRequest, lenient
 from .interceptors import ComputeSlots
+from .logs import request_id as current_request_id
+from .settings import Settings
 from .shared_memory import SharedMemorySessions
 from .stream_watch import StreamWatch
 from .train_stream import TrainStream

@@ -209,11 +209,11 @@ class Settings:
         """gRPC's idle and age limits, when set; a call in flight at the age limit may still finish."""
         options = []
         if self.max_connection_idle:
-            options.append(("grpc.max_connection_idle_ms", round(self.max_connection_idle * 1000)))
+            options.append(("grpc.max_connection_idle_ms", _millis(self.max_connection_idle)))
         if self.max_connection_age:
             grace = self.max_train_seconds + self.stream_idle_timeout
-            options += [("grpc.max_connection_age_ms", round(self.max_connection_age * 1000)),
-                        ("grpc.max_connection_age_grace_ms", round(grace * 1000))]  # fmt: skip
+            options += [("grpc.max_connection_age_ms", _millis(self.max_connection_age)),
+                        ("grpc.max_connection_age_grace_ms", _millis(grace))]  # fmt: skip
         return options
 
     @property
@@ -296,6 +296,11 @@ _KINDS = {"str": str, "int": int, "float": float, "bool": bool}
 #: Knobs whose 0 means "derive it"; the property holding the derived value.
 _AUTO = {"max_concurrent_rpcs": "compute_slots", "workers": "worker_threads"}
 _A = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _millis(seconds: float) -> int:
+    """A duration as gRPC's int32 milliseconds (longer ones are as good as forever)."""
+    return min(round(seconds * 1000), 2**31 - 1)
 
 
 def usable_cpus() -> int:
