@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from convrpc import chunks, shm, wire
+from convrpc.client import ConvClient
 from convrpc.v1 import conv_service_pb2 as pb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -156,11 +157,27 @@ def _send(channel, rpc: str, messages: list[bytes]) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+def _warm_float32(target: str) -> None:
+    """Run every kernel in float32 too: a mutated dtype must not count numba's first compile as a leak."""
+    x, w, ones = X.astype(np.float32), W.astype(np.float32), lambda *shape: np.ones(shape, np.float32)
+    with ConvClient(target, timeout=600, data_path="unary") as c:
+        c.conv2d(x, w, ones(4), stride=2, padding=1)
+        c.conv2d_backward(ones(2, 4, 5, 5), x, w, ones(4), stride=2, padding=1)
+        c.conv_transpose2d(x, ones(3, 2, 3, 3), stride=2, padding=1, output_padding=1)
+        c.max_pool2d(x, 3, 2, 1)
+        c.max_pool2d_backward(ones(2, 3, 5, 5), x, 3, 2, 1)
+        c.avg_pool2d(x, 2)
+        c.avg_pool2d_backward(ones(2, 3, 4, 4), x, 2)
+        c.relu_backward(x, c.relu(x))
+        c.train_kernel(x, ones(2, 4, 7, 7), kernel_size=3, max_steps=2, snapshot_every=1).result()
+
+
 def test_mutated_requests_of_every_rpc_get_only_actionable_statuses_and_leak_nothing(target, session):
     server, channel = target
     corpus = _corpus(*session)
     for rpc, messages, _ in corpus:  # the unmutated corpus is served (and warms everything up)
         assert _send(channel, rpc, messages) is _BASELINE.get(rpc, grpc.StatusCode.OK), rpc
+    _warm_float32(server.target)
     threads, fds, rss = threading.active_count(), _fds(), _rss()
     regions = set(shm.names_with_prefix("cv"))
     seen: dict[str, set] = {}
