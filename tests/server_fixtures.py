@@ -42,3 +42,21 @@ def client(server):
 
     with ConvClient(server.target, timeout=120) as c:
         yield c
+
+
+def open_shm_session(open_session):
+    """Open a shared-memory session by hand, as the SDK does: show the server a probe region holding a nonce.
+    ``open_session`` is the OpenSharedMemorySession callable (a stub's method, or a raw channel's)."""
+    import secrets
+
+    from convrpc import shm
+    from convrpc.v1 import conv_service_pb2 as pb
+
+    probe, nonce = "cvp" + secrets.token_hex(12), secrets.token_bytes(32)
+    region = shm.create(probe, len(nonce))
+    region[:] = nonce
+    try:
+        return open_session(pb.OpenSharedMemorySessionRequest(probe_region=probe, probe_nonce=nonce), timeout=30)
+    finally:
+        region.close()
+        shm.unlink(probe)

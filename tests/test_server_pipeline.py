@@ -14,7 +14,7 @@ from convrpc import chunks, shm, wire
 from convrpc.core import get_backend
 from convrpc.v1 import conv_service_pb2 as pb
 from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
-from server_fixtures import running_server
+from server_fixtures import open_shm_session, running_server
 
 PATHS = ("inline", "stream", "shm")
 REF = get_backend("numpy")
@@ -36,14 +36,7 @@ class Session:
     """A shared-memory session opened by hand, as the SDK would: a probe region, then one input region."""
 
     def __init__(self, stub):
-        probe, nonce = "cvp" + secrets.token_hex(12), secrets.token_bytes(32)
-        region = shm.create(probe, len(nonce))
-        region[:] = nonce
-        try:
-            opened = stub.OpenSharedMemorySession(pb.OpenSharedMemorySessionRequest(probe_region=probe, probe_nonce=nonce))
-        finally:
-            region.close()
-            shm.unlink(probe)
+        opened = open_shm_session(stub.OpenSharedMemorySession)
         self.stub, self.id, self.prefix = stub, opened.session_id, opened.region_prefix
         self.name = f"{self.prefix}i{secrets.token_hex(8)}"
         self.region = shm.create(self.name, 1 << 22)

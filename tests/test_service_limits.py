@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from convrpc import wire
 from convrpc.client import ConvClient, ConvRpcError
 from convrpc.core import Backend, get_backend, numpy_backend
+from convrpc.core.errors import ServerBusy
 from convrpc.v1 import conv_service_pb2 as pb
 from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 from server_fixtures import running_server
@@ -275,19 +276,26 @@ def test_overload_refuses_the_excess_at_once_then_everything_succeeds():
                                        max_steps=2).result().steps == 2  # fmt: skip
 
 
-def test_a_slot_is_freed_when_grpc_drops_an_admitted_call_it_never_ran():
-    """A call cancelled while it waits for a worker never runs its handler; its slot must come back anyway."""
-    from convrpc.server.interceptors import ComputeAdmission
+def test_a_call_holds_a_slot_only_while_its_handler_computes():
+    """Admission takes no slot: a call gRPC drops before its handler runs (cancelled while it waited for
+    a worker, undecodable) holds none; a full server refuses new calls as they arrive."""
+    from convrpc.server.interceptors import ComputeAdmission, ComputeSlots
 
-    admission = ComputeAdmission(1, 1 << 20, futures.ThreadPoolExecutor(1))
+    slots = ComputeSlots(1)
+    admission = ComputeAdmission(slots, 1 << 20, futures.ThreadPoolExecutor(1))
     handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
     details = types.SimpleNamespace(method="/convrpc.v1.ConvService/Forward", invocation_metadata=())
-    admitted = admission.intercept_service(lambda d: handler, details)
-    refused = admission.intercept_service(lambda d: handler, details)
-    assert hasattr(refused.unary_unary, "experimental_thread_pool"), "the second call must be refused"
-    del admitted, refused
-    again = admission.intercept_service(lambda d: handler, details)
-    assert not hasattr(again.unary_unary, "experimental_thread_pool"), "the dropped call's slot was not returned"
+
+    def refused() -> bool:
+        return hasattr(admission.intercept_service(lambda d: handler, details).unary_unary, "experimental_thread_pool")
+
+    assert not refused() and not refused()  # two admitted, never run: no slot taken
+    with slots.held():
+        assert refused()
+        with pytest.raises(ServerBusy):
+            with slots.held():
+                pass
+    assert not refused()
 
 
 def test_a_cancelled_training_stream_frees_its_slot():

@@ -1,5 +1,11 @@
 """POSIX shared-memory regions of the co-located data path, shared by server and SDK.
 
+The server never maps a client's region: it copies in and out with ``os.preadv``/``os.pwritev``
+(``read_exactly``/``write_all``). A mapping of memory another process controls dies with SIGBUS
+the moment that process truncates it, however carefully sizes are checked first; a system call
+on the same file returns a short count or an error instead. ``open_region`` also refuses links
+and anything but a regular file, so a name can only ever stand for one region of its own.
+
 Regions are opened and mapped directly (shm_open + mmap) rather than through
 ``multiprocessing.shared_memory.SharedMemory``: before Python 3.13 its resource tracker claims
 every segment a process merely attaches to and unlinks it, with a warning, when that process
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 
 try:  # the C helper behind multiprocessing.shared_memory on POSIX
     import _posixshmem
@@ -22,12 +29,16 @@ __all__ = [
     "AVAILABLE",
     "attach",
     "create",
+    "create_fd",
     "exists",
     "map_region",
     "names_with_prefix",
     "open_region",
+    "read_exactly",
+    "reserve",
     "unlink",
     "unlinked",
+    "write_all",
 ]
 
 #: Whether this platform has POSIX shared memory.
@@ -50,15 +61,26 @@ def reserve(fd: int, size: int) -> None:
         os.posix_fallocate(fd, 0, size)
 
 
-def create(name: str, size: int) -> mmap.mmap:
-    """A new region of ``size`` bytes, reserved, readable and writable by this user only, mapped read-write.
+def create_fd(name: str, size: int) -> int:
+    """A file descriptor of a new region of ``size`` bytes, reserved, readable and writable by this user only.
 
     FileExistsError if the name is taken, OSError if /dev/shm has no room. The caller owns the name
-    and must ``unlink`` it.
+    and must ``unlink`` it, and closes the descriptor.
     """
     fd = _open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR)
     try:
         reserve(fd, size)
+    except BaseException:
+        os.close(fd)
+        unlink(name)
+        raise
+    return fd
+
+
+def create(name: str, size: int) -> mmap.mmap:
+    """A new region (as ``create_fd``) mapped read-write."""
+    fd = create_fd(name, size)
+    try:
         return mmap.mmap(fd, size)
     except BaseException:
         unlink(name)
@@ -71,11 +93,23 @@ def open_region(name: str, *, writable: bool, same_user: bool = True) -> int:
     """A file descriptor of an existing region (the caller closes it).
 
     FileNotFoundError if it does not exist; PermissionError if it belongs to another user while
-    ``same_user`` (a foreign owner could shrink it under us and crash this process with SIGBUS).
+    ``same_user``, is a link (a symbolic one, or a name hard-linked to another region: ``st_nlink``
+    is 1 for a region and its one name) or is not a regular file (a FIFO or a directory in
+    /dev/shm; opened non-blocking, so a FIFO cannot hang the caller); ValueError if it is empty.
     """
-    fd = _open(name, os.O_RDWR if writable else os.O_RDONLY)
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = _open(name, flags)
+    except OSError as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise PermissionError(f"shared-memory region {name} cannot be opened: {exc.strerror}") from None
     try:
         info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise PermissionError(f"shared-memory region {name} is not a regular file")
+        if info.st_nlink != 1:
+            raise PermissionError(f"shared-memory region {name} has {info.st_nlink} names (a hard link)")
         if same_user and info.st_uid != os.getuid():
             raise PermissionError(f"shared-memory region {name} belongs to another user")
         if info.st_size == 0:
@@ -84,6 +118,27 @@ def open_region(name: str, *, writable: bool, same_user: bool = True) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def read_exactly(fd: int, buffer: memoryview, offset: int) -> int:
+    """Fill ``buffer`` from ``offset`` of the region; returns the bytes read, fewer than asked only
+    when the region ends sooner (its owner shrank it)."""
+    buffer = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def write_all(fd: int, buffer: memoryview, offset: int) -> None:
+    """Write all of ``buffer`` at ``offset`` of the region (OSError, e.g. ENOSPC, if /dev/shm is full)."""
+    buffer = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(buffer):
+        done += os.pwritev(fd, [buffer[done:]], offset + done)
 
 
 def map_region(fd: int, *, writable: bool, populate: bool = False) -> mmap.mmap:

@@ -16,7 +16,7 @@ import re
 import secrets
 import threading
 import weakref
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 
 import grpc
 import numpy as np
@@ -70,7 +70,10 @@ class _Region:
 
     def destroy(self) -> None:
         self.memory.close()
-        self.memory.unlink()  # also tells the resource tracker it need not clean up after us
+        try:
+            self.memory.unlink()  # also tells the resource tracker it need not clean up after us
+        except FileNotFoundError:  # the server unlinked it when the session ended
+            resource_tracker.unregister(self.memory._name, "shared_memory")
 
 
 def _destroy_all(regions: list[_Region]) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Mapping, NamedTuple, Protocol
 import ml_dtypes
 import numpy as np
 
-from . import params
+from . import config, params
 from .errors import InvalidArgumentError, ResourceExhaustedError
 
 __all__ = ["Backend", "DTYPES", "Gradients", "Kernels", "OPS", "common_dtype"]
@@ -92,17 +92,21 @@ class Backend:
     empty batches; relu takes any shape.
     """
 
-    def __init__(self, name: str, kernels: Any, device: str = "cpu", max_elements: int | None = None):
+    def __init__(self, name: str, kernels: Any, device: str = "cpu", max_elements: int | None = None,
+                 max_flops: float | None = None):  # fmt: skip
         self.name = name
         self.device = device
         self.kernels = kernels
         self.xp = kernels.xp
         #: Largest output an op may produce (elements); None means no cap. The server sets it.
         self.max_elements = max_elements
+        #: Most floating-point operations one op call may cost, estimated from its geometry before
+        #: anything is allocated (a pooling window's tap counts as ``config.POOL_TAP_FLOPS``); None means no cap.
+        self.max_flops = max_flops
 
-    def with_max_elements(self, max_elements: int | None) -> "Backend":
-        """The same backend with a cap on the elements of any op's output (a server's limit)."""
-        return Backend(self.name, self.kernels, self.device, max_elements)
+    def with_max_elements(self, max_elements: int | None, max_flops: float | None = None) -> "Backend":
+        """The same backend with a cap on the elements of any op's output and on each call's cost (a server's limits)."""
+        return Backend(self.name, self.kernels, self.device, max_elements, max_flops)
 
     def __repr__(self) -> str:
         return f"<convrpc backend {self.name!r} on {self.device}>"
@@ -158,6 +162,16 @@ class Backend:
             raise ResourceExhaustedError("output", f"shape {tuple(shape)} has {count} elements, over the cap of {cap}",
                                          setting="max_elements", limit=cap)  # fmt: skip
 
+    def _check_cost(self, flops: int) -> None:
+        if self.max_flops is not None and flops > self.max_flops:
+            raise ResourceExhaustedError(
+                "op", f"this call would cost about {flops:.3g} floating-point operations, over the cap of {self.max_flops:.3g}"
+            )
+
+    @staticmethod
+    def _pool_flops(g) -> int:
+        return config.POOL_TAP_FLOPS * g.n * g.c * g.out_h * g.out_w * g.kh * g.kw
+
     @staticmethod
     def _check_grad_output(gy, shape) -> None:
         if tuple(gy.shape) != tuple(shape):
@@ -178,6 +192,7 @@ class Backend:
         origin, (x, w, b) = self._inputs(input=input, weight=weight, bias=bias)
         g = params.conv2d_geometry(x.shape, w.shape, None if b is None else b.shape, stride, padding, dilation, groups)
         self._check_output(g.output_shape)
+        self._check_cost(g.flops)
         x, w, b = self._device(origin, x, w, b, shapes=(g.input_shape, None, None))
         y = self._zeros(g.output_shape, x.dtype) if g.n == 0 else self.kernels.conv2d(x, w, b, g)
         if g.n == 0 and b is not None:
@@ -195,6 +210,7 @@ class Backend:
         origin, (gy, x, w, b) = self._inputs(grad_output=grad_output, input=input, weight=weight, bias=bias)
         g = params.conv2d_geometry(x.shape, w.shape, None if b is None else b.shape, stride, padding, dilation, groups)
         self._check_grad_output(gy, self._user_shape(g, g.output_shape))
+        self._check_cost(g.flops * (2 if input_grad else 1))
         gy, x, w, b = self._device(origin, gy, x, w, b, shapes=(g.output_shape, g.input_shape, None, None))
         k = self.kernels
         if g.n == 0:
@@ -217,6 +233,7 @@ class Backend:
             x.shape, w.shape, None if b is None else b.shape, stride, padding, output_padding, groups, dilation
         )
         self._check_output(g.input_shape)
+        self._check_cost(g.flops)
         x, w, b = self._device(origin, x, w, b, shapes=(g.output_shape, None, None))
         y = self._zeros(g.input_shape, x.dtype) if g.n == 0 else self.kernels.conv2d_input_grad(x, w, g)
         if b is not None:
@@ -232,6 +249,7 @@ class Backend:
             x.shape, w.shape, None if b is None else b.shape, stride, padding, output_padding, groups, dilation
         )
         self._check_grad_output(gy, self._user_shape(g, g.input_shape))
+        self._check_cost(2 * g.flops)
         gy, x, w, b = self._device(origin, gy, x, w, b, shapes=(g.input_shape, g.output_shape, None, None))
         k = self.kernels
         if g.n == 0:
@@ -257,6 +275,7 @@ class Backend:
         g = params.pool2d_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
         return_indices = params.flag(return_indices, "return_indices")
         self._check_output(g.output_shape)
+        self._check_cost(self._pool_flops(g))
         (x,) = self._device(origin, x, shapes=(g.input_shape,))
         if g.n == 0:
             y, idx = self._zeros(g.output_shape, x.dtype), self._zeros(g.output_shape, self.xp.int64)
@@ -277,6 +296,7 @@ class Backend:
         g = params.pool2d_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
         params.flag(return_indices, "return_indices")
         self._check_grad_output(gy, self._user_shape(g, g.output_shape))
+        self._check_cost(self._pool_flops(g))
         gy, x = self._device(origin, gy, x, shapes=(g.output_shape, g.input_shape))
         gx = self._zeros(g.input_shape, x.dtype) if g.n == 0 else self.kernels.max_pool2d_backward(gy, x, g)
         return Gradients(self._result(origin, gx, self._user_shape(g, g.input_shape)))
@@ -290,6 +310,7 @@ class Backend:
             x.shape, kernel_size, stride, padding, 1, ceil_mode, count_include_pad, divisor_override
         )
         self._check_output(g.output_shape)
+        self._check_cost(self._pool_flops(g))
         (x,) = self._device(origin, x, shapes=(g.input_shape,))
         y = self._zeros(g.output_shape, x.dtype) if g.n == 0 else self.kernels.avg_pool2d(x, g)
         return self._result(origin, y, self._user_shape(g, g.output_shape))
@@ -304,6 +325,7 @@ class Backend:
             x.shape, kernel_size, stride, padding, 1, ceil_mode, count_include_pad, divisor_override
         )
         self._check_grad_output(gy, self._user_shape(g, g.output_shape))
+        self._check_cost(self._pool_flops(g))
         (gy,) = self._device(origin, gy, shapes=(g.output_shape,))
         gx = self._zeros(g.input_shape, gy.dtype) if g.n == 0 else self.kernels.avg_pool2d_backward(gy, g)
         return Gradients(self._result(origin, gx, self._user_shape(g, g.input_shape)))

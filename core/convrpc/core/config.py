@@ -23,6 +23,13 @@ MIN_REPORT_INTERVAL = 0.05
 #: Largest value of any geometry integer (kernel size, stride, padding, dilation, groups, divisor): keeps
 #: every size, tap count and flat index a kernel computes within int64.
 MAX_GEOMETRY_INT = 2**31 - 1
+#: Most floating-point operations one op call may cost, estimated from its geometry: about 2 minutes of
+#: the numba conv2d on a busy 2-core machine (7.7 GFLOP/s measured), a quarter of that alone. A request
+#: over it is refused before anything is allocated, where it used to hold a slot and a CPU for hours.
+MAX_OP_FLOPS = 1e12
+#: The conv2d flops one pooling window tap costs as much time as: the numba max_pool2d ran 1.0-1.7e8
+#: taps/s where conv2d ran 7.7e9 flop/s on the same machine.
+POOL_TAP_FLOPS = 64
 #: Extra memory an op's im2col workspace may take (bytes).
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -42,5 +49,14 @@ GRACE_SECONDS = 10.0
 CHUNK_BYTES = 1024 * 1024
 #: Seconds a shared-memory output region the client never unlinked lives before the server unlinks it.
 SHM_OUTPUT_TTL = 60.0
-#: Seconds a shared-memory session may stay unused before the server forgets it.
-SHM_SESSION_TTL = 3600.0
+#: Seconds a shared-memory session may stay unused before the server ends it and unlinks its regions
+#: (a client killed with its resource tracker leaks nothing for longer; the SDK reopens a session it lost).
+SHM_SESSION_TTL = 600.0
+#: Largest shared-memory region a request may name: a request's tensors and results fit in far less.
+SHM_MAX_REGION_BYTES = 4 * 1024 * 1024 * 1024
+#: Seconds a connection without calls stays open (400 idle connections used to hold 400 files forever).
+MAX_CONNECTION_IDLE = 300.0
+#: Seconds a stream may wait on its client, for a message or for room to send, before it is cancelled.
+STREAM_IDLE_TIMEOUT = 30.0
+#: Longest one ForwardStream/BackwardStream call may take (seconds): 4 GiB at the slowest measured rate.
+STREAM_MAX_SECONDS = 600.0

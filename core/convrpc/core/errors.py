@@ -8,6 +8,8 @@ __all__ = [
     "ResourceExhaustedError",
     "BackendUnavailableError",
     "ServerDraining",
+    "ServerBusy",
+    "CallEnded",
     "NotFoundError",
     "PermissionDeniedError",
     "FailedPreconditionError",
@@ -51,6 +53,17 @@ class ServerDraining(ConvError):
     """The server is shutting down and takes no new work."""
 
     def __init__(self, message: str = "the server is shutting down; retry on another replica"):
+        super().__init__(message)
+
+
+class ServerBusy(ConvError):
+    """Every compute slot is in use; the client should retry with backoff (or on another replica)."""
+
+
+class CallEnded(ConvError):
+    """The call's deadline passed, or its client cancelled it, before its compute began: none is done."""
+
+    def __init__(self, message: str = "the call's deadline passed (or it was cancelled) before its compute began"):
         super().__init__(message)
 
 

@@ -139,6 +139,18 @@ def fit_kernel(
 class _Run:
     """One validated fit: data on the backend's device, optimizer, sampling and stop rules."""
 
+    def _check_kernel_size(self, backend: Backend, input_shape, weight_shape) -> None:
+        """A weight of ``weight_shape`` fits the padded input and the element cap (checked on shapes alone)."""
+        cap = getattr(backend, "max_elements", None)
+        if cap is not None and math.prod(weight_shape) > cap:
+            raise ResourceExhaustedError("kernel_size", f"a weight of shape {weight_shape} is over the cap of {cap} elements")
+        try:
+            params.conv2d_geometry(input_shape, weight_shape, None, **self.conv)
+        except InvalidArgumentError as exc:
+            if exc.field == "weight":
+                raise InvalidArgumentError("kernel_size", exc.description) from None
+            # any other field is reported by the full check, once the (capped) weight exists
+
     def __init__(self, backend: Backend, input, target, c: TrainConfig):
         self.backend = backend
         xp = self.xp = backend.xp
@@ -184,6 +196,7 @@ class _Run:
             # A bad groups value gets through here; the geometry check below reports it.
             groups = c.groups if isinstance(c.groups, int) and c.groups > 0 else 1
             shape = (y.shape[1], max(1, x.shape[1] // groups), kh, kw)
+            self._check_kernel_size(backend, x.shape, shape)  # before allocating the weight
             w = xp.asarray(kaiming_uniform(shape, shape[1] * kh * kw, init_rng).astype(dtype))
         b = None
         if c.bias:

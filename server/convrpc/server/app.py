@@ -228,7 +228,7 @@ class ConvServer:
         tokens = security.load_tokens(settings)
         apply_compute_threads(settings.compute_threads)
         backend = backend or get_backend(settings.backend)
-        self.backend = backend.with_max_elements(settings.max_elements)
+        self.backend = backend.with_max_elements(settings.max_elements, settings.max_op_flops)
         self.servicer_version = version()
         self.servicer = ConvService(self.backend, settings, self.servicer_version)
         self.metrics = ServerMetrics(version=self.servicer_version, backend=self.backend.name)
@@ -240,9 +240,7 @@ class ConvServer:
         if tokens:
             interceptors.append(BearerTokenAuth(tokens, self._refusals))
         self.ready = threading.Event()
-        interceptors.append(
-            ComputeAdmission(settings.compute_slots, settings.max_request_bytes, self._refusals, self.ready)
-        )
+        interceptors.append(ComputeAdmission(self.servicer.slots, settings.max_request_bytes, self._refusals, self.ready))
         self._workers = workers = futures.ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="convrpc-rpc")
         self.metrics.watch_queue(lambda: workers._work_queue.qsize())
         self._server = grpc.server(

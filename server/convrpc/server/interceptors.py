@@ -7,23 +7,25 @@ pool), but are observed like every RPC: counted, and given a request id.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import logging
 import threading
 import time
-import weakref
 from concurrent import futures
 
 import grpc
 
-from convrpc.core.errors import ResourceExhaustedError
+from convrpc.core.errors import ResourceExhaustedError, ServerBusy
 
 from . import status
+from .decoding import Undecodable
 from .logs import REQUEST_ID, new_request_id
 from .metrics import ServerMetrics
 
-__all__ = ["BearerTokenAuth", "CallObserver", "ComputeAdmission", "OPEN_SERVICES", "REQUEST_ID_KEY"]
+__all__ = ["BearerTokenAuth", "CallObserver", "ComputeAdmission", "ComputeSlots", "OPEN_SERVICES", "REQUEST_ID_KEY",
+           "Undecodable"]  # fmt: skip
 
 log = logging.getLogger("convrpc.server.calls")
 
@@ -282,45 +284,63 @@ class BearerTokenAuth(grpc.ServerInterceptor):
         return _refusal(kind, grpc.StatusCode.UNAUTHENTICATED, message, self._refusals, "unauthenticated", reason)
 
 
-class _Slot:
-    """One admitted compute RPC's slot: released once, by its handler, or when gRPC drops a handler it
-    never ran (a call cancelled while it waited for a worker)."""
+class ComputeSlots:
+    """The server's compute slots. A handler takes one (``held()``) only once its request's bytes have
+    arrived (a unary message, a stream's chunks), so a client that withholds them holds none."""
 
-    def __init__(self, semaphore: threading.BoundedSemaphore):
-        self.release = weakref.finalize(self, semaphore.release)
+    def __init__(self, count: int):
+        self.count = count
+        self._used = 0
+        self._lock = threading.Lock()
+        self.busy = f"server busy: all {count} compute slots are in use; retry with backoff"
+
+    def full(self) -> bool:
+        return self._used >= self.count
+
+    @contextlib.contextmanager
+    def held(self):
+        """One slot for the block; ServerBusy (RESOURCE_EXHAUSTED) at once if none is free."""
+        with self._lock:
+            if self._used >= self.count:
+                raise ServerBusy(self.busy)
+            self._used += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._used -= 1
 
 
 class ComputeAdmission(grpc.ServerInterceptor):
-    """At most ``slots`` compute RPCs are admitted (waiting for a worker or running) at once; the next is
-    refused with RESOURCE_EXHAUSTED at once rather than queued. The decision is taken when the call
-    arrives, before it waits for a worker thread, so a burst never builds a queue in front of them.
-    Until ``ready`` is set (the kernels are compiled) compute RPCs are refused with UNAVAILABLE, as health
-    says NOT_SERVING meanwhile. Both refusals carry a RetryInfo. Requests whose tensors exceed
-    ``max_request_bytes`` are refused as well."""
+    """Refuses a compute RPC when it arrives, before it waits for a worker thread, so a full server builds
+    no queue: with RESOURCE_EXHAUSTED while every slot is in use (the handler takes its slot later,
+    ``ComputeSlots.held``, so a call admitted here may still be refused there in a burst), and until
+    ``ready`` is set (the kernels are compiled) with UNAVAILABLE, as health says NOT_SERVING meanwhile.
+    Both refusals carry a RetryInfo. Requests whose inline tensors exceed ``max_request_bytes`` are
+    refused as well."""
 
-    def __init__(self, slots: int, max_request_bytes: int, refusals: futures.ThreadPoolExecutor,
+    def __init__(self, slots: ComputeSlots, max_request_bytes: int, refusals: futures.ThreadPoolExecutor,
                  ready: threading.Event | None = None):  # fmt: skip
         self.slots = slots
         self.max_request_bytes = max_request_bytes
-        self._free = threading.BoundedSemaphore(slots)
         self._refusals = refusals
         self._ready = ready
-        self._busy = f"server busy: all {slots} compute slots are in use; retry with backoff"
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        if handler is None or _rpc_name(details) not in COMPUTE_RPCS:
+        rpc = _rpc_name(details)
+        if handler is None or rpc not in COMPUTE_RPCS:
             return handler
         kind = _kind(handler)
         if self._ready is not None and not self._ready.is_set():
             message = "server warming up: its kernels are being compiled; retry shortly or use another replica"
             return _refusal(kind, grpc.StatusCode.UNAVAILABLE, message, self._refusals, "warming_up", status.retry_info())
-        if not self._free.acquire(blocking=False):
-            return _refusal(kind, grpc.StatusCode.RESOURCE_EXHAUSTED, self._busy, self._refusals, "busy",
+        if self.slots.full():
+            return _refusal(kind, grpc.StatusCode.RESOURCE_EXHAUSTED, self.slots.busy, self._refusals, "busy",
                             status.retry_info())  # fmt: skip
-        slot = _Slot(self._free)
-        wrappers = {"unary_unary": self._unary, "unary_stream": self._stream, "stream_stream": self._bidi}
-        return _wrap(handler, lambda behavior, k: wrappers[k](behavior, slot))
+        # A chunked stream's size is checked from its first message, by the pipeline.
+        wrappers = {"unary_unary": self._unary, "unary_stream": self._stream}
+        return _wrap(handler, lambda behavior, k: wrappers.get(k, lambda b: b)(behavior))
 
     def _check_size(self, request, context) -> None:
         carried = sum(
@@ -331,38 +351,20 @@ class ComputeAdmission(grpc.ServerInterceptor):
             exc = ResourceExhaustedError("request", message, setting="max_request_bytes", limit=self.max_request_bytes)
             status.abort(context, exc)
 
-    def _unary(self, behavior, slot: _Slot):
+    def _unary(self, behavior):
         @functools.wraps(behavior)
         def admitted(request, context):
-            try:
+            if not isinstance(request, Undecodable):
                 self._check_size(request, context)
-                return behavior(request, context)
-            finally:
-                slot.release()
+            return behavior(request, context)
 
         return admitted
 
-    def _stream(self, behavior, slot: _Slot):
+    def _stream(self, behavior):
         @functools.wraps(behavior)
         def admitted(request, context):
-            try:
+            if not isinstance(request, Undecodable):
                 self._check_size(request, context)
-                yield from behavior(request, context)
-            finally:
-                slot.release()
-
-        return admitted
-
-    @staticmethod
-    def _bidi(behavior, slot: _Slot):
-        """A chunked stream holds a slot while it runs; its size is checked against the caps by the
-        data path from the header, before the server allocates for it."""
-
-        @functools.wraps(behavior)
-        def admitted(request_iterator, context):
-            try:
-                yield from behavior(request_iterator, context)
-            finally:
-                slot.release()
+            yield from behavior(request, context)
 
         return admitted

@@ -18,16 +18,19 @@ import grpc
 import numpy as np
 
 from convrpc import chunks, wire
-from convrpc.core import DTYPES, OPS, Backend, config
-from convrpc.core.errors import ConvError, InvalidArgumentError, ResourceExhaustedError, ServerDraining
+from convrpc.core import DTYPES, OPS, Backend
+from convrpc.core.errors import CallEnded, ConvError, InvalidArgumentError, ResourceExhaustedError, ServerDraining
 from convrpc.core.optim import AdamOptions, SgdOptions
 from convrpc.core.training import TrainConfig, TrainResult, fit_kernel
 from convrpc.v1 import conv_service_pb2 as pb
 
 from . import status
+from .decoding import Undecodable, UndecodableLog, UndecodableRequest, lenient
+from .interceptors import ComputeSlots
 from .logs import request_id as current_request_id
 from .settings import Settings
 from .shared_memory import SharedMemorySessions
+from .stream_watch import StreamWatch
 from .train_stream import TrainStream
 
 log = logging.getLogger("convrpc.server")
@@ -65,7 +68,9 @@ def _rpc(method):
     """Every error becomes a status: core errors by ``status.abort``, anything else INTERNAL with the
     request id the logs show, never UNKNOWN. Wraps unary and streaming methods alike."""
 
-    def fail(exc, request, context):
+    def fail(self, exc, request, context):
+        if isinstance(exc, UndecodableRequest):
+            self.undecodable.report(context.peer(), method.__name__, exc)
         if isinstance(exc, ConvError):
             status.abort(context, exc, _field_prefix(exc, request))
         if not context.is_active():  # the client went away mid-stream: nothing to report to
@@ -79,18 +84,22 @@ def _rpc(method):
         @functools.wraps(method)
         def streaming(self, request, context):
             try:
+                if isinstance(request, Undecodable):
+                    raise request.error()
                 yield from method(self, request, context)
             except Exception as exc:  # noqa: BLE001 - every error must become a status
-                fail(exc, request, context)
+                fail(self, exc, request, context)
 
         return streaming
 
     @functools.wraps(method)
     def unary(self, request, context):
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001
-            fail(exc, request, context)
+            fail(self, exc, request, context)
 
     return unary
 
@@ -105,8 +114,12 @@ class ConvService:
         self.sessions = SharedMemorySessions(
             enabled=settings.shared_memory,
             output_ttl=settings.shm_output_ttl,
-            session_ttl=config.SHM_SESSION_TTL,
+            session_ttl=settings.shm_session_ttl,
+            max_region_bytes=settings.shm_max_region_bytes,
         )
+        self.slots = ComputeSlots(settings.compute_slots)
+        self.streams = StreamWatch(settings.stream_idle_timeout)
+        self.undecodable = UndecodableLog()
         self._lock = threading.Lock()
         #: The stop event of every running TrainKernel run, by its run_id (or a private key without one).
         self._runs: dict[object, threading.Event] = {}
@@ -119,21 +132,23 @@ class ConvService:
         unary, stream, bidi = (grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler,
                                grpc.stream_stream_rpc_method_handler)  # fmt: skip
 
-        def handler(make, method, request_deserializer):
-            return make(method, request_deserializer=request_deserializer, response_serializer=_serialize)
+        def handler(make, method, message, deserialize=None):
+            decode = lenient(deserialize or message.FromString, message.DESCRIPTOR.name)
+            return make(method, request_deserializer=decode, response_serializer=_serialize)
 
         server.add_registered_method_handlers(SERVICE_NAME, {
-            "Forward": handler(unary, self.Forward, pb.ForwardRequest.FromString),
-            "Backward": handler(unary, self.Backward, pb.BackwardRequest.FromString),
-            "ForwardStream": handler(bidi, self.ForwardStream, chunks.decoder(pb.ForwardStreamRequest)),
-            "BackwardStream": handler(bidi, self.BackwardStream, chunks.decoder(pb.BackwardStreamRequest)),
-            "TrainKernel": handler(stream, self.TrainKernel, pb.TrainKernelRequest.FromString),
-            "StopTraining": handler(unary, self.StopTraining, pb.StopTrainingRequest.FromString),
-            "GetServerInfo": handler(unary, self.GetServerInfo, pb.GetServerInfoRequest.FromString),
-            "OpenSharedMemorySession": handler(
-                unary, self.OpenSharedMemorySession, pb.OpenSharedMemorySessionRequest.FromString),
+            "Forward": handler(unary, self.Forward, pb.ForwardRequest),
+            "Backward": handler(unary, self.Backward, pb.BackwardRequest),
+            "ForwardStream": handler(bidi, self.ForwardStream, pb.ForwardStreamRequest,
+                                     chunks.decoder(pb.ForwardStreamRequest)),
+            "BackwardStream": handler(bidi, self.BackwardStream, pb.BackwardStreamRequest,
+                                      chunks.decoder(pb.BackwardStreamRequest)),
+            "TrainKernel": handler(stream, self.TrainKernel, pb.TrainKernelRequest),
+            "StopTraining": handler(unary, self.StopTraining, pb.StopTrainingRequest),
+            "GetServerInfo": handler(unary, self.GetServerInfo, pb.GetServerInfoRequest),
+            "OpenSharedMemorySession": handler(unary, self.OpenSharedMemorySession, pb.OpenSharedMemorySessionRequest),
             "CloseSharedMemorySession": handler(
-                unary, self.CloseSharedMemorySession, pb.CloseSharedMemorySessionRequest.FromString),
+                unary, self.CloseSharedMemorySession, pb.CloseSharedMemorySessionRequest),
         })  # fmt: skip
 
     def drain(self) -> None:
@@ -144,46 +159,61 @@ class ConvService:
                 cancel.set()
 
     def close(self) -> None:
-        """Unlink the shared-memory output regions no client claimed."""
+        """Unlink every shared-memory region made for a session; stop watching streams."""
         self.sessions.close()
+        self.streams.close()
 
     # -- the op pipeline ------------------------------------------------------------------------
 
     @_rpc
     def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
-        return next(self._run(request, None, backward=False))
+        return next(self._run(request, None, context, backward=False))
 
     @_rpc
     def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardResponse:
-        return next(self._run(request, None, backward=True))
+        return next(self._run(request, None, context, backward=True))
 
     @_rpc
     def ForwardStream(self, requests, context):
-        yield from self._run(_first_request(requests, "ForwardStream"), requests, backward=False)
+        yield from self._stream(requests, context, "ForwardStream", backward=False)
 
     @_rpc
     def BackwardStream(self, requests, context):
-        yield from self._run(_first_request(requests, "BackwardStream"), requests, backward=True)
+        yield from self._stream(requests, context, "BackwardStream", backward=True)
 
-    def _run(self, request, chunked, *, backward: bool):
+    def _stream(self, requests, context, rpc: str, *, backward: bool):
+        """A chunked call, cancelled when it waits on its client for ``stream_idle_timeout`` seconds
+        (a chunk that does not come, a response it does not read) or runs ``stream_max_seconds``."""
+        with self.streams.watch(context, rpc, self.settings.stream_max_seconds) as watched:
+            requests = watched.reading(requests)
+            yield from watched.sending(self._run(_first_request(requests, rpc), requests, context, backward=backward))
+
+    def _run(self, request, chunked, context, *, backward: bool):
         """Decode by storage -> compute -> encode into the request's storage. ``chunked`` is the rest of a
         stream (its chunks) or None on a unary RPC; yields the response message(s)."""
         name, options = wire.decode_op(request.op)
         spec = wire.OP_SPECS[name]
         fields = self._check_tensors(request, spec, backward)
         response, stream_response = _RESPONSES[backward]
+        # A compute slot is taken once the request's bytes are here (a stream's chunks received), and
+        # given back before the results are sent: a client that withholds either holds no slot.
         if request.HasField("shared_memory"):
-            shared = request.shared_memory
-            with self.sessions.request(shared.session_id) as call:
-                arrays = self._decode(request, fields, chunked, call)
-                results = self._compute(spec, options, arrays, backward)
-                del arrays
-                buffer = shared.output_buffer if shared.HasField("output_buffer") else None
-                placed = response(**call.outputs(results, buffer))
+            placement = request.shared_memory
+            with self.sessions.request(placement.session_id) as call:
+                arrays, shared = self._decode(request, fields, chunked, call)
+                _check_alive(context)
+                with self.slots.held():
+                    arrays.update(call.inputs(shared))
+                    results = self._compute(spec, options, arrays, backward)
+                    del arrays
+                    buffer = placement.output_buffer if placement.HasField("output_buffer") else None
+                    placed = response(**call.outputs(results, buffer))
             yield placed if chunked is None else stream_response(response=placed)
             return
-        arrays = self._decode(request, fields, chunked, None)
-        results = self._compute(spec, options, arrays, backward)
+        arrays, _ = self._decode(request, fields, chunked, None)
+        _check_alive(context)
+        with self.slots.held():
+            results = self._compute(spec, options, arrays, backward)
         del arrays
         if chunked is None:
             yield response(**{f: wire.encode_tensor(a, f) for f, a in results})
@@ -202,10 +232,10 @@ class ConvService:
                 raise InvalidArgumentError(f, "is required")
         return [f for f in takes if request.HasField(f)]
 
-    def _decode(self, request, fields: list[str], chunked, call) -> dict[str, np.ndarray]:
-        """Every tensor of the request by its storage: inline, shared memory or (on a stream) chunks.
-        Each tensor's layout and caps (elements each, bytes all together) are checked before any
-        shared or streamed tensor is read or allocated."""
+    def _decode(self, request, fields: list[str], chunked, call):
+        """The request's inline and streamed tensors as ``{field: array}``, and ``[(field, Tensor)]`` of
+        those in shared memory, for ``call.inputs`` to read. Each tensor's layout and caps (elements
+        each, bytes all together) are checked before any shared or streamed tensor is read or allocated."""
         s = self.settings
         arrays, shared, streamed, total = {}, [], [], 0
         for f in fields:
@@ -222,11 +252,9 @@ class ConvService:
         if total > s.max_request_bytes:
             raise ResourceExhaustedError("request", f"tensors of {total} bytes exceed the server's cap of {s.max_request_bytes}",
                                          setting="max_request_bytes", limit=s.max_request_bytes)  # fmt: skip
-        if shared:
-            arrays.update(call.inputs(shared))
         if chunked is not None:
             arrays.update(self._receive(streamed, chunked))
-        return arrays
+        return arrays, shared
 
     def _receive(self, headers, requests) -> dict[str, np.ndarray]:
         assembler = chunks.PayloadAssembler(headers, max_elements=self.settings.max_elements)
@@ -234,6 +262,8 @@ class ConvService:
             if isinstance(message, tuple):  # a chunk, decoded without copying its data
                 assembler.add(*message)
                 continue
+            if isinstance(message, Undecodable):
+                raise message.error()
             kind = message.WhichOneof("message")
             if kind == "request":
                 raise InvalidArgumentError("request", "only the first message of a stream may carry the request")
@@ -249,6 +279,8 @@ class ConvService:
         try:
             result = method(*(arrays.get(f) for f in spec.request_tensors(backward)), **options)
         except ConvError as exc:
+            if isinstance(exc, ResourceExhaustedError) and exc.field == "op":
+                exc.description += " (setting max_op_flops)"
             if getattr(exc, "field", None):
                 exc.field = wire.option_field(spec.name, exc.field)
             raise
@@ -300,12 +332,15 @@ class ConvService:
             if key in self._runs:
                 raise InvalidArgumentError("run_id", "is already used by a running run: draw a fresh one per run")
             self._runs[key] = cancelled
+        limit = config.max_seconds + self.settings.stream_idle_timeout  # a reader that stops reading loses it
         try:
-            for event in TrainStream(run, cancelled, min_interval=self.settings.report_interval):
-                if isinstance(event, TrainResult):
-                    yield pb.TrainKernelResponse(result=self._result_message(event))
-                    return
-                yield pb.TrainKernelResponse(progress=self._progress_message(event))
+            with self.slots.held(), self.streams.watch(context, "TrainKernel", limit) as watched:
+                events = TrainStream(run, cancelled, min_interval=self.settings.report_interval, max_seconds=config.max_seconds)
+                for event in watched.sending(events):
+                    if isinstance(event, TrainResult):
+                        yield pb.TrainKernelResponse(result=self._result_message(event))
+                        return
+                    yield pb.TrainKernelResponse(progress=self._progress_message(event))
         finally:
             with self._lock:
                 self._runs.pop(key, None)
@@ -404,9 +439,17 @@ class ConvService:
         )
 
 
+def _check_alive(context) -> None:
+    """No compute for a call whose deadline passed (or that was cancelled) while its bytes arrived."""
+    if not context.is_active():
+        raise CallEnded()
+
+
 def _first_request(requests, rpc: str):
     """The request of a stream's first message; INVALID_ARGUMENT when it carries none."""
     first = next(requests, None)
+    if isinstance(first, Undecodable):
+        raise first.error()
     if first is None or isinstance(first, tuple) or first.WhichOneof("message") != "request":
         raise InvalidArgumentError("request", f"the first message of a {rpc} must carry the request")
     return first.request

@@ -69,6 +69,10 @@ class Settings:
         config.MAX_MESSAGE_BYTES, "most tensor bytes one request may carry, all tensors together"
     )
     max_elements: int = knob(config.MAX_ELEMENTS, "most elements of any one tensor, in a request or an op's output")
+    max_op_flops: float = knob(
+        config.MAX_OP_FLOPS, "most floating-point operations one op call (or one training step) may cost, estimated "
+        "from its geometry before anything is allocated; more get RESOURCE_EXHAUSTED"
+    )
     max_train_steps: int = knob(config.MAX_TRAIN_STEPS, "most steps one TrainKernel run may take")
     max_train_seconds: float = knob(config.MAX_TRAIN_SECONDS, "longest wall time of one TrainKernel run (seconds)")
     report_interval: float = knob(
@@ -105,10 +109,32 @@ class Settings:
     max_ping_strikes: int = knob(
         0, "client pings sooner than min_client_ping_interval tolerated before GOAWAY too_many_pings; 0 tolerates any"
     )
+    # -- connections and streams: what a client withholds is bounded (see the README's "Security")
+    max_connection_idle: float = knob(
+        config.MAX_CONNECTION_IDLE, "seconds a connection without calls stays open before the server closes it; 0 never"
+    )
+    max_connection_age: float = knob(
+        0.0, "seconds after which the server asks a client to reconnect (GOAWAY; calls in flight may finish within "
+        "max_train_seconds + stream_idle_timeout); 0 never"
+    )
+    stream_idle_timeout: float = knob(
+        config.STREAM_IDLE_TIMEOUT, "seconds a stream may wait on its client (a message that does not come, a "
+        "response it does not read) before the server cancels it"
+    )
+    stream_max_seconds: float = knob(
+        config.STREAM_MAX_SECONDS, "longest a ForwardStream/BackwardStream call may take, receiving to last chunk sent"
+    )
     # -- data paths (see the README's "Moving tensors fast")
     shared_memory: bool = knob(True, "let clients on this host pass tensors through POSIX shared memory (same user only)")
     shm_output_ttl: float = knob(
         config.SHM_OUTPUT_TTL, "seconds a shared-memory output region no client unlinked lives before the server unlinks it"
+    )
+    shm_session_ttl: float = knob(
+        config.SHM_SESSION_TTL, "seconds a shared-memory session may go unused before it ends and every region "
+        "named for it (the client's too) is unlinked"
+    )
+    shm_max_region_bytes: int = knob(
+        config.SHM_MAX_REGION_BYTES, "largest shared-memory region a request may name (bytes)"
     )
     chunk_bytes: int = knob(
         config.CHUNK_BYTES, "bytes per chunk of the ForwardStream/BackwardStream responses (at most max_message_bytes/2)"
@@ -135,7 +161,8 @@ class Settings:
         for name in ("port", "metrics_port", "health_port"):
             if getattr(self, name) > 65535:
                 raise ConfigError(name, f"must be in 0..65535, got {getattr(self, name)}")
-        for name in ("max_message_bytes", "max_request_bytes", "max_elements", "max_train_steps"):
+        for name in ("max_message_bytes", "max_request_bytes", "max_elements", "max_train_steps",
+                     "shm_max_region_bytes"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -143,6 +170,9 @@ class Settings:
         if self.keepalive_time <= 0 or self.keepalive_timeout <= 0:
             key = "keepalive_time" if self.keepalive_time <= 0 else "keepalive_timeout"
             raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
+        for name in ("stream_idle_timeout", "stream_max_seconds", "shm_session_ttl", "max_op_flops"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
         if self.chunk_bytes < 1:
             raise ConfigError("chunk_bytes", f"must be >= 1, got {self.chunk_bytes}")
         if self.tls_client_ca and not self.tls_cert:
@@ -172,7 +202,19 @@ class Settings:
             # one-second pings with GOAWAY too_many_pings. The interval applies with and without data.
             ("grpc.http2.min_ping_interval_without_data_ms", round(self.min_client_ping_interval * 1000)),
             ("grpc.http2.max_ping_strikes", self.max_ping_strikes),
+            *self._connection_limits(),
         ]
+
+    def _connection_limits(self) -> list[tuple[str, int]]:
+        """gRPC's idle and age limits, when set; a call in flight at the age limit may still finish."""
+        options = []
+        if self.max_connection_idle:
+            options.append(("grpc.max_connection_idle_ms", _millis(self.max_connection_idle)))
+        if self.max_connection_age:
+            grace = self.max_train_seconds + self.stream_idle_timeout
+            options += [("grpc.max_connection_age_ms", _millis(self.max_connection_age)),
+                        ("grpc.max_connection_age_grace_ms", _millis(grace))]  # fmt: skip
+        return options
 
     @property
     def address(self) -> str:
@@ -254,6 +296,11 @@ _KINDS = {"str": str, "int": int, "float": float, "bool": bool}
 #: Knobs whose 0 means "derive it"; the property holding the derived value.
 _AUTO = {"max_concurrent_rpcs": "compute_slots", "workers": "worker_threads"}
 _A = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _millis(seconds: float) -> int:
+    """A duration as gRPC's int32 milliseconds (longer ones are as good as forever)."""
+    return min(round(seconds * 1000), 2**31 - 1)
 
 
 def usable_cpus() -> int:

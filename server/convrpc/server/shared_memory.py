@@ -1,25 +1,34 @@
-"""Shared-memory sessions: which client may use which regions, and the cleanup of output regions.
+"""Shared-memory sessions: which client may use which regions, and the cleanup of every region made for one.
 
 A client opens a session by showing the server a probe region it created (proving both see the
 same /dev/shm and run as the same user). The session gets a secret id, sent with every request
 and never part of a region name, and a public name prefix. The server reads only input regions
 named ``<prefix>i<16 hex>`` of the session the request's id opens, so a client cannot make it read
-or write anyone else's memory; it never unlinks those. It creates each response's outputs in a
-fresh ``<prefix>o<16 hex>`` region that the client unlinks once mapped; a sweeper thread unlinks
-outputs left unclaimed for ``output_ttl`` seconds and forgets sessions idle for ``session_ttl``.
+or write anyone else's memory. It creates each response's outputs that do not fit the client's
+buffer in a fresh ``<prefix>o<16 hex>`` region that the client unlinks once mapped.
+
+Nothing a client does to its regions can hurt the server: it never maps them, it copies exactly
+the request's bytes in and the results out with ``preadv``/``pwritev`` (a truncated region gives a
+short read and INVALID_ARGUMENT, where a mapping would give SIGBUS), refuses links and non-regular
+files, and refuses regions larger than ``max_region_bytes``.
+
+A session is a lease: idle for ``session_ttl`` seconds, or closed, it ends and every region named
+with its prefix is unlinked, so a client killed outright (its resource tracker too) leaks nothing
+for longer than that. Each server names its sessions' prefixes after a marker region
+``cvs<tag>`` it holds an flock on for its lifetime; at start-up a server unlinks the regions of
+every marker whose lock is free (its server died without cleaning up).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
-import mmap
 import os
 import re
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,32 +44,61 @@ from convrpc.v1 import conv_service_pb2 as pb
 
 log = logging.getLogger("convrpc.server")
 
-__all__ = ["SharedMemorySessions"]
+__all__ = ["SharedMemorySessions", "sweep_stale_regions"]
 
 _PROBE = re.compile(r"cvp[0-9a-f]{24}")
+_MARKER = re.compile(r"cvs([0-9a-f]{8})")
+#: A probe lives for one OpenSharedMemorySession call; one this old was left by a killed client.
+_STALE_PROBE_SECONDS = 600.0
 _ALIGN = 64  # output tensors start on cache-line boundaries
 MAX_SESSIONS = 4096
 _BUFFER = "shared_memory.output_buffer"
-MAPPINGS_PER_SESSION = 4  # the SDK pools two regions per session; a few more for concurrent calls
 
 
-class _Mapping:
-    """A client region kept mapped between requests: mapping a region afresh costs more than copying it."""
-
-    def __init__(self, name: str):
-        self.fd = shm.open_region(name, writable=True)
+def sweep_stale_regions() -> int:
+    """Unlink the regions of every server that died without cleaning up (its marker's lock is free)
+    and probes abandoned by killed clients; the number of names unlinked. Linux only (elsewhere 0)."""
+    swept, now = 0, time.time()
+    for name in shm.names_with_prefix("cv"):
+        path = os.path.join("/dev/shm", name)
         try:
-            self.region = shm.map_region(self.fd, writable=True, populate=True)
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    def close(self) -> None:
-        os.close(self.fd)
+            info = os.stat(path, follow_symlinks=False)
+        except OSError:
+            continue
+        if _PROBE.fullmatch(name) and now - info.st_mtime > _STALE_PROBE_SECONDS:
+            swept += shm.unlink(name)
+        marker = _MARKER.fullmatch(name)
+        if marker is None:
+            continue
         try:
-            self.region.close()
-        except BufferError:  # a request still views it: the last array to go unmaps it
-            pass
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its server is alive
+            os.close(fd)
+            continue
+        try:
+            for region in shm.names_with_prefix("cv" + marker.group(1)):
+                swept += shm.unlink(region)
+            shm.unlink(name)
+        finally:
+            os.close(fd)
+    if swept:
+        log.warning("unlinked %d shared-memory region(s) left by servers or clients that died", swept)
+    return swept
+
+
+def _locked_marker(name: str) -> int:
+    """A new marker region, flocked for as long as this process lives. A sweep may find it in the instant
+    between creation and lock and unlink it: then it is made again."""
+    while True:
+        fd = shm.create_fd(name, 1)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink == 1:
+            return fd
+        os.close(fd)
 
 
 @dataclass
@@ -69,27 +107,28 @@ class _Session:
     last_used: float
     #: Output regions created and not yet seen unlinked: name -> creation time.
     outputs: dict[str, float] = field(default_factory=dict)
-    #: The client regions mapped lately, least recently used first.
-    mappings: OrderedDict[str, _Mapping] = field(default_factory=OrderedDict)
-
-    def drop_mappings(self, names) -> None:
-        for name in list(names):
-            mapping = self.mappings.pop(name, None)
-            if mapping is not None:
-                mapping.close()
 
 
 class SharedMemorySessions:
-    """The server's shared-memory sessions. Thread-safe; ``close()`` unlinks every unclaimed output."""
+    """The server's shared-memory sessions. Thread-safe; ``close()`` unlinks every region made for one."""
 
-    def __init__(self, *, enabled: bool, output_ttl: float, session_ttl: float):
+    def __init__(self, *, enabled: bool, output_ttl: float, session_ttl: float, max_region_bytes: int):
         self.enabled = enabled and shm.AVAILABLE
         self.output_ttl = output_ttl
         self.session_ttl = session_ttl
+        self.max_region_bytes = max_region_bytes
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._sweeper: threading.Thread | None = None
+        self._tag, self._marker = secrets.token_hex(4), None
+        if self.enabled:
+            sweep_stale_regions()
+            try:
+                self._marker = _locked_marker(f"cvs{self._tag}")
+            except OSError as exc:
+                log.warning("shared memory disabled: cannot create the server's marker region (%s)", exc)
+                self.enabled = False
 
     # -- sessions -------------------------------------------------------------------------------
 
@@ -102,24 +141,29 @@ class SharedMemorySessions:
         if not 16 <= len(probe_nonce) <= 64:
             raise InvalidArgumentError("probe_nonce", f"expected 16 to 64 bytes, got {len(probe_nonce)}")
         try:
-            region = shm.attach(probe_region, writable=False)
+            fd = shm.open_region(probe_region, writable=False)
         except FileNotFoundError:
             raise FailedPreconditionError(
                 "probe_region",
                 f"the server cannot see region {probe_region}: it is not on the client's host or IPC namespace",
             ) from None
-        except PermissionError:
-            raise FailedPreconditionError("probe_region", f"region {probe_region} belongs to another user") from None
-        with region:
+        except (PermissionError, ValueError) as exc:
+            raise FailedPreconditionError("probe_region", str(exc)) from None
+        try:
             # Some systems round a region up to whole pages: compare the nonce's bytes only.
-            if len(region) < len(probe_nonce) or not secrets.compare_digest(region[: len(probe_nonce)], probe_nonce):
-                raise FailedPreconditionError("probe_nonce", f"region {probe_region} does not hold the nonce")
+            seen = bytearray(len(probe_nonce))
+            whole = shm.read_exactly(fd, memoryview(seen), 0) == len(seen)
+        finally:
+            os.close(fd)
+        if not whole or not secrets.compare_digest(bytes(seen), probe_nonce):
+            raise FailedPreconditionError("probe_nonce", f"region {probe_region} does not hold the nonce")
         session_id = secrets.token_hex(16)
-        session = _Session(prefix="cv" + secrets.token_hex(5), last_used=time.monotonic())
         with self._lock:
             if len(self._sessions) >= MAX_SESSIONS:
                 raise ResourceExhaustedError("session_id", f"the server holds its cap of {MAX_SESSIONS} sessions")
-            self._sessions[session_id] = session
+            taken = {s.prefix for s in self._sessions.values()}
+            prefix = next(p for p in iter(lambda: f"cv{self._tag}{secrets.token_hex(5)}", None) if p not in taken)
+            session = self._sessions[session_id] = _Session(prefix=prefix, last_used=time.monotonic())
             self._start_sweeper()
         return pb.OpenSharedMemorySessionResponse(
             session_id=session_id, region_prefix=session.prefix, output_ttl_seconds=self.output_ttl
@@ -131,12 +175,10 @@ class SharedMemorySessions:
         if session is not None:
             self._retire(session)
 
-    def _retire(self, session: _Session) -> int:
-        """Unlink the session's unclaimed outputs and unmap its regions; the number of regions unlinked."""
-        swept = self._unlink_outputs(session, everything=True)
-        with self._lock:
-            session.drop_mappings(list(session.mappings))
-        return swept
+    @staticmethod
+    def _retire(session: _Session) -> int:
+        """Unlink every region named with the session's prefix, the client's too; the number unlinked."""
+        return sum(shm.unlink(name) for name in shm.names_with_prefix(session.prefix))
 
     def _session(self, session_id: str) -> _Session:
         with self._lock:
@@ -153,35 +195,12 @@ class SharedMemorySessions:
 
     @contextlib.contextmanager
     def request(self, session_id: str):
-        """The shared-memory side of one request: ``inputs(...)``, then ``outputs(...)``; mappings end with it."""
+        """The shared-memory side of one request: ``inputs(...)``, then ``outputs(...)``."""
         call = _Request(self, self._session(session_id))
         try:
             yield call
         finally:
             call.release()
-
-    def _mapping(self, session: _Session, field: str, name: str) -> mmap.mmap:
-        """The session's cached read-write mapping of client region ``name``, made on first use."""
-        with self._lock:
-            # Forget regions the client has since unlinked: only our mapping would keep them alive.
-            session.drop_mappings([n for n, m in session.mappings.items() if shm.unlinked(m.fd)])
-            mapping = session.mappings.get(name)
-            if mapping is not None:
-                session.mappings.move_to_end(name)
-                return mapping.region
-        try:
-            mapping = _Mapping(name)
-        except FileNotFoundError:
-            raise NotFoundError(f"{field}.region", f"no shared-memory region named {name!r}") from None
-        except PermissionError as exc:
-            raise PermissionDeniedError(f"{field}.region", str(exc)) from None
-        with self._lock:
-            stale = session.mappings.pop(name, None)
-            session.mappings[name] = mapping
-            session.drop_mappings(list(session.mappings)[:-MAPPINGS_PER_SESSION])
-        if stale is not None:
-            stale.close()
-        return mapping.region
 
     # -- cleanup --------------------------------------------------------------------------------
 
@@ -191,8 +210,8 @@ class SharedMemorySessions:
         if unlink:
             shm.unlink(name)
 
-    def _unlink_outputs(self, session: _Session, *, everything: bool) -> int:
-        """Drop outputs the client claimed; unlink those older than the TTL (all of them if ``everything``)."""
+    def _unlink_outputs(self, session: _Session) -> int:
+        """Drop outputs the client claimed; unlink those older than the TTL."""
         now = time.monotonic()
         with self._lock:
             outputs = list(session.outputs.items())
@@ -200,13 +219,13 @@ class SharedMemorySessions:
         for name, created in outputs:
             if not shm.exists(name):
                 self._forget(session, name, unlink=False)
-            elif everything or now - created > self.output_ttl:
+            elif now - created > self.output_ttl:
                 self._forget(session, name, unlink=True)
                 swept += 1
         return swept
 
     def sweep(self) -> int:
-        """Unlink abandoned outputs and forget idle sessions; the number of regions unlinked."""
+        """Unlink abandoned outputs and end idle sessions (unlinking their regions); the number unlinked."""
         now = time.monotonic()
         with self._lock:
             sessions = list(self._sessions.items())
@@ -216,12 +235,10 @@ class SharedMemorySessions:
                 with self._lock:
                     self._sessions.pop(session_id, None)
                 swept += self._retire(session)
-                continue
-            swept += self._unlink_outputs(session, everything=False)
-            with self._lock:  # unmap regions the client has unlinked since
-                session.drop_mappings([n for n, m in session.mappings.items() if shm.unlinked(m.fd)])
+            else:
+                swept += self._unlink_outputs(session)
         if swept:
-            log.warning("unlinked %d shared-memory output region(s) no client claimed", swept)
+            log.warning("unlinked %d shared-memory region(s) of abandoned outputs or expired sessions", swept)
         return swept
 
     def _start_sweeper(self) -> None:
@@ -230,7 +247,7 @@ class SharedMemorySessions:
             self._sweeper.start()
 
     def _sweep_loop(self) -> None:
-        interval = max(0.05, min(self.output_ttl / 2, 10.0))
+        interval = max(0.05, min(self.output_ttl / 2, self.session_ttl / 2, 10.0))
         while not self._closed.wait(interval):
             try:
                 self.sweep()
@@ -238,35 +255,54 @@ class SharedMemorySessions:
                 log.exception("shared-memory sweep failed")
 
     def close(self) -> None:
-        """Stop the sweeper and unlink every output region no client has claimed."""
+        """Stop the sweeper, end every session (unlinking its regions) and drop the server's marker."""
         self._closed.set()
         with self._lock:
             sessions = list(self._sessions.values())
             self._sessions.clear()
         for session in sessions:
             self._retire(session)
+        if self._marker is not None:
+            shm.unlink(f"cvs{self._tag}")
+            os.close(self._marker)
+            self._marker = None
 
 
 class _Request:
-    """One request's view of its session's client regions (mapped read-write, cached in the session)."""
+    """One request's access to its session's client regions: copies in and out, never a mapping."""
 
     def __init__(self, sessions: SharedMemorySessions, session: _Session):
         self.sessions = sessions
         self.session = session
         self._own = re.compile(re.escape(session.prefix) + r"i[0-9a-f]{16}")
-        self._regions: dict[str, mmap.mmap] = {}
+        self._fds: dict[str, int] = {}
 
-    def _region(self, field: str, name: str) -> mmap.mmap:
+    def _region(self, field: str, name: str) -> tuple[int, int]:
+        """``(fd, size)`` of a region of this session, opened once per request."""
         if not self._own.fullmatch(name):
             raise PermissionDeniedError(f"{field}.region", f"region {name!r} does not belong to this session")
-        region = self._regions.get(name)
-        if region is None:
-            region = self._regions[name] = self.sessions._mapping(self.session, field, name)
-        return region
+        fd = self._fds.get(name)
+        if fd is None:
+            try:
+                fd = self._fds[name] = shm.open_region(name, writable=True)
+            except FileNotFoundError:
+                raise NotFoundError(f"{field}.region", f"no shared-memory region named {name!r}") from None
+            except PermissionError as exc:
+                raise PermissionDeniedError(f"{field}.region", str(exc)) from None
+            except ValueError as exc:
+                raise InvalidArgumentError(f"{field}.region", str(exc)) from None
+        size = os.fstat(fd).st_size
+        if size > self.sessions.max_region_bytes:
+            raise ResourceExhaustedError(
+                f"{field}.region",
+                f"region {name} of {size} bytes exceeds the server's cap of {self.sessions.max_region_bytes} "
+                "(setting shm_max_region_bytes)",
+            )
+        return fd, size
 
     def inputs(self, tensors: list[tuple[str, pb.Tensor]]) -> dict[str, np.ndarray]:
-        """Read-only arrays viewing the client's input regions (``Tensor.shared``), after checking their
-        names and spans (the caller has checked the layouts against the caps)."""
+        """Copies of the client's input spans (``Tensor.shared``), exactly the request's bytes, after
+        checking their names and spans (the caller has checked the layouts against the caps)."""
         arrays = {}
         for name, msg in tensors:
             dtype, shape, nbytes = wire.tensor_layout(msg, name)
@@ -275,15 +311,19 @@ class _Request:
                 raise InvalidArgumentError(
                     f"{field}.offset", f"must be >= 0 and a multiple of {dtype.itemsize}, got {span.offset}"
                 )
-            region = self._region(field, span.region)
-            if span.offset + nbytes > len(region):
+            fd, size = self._region(field, span.region)
+            if span.offset + nbytes > size:
                 raise InvalidArgumentError(
                     f"{field}.offset",
-                    f"{nbytes} bytes from offset {span.offset} run past the end of region {span.region} ({len(region)} bytes)",
+                    f"{nbytes} bytes from offset {span.offset} run past the end of region {span.region} ({size} bytes)",
                 )
-            array = np.frombuffer(region, dtype=dtype, count=nbytes // dtype.itemsize, offset=span.offset).reshape(shape)
-            array.flags.writeable = False
-            arrays[name] = array
+            data = np.empty(nbytes, np.uint8)
+            got = shm.read_exactly(fd, memoryview(data), span.offset)
+            if got < nbytes:
+                raise InvalidArgumentError(
+                    f"{field}.region", f"region {span.region} shrank while the server read it ({got} of {nbytes} bytes)"
+                )
+            arrays[name] = data.view(dtype).reshape(shape)
         return arrays
 
     def outputs(
@@ -301,41 +341,45 @@ class _Request:
                 raise InvalidArgumentError(
                     f"{_BUFFER}.offset", f"must be >= 0 and a multiple of {_ALIGN}, got {buffer.offset}"
                 )
-            region = self._region(_BUFFER, buffer.region)
-            if buffer.offset + buffer.size > len(region):
+            fd, region_size = self._region(_BUFFER, buffer.region)
+            if buffer.offset + buffer.size > region_size:
                 raise InvalidArgumentError(
-                    f"{_BUFFER}.size", f"the span runs past the end of region {buffer.region} ({len(region)} bytes)"
+                    f"{_BUFFER}.size", f"the span runs past the end of region {buffer.region} ({region_size} bytes)"
                 )
-            _write(region, buffer.offset, layout)
+            _write(fd, buffer.offset, layout)
             return _shared(buffer.region, buffer.offset, layout)
-        return self._new_region(layout, size)
+        return self._new_region(layout, max(size, _ALIGN))
 
     def _new_region(self, layout, size: int) -> dict[str, pb.Tensor]:
         session = self.session
         name = f"{session.prefix}o{secrets.token_hex(8)}"
         try:
-            region = shm.create(name, max(size, _ALIGN))  # mmap cannot map 0 bytes (all results empty)
+            fd = shm.create_fd(name, size)  # at least _ALIGN bytes: /dev/shm reserves none for 0
         except OSError as exc:
             raise ResourceExhaustedError(_BUFFER, f"no room for a {size}-byte output region ({exc})") from None
         with self.sessions._lock:  # tracked only once it exists, so a sweep cannot mistake it for a claimed one
             session.outputs[name] = time.monotonic()
         try:
             try:
-                _write(region, 0, layout)
+                _write(fd, 0, layout)
             finally:
-                region.close()
+                os.close(fd)
         except BaseException:
             self.sessions._forget(session, name, unlink=True)
             raise
         return _shared(name, 0, layout)
 
     def release(self) -> None:
-        self._regions.clear()  # the mappings stay cached in the session
+        while self._fds:
+            os.close(self._fds.popitem()[1])
 
 
-def _write(region: mmap.mmap, base: int, layout) -> None:
-    for _, array, offset in layout:
-        np.frombuffer(region, dtype=array.dtype, count=array.size, offset=base + offset)[:] = array.reshape(-1)
+def _write(fd: int, base: int, layout) -> None:
+    try:
+        for _, array, offset in layout:
+            shm.write_all(fd, memoryview(array.reshape(-1).view(np.uint8)), base + offset)
+    except OSError as exc:  # ENOSPC: /dev/shm is full
+        raise ResourceExhaustedError(_BUFFER, f"cannot write the results to shared memory ({exc.strerror})") from None
 
 
 def _shared(region: str, base: int, layout) -> dict[str, pb.Tensor]:

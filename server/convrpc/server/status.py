@@ -19,11 +19,13 @@ from grpc_status import rpc_status
 
 from convrpc.core.errors import (
     BackendUnavailableError,
+    CallEnded,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
+    ServerBusy,
     ServerDraining,
 )
 
@@ -43,6 +45,8 @@ _CODES = {
     ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     BackendUnavailableError: grpc.StatusCode.FAILED_PRECONDITION,
     ServerDraining: grpc.StatusCode.UNAVAILABLE,
+    ServerBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    CallEnded: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,

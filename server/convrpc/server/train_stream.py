@@ -38,7 +38,8 @@ class TrainStream:
     """Iterate it (on the RPC thread) for the events to send: TrainProgress..., then the TrainResult.
 
     ``events`` is a fit's event iterator (``fit_kernel``'s); ``stop`` is the event that fit
-    checks before every step. The fit starts on the first ``next()``.
+    checks before every step. The fit starts on the first ``next()``. Past ``max_seconds`` (the
+    fit's own limit) it no longer waits for a slow reader, so the fit stops at its limit.
     """
 
     def __init__(
@@ -47,12 +48,15 @@ class TrainStream:
         stop: threading.Event,
         *,
         min_interval: float,
+        max_seconds: float | None = None,
         max_pending_bytes: int = MAX_PENDING_SNAPSHOT_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ):
         self._events = events
         self._stop = stop
         self._min_interval = min_interval
+        self._max_seconds = max_seconds or float("inf")
+        self._started = 0.0
         self._max_pending_bytes = max_pending_bytes
         self._clock = clock
         self._cv = threading.Condition(threading.Lock())
@@ -97,8 +101,8 @@ class TrainStream:
         size = event.weight.nbytes
         with self._cv:
             while self._snapshot_bytes and self._snapshot_bytes + size > self._max_pending_bytes:
-                if self._stop.is_set():
-                    break  # stopping: one step more will not hurt, waiting for a reader might
+                if self._stop.is_set() or self._clock() - self._started >= self._max_seconds:
+                    break  # stopping, or out of time: one snapshot more will not hurt, waiting for a reader might
                 self._cv.wait(_STOP_POLL)
             self._queue.append(event)
             self._snapshot_bytes += size
@@ -107,6 +111,7 @@ class TrainStream:
     # -- the RPC thread -----------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[TrainProgress | TrainResult]:
+        self._started = self._clock()
         self._thread.start()
         try:
             while True:

@@ -1,0 +1,204 @@
+"""A seeded, bounded fuzz of every RPC: captured request bytes, mutated, sent raw. The server answers each
+with a status a client can act on, never INTERNAL or UNKNOWN, never dies, and leaks nothing."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from convrpc import chunks, shm, wire
+from convrpc.client import ConvClient
+from convrpc.v1 import conv_service_pb2 as pb
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from server_fixtures import open_shm_session, running_server
+
+METHOD = "/convrpc.v1.ConvService/"
+#: What a mutated request may get. NOT_FOUND and PERMISSION_DENIED answer a shared-memory request
+#: whose region name was mutated (a region that is not there, or not the session's).
+ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+           grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DEADLINE_EXCEEDED}  # fmt: skip
+SHARED_ALLOWED = ALLOWED | {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED}
+#: Varints a mutation plants: the edges of int32/int64 and the sizes kernels multiply.
+EDGES = [0, 1, 2**31 - 1, 2**31, 2**32, 2**62, 2**63 - 1, 2**64 - 1, 2**70]
+
+rng = np.random.default_rng(0)
+X = rng.standard_normal((2, 3, 9, 9))
+W = rng.standard_normal((4, 3, 3, 3))
+T = wire.encode_tensor
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _forward(op, **tensors) -> bytes:
+    return pb.ForwardRequest(op=op, **tensors).SerializeToString()
+
+
+def _corpus(session: pb.OpenSharedMemorySessionResponse, region: str) -> list[tuple[str, list[bytes], bool]]:
+    """(RPC, its request messages' bytes, whether it uses shared memory) for every RPC and op."""
+    conv = wire.encode_op("conv2d", stride=2, padding=1, dilation=1, groups=1)
+    convt = wire.encode_op("conv_transpose2d", stride=2, padding=1, output_padding=1)
+    pool = wire.encode_op("max_pool2d", kernel_size=3, stride=2, padding=1)
+    avg = wire.encode_op("avg_pool2d", kernel_size=2)
+    relu = wire.encode_op("relu")
+    y = np.ones((2, 4, 5, 5))
+    unary = [
+        ("Forward", [_forward(conv, input=T(X), weight=T(W), bias=T(np.ones(4)))], False),
+        ("Forward", [_forward(convt, input=T(X), weight=T(np.ones((3, 2, 3, 3))))], False),
+        ("Forward", [_forward(pool, input=T(X))], False),
+        ("Forward", [_forward(avg, input=T(X))], False),
+        ("Backward", [pb.BackwardRequest(op=conv, input=T(X), weight=T(W), grad_output=T(y)).SerializeToString()], False),
+        ("Backward", [pb.BackwardRequest(op=pool, input=T(X), grad_output=T(np.ones((2, 3, 5, 5)))).SerializeToString()],
+         False),
+        ("TrainKernel", [pb.TrainKernelRequest(input=T(X), target=T(np.ones((2, 4, 7, 7))), kernel_size=pb.Size2(
+            height=3, width=3), max_steps=3, sgd=pb.SgdOptions(lr=0.01), snapshot_every=1).SerializeToString()], False),
+        ("GetServerInfo", [pb.GetServerInfoRequest().SerializeToString()], False),
+        ("OpenSharedMemorySession", [pb.OpenSharedMemorySessionRequest(
+            probe_region="cvp" + "0" * 24, probe_nonce=bytes(32)).SerializeToString()], False),
+        ("CloseSharedMemorySession", [pb.CloseSharedMemorySessionRequest(session_id="0" * 32).SerializeToString()], False),
+    ]  # fmt: skip
+    header = pb.ForwardStreamRequest(request=pb.ForwardRequest(op=relu, input=wire.tensor_header(X)))
+    data = X.tobytes()
+    stream = [header.SerializeToString()] + [chunks.encode_chunk(o, data[o : o + 500]) for o in range(0, len(data), 500)]
+    back = pb.BackwardStreamRequest(request=pb.BackwardRequest(
+        op=relu, input=wire.tensor_header(X), grad_output=wire.tensor_header(X)))  # fmt: skip
+    shared = pb.ForwardRequest(
+        op=relu, input=pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=X.shape, shared=pb.SharedSpan(region=region, offset=0)),
+        shared_memory=pb.SharedMemoryContext(session_id=session.session_id, output_buffer=pb.SharedBuffer(
+            region=region, offset=1 << 16, size=1 << 16)),
+    )  # fmt: skip
+    return unary + [
+        ("ForwardStream", stream, False),
+        ("BackwardStream", [back.SerializeToString()] + [chunks.encode_chunk(o, (data * 2)[o : o + 700])
+                                                         for o in range(0, 2 * len(data), 700)], False),
+        ("Forward", [shared.SerializeToString()], True),
+    ]
+
+
+@st.composite
+def mutations(draw, message: bytes) -> bytes:
+    """``message`` with a few of: a byte flipped, a varint planted, bytes cut or duplicated."""
+    data = bytearray(message)
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["flip", "varint", "cut", "dup", "truncate"]))
+        at = draw(st.integers(0, max(0, len(data) - 1)))
+        if kind == "flip" and data:
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "varint":
+            edge = draw(st.sampled_from(EDGES))
+            data[at : at + draw(st.integers(1, 10))] = _varint(edge)
+        elif kind == "cut":
+            del data[at : at + draw(st.integers(1, 8))]
+        elif kind == "dup":
+            data[at:at] = data[at : at + draw(st.integers(1, 16))]
+        else:
+            del data[at:]
+    return bytes(data)
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(scope="module")
+def target():
+    limits = dict(max_elements=1 << 16, max_request_bytes=1 << 20, max_op_flops=1e9, max_train_steps=20,
+                  max_train_seconds=2.0, stream_idle_timeout=5.0)  # fmt: skip
+    with running_server(**limits) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            yield server, channel
+
+
+@pytest.fixture(scope="module")
+def session(target):
+    _, channel = target
+    opened = open_shm_session(channel.unary_unary(
+        METHOD + "OpenSharedMemorySession", request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=pb.OpenSharedMemorySessionResponse.FromString))  # fmt: skip
+    name = f"{opened.region_prefix}i{secrets.token_hex(8)}"
+    mapped = shm.create(name, 1 << 17)
+    mapped[: X.nbytes] = X.tobytes()
+    yield opened, name
+    mapped.close()
+    shm.unlink(name)
+
+
+#: The corpus's probe region does not exist: refused, as it must be.
+_BASELINE = {"OpenSharedMemorySession": grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def _send(channel, rpc: str, messages: list[bytes]) -> grpc.StatusCode:
+    identity = {"request_serializer": lambda m: m, "response_deserializer": lambda m: m}
+    try:
+        if rpc in ("ForwardStream", "BackwardStream"):
+            list(channel.stream_stream(METHOD + rpc, **identity)(iter(messages), timeout=60))
+        elif rpc == "TrainKernel":
+            list(channel.unary_stream(METHOD + rpc, **identity)(messages[0], timeout=60))
+        else:
+            channel.unary_unary(METHOD + rpc, **identity)(messages[0], timeout=60)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def _warm_float32(target: str) -> None:
+    """Run every kernel in float32 too: a mutated dtype must not count numba's first compile as a leak."""
+    x, w, ones = X.astype(np.float32), W.astype(np.float32), lambda *shape: np.ones(shape, np.float32)
+    with ConvClient(target, timeout=600, data_path="unary") as c:
+        c.conv2d(x, w, ones(4), stride=2, padding=1)
+        c.conv2d_backward(ones(2, 4, 5, 5), x, w, ones(4), stride=2, padding=1)
+        c.conv_transpose2d(x, ones(3, 2, 3, 3), stride=2, padding=1, output_padding=1)
+        c.max_pool2d(x, 3, 2, 1)
+        c.max_pool2d_backward(ones(2, 3, 5, 5), x, 3, 2, 1)
+        c.avg_pool2d(x, 2)
+        c.avg_pool2d_backward(ones(2, 3, 4, 4), x, 2)
+        c.relu_backward(x, c.relu(x))
+        c.train_kernel(x, ones(2, 4, 7, 7), kernel_size=3, max_steps=2, snapshot_every=1).result()
+
+
+def test_mutated_requests_of_every_rpc_get_only_actionable_statuses_and_leak_nothing(target, session):
+    server, channel = target
+    corpus = _corpus(*session)
+    for rpc, messages, _ in corpus:  # the unmutated corpus is served (and warms everything up)
+        assert _send(channel, rpc, messages) is _BASELINE.get(rpc, grpc.StatusCode.OK), rpc
+    _warm_float32(server.target)
+    threads, fds, rss = threading.active_count(), _fds(), _rss()
+    regions = set(shm.names_with_prefix("cv"))
+    seen: dict[str, set] = {}
+
+    @settings(max_examples=int(os.environ.get("CONVRPC_FUZZ_EXAMPLES", "1000")), deadline=None, derandomize=True,
+              database=None, suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(st.data())
+    def fuzz(data):
+        rpc, messages, shared = data.draw(st.sampled_from(corpus))
+        which = data.draw(st.integers(0, len(messages) - 1))
+        mutated = list(messages)
+        mutated[which] = data.draw(mutations(messages[which]))
+        code = _send(channel, rpc, mutated)
+        seen.setdefault(rpc, set()).add(code)
+        assert code in (SHARED_ALLOWED if shared else ALLOWED), (rpc, code, mutated[which].hex())
+
+    fuzz()
+    for rpc, messages, _ in corpus:  # and served correctly afterwards
+        assert _send(channel, rpc, messages) is _BASELINE.get(rpc, grpc.StatusCode.OK), rpc
+    assert set(seen) == {rpc for rpc, _, _ in corpus}
+    assert threading.active_count() <= threads + 2
+    assert _fds() <= fds + 10
+    assert set(shm.names_with_prefix("cv")) - regions <= {n for n in shm.names_with_prefix(session[0].region_prefix + "o")}
+    assert _rss() - rss < 50 << 20

@@ -1,0 +1,505 @@
+"""Clients doing what issue #12's table lists, against a real server: it survives, refuses with a clear
+status, leaks nothing, and serves other clients correctly throughout."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from convrpc import shm
+from convrpc.client import ConvClient, ConvRpcError
+from convrpc.v1 import conv_service_pb2 as pb
+from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
+from server_fixtures import open_shm_session, running_server
+from server_processes import server_processes
+
+pytestmark = pytest.mark.skipif(not shm.AVAILABLE or not os.path.isdir("/dev/shm"), reason="needs Linux shared memory")
+
+SERVER_ENV = {"CONVRPC_BACKEND": "numpy", "CONVRPC_WARM_UP": "0"}
+X = np.arange(1024, dtype=np.float32) - 512  # 4 KiB
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+class Session:
+    """A shared-memory session opened by hand with raw stubs, as a hostile client would."""
+
+    def __init__(self, stub):
+        opened = open_shm_session(stub.OpenSharedMemorySession)
+        self.stub, self.id, self.prefix = stub, opened.session_id, opened.region_prefix
+        self.names: list[str] = []
+
+    def region_name(self) -> str:
+        name = f"{self.prefix}i{secrets.token_hex(8)}"
+        self.names.append(name)
+        return name
+
+    def relu(self, name: str, *, offset: int = 0, buffer_size: int = 4096, timeout: float = 30):
+        request = pb.ForwardRequest(
+            op=pb.Op(relu=pb.ReluOptions()),
+            input=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=X.shape, shared=pb.SharedSpan(region=name, offset=offset)),
+            shared_memory=pb.SharedMemoryContext(
+                session_id=self.id, output_buffer=pb.SharedBuffer(region=name, offset=8192, size=buffer_size)
+            ),
+        )
+        return self.stub.Forward(request, timeout=timeout)
+
+    def close(self):
+        for name in self.names:
+            shm.unlink(name)
+        self.stub.CloseSharedMemorySession(pb.CloseSharedMemorySessionRequest(session_id=self.id))
+
+
+def _region(name: str, size: int, data: np.ndarray | None = X) -> int:
+    """A client region of ``size`` bytes (sparse: only what is written is committed), its fd open."""
+    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    os.ftruncate(fd, size)
+    if data is not None:
+        os.pwrite(fd, data.tobytes(), 0)
+    return fd
+
+
+def _code(call) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+class Bystander:
+    """Another client making correct calls on every path for as long as a hostile one is at work."""
+
+    def __init__(self, target: str):
+        self.target, self.done, self.calls, self.errors = target, threading.Event(), 0, []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        x = np.random.default_rng(0).standard_normal((2, 3, 40, 40)).astype(np.float32)
+        with ConvClient(self.target, timeout=60) as client:
+            while not self.done.is_set():
+                for path in ("unary", "stream", "shm"):
+                    try:
+                        got = client.relu(x) if path == "unary" else _on_path(self.target, path, x)
+                        np.testing.assert_array_equal(got, np.maximum(x, 0))
+                        self.calls += 1
+                    except Exception as exc:  # noqa: BLE001 - reported by stop()
+                        self.errors.append(f"{path}: {exc!r}")
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join(120)
+        assert not self.errors, self.errors[:3]
+        assert self.calls > 0
+
+
+_PATH_CLIENTS: dict[tuple[str, str], ConvClient] = {}
+
+
+def _on_path(target: str, path: str, x: np.ndarray) -> np.ndarray:
+    client = _PATH_CLIENTS.get((target, path))
+    if client is None:
+        client = _PATH_CLIENTS[(target, path)] = ConvClient(target, timeout=60, data_path=path)
+    return client.relu(x)
+
+
+@pytest.fixture(autouse=True)
+def _close_path_clients():
+    yield
+    while _PATH_CLIENTS:
+        _PATH_CLIENTS.popitem()[1].close()
+
+
+@pytest.fixture(scope="module")
+def proc():
+    with server_processes(1, env=SERVER_ENV) as (server,):
+        yield server
+
+
+@pytest.fixture()
+def stub(proc):
+    with grpc.insecure_channel(proc.target) as channel:
+        yield pb_grpc.ConvServiceStub(channel)
+
+
+# -- row 1: truncating one's own region, even racing the server's copy, cannot kill the server ------
+
+
+def test_a_client_truncating_its_region_mid_call_gets_a_status_and_the_server_lives_on(proc, stub):
+    session = Session(stub)
+    name = session.region_name()
+    fd = _region(name, 1 << 20)
+    try:
+        assert _code(lambda: session.relu(name)) is grpc.StatusCode.OK
+        os.ftruncate(fd, 0)
+        assert _code(lambda: session.relu(name)) is grpc.StatusCode.INVALID_ARGUMENT
+        stop = threading.Event()
+
+        def flap():  # shrink and regrow the region as fast as possible while calls read and write it
+            while not stop.is_set():
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, 1 << 20)
+                os.pwrite(fd, X.tobytes(), 0)
+
+        flapper = threading.Thread(target=flap, daemon=True)
+        with Bystander(proc.target):
+            flapper.start()
+            try:
+                codes = {_code(lambda: session.relu(name)) for _ in range(300)}
+            finally:
+                stop.set()
+                flapper.join()
+        assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}, codes
+        assert proc.process.poll() is None, proc.output()
+    finally:
+        os.close(fd)
+        session.close()
+
+
+# -- row 2: a huge sparse region costs the server only the request's bytes --------------------------
+
+
+def test_a_sparse_region_far_larger_than_its_tensor_commits_only_the_tensors_bytes(proc, stub):
+    session = Session(stub)
+    name = session.region_name()
+    fd = _region(name, 512 << 20)
+    try:
+        before = _rss(proc.process.pid)
+        for _ in range(20):
+            out = session.relu(name)
+        assert out.output.shared.region == name
+        got = np.empty_like(X)
+        os.preadv(fd, [memoryview(got).cast("B")], out.output.shared.offset)
+        np.testing.assert_array_equal(got, np.maximum(X, 0))
+        assert os.fstat(fd).st_blocks * 512 < 1 << 20, "the server committed pages of the region it did not need"
+        assert _rss(proc.process.pid) - before < 50 << 20
+    finally:
+        os.close(fd)
+        session.close()
+
+
+def test_a_region_larger_than_the_cap_is_refused_naming_the_setting():
+    with running_server(backend="numpy", warm_up=False, shm_max_region_bytes=1 << 20) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            session = Session(pb_grpc.ConvServiceStub(channel))
+            name = session.region_name()
+            fd = _region(name, 2 << 20)
+            try:
+                with pytest.raises(grpc.RpcError) as info:
+                    session.relu(name)
+                assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "shm_max_region_bytes" in info.value.details() and "input.shared.region" in info.value.details()
+            finally:
+                os.close(fd)
+                session.close()
+
+
+# -- row 9: links and non-regular files are refused ----------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["hard link", "symlink", "fifo", "directory"])
+def test_a_name_that_is_a_link_or_not_a_regular_file_is_refused(proc, stub, kind):
+    victim, attacker = Session(stub), Session(stub)
+    victim_name, name = victim.region_name(), attacker.region_name()
+    victim_fd = _region(victim_name, 1 << 20)
+    path = f"/dev/shm/{name}"
+    try:
+        if kind == "hard link":
+            os.link(f"/dev/shm/{victim_name}", path)
+        elif kind == "symlink":
+            os.symlink(f"/dev/shm/{victim_name}", path)
+        elif kind == "fifo":
+            os.mkfifo(path, 0o600)
+        else:
+            os.mkdir(path, 0o700)
+        with pytest.raises(grpc.RpcError) as info:
+            attacker.relu(name)
+        assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED, info.value.details()
+        assert info.value.details().startswith("input.shared.region:")
+        # A hard link gives the victim's region two names: refused under both until the link goes.
+        expected = grpc.StatusCode.PERMISSION_DENIED if kind == "hard link" else grpc.StatusCode.OK
+        assert _code(lambda: victim.relu(victim_name)) is expected
+    finally:
+        if kind == "directory":
+            os.rmdir(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
+    try:
+        assert _code(lambda: victim.relu(victim_name)) is grpc.StatusCode.OK
+    finally:
+        os.close(victim_fd)
+        victim.close()
+        attacker.close()
+
+
+# -- row 8: sessions are leases; a killed server's regions are swept at the next start --------------
+
+_KILLED_CLIENT = """
+import sys, time, numpy as np
+from convrpc.client import ConvClient, ConvRpcError
+client = ConvClient(sys.argv[1], data_path="shm")
+client.relu(np.ones(100_000))
+print(client._core.replicas[0].session.prefix, flush=True)
+time.sleep(600)
+"""
+
+
+def _wait_gone(prefix: str, seconds: float = 30) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while shm.names_with_prefix(prefix) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return shm.names_with_prefix(prefix)
+
+
+def test_a_client_killed_with_its_whole_process_group_leaves_nothing_once_its_lease_ends():
+    with running_server(backend="numpy", warm_up=False, shm_session_ttl=1.0) as server:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        client = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(_KILLED_CLIENT), server.target],
+            stdout=subprocess.PIPE, text=True, env=env, start_new_session=True,
+        )  # fmt: skip
+        try:
+            prefix = client.stdout.readline().strip()
+            assert prefix.startswith("cv") and shm.names_with_prefix(prefix + "i")
+        finally:
+            os.killpg(client.pid, signal.SIGKILL)  # the resource tracker dies with it
+            client.wait()
+            client.stdout.close()
+        assert _wait_gone(prefix) == []
+        with ConvClient(server.target, timeout=60, data_path="shm") as other:
+            np.testing.assert_array_equal(other.relu(X), np.maximum(X, 0))
+
+
+def test_a_closed_session_unlinks_every_region_named_for_it(proc, stub):
+    session = Session(stub)
+    name = session.region_name()
+    fd = _region(name, 1 << 20)
+    try:
+        out = session.relu(name, buffer_size=0)  # no room offered: the server makes an output region
+        assert out.output.shared.region.startswith(session.prefix + "o")
+        session.close()
+        assert shm.names_with_prefix(session.prefix) == []
+    finally:
+        os.close(fd)
+
+
+def test_a_server_starting_unlinks_the_regions_of_a_server_that_was_killed():
+    with server_processes(1, env=SERVER_ENV) as (dead,):
+        with grpc.insecure_channel(dead.target) as channel:
+            session = Session(pb_grpc.ConvServiceStub(channel))
+            name = session.region_name()
+            os.close(_region(name, 1 << 20))
+            out = session.relu(name, buffer_size=0)
+        dead.kill()
+    left = shm.names_with_prefix(session.prefix)
+    assert name in left and out.output.shared.region in left
+    with running_server(backend="numpy", warm_up=False):
+        assert shm.names_with_prefix(session.prefix) == []
+        assert shm.names_with_prefix(f"cvs{session.prefix[2:10]}") == []
+
+
+# -- rows 3 and 4: nothing a client withholds holds the server ---------------------------------------
+
+METHOD = "/convrpc.v1.ConvService/"
+
+
+def _raw_stream(channel, method="ForwardStream"):
+    return channel.stream_stream(
+        METHOD + method,
+        request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
+        response_deserializer=lambda raw: raw,
+    )
+
+
+def _relu_header(shape):
+    return pb.ForwardStreamRequest(
+        request=pb.ForwardRequest(op=pb.Op(relu=pb.ReluOptions()), input=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=shape))
+    )
+
+
+def test_streams_that_send_nothing_hold_no_slot_and_end_after_the_idle_timeout():
+    held = threading.Event()
+
+    def silent(header: bool):  # a stream that sends its header (or nothing at all) and then nothing
+        if header:
+            yield _relu_header((250,))
+        held.wait(120)
+
+    with running_server(backend="numpy", warm_up=False, max_concurrent_rpcs=2, workers=16,
+                        stream_idle_timeout=1.0) as server:  # fmt: skip
+        with grpc.insecure_channel(server.target) as channel:
+            try:
+                calls = [_raw_stream(channel)(silent(i % 2 == 0)) for i in range(8)]
+                with ConvClient(server.target, timeout=60) as client:
+                    for _ in range(20):  # every slot stays free for the others
+                        np.testing.assert_array_equal(client.relu(X), np.maximum(X, 0))
+                codes = {call.code() for call in calls}
+                assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED}, codes
+                assert all("stream_idle_timeout" in call.details() for call in calls)
+            finally:
+                held.set()
+
+
+def _wait_logged(caplog, text: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not any(text in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, f"never logged: {text}"
+        time.sleep(0.05)
+
+
+def test_a_client_that_stops_reading_a_stream_loses_it_and_holds_no_slot(caplog):
+    x = np.ones(4 << 20, np.float32)  # 16 MiB each way: far beyond what flow control lets through unread
+    with running_server(backend="numpy", warm_up=False, max_concurrent_rpcs=1, stream_idle_timeout=1.0) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            header = _relu_header(x.shape)
+            data = x.tobytes()
+            messages = [header] + [
+                pb.ForwardStreamRequest(chunk=pb.TensorChunk(offset=o, data=data[o : o + (1 << 20)]))
+                for o in range(0, len(data), 1 << 20)
+            ]
+            call = _raw_stream(channel)(iter(messages))
+            next(call)  # the response header; then it reads no more
+            with ConvClient(server.target, timeout=60) as client:
+                for _ in range(5):
+                    np.testing.assert_array_equal(client.relu(X), np.maximum(X, 0))
+            _wait_logged(caplog, "ForwardStream cancelled")
+            with pytest.raises(grpc.RpcError) as info:  # reading again, it finds the stream cut short
+                for _ in call:
+                    pass
+            assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "stream_idle_timeout" in info.value.details()
+
+
+def test_a_training_run_stops_at_max_seconds_whatever_its_reader_does():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 128, 5, 5))
+    y = rng.standard_normal((1, 128, 3, 3))
+    with running_server(backend="numpy", warm_up=False, stream_idle_timeout=30.0) as server:
+        with ConvClient(server.target, timeout=120) as client:
+            # every step a 1.2 MB weight snapshot: the queue of unread snapshots fills within a second
+            run = client.train_kernel(x, y, kernel_size=3, max_steps=10**6, lr=1e-6, max_seconds=1.0,
+                                      snapshot_every=1)  # fmt: skip
+            updates = iter(run)
+            next(updates)
+            time.sleep(4)  # a reader that stops reading for four times the run's limit
+            result = run.result()
+    assert result.stop_reason == "time_limit", result.stop_reason
+    assert result.elapsed < 3, result.elapsed
+
+
+# -- row 7: undecodable bytes ---------------------------------------------------------------------
+
+GARBAGE = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, a length far past the end
+
+
+@pytest.mark.parametrize("method", ["Forward", "Backward", "TrainKernel", "ForwardStream", "GetServerInfo",
+                                    "OpenSharedMemorySession"])  # fmt: skip
+def test_undecodable_bytes_get_invalid_argument_logged_once_and_hold_no_slot(caplog, method):
+    with running_server(backend="numpy", warm_up=False, max_concurrent_rpcs=1) as server:
+        with grpc.insecure_channel(server.target) as channel, ConvClient(server.target, timeout=60) as client:
+            identity = {"request_serializer": lambda m: m, "response_deserializer": lambda m: m}
+            if method == "ForwardStream":
+                call = lambda: list(channel.stream_stream(METHOD + method, **identity)(iter([GARBAGE]), timeout=30))
+            elif method == "TrainKernel":
+                call = lambda: list(channel.unary_stream(METHOD + method, **identity)(GARBAGE, timeout=30))
+            else:
+                call = lambda: channel.unary_unary(METHOD + method, **identity)(GARBAGE, timeout=30)
+            for _ in range(50):
+                with pytest.raises(grpc.RpcError) as info:
+                    call()
+                assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+                assert info.value.details().startswith("request: 6 bytes that are not a valid ")
+                np.testing.assert_array_equal(client.relu(X), np.maximum(X, 0))  # the one slot is free at once
+    logged = [r for r in caplog.records if "not a valid" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is None, [r.getMessage() for r in logged]
+    assert not any("deserializing" in r.getMessage() for r in caplog.records)
+
+
+# -- row 10: idle connections are closed ------------------------------------------------------------
+
+
+def _open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_idle_connections_are_closed_after_max_connection_idle():
+    with server_processes(1, env={**SERVER_ENV, "CONVRPC_MAX_CONNECTION_IDLE": "1"}) as (server,):
+        before = _open_files(server.process.pid)
+        channels = [grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(100)]  # fmt: skip
+        try:
+            for channel in channels:
+                pb_grpc.ConvServiceStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
+            assert _open_files(server.process.pid) >= before + 50  # (the first may be closed already)
+            deadline = time.monotonic() + 30
+            while _open_files(server.process.pid) > before + 5 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _open_files(server.process.pid) <= before + 5
+            with ConvClient(server.target, timeout=60) as client:  # and the server serves on
+                np.testing.assert_array_equal(client.relu(X), np.maximum(X, 0))
+        finally:
+            for channel in channels:
+                channel.close()
+
+
+# -- row 6: TrainKernel's kernel size is checked before anything is allocated for it ------------------
+
+
+@pytest.mark.parametrize("size, code", [(5000, grpc.StatusCode.INVALID_ARGUMENT),
+                                        (30000, grpc.StatusCode.RESOURCE_EXHAUSTED),
+                                        (2**40, grpc.StatusCode.INVALID_ARGUMENT)])  # fmt: skip
+def test_a_huge_kernel_size_is_refused_before_allocating(proc, stub, size, code):
+    x = np.ones((1, 1, 16, 16))
+    request = pb.TrainKernelRequest(
+        input=pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=x.shape, data=x.tobytes()),
+        target=pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=(1, 1, 14, 14), data=bytes(14 * 14 * 8)),
+        kernel_size=pb.Size2(height=size, width=size), max_steps=1,
+    )  # fmt: skip
+    assert request.ByteSize() < 5000
+    before = _rss(proc.process.pid)
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.TrainKernel(request, timeout=60))
+        assert info.value.code() is code and info.value.details().startswith("kernel_size:"), info.value.details()
+    assert _rss(proc.process.pid) - before < 50 << 20
+
+
+# -- row 5: work that would hold a slot for hours is refused up front ---------------------------------
+
+
+def test_work_over_the_cost_cap_is_refused_before_anything_is_allocated_naming_the_setting():
+    x = np.ones((1, 4, 512, 512), np.float32)  # 4 MiB; a 256 x 256 window at stride 1: ~1.1e12 flops
+    with running_server(backend="numpy", warm_up=False) as server:  # the default cap
+        with ConvClient(server.target, timeout=60) as client, Bystander(server.target):
+            for call in (lambda: client.max_pool2d(x, 256, stride=1),
+                         lambda: client.max_pool2d_backward(np.ones((1, 4, 257, 257), np.float32), x, 256, stride=1)):
+                with pytest.raises(ConvRpcError) as info:
+                    call()
+                assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "op: " in info.value.message and "(setting max_op_flops)" in info.value.message
+            np.testing.assert_array_equal(client.max_pool2d(x, 2), np.ones((1, 4, 256, 256), np.float32))
+
+
+@pytest.mark.parametrize("option", ["stride", "padding", "dilation"])
+def test_geometry_integers_past_int32_are_refused_naming_the_field(proc, option):
+    with ConvClient(proc.target, timeout=60, data_path="unary") as client:
+        with pytest.raises(ConvRpcError) as info:
+            client.conv2d(np.ones((1, 1, 4, 4)), np.ones((1, 1, 2, 2)), **{option: 2**31})
+        assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.message.startswith(f"op.conv2d.{option}"), info.value.message
