@@ -314,6 +314,24 @@ def test_a_server_starting_unlinks_the_regions_of_a_server_that_was_killed():
         assert shm.names_with_prefix(f"cvs{session.prefix[2:10]}") == []
 
 
+
+def test_a_server_starting_unlinks_old_session_regions_whose_server_and_marker_are_gone():
+    tag = secrets.token_hex(4)
+    orphan = f"cv{tag}{secrets.token_hex(5)}i{secrets.token_hex(8)}"
+    fresh = f"cv{tag}{secrets.token_hex(5)}o{secrets.token_hex(8)}"
+    for name in (orphan, fresh):
+        os.close(_region(name, 4096))
+    long_ago = time.time() - 3600
+    os.utime(f"/dev/shm/{orphan}", (long_ago, long_ago))
+    try:
+        with running_server(backend="numpy", warm_up=False):
+            left = shm.names_with_prefix(f"cv{tag}")
+        assert orphan not in left  # an hour old, no marker: nobody else would ever unlink it
+        assert fresh in left  # young: its session may still be opening
+    finally:
+        for name in (orphan, fresh):
+            shm.unlink(name)
+
 # -- rows 3 and 4: nothing a client withholds holds the server ---------------------------------------
 
 METHOD = "/convrpc.v1.ConvService/"

@@ -48,7 +48,10 @@ __all__ = ["SharedMemorySessions", "sweep_stale_regions"]
 
 _PROBE = re.compile(r"cvp[0-9a-f]{24}")
 _MARKER = re.compile(r"cvs([0-9a-f]{8})")
-#: A probe lives for one OpenSharedMemorySession call; one this old was left by a killed client.
+#: A session region's name: "cv", the tag of the server that made the session, then more.
+_SESSION_REGION = re.compile(r"cv([0-9a-f]{8})[0-9a-f]*[io][0-9a-f]+")
+#: A probe lives for one OpenSharedMemorySession call, and a live server's marker exists before any of
+#: its sessions: a probe, or a session region with no marker, this old was left by something that died.
 _STALE_PROBE_SECONDS = 600.0
 _ALIGN = 64  # output tensors start on cache-line boundaries
 MAX_SESSIONS = 4096
@@ -56,8 +59,9 @@ _BUFFER = "shared_memory.output_buffer"
 
 
 def sweep_stale_regions() -> int:
-    """Unlink the regions of every server that died without cleaning up (its marker's lock is free)
-    and probes abandoned by killed clients; the number of names unlinked. Linux only (elsewhere 0)."""
+    """Unlink the regions of every server that died without cleaning up (its marker's lock is free),
+    session regions older than ``_STALE_PROBE_SECONDS`` whose server's marker is gone, and probes
+    abandoned by killed clients; the number of names unlinked. Linux only (elsewhere 0)."""
     swept, now = 0, time.time()
     for name in shm.names_with_prefix("cv"):
         path = os.path.join("/dev/shm", name)
@@ -65,8 +69,13 @@ def sweep_stale_regions() -> int:
             info = os.stat(path, follow_symlinks=False)
         except OSError:
             continue
-        if _PROBE.fullmatch(name) and now - info.st_mtime > _STALE_PROBE_SECONDS:
+        old = now - info.st_mtime > _STALE_PROBE_SECONDS
+        if _PROBE.fullmatch(name) and old:
             swept += shm.unlink(name)
+        session = _SESSION_REGION.fullmatch(name)
+        if session and old and not os.path.lexists(os.path.join("/dev/shm", "cvs" + session.group(1))):
+            swept += shm.unlink(name)  # its server is gone and so is its marker: nobody will unlink it
+            continue
         marker = _MARKER.fullmatch(name)
         if marker is None:
             continue
