@@ -60,7 +60,7 @@ numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 numba.config.reload_config()
 
 from . import _numba_kernels as _k  # noqa: E402
-from . import config, winograd  # noqa: E402
+from . import config, stopping, winograd  # noqa: E402
 from .params import ConvGeometry, PoolGeometry  # noqa: E402
 
 __all__ = [
@@ -94,6 +94,10 @@ SERIAL_WORK = 1_500_000
 #: Stride-1 convs on the BLAS path use im2col_wide (see _conv2d_wide).
 USE_WIDE = True
 _workspace_limit = int(config.WORKSPACE_BYTES)
+#: The flag of no stopping block: never set.
+_NEVER = np.zeros(1, dtype=np.uint8)
+#: The lane holder's stop flag (a StopFlag's array): the kernels read it, _run checks it between tiles.
+_stop = _NEVER
 _worker_buffers: list[np.ndarray | None] = [None] * THREADS
 _pool: ThreadPoolExecutor | None = None
 
@@ -177,7 +181,9 @@ def _buffer(worker: int, shape, dtype) -> np.ndarray:
 
 
 class _Compute:
-    """Holds the lane for one op; below SERIAL_WORK its numba kernels and BLAS tiles stay on this thread."""
+    """Holds the lane for one op; below SERIAL_WORK its numba kernels and BLAS tiles stay on this thread.
+
+    The op stops early when the calling thread's stop flag (``stopping.current()``) is set."""
 
     __slots__ = ("serial", "_saved")
 
@@ -185,24 +191,33 @@ class _Compute:
         self.serial = work < SERIAL_WORK
 
     def __enter__(self):
+        global _stop
         _lane.acquire()
+        flag = stopping.current()
+        _stop = _NEVER if flag is None else flag.array
         if self.serial:
             self._saved = numba.get_num_threads()
             numba.set_num_threads(1)  # thread-local: other threads keep theirs
         return self
 
     def __exit__(self, *exc):
+        global _stop
         if self.serial:
             numba.set_num_threads(self._saved)
+        _stop = _NEVER
         _lane.release()
 
 
 def _run(tasks, work, workers: int) -> None:
-    """Call ``work(worker, task)`` for every task, spread over ``workers`` threads (this one included)."""
+    """Call ``work(worker, task)`` for every task, spread over ``workers`` threads (this one included),
+    until the lane's stop flag is set."""
     global _pool
     workers = max(1, min(workers, len(tasks)))
+    stop = _stop
     if workers == 1:
         for task in tasks:
+            if stop[0]:
+                return
             work(0, task)
         return
     if _pool is None:
@@ -214,7 +229,7 @@ def _run(tasks, work, workers: int) -> None:
         while True:
             with take:
                 task = next(pending, None)
-            if task is None:
+            if task is None or stop[0]:
                 return
             work(worker, task)
 
@@ -415,7 +430,7 @@ def _conv2d(x, w, b, g: ConvGeometry, serial: bool = False):
     if name in ("small", "direct"):
         bias = b if b is not None else np.zeros(1, x.dtype)
         direct = _k.conv2d_small if name == "small" else _k.conv2d_direct
-        direct(x, w, bias, b is not None, y, g.groups, *_conv_args(g))
+        direct(x, w, bias, b is not None, y, g.groups, *_conv_args(g), _stop)
         return y
     plan = _Plan.make(g, x.itemsize, _is_pointwise(g), serial)
     kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
@@ -621,7 +636,7 @@ def _conv2d_input_grad(gy, w, g: ConvGeometry, serial: bool):
         gx = np.empty(g.input_shape, dtype=gy.dtype)
         # The row-gather kernel: measured no slower than conv2d_input_grad_small on small shapes
         # and 4x faster on 1x1x80x80, where the small kernel's zero-fill and col2im dominate.
-        _k.conv2d_input_grad_direct(gy, w, gx, g.groups, *_conv_args(g))
+        _k.conv2d_input_grad_direct(gy, w, gx, g.groups, *_conv_args(g), _stop)
         return gx, "row-gather"
     if USE_WIDE and _use_wide(g):
         wide = _Plan.make(g, gy.itemsize, serial=serial, wide=True)
@@ -694,12 +709,12 @@ def conv2d_weight_grad(x, gy, g: ConvGeometry):
         if plan is None and _use_small(g, x.itemsize) and not _few_weights(g):
             chunks = 1 if run.serial else max(1, min(THREADS, g.n * g.groups))
             partial = np.empty((chunks, g.c_out, ckk), dtype=x.dtype)
-            _k.conv2d_weight_grad_small(x, gy, partial, g.groups, g.kh, g.kw, *_conv_args(g))
+            _k.conv2d_weight_grad_small(x, gy, partial, g.groups, g.kh, g.kw, *_conv_args(g), _stop)
             last_algorithm["grad-weight"] = "small"
             return partial.sum(axis=0).reshape(g.weight_shape)
         if plan is None:
             gw = np.empty(g.weight_shape, dtype=x.dtype)
-            _k.conv2d_weight_grad_direct(x, gy, gw, g.groups, *_conv_args(g))
+            _k.conv2d_weight_grad_direct(x, gy, gw, g.groups, *_conv_args(g), _stop)
             last_algorithm["grad-weight"] = "direct"
             return gw
         if USE_WIDE and _use_wide(g) and ckk >= 64:  # measured: d, e 5-15% faster; c (ckk 27) 8% slower
@@ -770,7 +785,7 @@ def max_pool2d(x, g: PoolGeometry):
     y = np.empty(g.output_shape, dtype=x.dtype)
     arg = np.empty(g.output_shape, dtype=np.int64)
     with _Compute(y.size * g.kh * g.kw):
-        _k.max_pool2d(x, y, arg, *_pool_args(g))
+        _k.max_pool2d(x, y, arg, *_pool_args(g), _stop)
     return y, arg
 
 
@@ -780,8 +795,8 @@ def max_pool2d_backward(gy, x, g: PoolGeometry):
     arg = np.empty(g.output_shape, dtype=np.int64)
     gx = np.empty(g.input_shape, dtype=x.dtype)
     with _Compute(y.size * g.kh * g.kw):
-        _k.max_pool2d(x, y, arg, *_pool_args(g))
-        _k.max_pool2d_backward(gy, arg, gx, *_pool_args(g))
+        _k.max_pool2d(x, y, arg, *_pool_args(g), _stop)
+        _k.max_pool2d_backward(gy, arg, gx, *_pool_args(g), _stop)
     return gx
 
 
@@ -789,7 +804,7 @@ def avg_pool2d(x, g: PoolGeometry):
     """y (N, C, OH, OW): window sums over torch's divisors (count_include_pad, divisor_override)."""
     y = np.empty(g.output_shape, dtype=x.dtype)
     with _Compute(y.size * g.kh * g.kw):
-        _k.avg_pool2d(x, y, g.divisors(np).astype(x.dtype), g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w)
+        _k.avg_pool2d(x, y, g.divisors(np).astype(x.dtype), g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w, _stop)
     return y
 
 
@@ -798,7 +813,7 @@ def avg_pool2d_backward(gy, g: PoolGeometry):
     gx = np.empty(g.input_shape, dtype=gy.dtype)
     with _Compute(gy.size * g.kh * g.kw):
         div = g.divisors(np).astype(gy.dtype)
-        _k.avg_pool2d_backward(gy, gx, div, g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w)
+        _k.avg_pool2d_backward(gy, gx, div, g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w, _stop)
     return gx
 
 
@@ -860,8 +875,8 @@ def warm_up(progress: Callable[[int, int], None] | None = None) -> None:
             conv2d_weight_grad(x, y, g)
             conv2d(x, w, None, g)
             # The row kernels serve only convs too big for the small ones; compile them too.
-            _k.conv2d_direct(x, w, b, True, y, g.groups, *_conv_args(g))
-            _k.conv2d_weight_grad_direct(x, y, np.empty_like(w), g.groups, *_conv_args(g))
+            _k.conv2d_direct(x, w, b, True, y, g.groups, *_conv_args(g), _NEVER)
+            _k.conv2d_weight_grad_direct(x, y, np.empty_like(w), g.groups, *_conv_args(g), _NEVER)
             # Plain im2col serves BLAS convs whose padded-width tiles overrun a small workspace cap.
             _k.im2col(x, np.empty((g.c_in * g.kh * g.kw, 1, g.out_w), dtype), 0, 0, 0, g.kh, g.kw, *_conv_args(g), g.out_w)
             advance()

@@ -19,7 +19,9 @@ from grpc_status import rpc_status
 
 from convrpc.core.errors import (
     BackendUnavailableError,
+    CallCancelled,
     CallEnded,
+    DeadlineExceeded,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -47,6 +49,8 @@ _CODES = {
     ServerDraining: grpc.StatusCode.UNAVAILABLE,
     ServerBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
     CallEnded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    CallCancelled: grpc.StatusCode.CANCELLED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
