@@ -82,11 +82,11 @@ class ConvClient(OpMethods):
             return None
         return method(effect.request, timeout=effect.timeout, metadata=self._metadata)
 
-    def _train(self, request, progress, timeout) -> TrainingRun:
+    def _train(self, request, progress, timeout, *, rpc="TrainKernel", name="train_kernel", make_result=None) -> TrainingRun:
         self._check_open()
         calls, channel = self._run_methods()
         deadline = None if timeout is None else timeout + config.STOP_GRACE_SECONDS
-        call = calls["TrainKernel"](request, timeout=deadline, metadata=self._metadata)
+        call = calls[rpc](request, timeout=deadline, metadata=self._metadata)
         stop_request = pb.StopTrainingRequest(run_id=request.run_id)
 
         def stop() -> None:
@@ -97,7 +97,7 @@ class ConvClient(OpMethods):
 
         return TrainingRun(
             call, max_steps=request.max_steps, progress=progress, stop=stop, timeout=timeout,
-            on_end=None if channel is None else channel.close,
+            on_end=None if channel is None else channel.close, name=name, make_result=make_result,
         )  # fmt: skip
 
     def close(self) -> None:
