@@ -3,10 +3,12 @@ against the op surface and finite differences, caps, dtypes."""
 
 from __future__ import annotations
 
+import itertools
+import threading
+
 import ml_dtypes
 import numpy as np
 import pytest
-
 from convrpc.core import InvalidArgumentError, ResourceExhaustedError, available_backends, get_backend
 from convrpc.core.network import (
     AvgPool2d,
@@ -16,12 +18,18 @@ from convrpc.core.network import (
     Linear,
     MaxPool2d,
     NetworkGradients,
+    NetworkProgress,
+    NetworkResult,
+    NetworkTrainConfig,
     ReLU,
     Sequential,
     backward,
     check_network,
+    fit_network,
     forward,
 )
+from convrpc.core.optim import AdamOptions, SgdOptions
+from convrpc.core.training import TrainConfig, fit_kernel
 
 BACKENDS = available_backends()
 NUMPY = get_backend("numpy")
@@ -235,3 +243,144 @@ def test_inputs_are_never_written():
         for a in entry.values():
             a.flags.writeable = False
     backward(NUMPY, LENET, x, p, np.ones((3, 3)))
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def fit(net, x, y, params=None, backend=NUMPY, **config):
+    *progress, result = fit_network(backend, net, x, y, params, NetworkTrainConfig(**config))
+    assert all(isinstance(p, NetworkProgress) for p in progress) and isinstance(result, NetworkResult)
+    return progress, result
+
+
+def labels(n=3, classes=3, seed=0):
+    return np.random.default_rng(seed).integers(0, classes, n)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_experiment_4_as_a_one_layer_network_equals_fit_kernel(name):
+    backend = get_backend(name)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 3, 28, 28))
+    y = np.ones((3, 4, 26, 26))
+    w0 = rng.standard_normal((4, 3, 3, 3))
+    opt = SgdOptions(lr=0.001 * 4 * 26 * 26)
+    *_, kernel = fit_kernel(backend, x, y, TrainConfig(init_weight=w0, bias=True, optimizer=opt, loss="half_mse",
+                                                       tol=1e-13, max_steps=100))  # fmt: skip
+    net = Sequential(Conv2d(3, 4, 3))
+    _, result = fit(net, x, y, [{"weight": w0, "bias": np.zeros(4)}], backend, optimizer=opt, loss="half_mse",
+                    tol=1e-13, max_steps=100)  # fmt: skip
+    assert result.stop_reason == kernel.stop_reason == "converged" and result.steps == kernel.steps <= 40
+    np.testing.assert_allclose(result.params[0]["weight"], kernel.weight, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(result.params[0]["bias"], kernel.bias, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(result.history, kernel.history, rtol=1e-12, atol=1e-20)
+    assert np.allclose(forward(backend, net, x, result.params), y)
+
+
+def test_cross_entropy_loss_and_accuracy_are_those_of_the_returned_parameters():
+    x, t = data(), labels()
+    progress, result = fit(LENET, x, t, loss="cross_entropy", optimizer=AdamOptions(lr=0.01), max_steps=5, seed=1)
+    z = forward(NUMPY, LENET, x, result.params)
+    shifted = z - z.max(axis=1, keepdims=True)
+    expected = np.mean(np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(3), t])
+    assert result.loss == pytest.approx(expected, rel=1e-12) and result.history[-1] == result.loss
+    assert result.accuracy == np.mean(z.argmax(axis=1) == t)
+    assert [p.step for p in progress] == [1, 2, 3, 4, 5]
+    assert all(p.accuracy in (0, 1 / 3, 2 / 3, 1) and p.grad_norm > 0 for p in progress)
+
+
+def test_params_none_draws_them_from_the_seed_and_given_params_are_not_written_or_aliased():
+    x, t = data(), labels()
+    params = LENET.init(7)
+    for entry in params:
+        for a in entry.values():
+            a.flags.writeable = False
+    _, drawn = fit(LENET, x, t, None, loss="cross_entropy", max_steps=3, seed=7)
+    _, given = fit(LENET, x, t, params, loss="cross_entropy", max_steps=3, seed=7)
+    for a, b, p in zip(drawn.params, given.params, params):
+        assert set(a) == set(b) == set(p)
+        for key in a:
+            assert np.array_equal(a[key], b[key]) and not np.array_equal(a[key], p[key])
+    _, at_once = fit(LENET, x, t, params, loss="cross_entropy", tol=1e9)  # converged before any update
+    assert at_once.steps == 0 and at_once.stop_reason == "converged"
+    assert at_once.params[0]["weight"] is not params[0]["weight"]
+    assert np.array_equal(at_once.params[0]["weight"], params[0]["weight"])
+
+
+def test_stop_event_cancels_before_the_next_step_keeping_the_parameters_reached():
+    x, t = data(), labels()
+    stop = threading.Event()
+    events = fit_network(NUMPY, LENET, x, t, LENET.init(0), NetworkTrainConfig(loss="cross_entropy", max_steps=100),
+                         stop_event=stop)  # fmt: skip
+    first = next(events)
+    stop.set()
+    *rest, result = events
+    assert first.step == 1 and rest == []
+    assert result.stop_reason == "cancelled" and result.steps == 1
+    assert result.loss == fit(LENET, x, t, LENET.init(0), loss="cross_entropy", max_steps=1)[1].loss
+
+
+def test_a_diverging_update_is_rolled_back():
+    x = data()
+    y = np.random.default_rng(1).standard_normal((3, 3)) * 1e3
+    _, result = fit(LENET, x, y, LENET.init(0), optimizer=SgdOptions(lr=1e6), max_steps=50)
+    assert result.stop_reason == "diverged"
+    assert np.isfinite(result.loss) and all(np.isfinite(a).all() for p in result.params for a in p.values())
+    assert len(result.history) == result.steps + 1
+
+
+def test_time_limit_and_report_every():
+    x, t = data(), labels()
+    ticks = itertools.count()
+    *progress, result = fit_network(NUMPY, LENET, x, t, None,
+                                    NetworkTrainConfig(loss="cross_entropy", max_seconds=6, report_every=2, seed=0),
+                                    clock=lambda: float(next(ticks)))  # fmt: skip
+    assert result.stop_reason == "time_limit" and 0 < result.steps < 6
+    assert [p.step for p in progress] == list(range(2, result.steps + 1, 2))
+
+
+def test_mini_batches_visit_every_sample_once_an_epoch():
+    x, t = data((5, 1, 8, 8)), labels(5)
+    progress, result = fit(LENET, x, t, loss="cross_entropy", batch_size=2, max_steps=6, seed=3)
+    # Accuracies are shares of batches of 2, 2 and 1 sample, epoch after epoch.
+    for p, size in zip(progress, [2, 2, 1] * 2):
+        assert round(p.accuracy * size) == p.accuracy * size
+    assert result.steps == 6
+
+
+@pytest.mark.parametrize(
+    "target, config, field",
+    [
+        (np.array([0, 1, 3]), dict(loss="cross_entropy"), "target"),
+        (np.array([0, -1, 2]), dict(loss="cross_entropy"), "target"),
+        (np.array([0.0, 1.0, 2.0]), dict(loss="cross_entropy"), "target"),
+        (np.array([0, 1]), dict(loss="cross_entropy"), "target"),
+        (np.zeros((3, 4)), dict(loss="mse"), "target"),
+        (np.zeros((3, 3), np.float32), dict(loss="mse"), "target"),
+        (np.zeros((3, 3)), dict(loss="l1"), "loss"),
+        (np.zeros((3, 3)), dict(max_steps=0), "max_steps"),
+        (np.zeros((3, 3)), dict(batch_size=-1), "batch_size"),
+        (np.zeros((3, 3)), dict(tol=float("nan")), "tol"),
+        (np.zeros((3, 3)), dict(seed=True), "seed"),
+        (np.zeros((3, 3)), dict(optimizer="adam"), "optimizer"),
+        (np.zeros((3, 3)), dict(optimizer=SgdOptions(lr=0)), "lr"),
+    ],
+)
+def test_fit_network_refuses_bad_arguments_at_call_time(target, config, field):
+    raises(InvalidArgumentError, field, fit_network, NUMPY, LENET, data(), target, None, NetworkTrainConfig(**config))
+
+
+def test_fit_network_checks_network_input_and_caps():
+    x, t = data(), labels()
+    config = NetworkTrainConfig(loss="cross_entropy")
+    raises(InvalidArgumentError, "loss", fit_network, NUMPY, LENET[:6], x, t, None, config)  # 4-d logits
+    raises(InvalidArgumentError, "input", fit_network, NUMPY, LENET, x.astype(np.float16), t, None, config)
+    raises(InvalidArgumentError, "layers[0].in_channels", fit_network, NUMPY, LENET, data((3, 2, 8, 8)), t, None,
+           config)  # fmt: skip
+    raises(ResourceExhaustedError, "layers[0]", fit_network, NUMPY.with_max_elements(100), LENET, x, t, None, config)
+    wide = Sequential(Flatten(), Linear(64, 3))
+    raises(ResourceExhaustedError, "params[1].weight", fit_network, NUMPY.with_max_elements(100), wide, x[:1], t[:1],
+           None, config)  # fmt: skip
+    bad = np.full((3, 1, 8, 8), np.nan)
+    raises(InvalidArgumentError, "input", fit_network, NUMPY, LENET, bad, t, None, config)

@@ -18,10 +18,10 @@ backend's caps on every layer's output (``max_elements``) and cost (``max_flops`
 Compute: every layer but Linear and Flatten calls the backend's kernel table (the kernels behind
 ``Backend.conv2d``, ``conv_transpose2d``, the pools, relu and their backwards, so their parity
 tests cover them), with geometries worked out once per batch size. Linear is ``x @ weight.T +
-bias`` through ``backend.xp``: as a conv whose kernel covers the whole input it would be the same
-GEMM behind the numba backend's im2col plumbing, and measured on the digits LeNet's layers
-((64, 256) @ (256, 120) and (64, 120) @ (120, 10), float64), the conv route took 3-6x longer per
-forward+backward than the matmul. Flatten is a reshape.
+bias`` through ``backend.xp`` (BLAS), not a conv whose kernel covers the whole input: measured on
+the numba backend for a forward plus backward of (64, 256) -> 120, (64, 400) -> 120 and
+(64, 120) -> 10, the conv route (the im2col plumbing around the same GEMM, a 1x1 output per
+sample) took 12-40x longer than the matmul, in float32 and float64 alike. Flatten is a reshape.
 
 Activations: the forward pass of a backward or a training step keeps every layer's input (the
 conv weight gradients, relu and max pool need them), the sum of the layers' output sizes, each
@@ -36,28 +36,37 @@ and the results rounded once, as the ops do. Training runs in float32 or float64
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Iterator, NamedTuple, Sequence
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from . import config, params as P
+from . import config, training
+from . import params as P
 from .backend import DTYPES, Backend
 from .errors import InvalidArgumentError, ResourceExhaustedError
+from .optim import AdamOptions, SgdOptions
 
 __all__ = [
+    "LAYERS",
+    "LOSSES",
     "AvgPool2d",
     "Conv2d",
     "ConvTranspose2d",
     "Flatten",
-    "LAYERS",
     "Linear",
     "MaxPool2d",
     "NetworkGradients",
+    "NetworkProgress",
+    "NetworkResult",
+    "NetworkTrainConfig",
     "ReLU",
     "Sequential",
     "backward",
     "check_network",
+    "fit_network",
     "forward",
 ]
 
@@ -459,7 +468,8 @@ def _plan(net: Sequential, input_shape) -> list[_Step]:
 def _check_params(net: Sequential, params, dtype) -> None:
     """``params`` is a list of per-layer dicts with exactly the layers' keys, shapes and (given) dtype."""
     if isinstance(params, (str, bytes, dict)) or not isinstance(params, Sequence):
-        raise InvalidArgumentError("params", f"expected a list of {len(net)} dicts, one per layer, got {type(params).__name__}")
+        got = type(params).__name__
+        raise InvalidArgumentError("params", f"expected a list of {len(net)} dicts, one per layer, got {got}")
     if len(params) != len(net):
         raise InvalidArgumentError("params", f"expected {len(net)} entries (one per layer), got {len(params)}")
     for i, (entry, shapes) in enumerate(zip(params, net.parameter_shapes())):
@@ -548,7 +558,8 @@ def _prepare(backend: Backend, net, input, params, *, backward: bool, grad_outpu
     if grad_output is not None:
         shape = steps[-1].output_shape
         if tuple(grad_output.shape) != shape:
-            raise InvalidArgumentError("grad_output", f"expected shape {shape} (the network's output), got {tuple(grad_output.shape)}")
+            got = tuple(grad_output.shape)
+            raise InvalidArgumentError("grad_output", f"expected shape {shape} (the network's output), got {got}")
         if grad_output.dtype.newbyteorder("=") != dtype:
             raise InvalidArgumentError("grad_output", f"dtype {grad_output.dtype} differs from the input's {dtype}")
     _check_caps(backend, steps, backward=backward)
@@ -601,8 +612,222 @@ def backward(backend: Backend, net: Sequential, input, params: list, grad_output
     prep = _prepare(backend, net, input, params, backward=True, grad_output=gy)
     k = backend.kernels
     compute = prep.x.dtype
-    y, inputs = _run_forward(k, prep.steps, prep.x, prep.params, keep=True)
+    _, inputs = _run_forward(k, prep.steps, prep.x, prep.params, keep=True)
     gx, grads = _run_backward(k, prep.steps, inputs, prep.params, k.to_device(gy.astype(compute, copy=False)))
     return NetworkGradients(
         _result(backend, prep, gx), [{key: _result(backend, prep, v) for key, v in g.items()} for g in grads]
     )
+
+
+# -- training -----------------------------------------------------------------------------------
+
+#: Loss names of network training, in the order of the proto's ``Loss`` enum: training.LOSSES, then cross_entropy.
+LOSSES = (*training.LOSSES, "cross_entropy")
+
+
+@dataclass(frozen=True, eq=False)
+class NetworkTrainConfig:
+    """Everything a network fit needs besides the data and parameters (rules as in :class:`training.TrainConfig`).
+
+    ``batch_size`` 0/None means full batch, else each epoch visits a permutation of the samples
+    drawn from ``seed`` in batches of that size; ``max_seconds`` 0/None means no limit;
+    ``report_every`` 0 means 1. ``seed`` also draws the parameters when fit_network gets none.
+    """
+
+    loss: str = "mse"
+    optimizer: SgdOptions | AdamOptions = field(default_factory=SgdOptions)
+    max_steps: int = 1000
+    tol: float = 0.0
+    batch_size: int | None = None
+    seed: int | None = None
+    max_seconds: float | None = None
+    report_every: int = 1
+
+
+@dataclass(frozen=True, eq=False)
+class NetworkProgress:
+    """State after ``step`` updates: the loss of the parameters before the last update (on its batch),
+    seconds since the run began, the L2 norm of that update's gradient (all parameters) and, for
+    cross_entropy, the share of that batch classified right."""
+
+    step: int
+    loss: float
+    elapsed: float
+    grad_norm: float
+    accuracy: float | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class NetworkResult:
+    """The final state: host parameters (the layout of ``params``), the full-data loss (and accuracy,
+    for cross_entropy) of exactly these, updates run, why it stopped, and the loss curve
+    ``history`` (float64, steps + 1 long, as :class:`training.TrainResult`'s)."""
+
+    params: list
+    loss: float
+    steps: int
+    stop_reason: str
+    elapsed: float
+    history: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    accuracy: float | None = None
+
+
+def fit_network(
+    backend: Backend,
+    net: Sequential,
+    input,
+    target,
+    params: list | None,
+    config: NetworkTrainConfig,
+    *,
+    stop_event: threading.Event | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[NetworkProgress | NetworkResult]:
+    """Validate now, then return the run's events: NetworkProgress..., NetworkResult (last, exactly one).
+
+    Fits every parameter with ``config.optimizer`` (torch.optim's rules, over the parameters in
+    layer order, weight then bias) to minimise ``config.loss`` of ``forward(net, input)`` against
+    ``target``: for mse/half_mse/half_sse a float array of the output's shape, for cross_entropy
+    int64 class indices (N,) in [0, classes) against logits (N, classes). ``params`` None draws
+    them with ``net.init(config.seed)``. Stop reasons and rules are fit_kernel's (see
+    :func:`training.descend`). Raises InvalidArgumentError/ResourceExhaustedError at call time.
+    """
+    run = _NetworkRun(backend, net, input, target, params, config)
+    return run.events(stop_event, clock)
+
+
+def _cross_entropy(xp, z, t, index) -> tuple[float, Any, float]:
+    """(mean loss, gradient w.r.t. the logits z (N, K), share right) of F.cross_entropy with class indices t."""
+    n = z.shape[0]
+    shifted = z - z.max(axis=1, keepdims=True)  # log-sum-exp, stable
+    e = xp.exp(shifted)
+    s = e.sum(axis=1)
+    loss = float((xp.log(s) - shifted[index, t]).sum()) / n
+    grad = e / s[:, None]
+    grad[index, t] -= 1
+    grad /= n
+    right = float((z.argmax(axis=1) == t).sum()) / n
+    return loss, grad, right
+
+
+class _NetworkRun:
+    """One validated network fit: data and parameters on the device, plans per batch size, the loss."""
+
+    def __init__(self, backend: Backend, net, input, target, params, c: NetworkTrainConfig):
+        if not isinstance(c, NetworkTrainConfig):
+            raise InvalidArgumentError("config", f"expected a NetworkTrainConfig, got {type(c).__name__}")
+        self.backend = backend
+        xp = self.xp = backend.xp
+        k = self.kernels = backend.kernels
+        x = training.device_array(xp, input, "input")
+        steps = _plan(net, x.shape)
+        if c.loss not in LOSSES:
+            raise InvalidArgumentError("loss", f"expected one of {', '.join(LOSSES)}, got {c.loss!r}")
+        self.loss_name = c.loss
+        out_shape = steps[-1].output_shape
+        if c.loss == "cross_entropy":
+            if len(out_shape) != 2:
+                raise InvalidArgumentError(
+                    "loss", f"cross_entropy needs logits (N, classes), but the network's output has shape {out_shape}"
+                )
+            y = xp.asarray(target)
+            if y.dtype.kind not in "iu":
+                raise InvalidArgumentError("target", f"cross_entropy takes int64 class indices, got dtype {y.dtype}")
+            if tuple(y.shape) != out_shape[:1]:
+                got = tuple(y.shape)
+                raise InvalidArgumentError("target", f"expected shape {out_shape[:1]} (a class per sample), got {got}")
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= out_shape[1]:
+                bad = low if low < 0 else high
+                raise InvalidArgumentError("target", f"class indices must be in [0, {out_shape[1]}), got {bad}")
+            y = xp.ascontiguousarray(y.astype(np.int64))
+        else:
+            y = training.device_array(xp, target, "target", x.dtype)
+            if tuple(y.shape) != out_shape:
+                got = tuple(y.shape)
+                raise InvalidArgumentError("target", f"expected shape {out_shape} (the network's output), got {got}")
+        self.rules = training.run_rules(c)
+        self.batch_size = self.rules.batch_size
+        seed = self.rules.seed
+        _, self.shuffle_rng = training.run_rngs(seed)
+        self.optimizer = training.build_optimizer(c.optimizer, xp)
+        _check_caps(backend, steps, backward=True)
+        if params is None:
+            cap = backend.max_elements
+            for i, shapes in enumerate(net.parameter_shapes()):
+                for key, shape in shapes.items():
+                    if cap is not None and math.prod(shape) > cap:
+                        raise ResourceExhaustedError(f"params[{i}].{key}", f"shape {shape} is over the cap of {cap}"
+                                                     " elements", setting="max_elements", limit=cap)  # fmt: skip
+            params = net.init(seed, dtype=x.dtype)
+        _check_params(net, params, x.dtype)
+        # The result must not alias the caller's arrays: copy them once onto the device.
+        self.layout = [(i, key) for i, entry in enumerate(params) for key in entry]
+        self.params = [k.to_device(training.device_array(xp, params[i][key], f"params[{i}].{key}", x.dtype).copy())
+                       for i, key in self.layout]  # fmt: skip
+        self.net, self.n_layers = net, len(net)
+        self.x, self.y = k.to_device(x), y
+        self._plans = {x.shape[0]: steps}
+        if self.batch_size >= x.shape[0]:
+            self.batch_size = 0  # one batch holding every sample is the full batch
+        self.index = {}
+
+    def _layers(self, flat: list) -> list[dict]:
+        out: list[dict] = [{} for _ in range(self.n_layers)]
+        for (i, key), a in zip(self.layout, flat):
+            out[i][key] = a
+        return out
+
+    def _steps(self, n: int) -> list[_Step]:
+        steps = self._plans.get(n)
+        if steps is None:
+            steps = self._plans[n] = _plan(self.net, (n, *self.x.shape[1:]))
+        return steps
+
+    def _measure(self, batch, flat: list, keep: bool):
+        """(loss, (inputs kept, output gradient, accuracy)) of the parameters on ``batch`` = (x, y)."""
+        xb, yb = batch
+        layers = self._layers(flat)
+        z, inputs = _run_forward(self.kernels, self._steps(xb.shape[0]), xb, layers, keep=keep)
+        if self.loss_name == "cross_entropy":
+            index = self.index.get(xb.shape[0])
+            if index is None:
+                index = self.index[xb.shape[0]] = self.xp.arange(xb.shape[0])
+            loss, grad, accuracy = _cross_entropy(self.xp, z, yb, index)
+            return loss, (inputs, grad, accuracy)
+        r = z - yb
+        return training.regression_loss(self.xp, r, self.loss_name), (inputs, r, None)
+
+    def _gradients(self, batch, info, flat: list):
+        inputs, grad_z, _ = info
+        if self.loss_name != "cross_entropy":
+            grad_z = training.regression_grad(grad_z, self.loss_name)
+        layers = self._layers(flat)
+        _, grads = _run_backward(self.kernels, self._steps(batch[0].shape[0]), inputs, layers, grad_z, input_grad=False)
+        out = [grads[i][key] for i, key in self.layout]
+        norm = math.sqrt(sum(float(self.xp.vdot(g.reshape(-1), g.reshape(-1))) for g in out))
+        return out, norm
+
+    def _host(self, a):
+        to_numpy = getattr(self.xp, "asnumpy", None)
+        return to_numpy(a) if to_numpy is not None else np.asarray(a)
+
+    def _batches(self):
+        for idx in training.minibatches(self.xp, self.x.shape[0], self.batch_size, self.shuffle_rng):
+            yield (self.x, self.y) if idx is None else (self.x[idx], self.y[idx])
+
+    def events(self, stop_event, clock) -> Iterator[NetworkProgress | NetworkResult]:
+        def progress(step, loss, elapsed, grad_norm, info, flat):
+            return NetworkProgress(step, loss, elapsed, grad_norm, info[2])
+
+        def result(flat, loss, info, steps, reason, elapsed, history):
+            host = self._layers([self._host(a) for a in flat])
+            return NetworkResult(host, loss, steps, reason, elapsed, history, info[2])
+
+        yield from training.descend(
+            self.params, self.optimizer, self._batches(),
+            lambda batch, flat: self._measure(batch, flat, keep=True), self._gradients,
+            lambda flat: self._measure((self.x, self.y), flat, keep=False),
+            full_batch=not self.batch_size, rules=self.rules, progress=progress, result=result, stop_event=stop_event,
+            clock=clock,
+        )  # fmt: skip
