@@ -236,13 +236,15 @@ def test_leaving_the_loop_stops_the_run_and_keeps_its_result(client):
 
 
 def test_train_fits_a_regression_target_from_parameters_drawn_on_the_server(client):
-    x, _ = _classes(12)
-    net = Sequential(Flatten(), Linear(36, 2))
-    target = np.random.default_rng(1).standard_normal((12, 2))
-    result = client.train(net, x, target, seed=4, loss="half_mse", lr=0.5, max_steps=400, tol=1e-9).result()
-    assert result.stop_reason == "converged" and result.accuracy is None
-    np.testing.assert_allclose(x.reshape(12, -1) @ result.params[1]["weight"].T + result.params[1]["bias"], target,
-                               atol=1e-3)  # fmt: skip
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((16, 1, 3, 2))
+    weight, bias = rng.standard_normal((2, 6)), rng.standard_normal(2)
+    target = x.reshape(16, 6) @ weight.T + bias  # a hidden Linear(6, 2): the fit must find it
+    net = Sequential(Flatten(), Linear(6, 2))
+    result = client.train(net, x, target, seed=4, loss="half_mse", lr=0.5, max_steps=2000, tol=1e-16).result()
+    assert result.stop_reason == "converged" and result.accuracy is None and result.params[0] == {}
+    np.testing.assert_allclose(result.params[1]["weight"], weight, atol=1e-6)
+    np.testing.assert_allclose(result.params[1]["bias"], bias, atol=1e-6)
 
 
 def test_train_refuses_bad_arguments_naming_them(client):

@@ -387,7 +387,7 @@ class ConvService:
         )  # fmt: skip
         cancelled = threading.Event()
         try:
-            params = self._network_params(request, net, x.dtype, seed)
+            params = self._network_params(request, net)
             # validates the chain, the data and the parameters; nothing runs yet
             run = network.fit_network(self.backend, net, x, y, params, config, stop_event=cancelled)
         except ConvError as exc:
@@ -401,10 +401,10 @@ class ConvService:
             else:
                 yield pb.TrainNetworkResponse(progress=self._progress_message(event))
 
-    def _network_params(self, request: pb.TrainNetworkRequest, net, dtype, seed) -> list[dict]:
-        """The request's starting parameters, or (none sent) ``net.init(seed)`` in the input's float dtype."""
+    def _network_params(self, request: pb.TrainNetworkRequest, net) -> list[dict] | None:
+        """The request's starting parameters; None when none are sent (the fit draws them from the seed)."""
         if not request.params:
-            return net.init(seed, dtype=dtype if dtype.kind == "f" else np.float64)
+            return None
         if len(request.params) != len(net):
             raise InvalidArgumentError(
                 "params", f"expected {len(net)} entries (one per layer) or none, got {len(request.params)}"
