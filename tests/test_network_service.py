@@ -278,3 +278,20 @@ def test_the_asyncio_client_has_the_same_network_methods(server, backend):
     np.testing.assert_array_equal(y, network.forward(backend, NET, x, params))
     _same_gradients(grads, network.backward(backend, NET, x, params, gy))
     assert result.stop_reason == "cancelled" and len(result.params) == len(CLASSIFIER)
+
+
+def test_the_seed_batch_experiment_runs_as_a_one_layer_network_with_train_kernels_result(client):
+    """Seed experiment 4: a 3 -> 4 channel 3x3 conv with a bias fitted to all-ones targets, lr 0.001 on
+    half the sum of squares per sample (``half_mse`` with lr 0.001 * 4*26*26)."""
+    rng = np.random.default_rng(4)
+    x, target = rng.standard_normal((3, 3, 28, 28)), np.ones((3, 4, 26, 26))
+    weight, bias = rng.standard_normal((4, 3, 3, 3)) * 0.1, np.zeros(4)
+    options = dict(loss="half_mse", lr=0.001 * 4 * 26 * 26, max_steps=200, tol=1e-12)
+    kernel = client.train_kernel(x, target, init_weight=weight, bias=True, init_bias=bias, **options).result()
+    net = Sequential(Conv2d(3, 4, 3))
+    fit = client.train(net, x, target, params=[{"weight": weight, "bias": bias}], **options).result()
+    assert fit.stop_reason == kernel.stop_reason == "converged" and fit.steps == kernel.steps < 100
+    np.testing.assert_allclose(fit.history.loss, kernel.history.loss, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(fit.params[0]["weight"], kernel.weight, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(fit.params[0]["bias"], kernel.bias, rtol=1e-9, atol=1e-12)
+    assert np.allclose(client.forward(net, x, fit.params), target, atol=1e-5)
