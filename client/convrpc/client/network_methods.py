@@ -103,7 +103,7 @@ class NetworkMethods:
     def _network_call(self, net, backward: bool, input, params, grad_output, timeout, finish):
         x = as_array(input, "input")
         gy = None if grad_output is None else as_array(grad_output, "grad_output")
-        params = _param_arrays(params)
+        params = _param_arrays([] if params is None else params)  # none: refused as 0 entries, after the chain
         message = checked_network(net, x, params, gy)
         arrays = {"grad_output": gy, "input": x} if backward else {"input": x}
         call = Call("network", message, backward, {**arrays, **networks.param_arrays(params)}, self._deadline(timeout), net)
