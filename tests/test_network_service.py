@@ -295,3 +295,22 @@ def test_the_seed_batch_experiment_runs_as_a_one_layer_network_with_train_kernel
     np.testing.assert_allclose(fit.params[0]["weight"], kernel.weight, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(fit.params[0]["bias"], kernel.bias, rtol=1e-9, atol=1e-12)
     assert np.allclose(client.forward(net, x, fit.params), target, atol=1e-5)
+
+
+def test_a_network_over_the_element_cap_in_a_middle_layer_is_cut_along_n_to_fit(backend):
+    from server_fixtures import running_server
+
+    net = Sequential(ConvTranspose2d(1, 8, 4, stride=4), ReLU(), AvgPool2d(4), Flatten(), Linear(8 * 6 * 6, 2))
+    x = np.random.default_rng(9).standard_normal((12, 1, 6, 6))
+    params = net.init(seed=0)
+    # The (12, 8, 24, 24) activation of layer 0 is over the cap of 20000 elements; 3 rows of it fit.
+    with running_server(backend=server_backend(), warm_up=False, max_elements=20_000) as srv:
+        with ConvClient(srv.target, timeout=120) as client:
+            np.testing.assert_allclose(client.forward(net, x, params), network.forward(backend, net, x, params),
+                                       rtol=1e-12, atol=1e-14)  # fmt: skip
+            assert client._core.caps == {"max_elements": 20_000}
+        with grpc.insecure_channel(srv.target) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.ConvServiceStub(channel).Forward(_request(net, x, params), timeout=60)
+    assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details().startswith("network.layers[0]: its output (12, 8, 24, 24)"), info.value.details()

@@ -36,6 +36,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 from convrpc import shm, wire
+from convrpc.core import network
 from convrpc.core.errors import ConvError
 from convrpc.v1 import conv_service_pb2 as pb
 
@@ -233,11 +234,14 @@ def _rows_under_cap(call: Call, n: int, setting: str, limit: int) -> int | None:
     per_row = [call.arrays[f].size // n for f in BATCHED if f in call.arrays]
     if any(call.arrays[f].size > limit for f in call.arrays if f not in BATCHED):
         return None  # a weight over the cap: no cut along N helps
-    if not call.backward:
-        try:
+    try:
+        if call.net is not None:  # every layer's output is under the cap, forward and backward alike
+            shape = call.arrays["input"].shape
+            per_row.extend(math.prod(s) // n for s in network.check_network(call.net, shape))
+        elif not call.backward:
             per_row.append(_output_bytes(call) // call.arrays["input"].dtype.itemsize // n)
-        except (ConvError, TypeError, ValueError):
-            return None
+    except (ConvError, TypeError, ValueError):
+        return None
     per_row = [r for r in per_row if r]
     rows = min(limit // r for r in per_row) if per_row else None
     return rows or None
