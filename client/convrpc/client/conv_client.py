@@ -35,8 +35,10 @@ class ConvClient(OpMethods):
     and run concurrently over the replicas, on any data path, as are unary requests too large for one
     message; the result is the unsharded one. A call or shard failing with UNAVAILABLE, or whose
     replica stops answering, is sent to another replica within the call's deadline.
-    ``train_kernel`` runs on one replica (see :mod:`convrpc.client.calls`), and its stop request
-    goes to the same one. Use it as a context manager or call ``close()``; calls on a closed client
+    Networks (:mod:`convrpc.client.nn`) are computed with ``forward``/``backward`` (one call each, the
+    whole chain on the server, sharded and failed over like an op) and fitted with ``train``.
+    ``train_kernel`` and ``train`` run on one replica (see :mod:`convrpc.client.calls`), and their stop
+    request goes to the same one. Use it as a context manager or call ``close()``; calls on a closed client
     raise ConvRpcError(FAILED_PRECONDITION).
     """
 
