@@ -24,9 +24,11 @@ the numba backend for a forward plus backward of (64, 256) -> 120, (64, 400) -> 
 sample) took 12-40x longer than the matmul, in float32 and float64 alike. Flatten is a reshape.
 
 Activations: the forward pass of a backward or a training step keeps every layer's input (the
-conv weight gradients, relu and max pool need them), the sum of the layers' output sizes, each
-under the element cap. Recomputing them instead would cost another forward pass per step (about a
-third of a step) to save memory that is, for the networks this serves, a few times the input's.
+conv weight gradients, relu and max pool need them): the sum of the layers' input sizes, each
+under the element cap. For the digits LeNet of ``bench/train.py`` at batch 64 that is 127k
+elements (31 times the batch's 4k; 0.5 MB in float32). Recomputing them in the backward pass
+instead would add a forward pass to every step: measured on the numba backend, 2.7 ms to a
+float32 step of 8.3 ms (2.3 ms to 10.8 ms in float64), a third slower to save half a megabyte.
 
 dtypes: float32 and float64 are computed as they are; float16 and bfloat16 are widened to float32
 and the results rounded once, as the ops do. Training runs in float32 or float64 only (see
