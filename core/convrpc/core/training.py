@@ -384,7 +384,9 @@ def descend(
     """  # fmt: skip
     max_seconds, tol = rules.max_seconds, rules.tol
     t0 = clock()
-    prev = None  # (params, known) before the last update, to fall back on if the update diverges
+    # The parameters before the last update, to fall back on if it diverges. Only the parameters: a
+    # measurement's info (a residual, a network's activations) would double what a step holds.
+    prev = None
     known = None  # (full-data loss, info) of params, when already measured
     reason = "max_steps"
     steps = 0
@@ -401,8 +403,7 @@ def descend(
         if not math.isfinite(loss):
             reason = "diverged"
             if prev is not None:
-                params, known = prev
-                prev = None
+                params, prev = prev, None  # measured again below, on the whole data set
             break
         if full_batch:
             known = (loss, info)
@@ -417,7 +418,7 @@ def descend(
         if not math.isfinite(grad_norm):
             reason = "diverged"
             break
-        prev = (params, known)
+        prev = params
         losses.append(loss)
         params = optimizer.step(params, grads)
         known = None
@@ -429,9 +430,8 @@ def descend(
         if not math.isfinite(known[0]) and prev is not None:
             # The last update broke the parameters (only a mini-batch, or no step, had measured them).
             reason = "diverged"
-            params, known = prev
-            if known is None:
-                known = full(params)
+            params = prev
+            known = full(params)
     losses.append(known[0])
     yield result(params, known[0], known[1], steps, reason, clock() - t0, np.array(losses, dtype=np.float64))
 
