@@ -34,15 +34,20 @@ PARAM_KEYS = ("weight", "bias")
 _LAYER_FIELD = re.compile(r"layers\[(\d+)\](?:\.(\w+)(.*))?")
 
 
+def _kind(layer) -> str | None:
+    """The ``Layer.kind`` of a layer spec; None for anything else."""
+    return next((kind for cls, kind in KINDS.items() if isinstance(layer, cls)), None)
+
+
 def _options(layer, kind: str) -> dict:
     """The op options of a layer spec, by the op's torch argument names."""
     return {name: getattr(layer, name) for name in wire.OP_SPECS[kind].option_names if hasattr(layer, name)}
 
 
 def encode_layer(layer) -> pb.Layer:
-    kind = KINDS.get(type(layer))
+    kind = _kind(layer)
     if kind is None:
-        raise InvalidArgumentError("layer", f"expected one of {', '.join(c.__name__ for c in KINDS)}, got {layer!r}")
+        raise InvalidArgumentError("", f"expected one of {', '.join(c.__name__ for c in KINDS)}, got {layer!r}")
     if kind == "flatten":
         return pb.Layer(flatten=pb.FlattenOptions())
     if kind == "linear":
@@ -63,7 +68,7 @@ def encode_network(net: nn.Sequential) -> pb.Network:
         try:
             layers.append(encode_layer(layer))
         except InvalidArgumentError as exc:
-            raise InvalidArgumentError(f"layers[{i}].{exc.field}".replace(".layer", ""), exc.description) from None
+            raise InvalidArgumentError(f"layers[{i}]" + (exc.field and f".{exc.field}"), exc.description) from None
     return pb.Network(layers=layers)
 
 
@@ -116,7 +121,7 @@ def request_field(net: nn.Sequential, field: str | None) -> str | None:
     if match is None or int(match[1]) >= len(net):
         return field
     i, name, rest = int(match[1]), match[2], match[3]
-    kind = KINDS.get(type(net[i]))
+    kind = _kind(net[i])
     if name is not None and (kind == "linear" or (kind in wire.OP_SPECS and name in wire.OP_SPECS[kind].option_names)):
         return f"network.layers[{i}].{kind}.{name}{rest}"
     return f"network.{field}"

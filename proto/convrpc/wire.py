@@ -6,6 +6,10 @@ each op once: its options message, its torch-named options with their defaults, 
 fields and its output-shape rule; encoding, decoding, field checks and the SDK's output-size
 estimate all read it instead of branching per op.
 
+A request's or response's tensors are named by their path (``input``, ``params[2].weight`` of a
+network's ``LayerParams``): ``tensor_fields`` lists them in payload order and ``fill_tensors`` places
+them, so every storage handles an op's tensors and a network's alike.
+
 Decoding validates before it allocates: the shape product is computed with an overflow check and
 the byte length must match it exactly, so a tiny message cannot claim a huge tensor. Decoded arrays
 are zero-copy, read-only views of the message's bytes.
