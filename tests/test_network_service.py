@@ -314,3 +314,22 @@ def test_a_network_over_the_element_cap_in_a_middle_layer_is_cut_along_n_to_fit(
                 pb_grpc.ConvServiceStub(channel).Forward(_request(net, x, params), timeout=60)
     assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info.value.details().startswith("network.layers[0]: its output (12, 8, 24, 24)"), info.value.details()
+
+
+def test_training_a_network_keeps_to_the_servers_step_time_and_cost_caps():
+    from server_fixtures import running_server
+
+    x, labels = _classes()
+    caps = dict(max_train_steps=50, max_train_seconds=30, max_op_flops=5e4)
+    with running_server(backend=server_backend(), warm_up=False, **caps) as srv:
+        with ConvClient(srv.target, timeout=120) as client:
+            with pytest.raises(ConvRpcError) as info:
+                client.train(CLASSIFIER, x, labels, loss="cross_entropy", max_steps=51).result()
+            assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT and info.value.field == "max_steps"
+            with pytest.raises(ConvRpcError) as info:  # conv 24x4x6x6x9 multiply-adds, forward and backward
+                client.train(CLASSIFIER, x, labels, loss="cross_entropy", max_steps=5).result()
+            assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED and info.value.field == "network.layers[0]"
+            with pytest.raises(ConvRpcError) as info:
+                client.train(Sequential(Flatten(), Linear(36, 3)), x, labels, loss="cross_entropy", max_steps=5,
+                             max_seconds=31).result()
+            assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT and info.value.field == "max_seconds"
