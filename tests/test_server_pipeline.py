@@ -10,7 +10,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from convrpc import chunks, shm, wire
+from convrpc import chunks, networks, shm, wire
+from convrpc.core import network as nn
 from convrpc.core import get_backend
 from convrpc.v1 import conv_service_pb2 as pb
 from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
@@ -269,13 +270,13 @@ def test_the_servicer_registers_exactly_the_rpcs_of_the_proto(srv):
     from convrpc.server.servicer import ConvService
 
     service = pb.DESCRIPTOR.services_by_name["ConvService"]
-    assert len(service.methods) == 9
+    assert len(service.methods) == 10
     for method in service.methods:
         assert callable(getattr(ConvService, method.name)), method.name
 
 
 def test_every_rpc_needs_the_token_and_is_counted_in_the_metrics():
-    """Auth and metrics sit in front of all 9 RPCs, the shared-memory and stream paths included."""
+    """Auth and metrics sit in front of all 10 RPCs, the shared-memory and stream paths included."""
     token = [("authorization", "Bearer s3cret")]
     request = pb.ForwardRequest(op=wire.encode_op("relu"), input=wire.encode_tensor(np.array([-1.0, 2.0])))
     backward = pb.BackwardRequest(op=request.op, input=request.input, grad_output=request.input)
@@ -300,6 +301,10 @@ def test_every_rpc_needs_the_token_and_is_counted_in_the_metrics():
             finally:
                 s.close()
             assert list(stub.TrainKernel(train, timeout=30))[-1].WhichOneof("event") == "result"
+            net = networks.encode_network(nn.Sequential(nn.Flatten(), nn.Linear(4, 1)))
+            fit = pb.TrainNetworkRequest(network=net, input=wire.encode_tensor(X[:2, 0, 0, :4]),
+                                         target=wire.encode_tensor(X[:2, 0, 0, :1]), max_steps=2)  # fmt: skip
+            assert list(stub.TrainNetwork(fit, timeout=30))[-1].WhichOneof("event") == "result"
             stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
             stop = pb.StopTrainingRequest(run_id="0" * 32)
             with pytest.raises(grpc.RpcError) as info:
@@ -324,4 +329,4 @@ def test_admission_covers_exactly_the_computing_rpcs():
     from convrpc.server.interceptors import COMPUTE_RPCS
 
     methods = {m.name for m in pb.DESCRIPTOR.services_by_name["ConvService"].methods}
-    assert COMPUTE_RPCS == {"Forward", "Backward", "ForwardStream", "BackwardStream", "TrainKernel"} <= methods
+    assert COMPUTE_RPCS == {"Forward", "Backward", "ForwardStream", "BackwardStream", "TrainKernel", "TrainNetwork"} <= methods

@@ -37,12 +37,8 @@ _VARINT = 0
 
 def streamed_tensors(message) -> list[tuple[str, pb.Tensor]]:
     """``[(field, Tensor)]`` of the tensors of ``message`` whose bytes follow as chunks (set, without
-    storage), in field order: the payload's order."""
-    return [
-        (f.name, value)
-        for f, value in message.ListFields()
-        if f.message_type is pb.Tensor.DESCRIPTOR and value.WhichOneof("storage") is None
-    ]
+    storage), in field order (a network's ``params[i].weight`` after the message's own): the payload's order."""
+    return [(path, value) for path, value in wire.tensor_fields(message) if value.WhichOneof("storage") is None]
 
 
 def payload_bytes(arrays: Sequence[np.ndarray]) -> int:

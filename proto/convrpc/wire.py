@@ -6,6 +6,10 @@ each op once: its options message, its torch-named options with their defaults, 
 fields and its output-shape rule; encoding, decoding, field checks and the SDK's output-size
 estimate all read it instead of branching per op.
 
+A request's or response's tensors are named by their path (``input``, ``params[2].weight`` of a
+network's ``LayerParams``): ``tensor_fields`` lists them in payload order and ``fill_tensors`` places
+them, so every storage handles an op's tensors and a network's alike.
+
 Decoding validates before it allocates: the shape product is computed with an overflow check and
 the byte length must match it exactly, so a tiny message cannot claim a huge tensor. Decoded arrays
 are zero-copy, read-only views of the message's bytes.
@@ -40,9 +44,11 @@ __all__ = [
     "dtype_enum",
     "encode_op",
     "encode_tensor",
+    "fill_tensors",
     "op_name",
     "option_field",
     "output_bytes",
+    "tensor_fields",
     "tensor_header",
     "tensor_layout",
 ]
@@ -133,6 +139,40 @@ def decode_tensor(msg: pb.Tensor, field: str, *, max_elements: int | None = None
         )
     _check_cap(nbytes // dtype.itemsize, field, max_elements)
     return np.frombuffer(msg.data, dtype=dtype).reshape(shape)
+
+
+def tensor_fields(message) -> list[tuple[str, pb.Tensor]]:
+    """Every set Tensor of a request or response by its path, in payload order: the message's own Tensor
+    fields by field number, then each ``LayerParams`` entry's (``params[i].weight`` before ``params[i].bias``)."""
+    found = []
+    for f, value in message.ListFields():
+        if f.message_type is pb.Tensor.DESCRIPTOR:
+            found.append((f.name, value))
+        elif f.message_type is pb.LayerParams.DESCRIPTOR:
+            for i, entry in enumerate(value):
+                found.extend((f"{f.name}[{i}].{g.name}", t) for g, t in entry.ListFields())
+    return found
+
+
+def fill_tensors(message, tensors: Mapping[str, pb.Tensor], layers: int = 0):
+    """Set ``tensors`` (by path) on ``message``; its repeated ``LayerParams`` fields get ``layers`` entries
+    at least (one per layer, empty for a layer without parameters). Returns ``message``."""
+    for path, tensor in tensors.items():
+        name, _, rest = path.partition("[")
+        if not rest:
+            getattr(message, name).CopyFrom(tensor)
+            continue
+        index, _, key = rest.partition("].")
+        entries = getattr(message, name)
+        while len(entries) <= int(index):
+            entries.add()
+        getattr(entries[int(index)], key).CopyFrom(tensor)
+    for f in message.DESCRIPTOR.fields if layers else ():
+        if f.message_type is pb.LayerParams.DESCRIPTOR:
+            entries = getattr(message, f.name)
+            while len(entries) < layers:
+                entries.add()
+    return message
 
 
 # -- the op table ---------------------------------------------------------------------------------

@@ -119,11 +119,11 @@ class AsyncConvClient(OpMethods):
             return None
         return await method(effect.request, timeout=effect.timeout, metadata=self._metadata)
 
-    def _train(self, request, progress, timeout) -> AsyncTrainingRun:
+    def _train(self, request, progress, timeout, *, rpc="TrainKernel", name="train_kernel", make_result=None) -> AsyncTrainingRun:
         self._check_open()
         calls, channel = self._run_methods()
         deadline = None if timeout is None else timeout + config.STOP_GRACE_SECONDS
-        call = calls["TrainKernel"](request, timeout=deadline, metadata=self._metadata)
+        call = calls[rpc](request, timeout=deadline, metadata=self._metadata)
         stop_request = pb.StopTrainingRequest(run_id=request.run_id)
 
         async def stop() -> None:
@@ -135,7 +135,8 @@ class AsyncConvClient(OpMethods):
         # cancel() and the end of a run are not coroutines: their calls run as background tasks.
         return AsyncTrainingRun(
             call, max_steps=request.max_steps, progress=progress, stop=lambda: self._spawn(stop()), timeout=timeout,
-            on_end=None if channel is None else lambda: self._spawn(channel.close()),
+            on_end=None if channel is None else lambda: self._spawn(channel.close()), name=name,
+            make_result=make_result,
         )  # fmt: skip
 
     def _spawn(self, coroutine) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 from convrpc import shm, wire
+from convrpc.core import network
 from convrpc.core.errors import ConvError
 from convrpc.v1 import conv_service_pb2 as pb
 
@@ -56,10 +58,14 @@ REFUSALS = frozenset({
     grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.PERMISSION_DENIED,
 })  # fmt: skip
-#: The request fields cut along N; the others (weight, bias) go whole to every shard.
+#: The request fields cut along N; the others (weight, bias, a network's params) go whole to every shard.
 BATCHED = ("grad_output", "input")
 #: The result fields that are sums over the batch: summed over the shards, not concatenated.
 SUMMED = ("grad_weight", "grad_bias")
+
+
+def _summed(field: str) -> bool:
+    return field in SUMMED or field.startswith("grad_params[")  # a network's parameter gradients
 
 
 # -- what the drivers do ----------------------------------------------------------------------------
@@ -184,10 +190,19 @@ def _batch(call: Call) -> int | None:
     for field in BATCHED:
         array = call.arrays.get(field)
         if array is not None:
-            if array.ndim != 4 and not (call.op == "relu" and array.ndim >= 1):
-                return None  # (C, H, W) is one unbatched sample
+            if array.ndim != 4 and not (call.op == "relu" and array.ndim >= 1) and call.net is None:
+                return None  # (C, H, W) is one unbatched sample (a network's input is always a batch)
             sizes.add(array.shape[0])
     return sizes.pop() if len(sizes) == 1 and "input" in call.arrays else None
+
+
+def _output_bytes(call: Call) -> int:
+    """Bytes of a forward call's results, from its tensors' shapes (raises what the arguments break)."""
+    x = call.arrays["input"]
+    if call.net is not None:
+        return math.prod(call.net.output_shape(x.shape)) * x.dtype.itemsize
+    name, options = wire.decode_op(call.message)
+    return wire.output_bytes(name, options, {f: a.shape for f, a in call.arrays.items()}, x.dtype.itemsize)
 
 
 def _fit_rows(call: Call, n: int, max_bytes: int) -> int | None:
@@ -196,12 +211,10 @@ def _fit_rows(call: Call, n: int, max_bytes: int) -> int | None:
     fixed = call.nbytes - batched
     x = call.arrays["input"]
     if call.backward:
-        out_row, out_fixed = x.nbytes // n, sum(call.arrays[f].nbytes for f in ("weight", "bias") if f in call.arrays)
+        out_row, out_fixed = x.nbytes // n, fixed
     else:
         try:
-            name, options = wire.decode_op(call.message)
-            shapes = {f: a.shape for f, a in call.arrays.items()}
-            out_row, out_fixed = wire.output_bytes(name, options, shapes, x.dtype.itemsize) // n, 0
+            out_row, out_fixed = _output_bytes(call) // n, 0
         except (ConvError, TypeError, ValueError):
             return None  # the server will say what is wrong
     budget = max_bytes - config.FRAMING_BYTES
@@ -221,14 +234,14 @@ def _rows_under_cap(call: Call, n: int, setting: str, limit: int) -> int | None:
     per_row = [call.arrays[f].size // n for f in BATCHED if f in call.arrays]
     if any(call.arrays[f].size > limit for f in call.arrays if f not in BATCHED):
         return None  # a weight over the cap: no cut along N helps
-    if not call.backward:
-        try:
-            name, options = wire.decode_op(call.message)
-            x = call.arrays["input"]
-            shapes = {f: a.shape for f, a in call.arrays.items()}
-            per_row.append(wire.output_bytes(name, options, shapes, x.dtype.itemsize) // x.dtype.itemsize // n)
-        except (ConvError, TypeError, ValueError):
-            return None
+    try:
+        if call.net is not None:  # every layer's output is under the cap, forward and backward alike
+            shape = call.arrays["input"].shape
+            per_row.extend(math.prod(s) // n for s in network.check_network(call.net, shape))
+        elif not call.backward:
+            per_row.append(_output_bytes(call) // call.arrays["input"].dtype.itemsize // n)
+    except (ConvError, TypeError, ValueError):
+        return None
     per_row = [r for r in per_row if r]
     rows = min(limit // r for r in per_row) if per_row else None
     return rows or None
@@ -267,7 +280,7 @@ def merge(results: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     merged = {}
     for field in results[0]:
         parts = [r[field] for r in results]
-        if field in SUMMED:
+        if _summed(field):
             total = parts[0].copy()
             for part in parts[1:]:
                 total += part

@@ -122,10 +122,13 @@ def methods(channel) -> dict:
         ))  # fmt: skip
         for name, kind in _STREAMS.items()
     )
-    calls["TrainKernel"] = channel.unary_stream(
-        _SERVICE + "TrainKernel", request_serializer=_encode,
-        response_deserializer=pb.TrainKernelResponse.FromString, _registered_method=True,
-    )  # fmt: skip
+    calls.update(
+        (name, channel.unary_stream(
+            _SERVICE + name, request_serializer=_encode, response_deserializer=kind.FromString,
+            _registered_method=True,
+        ))  # fmt: skip
+        for name, kind in (("TrainKernel", pb.TrainKernelResponse), ("TrainNetwork", pb.TrainNetworkResponse))
+    )
     calls["Check"] = channel.unary_unary(
         "/grpc.health.v1.Health/Check", request_serializer=_encode,
         response_deserializer=health_pb2.HealthCheckResponse.FromString,

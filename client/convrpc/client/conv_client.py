@@ -35,8 +35,10 @@ class ConvClient(OpMethods):
     and run concurrently over the replicas, on any data path, as are unary requests too large for one
     message; the result is the unsharded one. A call or shard failing with UNAVAILABLE, or whose
     replica stops answering, is sent to another replica within the call's deadline.
-    ``train_kernel`` runs on one replica (see :mod:`convrpc.client.calls`), and its stop request
-    goes to the same one. Use it as a context manager or call ``close()``; calls on a closed client
+    Networks (:mod:`convrpc.client.nn`) are computed with ``forward``/``backward`` (one call each, the
+    whole chain on the server, sharded and failed over like an op) and fitted with ``train``.
+    ``train_kernel`` and ``train`` run on one replica (see :mod:`convrpc.client.calls`), and their stop
+    request goes to the same one. Use it as a context manager or call ``close()``; calls on a closed client
     raise ConvRpcError(FAILED_PRECONDITION).
     """
 
@@ -82,11 +84,11 @@ class ConvClient(OpMethods):
             return None
         return method(effect.request, timeout=effect.timeout, metadata=self._metadata)
 
-    def _train(self, request, progress, timeout) -> TrainingRun:
+    def _train(self, request, progress, timeout, *, rpc="TrainKernel", name="train_kernel", make_result=None) -> TrainingRun:
         self._check_open()
         calls, channel = self._run_methods()
         deadline = None if timeout is None else timeout + config.STOP_GRACE_SECONDS
-        call = calls["TrainKernel"](request, timeout=deadline, metadata=self._metadata)
+        call = calls[rpc](request, timeout=deadline, metadata=self._metadata)
         stop_request = pb.StopTrainingRequest(run_id=request.run_id)
 
         def stop() -> None:
@@ -97,7 +99,7 @@ class ConvClient(OpMethods):
 
         return TrainingRun(
             call, max_steps=request.max_steps, progress=progress, stop=stop, timeout=timeout,
-            on_end=None if channel is None else channel.close,
+            on_end=None if channel is None else channel.close, name=name, make_result=make_result,
         )  # fmt: skip
 
     def close(self) -> None:

@@ -22,14 +22,17 @@ __all__ = ["Call", "StreamReader", "inline_request", "inline_results", "request"
 
 @dataclass(frozen=True)
 class Call:
-    """One Forward or Backward: the op's name and ``Op`` message, and its tensors by request field, in field order."""
+    """One Forward or Backward: the op's name and ``Op`` message (or "network", a ``Network`` message and
+    the ``Sequential`` it describes), and its tensors by request field (path), in field order."""
 
     op: str
-    message: pb.Op
+    message: pb.Op | pb.Network
     backward: bool
     arrays: dict[str, np.ndarray]
     #: ``time.monotonic()`` by which the call must be answered; None: no deadline.
     deadline: float | None
+    #: The network of a network call; None for an op.
+    net: object = None
 
     @property
     def method(self) -> str:
@@ -40,13 +43,15 @@ class Call:
         return chunks.payload_bytes(list(self.arrays.values()))
 
     def with_arrays(self, arrays: dict[str, np.ndarray]) -> "Call":
-        return Call(self.op, self.message, self.backward, arrays, self.deadline)
+        return Call(self.op, self.message, self.backward, arrays, self.deadline, self.net)
 
 
 def request(call: Call, tensors: dict[str, pb.Tensor], shared_memory: pb.SharedMemoryContext | None = None):
-    """The ForwardRequest or BackwardRequest of ``call`` with these ``Tensor`` messages."""
+    """The ForwardRequest or BackwardRequest of ``call`` with these ``Tensor`` messages (by path)."""
     kind = pb.BackwardRequest if call.backward else pb.ForwardRequest
-    return kind(op=call.message, shared_memory=shared_memory, **tensors)
+    if call.net is None:
+        return wire.fill_tensors(kind(op=call.message, shared_memory=shared_memory), tensors)
+    return wire.fill_tensors(kind(network=call.message, shared_memory=shared_memory), tensors, len(call.net))
 
 
 def inline_request(call: Call):
@@ -61,8 +66,9 @@ def stream_messages(call: Call, chunk_bytes: int):
 
 
 def result_tensors(response) -> list[tuple[str, pb.Tensor]]:
-    """``[(field, Tensor)]`` of a response's tensors that are set, in field order."""
-    return [(f.name, value) for f, value in response.ListFields() if f.message_type is pb.Tensor.DESCRIPTOR]
+    """``[(field, Tensor)]`` of a response's tensors that are set, in field order (paths such as
+    ``grad_params[0].weight`` for a network's)."""
+    return wire.tensor_fields(response)
 
 
 def _malformed(exc: ConvError, code=grpc.StatusCode.INTERNAL) -> ConvRpcError:

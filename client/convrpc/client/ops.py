@@ -24,7 +24,8 @@ from .errors import ConvRpcError
 from .messages import Call
 from .server_info import ServerInfo
 from .tensors import as_array, checked_op
-from .training import TrainingRun, train_request
+from .network_methods import NetworkMethods
+from .training import TrainingRun, check_timeout, train_request
 
 __all__ = ["OpMethods"]
 
@@ -60,9 +61,9 @@ def _avg_options(kernel_size, stride, padding, ceil_mode, count_include_pad, div
                 count_include_pad=count_include_pad, divisor_override=divisor_override)  # fmt: skip
 
 
-class OpMethods:
-    """One method per op and one ``<op>_backward`` per op; every method takes ``timeout=`` (seconds). The
-    return types are the sync client's: on ``AsyncConvClient`` each method is a coroutine returning them.
+class OpMethods(NetworkMethods):
+    """One method per op and one ``<op>_backward`` per op, and a network's ``forward``, ``backward`` and
+    ``train`` (:class:`NetworkMethods`); every method takes ``timeout=`` (seconds). The return types are the sync client's: on ``AsyncConvClient`` each method is a coroutine returning them.
 
     Also the constructor both clients share: one channel per target (``grpc`` or ``grpc.aio``, the class's
     ``_grpc``), their methods and stubs, and the call core that decides over them.
@@ -607,10 +608,7 @@ class OpMethods:
             INVALID_ARGUMENT naming the argument (``.field``) for a bad one, before anything is
             sent; the server's refusals (shapes, caps) when the run is consumed.
         """
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise ConvRpcError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"timeout: expected None or seconds > 0, got {timeout!r}", "timeout"
-            )
+        check_timeout(timeout)
         request = train_request(
             input, target, kernel_size=kernel_size, init_weight=init_weight, bias=bias, init_bias=init_bias,
             stride=stride, padding=padding, dilation=dilation, groups=groups, optimizer=optimizer, lr=lr,

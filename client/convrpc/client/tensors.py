@@ -5,14 +5,15 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from convrpc import wire
+from convrpc import networks, wire
+from convrpc.core import network
 from convrpc.core.backend import common_dtype
-from convrpc.core.errors import ConvError
+from convrpc.core.errors import ConvError, InvalidArgumentError
 from convrpc.v1 import conv_service_pb2 as pb
 
 from .errors import ConvRpcError
 
-__all__ = ["as_array", "as_tensor", "checked_op", "from_tensor", "op_message"]
+__all__ = ["as_array", "as_tensor", "checked_network", "checked_op", "from_tensor", "op_message"]
 
 
 def _invalid(exc: ConvError, field: str | None = None) -> ConvRpcError:
@@ -60,3 +61,19 @@ def checked_op(name: str, arrays: dict[str, np.ndarray], options: dict) -> pb.Op
     except ConvError as exc:
         raise _invalid(exc, wire.option_field(name, exc.field)) from None
     return op_message(name, options)
+
+
+def checked_network(net, input: np.ndarray, params, grad_output: np.ndarray | None = None) -> pb.Network:
+    """The ``Network`` of a call, once the chain, the input's shape and the parameters (when given: keys,
+    shapes, the input's dtype) and ``grad_output``'s shape pass the core's own checks (``check_network``).
+    What the server would refuse is refused here, before anything is sent, naming the same request field
+    (``network.layers[3].in_channels``, ``params[2].weight``)."""
+    try:
+        shapes = network.check_network(net, input.shape, params, dtype=input.dtype)
+        if grad_output is not None and tuple(grad_output.shape) != shapes[-1]:
+            raise InvalidArgumentError(
+                "grad_output", f"expected shape {shapes[-1]} (the network's output), got {tuple(grad_output.shape)}"
+            )
+        return networks.encode_network(net)
+    except ConvError as exc:
+        raise _invalid(exc, networks.request_field(net, getattr(exc, "field", None))) from None

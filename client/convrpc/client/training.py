@@ -19,7 +19,11 @@ from convrpc.v1 import conv_service_pb2 as pb
 from .errors import ConvRpcError
 from .tensors import as_tensor, from_tensor, op_message
 
-__all__ = ["History", "TrainProgress", "TrainResult", "TrainingRun", "train_request"]
+__all__ = ["History", "KERNEL_LOSSES", "TrainProgress", "TrainResult", "TrainingRun", "check_timeout", "plot_loss", "run_fields",
+           "train_request"]  # fmt: skip
+
+#: The losses train_kernel takes: every wire loss but cross_entropy, which classifies a network's logits.
+KERNEL_LOSSES = tuple(name for name in wire.LOSSES if name != "cross_entropy")
 
 class TrainProgress(NamedTuple):
     """One progress update: the loss before update ``step`` and the time since the run started."""
@@ -30,6 +34,8 @@ class TrainProgress(NamedTuple):
     grad_norm: float
     #: The weight at this step, when ``snapshot_every`` asked for one; else None.
     weight: np.ndarray | None = None
+    #: The share of the step's batch classified right (a network trained with ``loss="cross_entropy"``); else None.
+    accuracy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -40,14 +46,17 @@ class History:
     ``step`` is 0, 1, ..., ``steps`` and ``loss[s]`` the loss of the weights after ``s`` updates
     (with mini-batches, of the batch that step ``s + 1`` drew), so ``loss[-1] == result.loss``.
     ``elapsed[s]`` (seconds) and ``grad_norm[s]`` (of update ``s``) are known only at the steps a
-    progress update reported, NaN elsewhere. While a run is live, ``TrainingRun.history`` holds
-    the progress updates received so far (each step's loss measured before its update).
+    progress update reported, NaN elsewhere, and so is ``accuracy[s]`` (the batch accuracy of a
+    network trained with ``loss="cross_entropy"``; NaN throughout otherwise). While a run is live,
+    ``TrainingRun.history`` holds the progress updates received so far (each step's loss measured
+    before its update).
     """
 
     step: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
     elapsed: np.ndarray = field(default_factory=lambda: np.zeros(0))
     grad_norm: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    accuracy: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def __len__(self) -> int:
         return len(self.step)
@@ -99,20 +108,25 @@ class TrainResult:
 
     def plot(self, ax=None, *, title: str | None = None):
         """Draw the loss curve (log scale) with matplotlib and return the axes."""
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise ImportError("plot() needs matplotlib: pip install -e '.[notebook]' in a clone of convrpc") from None
-        if ax is None:
-            _, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(self.history.step, self.history.loss, lw=1.5)
-        if len(self.history) and np.all(self.history.loss > 0):
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(title or f"{self.stop_reason} after {self.steps} steps, loss {self.loss:.3g}")
-        ax.grid(True, which="both", alpha=0.3)
-        return ax
+        return plot_loss(self, ax, title=title)
+
+
+def plot_loss(result, ax=None, *, title: str | None = None):
+    """Draw a result's loss curve (log scale where positive) with matplotlib and return the axes."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plot() needs matplotlib: pip install -e '.[notebook]' in a clone of convrpc") from None
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(result.history.step, result.history.loss, lw=1.5)
+    if len(result.history) and np.all(result.history.loss > 0):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title or f"{result.stop_reason} after {result.steps} steps, loss {result.loss:.3g}")
+    ax.grid(True, which="both", alpha=0.3)
+    return ax
 
 
 def _refuse(name: str, expected: str, value) -> ConvRpcError:
@@ -166,6 +180,36 @@ def _optimizer(optimizer, lr, momentum, nesterov, weight_decay, betas, eps):
     raise _refuse("optimizer", "'sgd' or 'adam'", optimizer)
 
 
+def check_timeout(timeout) -> None:
+    """A training call's ``timeout=``: None or seconds > 0."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise _refuse("timeout", "None or seconds > 0", timeout)
+
+
+def run_fields(
+    *, losses, optimizer, lr, momentum, nesterov, weight_decay, betas, eps, loss, max_steps, tol, report_every,
+    seed, batch_size, max_seconds,
+) -> dict:  # fmt: skip
+    """The request fields every training RPC shares (optimizer, loss, steps, tolerance, reporting, seed,
+    batches, time), each argument checked first: a bad one raises ConvRpcError(INVALID_ARGUMENT) naming it.
+    ``losses`` are the loss names the RPC takes."""
+    if loss not in losses:
+        raise _refuse("loss", f"one of {sorted(losses)}", loss)
+    kind, options = _optimizer(optimizer, lr, momentum, nesterov, weight_decay, betas, eps)
+    fields = dict(
+        loss=wire.LOSSES[loss],
+        max_steps=_integer("max_steps", max_steps, minimum=1),
+        tol=_real("tol", tol),
+        report_every=_integer("report_every", report_every, minimum=1),
+        batch_size=0 if batch_size is None else _integer("batch_size", batch_size, minimum=1),
+        max_seconds=0.0 if max_seconds is None else _real("max_seconds", max_seconds, positive=True),
+        **{kind: options},
+    )
+    if seed is not None:
+        fields["seed"] = _integer("seed", seed, minimum=0, maximum=2**64 - 1)
+    return fields
+
+
 def train_request(
     input, target, *, kernel_size=None, init_weight=None, bias=False, init_bias=None, stride=1, padding=0,
     dilation=1, groups=1, optimizer="sgd", lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0,
@@ -174,20 +218,14 @@ def train_request(
 ) -> pb.TrainKernelRequest:  # fmt: skip
     """The TrainKernelRequest for ``ConvClient.train_kernel``'s arguments, each checked first: a bad one
     raises ConvRpcError(INVALID_ARGUMENT) naming it, before anything is encoded or sent."""
-    if loss not in wire.LOSSES:
-        raise _refuse("loss", f"one of {sorted(wire.LOSSES)}", loss)
+    fields = run_fields(
+        losses=KERNEL_LOSSES, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
+        weight_decay=weight_decay, betas=betas, eps=eps, loss=loss, max_steps=max_steps, tol=tol,
+        report_every=report_every, seed=seed, batch_size=batch_size, max_seconds=max_seconds,
+    )  # fmt: skip
     if not isinstance(bias, (bool, np.bool_)):
         raise _refuse("bias", "a bool", bias)
-    kind, options = _optimizer(optimizer, lr, momentum, nesterov, weight_decay, betas, eps)
-    max_steps = _integer("max_steps", max_steps, minimum=1)
-    tol = _real("tol", tol)
-    report_every = _integer("report_every", report_every, minimum=1)
     snapshot_every = _integer("snapshot_every", snapshot_every, minimum=0)
-    batch_size = 0 if batch_size is None else _integer("batch_size", batch_size, minimum=1)
-    if max_seconds is not None:
-        _real("max_seconds", max_seconds, positive=True)
-    if seed is not None:
-        seed = _integer("seed", seed, minimum=0, maximum=2**64 - 1)
     conv = op_message("conv2d", dict(stride=stride, padding=padding, dilation=dilation, groups=groups)).conv2d
     kernel = op_message("max_pool2d", dict(kernel_size=kernel_size)).max_pool2d.kernel_size if kernel_size else None
     request = pb.TrainKernelRequest(
@@ -195,14 +233,8 @@ def train_request(
         target=as_tensor(target, "target"),
         bias=bool(bias),
         conv=conv,
-        loss=wire.LOSSES[loss],
-        max_steps=max_steps,
-        tol=tol,
-        report_every=report_every,
-        batch_size=batch_size,
-        max_seconds=float(max_seconds or 0.0),
         snapshot_every=snapshot_every,
-        **{kind: options},
+        **fields,
     )
     if kernel is not None:
         request.kernel_size.CopyFrom(kernel)
@@ -210,8 +242,6 @@ def train_request(
         request.init_weight.CopyFrom(as_tensor(init_weight, "init_weight"))
     if init_bias is not None:
         request.init_bias.CopyFrom(as_tensor(init_bias, "init_bias"))
-    if seed is not None:
-        request.seed = seed
     return request
 
 
@@ -245,7 +275,7 @@ class _StreamReader:
 
 
 class TrainingRun:
-    """A kernel-fitting run streaming from the server.
+    """A training run streaming from the server: a kernel fit (``train_kernel``) or a network's (``train``).
 
     Iterate it for :class:`TrainProgress` updates as they arrive; ``result()`` waits for the end and
     returns the :class:`TrainResult`; ``cancel()`` stops the run on the server, after which
@@ -267,14 +297,19 @@ class TrainingRun:
         stop: Callable[[], None] | None = None,
         timeout: float | None = None,
         on_end: Callable[[], None] | None = None,
+        name: str = "train_kernel",
+        make_result: Callable[[object, History], object] | None = None,
     ):
         self._call = call
+        self._name = name
+        #: ``(result message, its whole history) -> result`` of a run that is not a kernel fit (a network's).
+        self._make_other = make_result
         self._reader = _StreamReader(call) if hasattr(call, "__next__") else None  # aio calls are awaited
         self._max_steps = max_steps
         self._progress = progress
         self._stop = stop or call.cancel
         self._on_end = on_end
-        self._rows: list[tuple[int, float, float, float]] = []
+        self._rows: list[tuple[int, float, float, float, float]] = []
         self._result: TrainResult | None = None
         self._failed = False
         self._stopping = False
@@ -316,7 +351,8 @@ class TrainingRun:
         update = self._record(message.progress)
         if bar is not None:
             bar.update(update.step - bar.n)
-            bar.set_postfix(loss=f"{update.loss:.3e}", refresh=False)
+            accuracy = {} if update.accuracy is None else {"accuracy": f"{update.accuracy:.3f}"}
+            bar.set_postfix(loss=f"{update.loss:.3e}", **accuracy, refresh=False)
         return update
 
     def _end(self, *, failed: bool) -> None:
@@ -330,8 +366,7 @@ class TrainingRun:
             on_end, self._on_end = self._on_end, None
             on_end()
 
-    @staticmethod
-    def _finish_bar(bar, result: TrainResult) -> None:
+    def _finish_bar(self, bar, result: TrainResult) -> None:
         """Show the end: a converged run fills the bar (green, where tqdm colours), every run names its reason."""
         if result.stop_reason == "converged":
             bar.total = result.steps
@@ -340,7 +375,7 @@ class TrainingRun:
                 widgets[1].max = max(result.steps, 1)
             bar.colour = "green"
         bar.update(result.steps - bar.n)
-        bar.set_description(f"train_kernel: {result.stop_reason}", refresh=False)
+        bar.set_description(f"{self._name}: {result.stop_reason}", refresh=False)
         bar.set_postfix(loss=f"{result.loss:.3e}", refresh=False)
         bar.refresh()
 
@@ -362,14 +397,17 @@ class TrainingRun:
         except ImportError:
             raise ImportError("progress=True needs tqdm: pip install -e '.[notebook]' in a clone of convrpc") from None
         # total=max_steps gives the ETA; a run that converges early fills the bar at its end.
-        return tqdm(total=self._max_steps, unit="step", desc="train_kernel")
+        return tqdm(total=self._max_steps, unit="step", desc=self._name)
 
     def _record(self, msg: pb.TrainProgress) -> TrainProgress:
-        self._rows.append((msg.step, msg.loss, msg.elapsed_seconds, msg.grad_norm))
+        accuracy = msg.accuracy if msg.HasField("accuracy") else None
+        self._rows.append((msg.step, msg.loss, msg.elapsed_seconds, msg.grad_norm, np.nan if accuracy is None else accuracy))
         weight = from_tensor(msg.weight) if msg.HasField("weight") else None
-        return TrainProgress(msg.step, msg.loss, msg.elapsed_seconds, msg.grad_norm, weight)
+        return TrainProgress(msg.step, msg.loss, msg.elapsed_seconds, msg.grad_norm, weight, accuracy)
 
     def _make_result(self, msg: pb.TrainResult) -> TrainResult:
+        if self._make_other is not None:
+            return self._make_other(msg, self._curve(msg))
         return TrainResult(
             weight=from_tensor(msg.weight),
             bias=from_tensor(msg.bias) if msg.HasField("bias") else None,
@@ -385,11 +423,11 @@ class TrainingRun:
         if not msg.HasField("loss_history"):  # a server from before the curve was sent: what was received
             return self.history
         loss = from_tensor(msg.loss_history).astype(np.float64, copy=False)
-        elapsed, grad_norm = np.full(len(loss), np.nan), np.full(len(loss), np.nan)
-        for step, _, seconds, norm in self._rows:
+        elapsed, grad_norm, accuracy = (np.full(len(loss), np.nan) for _ in range(3))
+        for step, _, seconds, norm, share in self._rows:
             if step < len(loss):
-                elapsed[step], grad_norm[step] = seconds, norm
-        return History(np.arange(len(loss), dtype=np.int64), loss, elapsed, grad_norm)
+                elapsed[step], grad_norm[step], accuracy[step] = seconds, norm, share
+        return History(np.arange(len(loss), dtype=np.int64), loss, elapsed, grad_norm, accuracy)
 
     @property
     def history(self) -> History:
@@ -398,8 +436,9 @@ class TrainingRun:
             return self._result.history
         if not self._rows:
             return History()
-        step, loss, elapsed, grad_norm = map(np.asarray, zip(*self._rows))
-        return History(step.astype(np.int64), loss.astype(float), elapsed.astype(float), grad_norm.astype(float))
+        step, loss, elapsed, grad_norm, accuracy = map(np.asarray, zip(*self._rows))
+        return History(step.astype(np.int64), loss.astype(float), elapsed.astype(float), grad_norm.astype(float),
+                       accuracy.astype(float))  # fmt: skip
 
     @property
     def done(self) -> bool:

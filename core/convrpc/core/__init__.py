@@ -1,8 +1,10 @@
-"""convrpc.core: the compute core (pure math, no gRPC): ops, gradients and kernel fitting.
+"""convrpc.core: the compute core (pure math, no gRPC): ops, gradients, kernel fitting and networks.
 
 ``get_backend(name)`` returns a :class:`Backend` whose methods are named, ordered and defaulted like
 ``torch.nn.functional`` (and like the SDK's): ``conv2d``, ``conv_transpose2d``, ``max_pool2d``,
-``avg_pool2d``, ``relu`` and a ``<op>_backward`` for each, returning :class:`Gradients`.
+``avg_pool2d``, ``relu`` and a ``<op>_backward`` for each, returning :class:`Gradients`. Kernel
+fitting is :mod:`convrpc.core.training`; chains of torch.nn-named layers run forward, backward and
+trained on a backend are :mod:`convrpc.core.network`.
 """
 
 from __future__ import annotations

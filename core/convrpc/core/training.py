@@ -19,6 +19,10 @@ Losses over z = conv2d(input) and target y, with r = z - y and M = r.size (of th
 - ``half_mse``: mean(r^2)/2, gradient r/M (the textbook convention of the seed experiments);
 - ``half_sse``: sum(r^2)/2, gradient r.
 
+The loop and its stop rules (:func:`descend`), the mini-batch sampler (:func:`minibatches`, seeded
+by :func:`run_rngs`), the losses and the argument checks are shared with network training
+(:mod:`convrpc.core.network`), so both stop, sample and report alike.
+
 Initialisation: a weight built from ``kernel_size`` is Kaiming-uniform like torch's Conv2d,
 U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = in_channels/groups * kh * kw, drawn in float64
 from ``seed`` and cast; a fitted bias without ``init_bias`` starts at zero (as the proto says).
@@ -31,7 +35,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -40,7 +44,26 @@ from .backend import Backend
 from .errors import InvalidArgumentError, ResourceExhaustedError
 from .optim import AdamOptions, SgdOptions
 
-__all__ = ["LOSSES", "STOP_REASONS", "TrainConfig", "TrainProgress", "TrainResult", "fit_kernel", "kaiming_uniform"]
+__all__ = [
+    "LOSSES",
+    "STOP_REASONS",
+    "RunRules",
+    "TrainConfig",
+    "TrainProgress",
+    "TrainResult",
+    "build_optimizer",
+    "check_float",
+    "check_int",
+    "descend",
+    "device_array",
+    "fit_kernel",
+    "kaiming_uniform",
+    "minibatches",
+    "regression_grad",
+    "regression_loss",
+    "run_rngs",
+    "run_rules",
+]
 
 #: Loss names, in the order of the proto's ``Loss`` enum (LOSS_<NAME>).
 LOSSES = ("mse", "half_mse", "half_sse")
@@ -112,6 +135,18 @@ class TrainResult:
     history: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
+def regression_loss(xp, r, name: str) -> float:
+    """The loss ``name`` (one of LOSSES) of the residual r = output - target."""
+    flat = r.reshape(-1)
+    return float(xp.vdot(flat, flat)) * _LOSS_SCALE[name](r.size)
+
+
+def regression_grad(r, name: str):
+    """The loss's gradient w.r.t. the output, written into ``r`` (which it returns)."""
+    r *= _GRAD_SCALE[name](r.size)
+    return r
+
+
 def kaiming_uniform(shape, fan_in: int, rng: np.random.Generator) -> np.ndarray:
     """torch's Conv2d default, kaiming_uniform_(a=sqrt(5)): U(-b, b) with b = 1/sqrt(fan_in), float64."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -154,27 +189,21 @@ class _Run:
     def __init__(self, backend: Backend, input, target, c: TrainConfig):
         self.backend = backend
         xp = self.xp = backend.xp
-        x = self.x = _device_array(xp, input, "input")
+        x = self.x = device_array(xp, input, "input")
         if x.ndim != 4:
             raise InvalidArgumentError("input", f"expected a 4-d tensor (N, C, H, W), got shape {tuple(x.shape)}")
         dtype = x.dtype
-        y = self.y = _device_array(xp, target, "target", dtype)
+        y = self.y = device_array(xp, target, "target", dtype)
         if y.ndim != 4:
             raise InvalidArgumentError("target", f"expected a 4-d tensor (N, K, OH, OW), got shape {tuple(y.shape)}")
         if c.loss not in LOSSES:
             raise InvalidArgumentError("loss", f"expected one of {', '.join(LOSSES)}, got {c.loss!r}")
         self.loss_name = c.loss
-        self.max_steps = _check_int(c.max_steps, "max_steps", minimum=1)
-        self.report_every = _check_int(c.report_every, "report_every", minimum=0) or 1
-        self.snapshot_every = _check_int(c.snapshot_every, "snapshot_every", minimum=0)
-        self.batch_size = _check_int(c.batch_size or 0, "batch_size", minimum=0)
-        self.tol = _check_float(c.tol, "tol")
-        self.max_seconds = _check_float(c.max_seconds or 0.0, "max_seconds")
-        seed = None if c.seed is None else _check_int(c.seed, "seed", minimum=0)
-        init_rng, self.shuffle_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-        if not isinstance(c.optimizer, (SgdOptions, AdamOptions)):
-            raise InvalidArgumentError("optimizer", f"expected SgdOptions or AdamOptions, got {c.optimizer!r}")
-        self.optimizer = c.optimizer.build(xp)
+        self.rules = run_rules(c)
+        self.snapshot_every = check_int(c.snapshot_every, "snapshot_every", minimum=0)
+        self.batch_size = self.rules.batch_size
+        init_rng, self.shuffle_rng = run_rngs(self.rules.seed)
+        self.optimizer = build_optimizer(c.optimizer, xp)
         self.conv = dict(stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
 
         if not isinstance(c.bias, bool):
@@ -184,7 +213,7 @@ class _Run:
         if c.init_weight is not None:
             if c.kernel_size is not None:
                 raise InvalidArgumentError("kernel_size", "give either init_weight or kernel_size, not both")
-            w = _device_array(xp, c.init_weight, "init_weight", dtype).copy()  # the result must not alias it
+            w = device_array(xp, c.init_weight, "init_weight", dtype).copy()  # the result must not alias it
             if w.ndim != 4:
                 raise InvalidArgumentError(
                     "init_weight", f"expected a 4-d tensor (K, C/groups, kh, kw), got shape {tuple(w.shape)}"
@@ -203,7 +232,7 @@ class _Run:
             if c.init_bias is None:
                 b = xp.zeros((w.shape[0],), dtype=dtype)
             else:
-                b = _device_array(xp, c.init_bias, "init_bias", dtype).copy()
+                b = device_array(xp, c.init_bias, "init_bias", dtype).copy()
         try:
             g = params.conv2d_geometry(x.shape, w.shape, None if b is None else b.shape, **self.conv)
         except InvalidArgumentError as exc:
@@ -229,14 +258,8 @@ class _Run:
 
     def _batches(self) -> Iterator[tuple[Any, Any]]:
         """(input, target) of each step: the whole data set, or seeded shuffled mini-batches."""
-        if not self.batch_size:
-            yield from itertools.repeat((self.x, self.y))
-        n, bs = self.x.shape[0], self.batch_size
-        while True:
-            perm = self.xp.asarray(self.shuffle_rng.permutation(n))
-            for start in range(0, n, bs):
-                idx = perm[start : start + bs]
-                yield self.x[idx], self.y[idx]
+        for idx in minibatches(self.xp, self.x.shape[0], self.batch_size, self.shuffle_rng):
+            yield (self.x, self.y) if idx is None else (self.x[idx], self.y[idx])
 
     def _geometry(self, x) -> params.ConvGeometry:
         """The conv geometry for input ``x`` (batches differ only in their sample count)."""
@@ -246,14 +269,10 @@ class _Run:
             g = self._geometries[x.shape[0]] = params.conv2d_geometry(x.shape, self.w.shape, bias_shape, **self.conv)
         return g
 
-    def _residual(self, x, y, w, b) -> tuple[Any, float]:
-        """r = conv2d(x) - y and the loss (a Python float, possibly non-finite)."""
+    def _residual(self, x, y, w, b) -> tuple[float, Any]:
+        """The loss (a Python float, possibly non-finite) and r = conv2d(x) - y."""
         r = self.kernels.conv2d(x, w, b, self._geometry(x)) - y
-        flat = r.reshape(-1)
-        return r, float(self.xp.vdot(flat, flat)) * _LOSS_SCALE[self.loss_name](r.size)
-
-    def _full_loss(self, w, b) -> float:
-        return self._residual(self.x, self.y, w, b)[1]
+        return regression_loss(self.xp, r, self.loss_name), r
 
     def _host(self, a, copy: bool = False):
         if a is None:
@@ -267,78 +286,161 @@ class _Run:
 
     def events(self, stop_event, clock) -> Iterator[TrainProgress | TrainResult]:
         xp = self.xp
-        t0 = clock()
-        w, b = self.w, self.b
-        full_batch = not self.batch_size
-        prev = None  # (w, b, loss) before the last update, to fall back on if the update diverges
-        known_loss = None  # the full-data loss of (w, b), when already measured
-        reason = "max_steps"
-        steps = reports = 0
-        losses: list[float] = []  # the loss before each update: 8 bytes a step, even at the steps cap
-        batches = self._batches()
-        for _ in range(self.max_steps):
-            if stop_event is not None and stop_event.is_set():
-                reason = "cancelled"
-                break
-            if self.max_seconds and clock() - t0 >= self.max_seconds:
-                reason = "time_limit"
-                break
-            xb, yb = next(batches)
-            r, loss = self._residual(xb, yb, w, b)
-            if not math.isfinite(loss):
-                reason = "diverged"
-                if prev is not None:
-                    w, b, known_loss = prev
-                    prev = None
-                break
-            if full_batch:
-                known_loss = loss
-            if loss <= self.tol:
-                # A mini-batch below tol is only a hint: confirm on the whole data set.
-                if not full_batch:
-                    known_loss = self._full_loss(w, b)
-                if known_loss <= self.tol:
-                    reason = "converged"
-                    break
-            r *= _GRAD_SCALE[self.loss_name](r.size)
-            grad_w = self.kernels.conv2d_weight_grad(xb, r, self._geometry(xb))
+        has_bias = self.b is not None
+
+        def measure(batch, p):
+            return self._residual(*batch, *p, *(() if has_bias else (None,)))
+
+        def gradients(batch, r, p):
+            r = regression_grad(r, self.loss_name)
+            grad_w = self.kernels.conv2d_weight_grad(batch[0], r, self._geometry(batch[0]))
             gw = grad_w.reshape(-1)
             # The bias gradient sums the residual, finite whenever the loss is, so only gw is checked.
-            grad_norm = math.sqrt(float(xp.vdot(gw, gw)))
-            if not math.isfinite(grad_norm):
-                reason = "diverged"
+            return ([grad_w, r.sum(axis=(0, 2, 3))] if has_bias else [grad_w]), math.sqrt(float(xp.vdot(gw, gw)))
+
+        reports = 0
+
+        def progress(step, loss, elapsed, grad_norm, r, p):
+            nonlocal reports
+            reports += 1
+            snap = self.snapshot_every and reports % self.snapshot_every == 0
+            return TrainProgress(step, loss, elapsed, grad_norm, self._host(p[0], copy=True) if snap else None)
+
+        def result(p, loss, r, steps, reason, elapsed, history):
+            return TrainResult(self._host(p[0]), self._host(p[1]) if has_bias else None, loss, steps, reason, elapsed,
+                               history)  # fmt: skip
+
+        params = [self.w, self.b] if has_bias else [self.w]
+        yield from descend(
+            params, self.optimizer, self._batches(), measure, gradients, lambda p: measure((self.x, self.y), p),
+            full_batch=not self.batch_size, rules=self.rules, progress=progress, result=result, stop_event=stop_event,
+            clock=clock,
+        )  # fmt: skip
+
+
+class RunRules(NamedTuple):
+    """The checked run options every fit shares (the fields of TrainConfig and NetworkTrainConfig)."""
+
+    max_steps: int
+    report_every: int  #: 0 in the config means 1
+    batch_size: int  #: 0 means the full batch
+    tol: float
+    max_seconds: float  #: 0 means no limit
+    seed: int | None
+
+
+def run_rules(c) -> RunRules:
+    """``c``'s max_steps, report_every, batch_size, tol, max_seconds and seed, checked (errors name the field)."""
+    return RunRules(
+        check_int(c.max_steps, "max_steps", minimum=1),
+        check_int(c.report_every, "report_every", minimum=0) or 1,
+        check_int(c.batch_size or 0, "batch_size", minimum=0),
+        check_float(c.tol, "tol"),
+        check_float(c.max_seconds or 0.0, "max_seconds"),
+        None if c.seed is None else check_int(c.seed, "seed", minimum=0),
+    )
+
+
+def build_optimizer(options, xp):
+    """The optimizer ``options`` (SgdOptions or AdamOptions, validated) describe, on array module ``xp``."""
+    if not isinstance(options, (SgdOptions, AdamOptions)):
+        raise InvalidArgumentError("optimizer", f"expected SgdOptions or AdamOptions, got {options!r}")
+    return options.build(xp)
+
+
+def minibatches(xp, n: int, batch_size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """The sample indices of each step: None (the whole data set) forever when ``batch_size`` is 0,
+    else each epoch's ``rng.permutation(n)`` (an ``xp`` array) cut into batches of ``batch_size``
+    (the last one may be smaller)."""
+    if not batch_size:
+        yield from itertools.repeat(None)
+    while True:
+        perm = xp.asarray(rng.permutation(n))
+        for start in range(0, n, batch_size):
+            yield perm[start : start + batch_size]
+
+
+def run_rngs(seed: int | None) -> tuple[np.random.Generator, np.random.Generator]:
+    """(initialisation, shuffling) generators of a run, two independent streams spawned from ``seed``."""
+    init, shuffle = np.random.SeedSequence(seed).spawn(2)
+    return np.random.default_rng(init), np.random.default_rng(shuffle)
+
+
+def descend(
+    params: list, optimizer, batches: Iterator, measure: Callable, gradients: Callable, full: Callable, *,
+    full_batch: bool, rules: RunRules, progress: Callable, result: Callable, stop_event: threading.Event | None,
+    clock: Callable[[], float],
+) -> Iterator:
+    """The loop and stop rules every fit shares: ``progress(...)`` every ``rules.report_every`` steps, then a result.
+
+    Each step draws a batch, ``measure(batch, params) -> (loss, info)`` (the loss of the current
+    parameters on it, ``info`` for the gradient), stops on a non-finite loss (rolling back the last
+    update) or on ``loss <= tol`` confirmed by ``full(params) -> (loss, info)`` on the whole data set,
+    else calls ``gradients(batch, info, params) -> (grads, grad_norm)`` and lets the optimizer update.
+    ``stop_event`` is checked before every step ("cancelled": the parameters reached are returned)
+    and so is ``rules.max_seconds`` (0: no limit; "time_limit"). ``progress(step, loss, elapsed,
+    grad_norm, info, params)`` and ``result(params, loss, info, steps, reason, elapsed, history)``
+    build the events; the result's loss (and info) is the full-data one of exactly its parameters.
+    """  # fmt: skip
+    max_seconds, tol = rules.max_seconds, rules.tol
+    t0 = clock()
+    # The parameters before the last update, to fall back on if it diverges. Only the parameters: a
+    # measurement's info (a residual, a network's activations) would double what a step holds.
+    prev = None
+    known = None  # (full-data loss, info) of params, when already measured
+    reason = "max_steps"
+    steps = 0
+    losses: list[float] = []  # the loss before each update: 8 bytes a step, even at the steps cap
+    for _ in range(rules.max_steps):
+        if stop_event is not None and stop_event.is_set():
+            reason = "cancelled"
+            break
+        if max_seconds and clock() - t0 >= max_seconds:
+            reason = "time_limit"
+            break
+        batch = next(batches)
+        loss, info = measure(batch, params)
+        if not math.isfinite(loss):
+            reason = "diverged"
+            if prev is not None:
+                params, prev = prev, None  # measured again below, on the whole data set
+            break
+        if full_batch:
+            known = (loss, info)
+        if loss <= tol:
+            # A mini-batch below tol is only a hint: confirm on the whole data set.
+            if not full_batch:
+                known = full(params)
+            if known[0] <= tol:
+                reason = "converged"
                 break
-            prev = (w, b, known_loss)
-            losses.append(loss)
-            if b is None:
-                (w,) = self.optimizer.step([w], [grad_w])
-            else:
-                w, b = self.optimizer.step([w, b], [grad_w, r.sum(axis=(0, 2, 3))])
-            known_loss = None
-            steps += 1
-            if steps % self.report_every == 0:
-                reports += 1
-                snap = self.snapshot_every and reports % self.snapshot_every == 0
-                snapshot = self._host(w, copy=True) if snap else None
-                yield TrainProgress(steps, loss, clock() - t0, grad_norm, snapshot)
-        if known_loss is None:
-            known_loss = self._full_loss(w, b)
-            if not math.isfinite(known_loss) and prev is not None:
-                # The last update broke the weights (only a mini-batch, or no step, had measured them).
-                reason = "diverged"
-                w, b, known_loss = prev
-                if known_loss is None:
-                    known_loss = self._full_loss(w, b)
-        losses.append(known_loss)
-        history = np.array(losses, dtype=np.float64)
-        yield TrainResult(self._host(w), self._host(b), known_loss, steps, reason, clock() - t0, history)
+        grads, grad_norm = gradients(batch, info, params)
+        if not math.isfinite(grad_norm):
+            reason = "diverged"
+            break
+        prev = params
+        losses.append(loss)
+        params = optimizer.step(params, grads)
+        known = None
+        steps += 1
+        if steps % rules.report_every == 0:
+            yield progress(steps, loss, clock() - t0, grad_norm, info, params)
+    if known is None:
+        known = full(params)
+        if not math.isfinite(known[0]) and prev is not None:
+            # The last update broke the parameters (only a mini-batch, or no step, had measured them).
+            reason = "diverged"
+            params = prev
+            known = full(params)
+    losses.append(known[0])
+    yield result(params, known[0], known[1], steps, reason, clock() - t0, np.array(losses, dtype=np.float64))
 
 
 #: Kernel fitting runs in full precision: half-type updates would stall far above any tolerance.
 _FIT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _device_array(xp, a, field: str, dtype=None):
+def device_array(xp, a, field: str, dtype=None):
     """``a`` as a C-contiguous array of ``xp`` with a supported (or the given) dtype, every element finite."""
     arr = xp.ascontiguousarray(xp.asarray(a))
     if arr.dtype not in _FIT_DTYPES:
@@ -352,7 +454,7 @@ def _device_array(xp, a, field: str, dtype=None):
     return arr
 
 
-def _check_int(value, field: str, *, minimum: int) -> int:
+def check_int(value, field: str, *, minimum: int) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise InvalidArgumentError(field, f"expected an integer, got {value!r}")
     if int(value) < minimum:
@@ -360,7 +462,7 @@ def _check_int(value, field: str, *, minimum: int) -> int:
     return int(value)
 
 
-def _check_float(value, field: str) -> float:
+def check_float(value, field: str) -> float:
     """A finite number >= 0."""
     try:
         v = float(value)

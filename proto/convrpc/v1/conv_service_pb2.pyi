@@ -28,6 +28,7 @@ class Loss(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LOSS_MSE: _ClassVar[Loss]
     LOSS_HALF_MSE: _ClassVar[Loss]
     LOSS_HALF_SSE: _ClassVar[Loss]
+    LOSS_CROSS_ENTROPY: _ClassVar[Loss]
 
 class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -50,6 +51,7 @@ LOSS_UNSPECIFIED: Loss
 LOSS_MSE: Loss
 LOSS_HALF_MSE: Loss
 LOSS_HALF_SSE: Loss
+LOSS_CROSS_ENTROPY: Loss
 STOP_REASON_UNSPECIFIED: StopReason
 STOP_REASON_CONVERGED: StopReason
 STOP_REASON_MAX_STEPS: StopReason
@@ -155,6 +157,20 @@ class ReluOptions(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class FlattenOptions(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LinearOptions(_message.Message):
+    __slots__ = ("in_features", "out_features", "bias")
+    IN_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    OUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    in_features: int
+    out_features: int
+    bias: bool
+    def __init__(self, in_features: _Optional[int] = ..., out_features: _Optional[int] = ..., bias: _Optional[bool] = ...) -> None: ...
+
 class Op(_message.Message):
     __slots__ = ("conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "relu")
     CONV2D_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +184,46 @@ class Op(_message.Message):
     avg_pool2d: AvgPool2dOptions
     relu: ReluOptions
     def __init__(self, conv2d: _Optional[_Union[Conv2dOptions, _Mapping]] = ..., conv_transpose2d: _Optional[_Union[ConvTranspose2dOptions, _Mapping]] = ..., max_pool2d: _Optional[_Union[MaxPool2dOptions, _Mapping]] = ..., avg_pool2d: _Optional[_Union[AvgPool2dOptions, _Mapping]] = ..., relu: _Optional[_Union[ReluOptions, _Mapping]] = ...) -> None: ...
+
+class Layer(_message.Message):
+    __slots__ = ("conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "relu", "flatten", "linear", "in_channels", "out_channels", "kernel_size", "bias")
+    CONV2D_FIELD_NUMBER: _ClassVar[int]
+    CONV_TRANSPOSE2D_FIELD_NUMBER: _ClassVar[int]
+    MAX_POOL2D_FIELD_NUMBER: _ClassVar[int]
+    AVG_POOL2D_FIELD_NUMBER: _ClassVar[int]
+    RELU_FIELD_NUMBER: _ClassVar[int]
+    FLATTEN_FIELD_NUMBER: _ClassVar[int]
+    LINEAR_FIELD_NUMBER: _ClassVar[int]
+    IN_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    OUT_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    conv2d: Conv2dOptions
+    conv_transpose2d: ConvTranspose2dOptions
+    max_pool2d: MaxPool2dOptions
+    avg_pool2d: AvgPool2dOptions
+    relu: ReluOptions
+    flatten: FlattenOptions
+    linear: LinearOptions
+    in_channels: int
+    out_channels: int
+    kernel_size: Size2
+    bias: bool
+    def __init__(self, conv2d: _Optional[_Union[Conv2dOptions, _Mapping]] = ..., conv_transpose2d: _Optional[_Union[ConvTranspose2dOptions, _Mapping]] = ..., max_pool2d: _Optional[_Union[MaxPool2dOptions, _Mapping]] = ..., avg_pool2d: _Optional[_Union[AvgPool2dOptions, _Mapping]] = ..., relu: _Optional[_Union[ReluOptions, _Mapping]] = ..., flatten: _Optional[_Union[FlattenOptions, _Mapping]] = ..., linear: _Optional[_Union[LinearOptions, _Mapping]] = ..., in_channels: _Optional[int] = ..., out_channels: _Optional[int] = ..., kernel_size: _Optional[_Union[Size2, _Mapping]] = ..., bias: _Optional[bool] = ...) -> None: ...
+
+class Network(_message.Message):
+    __slots__ = ("layers",)
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[Layer]
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ...) -> None: ...
+
+class LayerParams(_message.Message):
+    __slots__ = ("weight", "bias")
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    weight: Tensor
+    bias: Tensor
+    def __init__(self, weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SharedMemoryContext(_message.Message):
     __slots__ = ("session_id", "output_buffer")
@@ -188,18 +244,22 @@ class SharedBuffer(_message.Message):
     def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("op", "input", "weight", "bias", "shared_memory")
+    __slots__ = ("op", "network", "input", "weight", "bias", "shared_memory", "params")
     OP_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     BIAS_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
     op: Op
+    network: Network
     input: Tensor
     weight: Tensor
     bias: Tensor
     shared_memory: SharedMemoryContext
-    def __init__(self, op: _Optional[_Union[Op, _Mapping]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedMemoryContext, _Mapping]] = ...) -> None: ...
+    params: _containers.RepeatedCompositeFieldContainer[LayerParams]
+    def __init__(self, op: _Optional[_Union[Op, _Mapping]] = ..., network: _Optional[_Union[Network, _Mapping]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedMemoryContext, _Mapping]] = ..., params: _Optional[_Iterable[_Union[LayerParams, _Mapping]]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("output", "indices")
@@ -210,30 +270,36 @@ class ForwardResponse(_message.Message):
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("op", "grad_output", "input", "weight", "bias", "shared_memory")
+    __slots__ = ("op", "network", "grad_output", "input", "weight", "bias", "shared_memory", "params")
     OP_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     BIAS_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
     op: Op
+    network: Network
     grad_output: Tensor
     input: Tensor
     weight: Tensor
     bias: Tensor
     shared_memory: SharedMemoryContext
-    def __init__(self, op: _Optional[_Union[Op, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedMemoryContext, _Mapping]] = ...) -> None: ...
+    params: _containers.RepeatedCompositeFieldContainer[LayerParams]
+    def __init__(self, op: _Optional[_Union[Op, _Mapping]] = ..., network: _Optional[_Union[Network, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedMemoryContext, _Mapping]] = ..., params: _Optional[_Iterable[_Union[LayerParams, _Mapping]]] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
-    __slots__ = ("grad_input", "grad_weight", "grad_bias")
+    __slots__ = ("grad_input", "grad_weight", "grad_bias", "grad_params")
     GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
     GRAD_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     GRAD_BIAS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_PARAMS_FIELD_NUMBER: _ClassVar[int]
     grad_input: Tensor
     grad_weight: Tensor
     grad_bias: Tensor
-    def __init__(self, grad_input: _Optional[_Union[Tensor, _Mapping]] = ..., grad_weight: _Optional[_Union[Tensor, _Mapping]] = ..., grad_bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    grad_params: _containers.RepeatedCompositeFieldContainer[LayerParams]
+    def __init__(self, grad_input: _Optional[_Union[Tensor, _Mapping]] = ..., grad_weight: _Optional[_Union[Tensor, _Mapping]] = ..., grad_bias: _Optional[_Union[Tensor, _Mapping]] = ..., grad_params: _Optional[_Iterable[_Union[LayerParams, _Mapping]]] = ...) -> None: ...
 
 class SgdOptions(_message.Message):
     __slots__ = ("lr", "momentum", "nesterov", "weight_decay")
@@ -302,18 +368,20 @@ class TrainKernelRequest(_message.Message):
     def __init__(self, input: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ..., init_weight: _Optional[_Union[Tensor, _Mapping]] = ..., kernel_size: _Optional[_Union[Size2, _Mapping]] = ..., bias: _Optional[bool] = ..., init_bias: _Optional[_Union[Tensor, _Mapping]] = ..., conv: _Optional[_Union[Conv2dOptions, _Mapping]] = ..., sgd: _Optional[_Union[SgdOptions, _Mapping]] = ..., adam: _Optional[_Union[AdamOptions, _Mapping]] = ..., loss: _Optional[_Union[Loss, str]] = ..., max_steps: _Optional[int] = ..., tol: _Optional[float] = ..., report_every: _Optional[int] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_seconds: _Optional[float] = ..., snapshot_every: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
-    __slots__ = ("step", "loss", "elapsed_seconds", "grad_norm", "weight")
+    __slots__ = ("step", "loss", "elapsed_seconds", "grad_norm", "weight", "accuracy")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
     elapsed_seconds: float
     grad_norm: float
     weight: Tensor
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., grad_norm: _Optional[float] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    accuracy: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., grad_norm: _Optional[float] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., accuracy: _Optional[float] = ...) -> None: ...
 
 class TrainResult(_message.Message):
     __slots__ = ("weight", "bias", "steps", "loss", "stop_reason", "elapsed_seconds", "loss_history")
@@ -352,6 +420,64 @@ class TrainKernelResponse(_message.Message):
     progress: TrainProgress
     result: TrainResult
     def __init__(self, progress: _Optional[_Union[TrainProgress, _Mapping]] = ..., result: _Optional[_Union[TrainResult, _Mapping]] = ...) -> None: ...
+
+class TrainNetworkRequest(_message.Message):
+    __slots__ = ("network", "input", "target", "params", "sgd", "adam", "loss", "max_steps", "tol", "report_every", "seed", "batch_size", "max_seconds", "run_id")
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    SGD_FIELD_NUMBER: _ClassVar[int]
+    ADAM_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOL_FIELD_NUMBER: _ClassVar[int]
+    REPORT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    network: Network
+    input: Tensor
+    target: Tensor
+    params: _containers.RepeatedCompositeFieldContainer[LayerParams]
+    sgd: SgdOptions
+    adam: AdamOptions
+    loss: Loss
+    max_steps: int
+    tol: float
+    report_every: int
+    seed: int
+    batch_size: int
+    max_seconds: float
+    run_id: str
+    def __init__(self, network: _Optional[_Union[Network, _Mapping]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ..., params: _Optional[_Iterable[_Union[LayerParams, _Mapping]]] = ..., sgd: _Optional[_Union[SgdOptions, _Mapping]] = ..., adam: _Optional[_Union[AdamOptions, _Mapping]] = ..., loss: _Optional[_Union[Loss, str]] = ..., max_steps: _Optional[int] = ..., tol: _Optional[float] = ..., report_every: _Optional[int] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_seconds: _Optional[float] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class TrainNetworkResult(_message.Message):
+    __slots__ = ("params", "steps", "loss", "stop_reason", "elapsed_seconds", "loss_history", "accuracy")
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    params: _containers.RepeatedCompositeFieldContainer[LayerParams]
+    steps: int
+    loss: float
+    stop_reason: StopReason
+    elapsed_seconds: float
+    loss_history: Tensor
+    accuracy: float
+    def __init__(self, params: _Optional[_Iterable[_Union[LayerParams, _Mapping]]] = ..., steps: _Optional[int] = ..., loss: _Optional[float] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., elapsed_seconds: _Optional[float] = ..., loss_history: _Optional[_Union[Tensor, _Mapping]] = ..., accuracy: _Optional[float] = ...) -> None: ...
+
+class TrainNetworkResponse(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: TrainProgress
+    result: TrainNetworkResult
+    def __init__(self, progress: _Optional[_Union[TrainProgress, _Mapping]] = ..., result: _Optional[_Union[TrainNetworkResult, _Mapping]] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()

@@ -60,6 +60,11 @@ class ConvServiceStub:
                 request_serializer=convrpc_dot_v1_dot_conv__service__pb2.TrainKernelRequest.SerializeToString,
                 response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.TrainKernelResponse.FromString,
                 _registered_method=True)
+        self.TrainNetwork = channel.unary_stream(
+                '/convrpc.v1.ConvService/TrainNetwork',
+                request_serializer=convrpc_dot_v1_dot_conv__service__pb2.TrainNetworkRequest.SerializeToString,
+                response_deserializer=convrpc_dot_v1_dot_conv__service__pb2.TrainNetworkResponse.FromString,
+                _registered_method=True)
         self.StopTraining = channel.unary_unary(
                 '/convrpc.v1.ConvService/StopTraining',
                 request_serializer=convrpc_dot_v1_dot_conv__service__pb2.StopTrainingRequest.SerializeToString,
@@ -131,8 +136,17 @@ class ConvServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrainNetwork(self, request, context):
+        """TrainNetwork fits every parameter of a network so that its output approaches a target (or, with
+        LOSS_CROSS_ENTROPY, classifies it). It streams progress and ends with exactly one result, and
+        stops like TrainKernel: cancelling the RPC discards the result, StopTraining keeps it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StopTraining(self, request, context):
-        """StopTraining asks the running TrainKernel run with the given run_id to stop. The run stops
+        """StopTraining asks the running TrainKernel or TrainNetwork run with the given run_id to stop. The run stops
         within one step and its stream ends as usual with its result (stop reason CANCELLED, the
         weights of the last step). The call must reach the replica that runs the fit (the SDK opens
         both calls on one connection). Stopping an unknown or finished run succeeds with stopped false.
@@ -194,6 +208,11 @@ def add_ConvServiceServicer_to_server(servicer, server):
                     servicer.TrainKernel,
                     request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.TrainKernelRequest.FromString,
                     response_serializer=convrpc_dot_v1_dot_conv__service__pb2.TrainKernelResponse.SerializeToString,
+            ),
+            'TrainNetwork': grpc.unary_stream_rpc_method_handler(
+                    servicer.TrainNetwork,
+                    request_deserializer=convrpc_dot_v1_dot_conv__service__pb2.TrainNetworkRequest.FromString,
+                    response_serializer=convrpc_dot_v1_dot_conv__service__pb2.TrainNetworkResponse.SerializeToString,
             ),
             'StopTraining': grpc.unary_unary_rpc_method_handler(
                     servicer.StopTraining,
@@ -352,6 +371,33 @@ class ConvService:
             '/convrpc.v1.ConvService/TrainKernel',
             convrpc_dot_v1_dot_conv__service__pb2.TrainKernelRequest.SerializeToString,
             convrpc_dot_v1_dot_conv__service__pb2.TrainKernelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainNetwork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/convrpc.v1.ConvService/TrainNetwork',
+            convrpc_dot_v1_dot_conv__service__pb2.TrainNetworkRequest.SerializeToString,
+            convrpc_dot_v1_dot_conv__service__pb2.TrainNetworkResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -32,7 +32,7 @@ log = logging.getLogger("convrpc.server.calls")
 SERVICE_PREFIX = "/convrpc.v1.ConvService/"
 #: RPCs that compute, and so take one of the server's compute slots.
 COMPUTE_RPCS = frozenset(
-    {"Forward", "Backward", "TrainKernel", "ForwardStream", "BackwardStream"}
+    {"Forward", "Backward", "TrainKernel", "TrainNetwork", "ForwardStream", "BackwardStream"}
 )
 #: Services reachable without a token: probes and tooling must work before credentials are handed out.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
@@ -42,7 +42,8 @@ OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerRefl
 REQUEST_ID_KEY = "x-request-id"
 #: ConvService's RPCs that are not unary-unary, by handler kind: an auth refusal must know the kind
 #: without asking the inner interceptors (that would admit the call).
-STREAMING_RPCS = {"TrainKernel": "unary_stream", "ForwardStream": "stream_stream", "BackwardStream": "stream_stream"}
+STREAMING_RPCS = {"TrainKernel": "unary_stream", "TrainNetwork": "unary_stream", "ForwardStream": "stream_stream",
+                  "BackwardStream": "stream_stream"}  # fmt: skip
 _TENSOR = "convrpc.v1.Tensor"
 #: The grpc_type label of each handler kind, as the gRPC ecosystem's metrics spell it.
 _GRPC_TYPES = {"unary_unary": "unary", "unary_stream": "server_stream", "stream_unary": "client_stream",
@@ -235,7 +236,7 @@ class _Call:
         try:
             for response in respond():
                 sent += self._sent(response)
-                if self.rpc == "TrainKernel" and response.WhichOneof("event") == "result":
+                if self.rpc in ("TrainKernel", "TrainNetwork") and response.WhichOneof("event") == "result":
                     self.metrics.observe_training(response.result.steps, response.result.elapsed_seconds)
                     delivered = True
                 yield response

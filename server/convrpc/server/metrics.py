@@ -57,7 +57,7 @@ class ServerMetrics:
                                "unauthenticated, too_large, warming_up)", ["grpc_method", "reason"], registry=r)  # fmt: skip
         self.queue_depth = Gauge("convrpc_queued_rpcs", "RPCs accepted and waiting for a handler thread", registry=r)
         self.compute_slots = Gauge("convrpc_compute_slots", "Compute RPCs admitted at once at most", registry=r)
-        self.train_steps = Counter("convrpc_train_steps", "Optimisation steps run by TrainKernel", registry=r)
+        self.train_steps = Counter("convrpc_train_steps", "Optimisation steps run by TrainKernel and TrainNetwork", registry=r)
         self.train_steps_per_second = Gauge(
             "convrpc_train_steps_per_second", "Steps per second of the most recently finished training run", registry=r
         )

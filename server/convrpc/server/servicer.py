@@ -17,8 +17,8 @@ import threading
 import grpc
 import numpy as np
 
-from convrpc import chunks, wire
-from convrpc.core import DTYPES, OPS, Backend
+from convrpc import chunks, networks, wire
+from convrpc.core import DTYPES, OPS, Backend, network
 from convrpc.core.errors import CallEnded, ConvError, InvalidArgumentError, ResourceExhaustedError, ServerDraining
 from convrpc.core.optim import AdamOptions, SgdOptions
 from convrpc.core.stopping import StopFlag, stopping
@@ -55,12 +55,12 @@ def _serialize(message) -> bytes:
 
 
 def _field_prefix(exc: ConvError, request) -> str:
-    """TrainKernel's core errors name conv2d and optimizer arguments; point them at their request fields.
+    """The training RPCs' core errors name conv2d and optimizer arguments; point them at their request fields.
     (The op RPCs place their option errors where they compute, with ``wire.option_field``.)"""
-    if not isinstance(request, pb.TrainKernelRequest):
+    if not isinstance(request, (pb.TrainKernelRequest, pb.TrainNetworkRequest)):
         return ""
     field = getattr(exc, "field", None)
-    if field in wire.OP_SPECS["conv2d"].option_names:
+    if isinstance(request, pb.TrainKernelRequest) and field in wire.OP_SPECS["conv2d"].option_names:
         return "conv."
     if field in _OPTIMIZER_FIELDS:
         return f"{request.WhichOneof('optimizer') or 'sgd'}."
@@ -124,7 +124,8 @@ class ConvService:
         self.streams = StreamWatch(settings.stream_idle_timeout)
         self.undecodable = UndecodableLog()
         self._lock = threading.Lock()
-        #: The stop event of every running TrainKernel run, by its run_id (or a private key without one).
+        #: The stop event of every running training run (TrainKernel or TrainNetwork), by its run_id (or a
+        #: private key without one): StopTraining serves both.
         self._runs: dict[object, threading.Event] = {}
         self._draining = False
 
@@ -147,6 +148,7 @@ class ConvService:
             "BackwardStream": handler(bidi, self.BackwardStream, pb.BackwardStreamRequest,
                                       chunks.decoder(pb.BackwardStreamRequest)),
             "TrainKernel": handler(stream, self.TrainKernel, pb.TrainKernelRequest),
+            "TrainNetwork": handler(stream, self.TrainNetwork, pb.TrainNetworkRequest),
             "StopTraining": handler(unary, self.StopTraining, pb.StopTrainingRequest),
             "GetServerInfo": handler(unary, self.GetServerInfo, pb.GetServerInfoRequest),
             "OpenSharedMemorySession": handler(unary, self.OpenSharedMemorySession, pb.OpenSharedMemorySessionRequest),
@@ -194,10 +196,20 @@ class ConvService:
     def _run(self, request, chunked, context, *, backward: bool):
         """Decode by storage -> compute -> encode into the request's storage. ``chunked`` is the rest of a
         stream (its chunks) or None on a unary RPC; yields the response message(s)."""
-        name, options = wire.decode_op(request.op)
-        spec = wire.OP_SPECS[name]
-        fields = self._check_tensors(request, spec, backward)
-        response, stream_response = _RESPONSES[backward]
+        if request.WhichOneof("computation") == "network":
+            net = networks.decode_network(request.network)
+            fields, layers = self._check_network_tensors(request, net, backward), len(net)
+            compute = functools.partial(self._compute_network, net, backward=backward)
+        else:
+            name, options = wire.decode_op(request.op)
+            spec = wire.OP_SPECS[name]
+            fields, layers = self._check_tensors(request, spec, backward), 0
+            compute = lambda arrays: self._compute(spec, options, arrays, backward)  # noqa: E731
+        kind, stream_kind = _RESPONSES[backward]
+
+        def response(tensors: dict):
+            return wire.fill_tensors(kind(), tensors, layers)
+
         # A compute slot is taken once the request's bytes are here (a stream's chunks received), and
         # given back before the results are sent: a client that withholds either holds no slot.
         if request.HasField("shared_memory"):
@@ -207,42 +219,59 @@ class ConvService:
                 _check_alive(context)
                 with self.slots.held():
                     arrays.update(call.inputs(shared))
-                    results = self._compute(spec, options, arrays, backward, context)
+                    results = _until_ended(context, compute, arrays)
                     del arrays
                     buffer = placement.output_buffer if placement.HasField("output_buffer") else None
-                    placed = response(**call.outputs(results, buffer))
-            yield placed if chunked is None else stream_response(response=placed)
+                    placed = response(call.outputs(results, buffer))
+            yield placed if chunked is None else stream_kind(response=placed)
             return
         arrays, _ = self._decode(request, fields, chunked, None)
         _check_alive(context)
         with self.slots.held():
-            results = self._compute(spec, options, arrays, backward, context)
+            results = _until_ended(context, compute, arrays)
         del arrays
         if chunked is None:
-            yield response(**{f: wire.encode_tensor(a, f) for f, a in results})
+            yield response({f: wire.encode_tensor(a, f) for f, a in results})
             return
-        yield stream_response(response=response(**{f: wire.tensor_header(a, f) for f, a in results}))
+        yield stream_kind(response=response({f: wire.tensor_header(a, f) for f, a in results}))
         yield from chunks.iter_chunks([a for _, a in results], self.settings.stream_chunk_bytes)
 
-    def _check_tensors(self, request, spec: wire.OpSpec, backward: bool) -> list[str]:
-        """The request's tensor fields, after refusing one the op does not take, then a missing one."""
+    def _check_tensors(self, request, spec: wire.OpSpec, backward: bool) -> list[tuple[str, pb.Tensor]]:
+        """``[(field, Tensor)]`` of an op request, after refusing one the op does not take, then a missing one."""
         takes = spec.request_tensors(backward)
+        if request.params:
+            raise InvalidArgumentError("params", f"{spec.name} takes no params (a network's parameters)")
         for f in request.DESCRIPTOR.fields:
             if f.message_type is pb.Tensor.DESCRIPTOR and f.name not in takes and request.HasField(f.name):
                 raise InvalidArgumentError(f.name, f"{spec.name} takes no {f.name}")
         for f in ("grad_output", *spec.required) if backward else spec.required:
             if not request.HasField(f):
                 raise InvalidArgumentError(f, "is required")
-        return [f for f in takes if request.HasField(f)]
+        return [(f, getattr(request, f)) for f in takes if request.HasField(f)]
 
-    def _decode(self, request, fields: list[str], chunked, call):
+    def _check_network_tensors(self, request, net, backward: bool) -> list[tuple[str, pb.Tensor]]:
+        """``[(path, Tensor)]`` of a network request, after refusing an op's weight or bias, a missing
+        input or grad_output, and params that are not one entry per layer."""
+        for f in ("weight", "bias"):
+            if request.HasField(f):
+                raise InvalidArgumentError(f, "a network takes its parameters in params, one entry per layer")
+        for f in ("grad_output", "input") if backward else ("input",):
+            if not request.HasField(f):
+                raise InvalidArgumentError(f, "is required")
+        if len(request.params) != len(net):
+            raise InvalidArgumentError(
+                "params", f"expected {len(net)} entries (one per layer, empty for a layer without parameters), "
+                f"got {len(request.params)}",
+            )  # fmt: skip
+        return wire.tensor_fields(request)
+
+    def _decode(self, request, fields: list[tuple[str, pb.Tensor]], chunked, call):
         """The request's inline and streamed tensors as ``{field: array}``, and ``[(field, Tensor)]`` of
         those in shared memory, for ``call.inputs`` to read. Each tensor's layout and caps (elements
         each, bytes all together) are checked before any shared or streamed tensor is read or allocated."""
         s = self.settings
         arrays, shared, streamed, total = {}, [], [], 0
-        for f in fields:
-            tensor = getattr(request, f)
+        for f, tensor in fields:
             storage = tensor.WhichOneof("storage")
             if storage == "shared" or (storage is None and chunked is not None):
                 if storage == "shared" and call is None:
@@ -275,19 +304,12 @@ class ConvService:
             assembler.add(message.chunk.offset, message.chunk.data)
         return assembler.finish()
 
-    def _compute(self, spec: wire.OpSpec, options: dict, arrays: dict, backward: bool, context):
+    def _compute(self, spec: wire.OpSpec, options: dict, arrays: dict, backward: bool):
         """``[(response field, host array)]`` of the op or its backward (max_pool2d's indices too, with
-        return_indices); core errors naming an option are pointed at ``op.<op>.<option>``.
-
-        The compute stops part way when the call ends under it (its client cancelled, its deadline
-        passed: gRPC runs the callback either way), so its slot frees within a kernel's tile."""
+        return_indices); core errors naming an option are pointed at ``op.<op>.<option>``."""
         method = getattr(self.backend, f"{spec.name}_backward" if backward else spec.name)
-        flag = StopFlag()
-        if not context.add_callback(functools.partial(_stop_when_ended, context, flag)):
-            flag.cancel()  # already over
         try:
-            with stopping(flag):
-                result = method(*(arrays.get(f) for f in spec.request_tensors(backward)), **options)
+            result = method(*(arrays.get(f) for f in spec.request_tensors(backward)), **options)
         except ConvError as exc:
             if getattr(exc, "field", None):
                 exc.field = wire.option_field(spec.name, exc.field)
@@ -295,6 +317,22 @@ class ConvService:
         results = result if isinstance(result, tuple) else (result,)
         fields = spec.result_tensors(backward, options)
         return [(f, self._host(a)) for f, a in zip(fields, results) if a is not None]
+
+    def _compute_network(self, net, arrays: dict, *, backward: bool):
+        """``[(response path, host array)]`` of a network's forward (the output) or backward (grad_input, then
+        ``grad_params[i].weight``/``.bias``); core errors are pointed at the request's fields."""
+        x, params = arrays["input"], networks.params_of(arrays, len(net))
+        try:
+            if backward:
+                grads = network.backward(self.backend, net, x, params, arrays["grad_output"])
+                results = [("grad_input", grads.input), *networks.param_arrays(grads.params, "grad_params").items()]
+            else:
+                results = [("output", network.forward(self.backend, net, x, params))]
+        except ConvError as exc:
+            if getattr(exc, "field", None):
+                exc.field = networks.request_field(net, exc.field)
+            raise
+        return [(f, self._host(a)) for f, a in results if a is not None]
 
     def _host(self, array) -> np.ndarray:
         a = self.backend.kernels.to_host(array)
@@ -325,12 +363,63 @@ class ConvService:
         config = self._train_config(request)
         x = self._tensor(request, "input", required=True)
         y = self._tensor(request, "target", required=True)
-        if len(request.run_id) > _MAX_RUN_ID:
-            raise InvalidArgumentError("run_id", f"must be at most {_MAX_RUN_ID} characters, got {len(request.run_id)}")
+        _check_run_id(request)
         cancelled = threading.Event()
         run = fit_kernel(self.backend, x, y, config, stop_event=cancelled)  # validates; nothing runs yet
+        for event in self._stream_run("TrainKernel", request, context, run, cancelled, config.max_seconds, TrainResult):
+            if isinstance(event, TrainResult):
+                yield pb.TrainKernelResponse(result=self._result_message(event))
+            else:
+                yield pb.TrainKernelResponse(progress=self._progress_message(event))
+
+    @_rpc
+    def TrainNetwork(self, request: pb.TrainNetworkRequest, context):
+        if not request.HasField("network"):
+            raise InvalidArgumentError("network", "is required")
+        net = networks.decode_network(request.network)
+        common = self._run_options(request)
+        x = self._tensor(request, "input", required=True)
+        y = self._tensor(request, "target", required=True)
+        _check_run_id(request)
+        seed = request.seed if request.HasField("seed") else None
+        config = network.NetworkTrainConfig(
+            **common, tol=request.tol, batch_size=request.batch_size or None, seed=seed,
+            report_every=max(1, request.report_every),
+        )  # fmt: skip
+        cancelled = threading.Event()
+        try:
+            params = self._network_params(request, net)
+            # validates the chain, the data and the parameters; nothing runs yet
+            run = network.fit_network(self.backend, net, x, y, params, config, stop_event=cancelled)
+        except ConvError as exc:
+            if getattr(exc, "field", None):
+                exc.field = networks.request_field(net, exc.field)
+            raise
+        for event in self._stream_run("TrainNetwork", request, context, run, cancelled, config.max_seconds,
+                                      network.NetworkResult):  # fmt: skip
+            if isinstance(event, network.NetworkResult):
+                yield pb.TrainNetworkResponse(result=self._network_result_message(event, len(net)))
+            else:
+                yield pb.TrainNetworkResponse(progress=self._progress_message(event))
+
+    def _network_params(self, request: pb.TrainNetworkRequest, net) -> list[dict] | None:
+        """The request's starting parameters; None when none are sent (the fit draws them from the seed)."""
+        if not request.params:
+            return None
+        if len(request.params) != len(net):
+            raise InvalidArgumentError(
+                "params", f"expected {len(net)} entries (one per layer) or none, got {len(request.params)}"
+            )
+        cap = self.settings.max_elements
+        arrays = {f: wire.decode_tensor(t, f, max_elements=cap) for f, t in wire.tensor_fields(request)
+                  if f.startswith("params[")}  # fmt: skip
+        return networks.params_of(arrays, len(net))
+
+    def _stream_run(self, rpc: str, request, context, run, cancelled: threading.Event, max_seconds: float, result_type):
+        """A validated fit's events as its stream sends them (TrainStream's throttling), the run registered
+        under its run_id for StopTraining, and stopped when the RPC ends or the server drains."""
         # A cancelled RPC stops the run too (its result has nobody to go to); StopTraining stops it
-        # and lets the stream below end with the result.
+        # and lets the stream end with the result.
         if not context.add_callback(cancelled.set):
             cancelled.set()  # the client is already gone
         key = request.run_id or object()
@@ -340,15 +429,15 @@ class ConvService:
             if key in self._runs:
                 raise InvalidArgumentError("run_id", "is already used by a running run: draw a fresh one per run")
             self._runs[key] = cancelled
-        limit = config.max_seconds + self.settings.stream_idle_timeout  # a reader that stops reading loses it
+        limit = max_seconds + self.settings.stream_idle_timeout  # a reader that stops reading loses it
         try:
-            with self.slots.held(), self.streams.watch(context, "TrainKernel", limit) as watched:
-                events = TrainStream(run, cancelled, min_interval=self.settings.report_interval, max_seconds=config.max_seconds)
+            with self.slots.held(), self.streams.watch(context, rpc, limit) as watched:
+                events = TrainStream(run, cancelled, min_interval=self.settings.report_interval,
+                                     max_seconds=max_seconds, result_type=result_type)  # fmt: skip
                 for event in watched.sending(events):
-                    if isinstance(event, TrainResult):
-                        yield pb.TrainKernelResponse(result=self._result_message(event))
+                    yield event
+                    if isinstance(event, result_type):
                         return
-                    yield pb.TrainKernelResponse(progress=self._progress_message(event))
         finally:
             with self._lock:
                 self._runs.pop(key, None)
@@ -361,7 +450,9 @@ class ConvService:
             cancel.set()
         return pb.StopTrainingResponse(stopped=cancel is not None)
 
-    def _train_config(self, request: pb.TrainKernelRequest) -> TrainConfig:
+    def _run_options(self, request) -> dict:
+        """The options TrainKernel and TrainNetwork share, checked against the server's caps: optimizer,
+        loss, max_steps and max_seconds (0: the server's cap)."""
         s = self.settings
         max_steps = request.max_steps
         if max_steps <= 0:
@@ -391,38 +482,47 @@ class ConvService:
             optimizer = SgdOptions()
         if request.loss not in wire.LOSS_NAMES:
             raise InvalidArgumentError("loss", f"unknown loss enum value {request.loss}")
+        return dict(optimizer=optimizer, loss=wire.LOSS_NAMES[request.loss], max_steps=max_steps,
+                    max_seconds=max_seconds)  # fmt: skip
+
+    def _train_config(self, request: pb.TrainKernelRequest) -> TrainConfig:
         return TrainConfig(
             init_weight=self._tensor(request, "init_weight", required=False),
             kernel_size=(request.kernel_size.height, request.kernel_size.width) if request.HasField("kernel_size") else None,
             bias=request.bias,
             init_bias=self._tensor(request, "init_bias", required=False),
             **wire.decode_conv_options(request.conv),
-            optimizer=optimizer,
-            loss=wire.LOSS_NAMES[request.loss],
-            max_steps=max_steps,
+            **self._run_options(request),
             tol=request.tol,
             report_every=max(1, request.report_every),
             snapshot_every=request.snapshot_every,
             seed=request.seed if request.HasField("seed") else None,
             batch_size=request.batch_size or None,
-            max_seconds=max_seconds,
         )
 
     def _progress_message(self, event) -> pb.TrainProgress:
         msg = pb.TrainProgress(step=event.step, loss=event.loss, elapsed_seconds=event.elapsed, grad_norm=event.grad_norm)
-        if event.weight is not None:
+        if getattr(event, "weight", None) is not None:
             msg.weight.CopyFrom(wire.encode_tensor(event.weight))
+        if getattr(event, "accuracy", None) is not None:
+            msg.accuracy = event.accuracy
         return msg
 
+    @staticmethod
+    def _end_fields(result) -> dict:
+        """The fields every training result message has, from a core result."""
+        return dict(steps=result.steps, loss=result.loss, stop_reason=wire.STOP_REASONS[result.stop_reason],
+                    elapsed_seconds=result.elapsed, loss_history=wire.encode_tensor(result.history))  # fmt: skip
+
+    def _network_result_message(self, result, layers: int) -> pb.TrainNetworkResult:
+        msg = pb.TrainNetworkResult(**self._end_fields(result))
+        if result.accuracy is not None:
+            msg.accuracy = result.accuracy
+        tensors = {f: wire.encode_tensor(self._host(a), f) for f, a in networks.param_arrays(result.params).items()}
+        return wire.fill_tensors(msg, tensors, layers)
+
     def _result_message(self, result) -> pb.TrainResult:
-        msg = pb.TrainResult(
-            weight=wire.encode_tensor(result.weight),
-            steps=result.steps,
-            loss=result.loss,
-            stop_reason=wire.STOP_REASONS[result.stop_reason],
-            elapsed_seconds=result.elapsed,
-            loss_history=wire.encode_tensor(result.history),
-        )
+        msg = pb.TrainResult(weight=wire.encode_tensor(result.weight), **self._end_fields(result))
         if result.bias is not None:
             msg.bias.CopyFrom(wire.encode_tensor(result.bias))
         return msg
@@ -447,6 +547,16 @@ class ConvService:
         )
 
 
+def _until_ended(context, compute, arrays: dict):
+    """``compute(arrays)``, stopped part way when the call ends under it (its client cancelled, its deadline
+    passed: gRPC runs the callback either way), so its slot frees within a kernel's tile."""
+    flag = StopFlag()
+    if not context.add_callback(functools.partial(_stop_when_ended, context, flag)):
+        flag.cancel()  # already over
+    with stopping(flag):
+        return compute(arrays)
+
+
 def _stop_when_ended(context, flag: StopFlag) -> None:
     """An RPC-termination callback: a call that ends with time left was cancelled, else it expired."""
     remaining = context.time_remaining()
@@ -454,6 +564,11 @@ def _stop_when_ended(context, flag: StopFlag) -> None:
         flag.expire()
     else:
         flag.cancel()
+
+
+def _check_run_id(request) -> None:
+    if len(request.run_id) > _MAX_RUN_ID:
+        raise InvalidArgumentError("run_id", f"must be at most {_MAX_RUN_ID} characters, got {len(request.run_id)}")
 
 
 def _check_alive(context) -> None:

@@ -56,7 +56,7 @@ class Settings:
     # -- admission
     max_concurrent_rpcs: int = knob(
         config.MAX_CONCURRENT_RPCS,
-        "compute RPCs (Forward, Backward, TrainKernel) admitted at once; more get RESOURCE_EXHAUSTED at once; "
+        "compute RPCs (Forward, Backward, TrainKernel, TrainNetwork) admitted at once; more get RESOURCE_EXHAUSTED at once; "
         f"0 means one per CPU the process may use (at least {config.MIN_COMPUTE_SLOTS}), for the lowest latency",
     )
     workers: int = knob(0, f"gRPC handler threads; best above the compute slots; 0 means the slots + {SPARE_WORKERS}")
@@ -73,8 +73,8 @@ class Settings:
         config.MAX_OP_FLOPS, "most floating-point operations one op call (or one training step) may cost, estimated "
         "from its geometry before anything is allocated; more get RESOURCE_EXHAUSTED"
     )
-    max_train_steps: int = knob(config.MAX_TRAIN_STEPS, "most steps one TrainKernel run may take")
-    max_train_seconds: float = knob(config.MAX_TRAIN_SECONDS, "longest wall time of one TrainKernel run (seconds)")
+    max_train_steps: int = knob(config.MAX_TRAIN_STEPS, "most steps one TrainKernel or TrainNetwork run may take")
+    max_train_seconds: float = knob(config.MAX_TRAIN_SECONDS, "longest wall time of one TrainKernel or TrainNetwork run (seconds)")
     report_interval: float = knob(
         config.MIN_REPORT_INTERVAL, "shortest interval between two training progress messages (seconds)"
     )

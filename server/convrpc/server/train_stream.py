@@ -1,4 +1,4 @@
-"""TrainStream: a kernel fit on a thread of its own, read by the RPC thread as a rate-limited event stream.
+"""TrainStream: a fit (a kernel's or a network's) on a thread of its own, read by the RPC thread as a rate-limited event stream.
 
 A streaming handler's ``yield`` blocks until gRPC has the message on the wire, and HTTP/2 flow
 control holds it back while the client is slow to read (a notebook that started a run and has
@@ -37,8 +37,8 @@ _STOP_POLL = 0.02
 class TrainStream:
     """Iterate it (on the RPC thread) for the events to send: TrainProgress..., then the TrainResult.
 
-    ``events`` is a fit's event iterator (``fit_kernel``'s); ``stop`` is the event that fit
-    checks before every step. The fit starts on the first ``next()``. Past ``max_seconds`` (the
+    ``events`` is a fit's event iterator (``fit_kernel``'s, or ``fit_network``'s with its
+    ``result_type``); ``stop`` is the event that fit checks before every step. The fit starts on the first ``next()``. Past ``max_seconds`` (the
     fit's own limit) it no longer waits for a slow reader, so the fit stops at its limit.
     """
 
@@ -51,8 +51,10 @@ class TrainStream:
         max_seconds: float | None = None,
         max_pending_bytes: int = MAX_PENDING_SNAPSHOT_BYTES,
         clock: Callable[[], float] = time.monotonic,
+        result_type: type = TrainResult,
     ):
         self._events = events
+        self._result_type = result_type
         self._stop = stop
         self._min_interval = min_interval
         self._max_seconds = max_seconds or float("inf")
@@ -72,10 +74,10 @@ class TrainStream:
         last_published = -float("inf")
         try:
             for event in self._events:
-                if isinstance(event, TrainResult):
+                if isinstance(event, self._result_type):
                     end = event
                     break
-                if event.weight is not None:
+                if getattr(event, "weight", None) is not None:
                     self._publish_snapshot(event)
                     last_published = self._clock()
                     continue
@@ -91,7 +93,7 @@ class TrainStream:
 
     def _publish(self, event: TrainProgress) -> None:
         with self._cv:
-            if self._queue and self._queue[-1].weight is None:
+            if self._queue and getattr(self._queue[-1], "weight", None) is None:
                 self._queue[-1] = event  # not sent yet: the newer state replaces it
             else:
                 self._queue.append(event)
@@ -121,7 +123,7 @@ class TrainStream:
                     if not self._queue:
                         break
                     event = self._queue.popleft()
-                    if event.weight is not None:
+                    if getattr(event, "weight", None) is not None:
                         self._snapshot_bytes -= event.weight.nbytes
                         self._cv.notify()
                 yield event
