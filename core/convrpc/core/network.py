@@ -3,7 +3,8 @@
 A network is a description (:class:`Sequential` of layer specs, argued and defaulted exactly like
 ``torch.nn``); its parameters travel separately, as a list with one dict per layer
 (``{"weight": w, "bias": b}``, no "bias" key when ``bias=False``, ``{}`` for layers without
-parameters) in torch's layouts::
+parameters) in torch's layouts. The layer specs and how each computes are :mod:`convrpc.core.layers`
+(re-exported here); this module validates whole calls, runs them and trains::
 
     net = Sequential(Conv2d(1, 6, 3), ReLU(), MaxPool2d(2), Flatten(), Linear(6 * 3 * 3, 10))
     params = net.init(seed=0)
@@ -14,14 +15,6 @@ parameters) in torch's layouts::
 each layer's arguments (with the op surface's integer rules), that its input fits it (errors name
 ``layers[i].<argument>``), the parameters (``params[i].weight``: key, shape, dtype), and the
 backend's caps on every layer's output (``max_elements``) and cost (``max_flops``).
-
-Compute: every layer but Linear and Flatten calls the backend's kernel table (the kernels behind
-``Backend.conv2d``, ``conv_transpose2d``, the pools, relu and their backwards, so their parity
-tests cover them), with geometries worked out once per batch size. Linear is ``x @ weight.T +
-bias`` through ``backend.xp`` (BLAS), not a conv whose kernel covers the whole input: measured on
-the numba backend for a forward plus backward of (64, 256) -> 120, (64, 400) -> 120 and
-(64, 120) -> 10, the conv route (the im2col plumbing around the same GEMM, a 1x1 output per
-sample) took 12-40x longer than the matmul, in float32 and float64 alike. Flatten is a reshape.
 
 Activations: the forward pass of a backward or a training step keeps every layer's input (the
 conv weight gradients, relu and max pool need them): the sum of the layers' input sizes, each
@@ -45,10 +38,24 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from . import config, training
-from . import params as P
+from . import training
 from .backend import DTYPES, Backend
 from .errors import InvalidArgumentError, ResourceExhaustedError
+from .layers import (
+    LAYERS,
+    AvgPool2d,
+    Conv2d,
+    ConvTranspose2d,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sequential,
+    Step,
+    plan,
+    run_backward,
+    run_forward,
+)
 from .optim import AdamOptions, SgdOptions
 
 __all__ = [
@@ -74,150 +81,6 @@ __all__ = [
 
 _COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
-
-# -- layer specs --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Conv2d:
-    """torch.nn.Conv2d: weight (out_channels, in_channels/groups, kh, kw), bias (out_channels,)."""
-
-    in_channels: int
-    out_channels: int
-    kernel_size: Any
-    stride: Any = 1
-    padding: Any = 0
-    dilation: Any = 1
-    groups: int = 1
-    bias: bool = True
-
-
-@dataclass(frozen=True)
-class ConvTranspose2d:
-    """torch.nn.ConvTranspose2d: weight (in_channels, out_channels/groups, kh, kw), bias (out_channels,)."""
-
-    in_channels: int
-    out_channels: int
-    kernel_size: Any
-    stride: Any = 1
-    padding: Any = 0
-    output_padding: Any = 0
-    groups: int = 1
-    bias: bool = True
-    dilation: Any = 1
-
-
-@dataclass(frozen=True)
-class MaxPool2d:
-    """torch.nn.MaxPool2d (``stride=None`` means the kernel size)."""
-
-    kernel_size: Any
-    stride: Any = None
-    padding: Any = 0
-    dilation: Any = 1
-    ceil_mode: bool = False
-
-
-@dataclass(frozen=True)
-class AvgPool2d:
-    """torch.nn.AvgPool2d (``stride=None`` means the kernel size)."""
-
-    kernel_size: Any
-    stride: Any = None
-    padding: Any = 0
-    ceil_mode: bool = False
-    count_include_pad: bool = True
-    divisor_override: int | None = None
-
-
-@dataclass(frozen=True)
-class ReLU:
-    """torch.nn.ReLU: max(x, 0) elementwise."""
-
-
-@dataclass(frozen=True)
-class Flatten:
-    """torch.nn.Flatten with its defaults: (N, d1, d2, ...) -> (N, d1*d2*...)."""
-
-
-@dataclass(frozen=True)
-class Linear:
-    """torch.nn.Linear on the last axis: weight (out_features, in_features), bias (out_features,)."""
-
-    in_features: int
-    out_features: int
-    bias: bool = True
-
-
-#: Every layer kind, in the order of the proto's layer messages.
-LAYERS = (Conv2d, ConvTranspose2d, MaxPool2d, AvgPool2d, ReLU, Flatten, Linear)
-
-
-class Sequential:
-    """A chain of layer specs, applied in order: ``.layers`` (a tuple), len(), iteration, indexing."""
-
-    def __init__(self, *layers):
-        for i, layer in enumerate(layers):
-            if not isinstance(layer, LAYERS):
-                names = ", ".join(kind.__name__ for kind in LAYERS)
-                raise InvalidArgumentError(f"layers[{i}]", f"expected a layer spec ({names}), got {layer!r}")
-        self.layers = tuple(layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __iter__(self) -> Iterator:
-        return iter(self.layers)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return Sequential(*self.layers[index])
-        return self.layers[index]
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Sequential) and self.layers == other.layers
-
-    def __hash__(self) -> int:
-        return hash(self.layers)
-
-    def __repr__(self) -> str:  # torch's layout, with each spec's own (constructible) repr
-        if not self.layers:
-            return "Sequential()"
-        lines = "".join(f"  ({i}): {layer!r}\n" for i, layer in enumerate(self.layers))
-        return f"Sequential(\n{lines})"
-
-    def parameter_shapes(self) -> list[dict[str, tuple]]:
-        """Per layer, the shape of each parameter (``{}`` for layers without any); checks the layers' arguments."""
-        return [_parameter_shapes(layer, i) for i, layer in enumerate(self.layers)]
-
-    def init(self, seed: int | None = None, dtype=np.float64) -> list[dict]:
-        """Fresh parameters drawn like torch's ``reset_parameters``, layer by layer, weight then bias.
-
-        Weights are Kaiming-uniform and biases uniform, both U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with
-        fan_in = weight.shape[1] * kh * kw (in_features for Linear), drawn in float64 from ``seed``
-        and cast to ``dtype``.
-        """
-        dtype = np.dtype(dtype)
-        if dtype not in DTYPES:
-            raise InvalidArgumentError("dtype", f"expected one of {', '.join(map(str, DTYPES))}, got {dtype}")
-        shapes = self.parameter_shapes()
-        rng = np.random.default_rng(seed)
-        out = []
-        for entry in shapes:
-            drawn = {}
-            if entry:
-                fan_in = math.prod(entry["weight"][1:])
-                bound = 1.0 / math.sqrt(fan_in)
-                for name, shape in entry.items():
-                    drawn[name] = rng.uniform(-bound, bound, size=shape).astype(dtype)
-            out.append(drawn)
-        return out
-
-    def output_shape(self, input_shape) -> tuple:
-        """The network's output shape for an input of ``input_shape``; validates the chain, computes nothing."""
-        return check_network(self, input_shape)[-1]
-
-
 class NetworkGradients(NamedTuple):
     """Gradients of a loss w.r.t. a network's input and parameters (a list shaped like ``params``)."""
 
@@ -232,239 +95,7 @@ class NetworkGradients(NamedTuple):
         return f"NetworkGradients(input={brief(self.input)}, params=[{layers}])"
 
 
-# -- argument checks ----------------------------------------------------------------------------
-
-
-def _int(value, field: str, minimum: int = 1) -> int:
-    if not P._is_int(value):
-        raise InvalidArgumentError(field, f"expected an int, got {value!r}")
-    if not minimum <= int(value) <= config.MAX_GEOMETRY_INT:
-        raise InvalidArgumentError(field, f"must be an int in [{minimum}, {config.MAX_GEOMETRY_INT}], got {value!r}")
-    return int(value)
-
-
-def _renamed(exc: InvalidArgumentError, index: int, rename: dict | None = None) -> InvalidArgumentError:
-    """A geometry error pointed at the layer's argument (``weight`` -> ``kernel_size`` and the like)."""
-    name = (rename or {}).get(exc.field, exc.field)
-    return InvalidArgumentError(f"layers[{index}].{name}", exc.description)
-
-
-def _conv_channels(layer, i: int) -> tuple[int, int, int]:
-    prefix = f"layers[{i}]"
-    c_in = _int(layer.in_channels, f"{prefix}.in_channels")
-    c_out = _int(layer.out_channels, f"{prefix}.out_channels")
-    groups = _int(layer.groups, f"{prefix}.groups")
-    for name, value in (("in_channels", c_in), ("out_channels", c_out)):
-        if value % groups:
-            raise InvalidArgumentError(f"{prefix}.groups", f"{name} {value} is not divisible by groups={groups}")
-    P.flag(layer.bias, f"{prefix}.bias")
-    return c_in, c_out, groups
-
-
-def _parameter_shapes(layer, i: int) -> dict[str, tuple]:
-    """The layer's parameter shapes in torch's layouts, its arguments checked."""
-    if isinstance(layer, (Conv2d, ConvTranspose2d)):
-        c_in, c_out, groups = _conv_channels(layer, i)
-        kh, kw = P.pair(layer.kernel_size, f"layers[{i}].kernel_size", minimum=1)
-        if isinstance(layer, Conv2d):
-            shapes = {"weight": (c_out, c_in // groups, kh, kw)}
-        else:
-            shapes = {"weight": (c_in, c_out // groups, kh, kw)}
-    elif isinstance(layer, Linear):
-        c_out = _int(layer.out_features, f"layers[{i}].out_features")
-        shapes = {"weight": (c_out, _int(layer.in_features, f"layers[{i}].in_features"))}
-        P.flag(layer.bias, f"layers[{i}].bias")
-    else:
-        return {}
-    if layer.bias:
-        shapes["bias"] = (c_out,)
-    return shapes
-
-
-def _input_shape(shape) -> tuple:
-    try:
-        shape = tuple(int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError("input.shape", f"expected a sequence of ints, got {shape!r}") from None
-    if len(shape) < 2:
-        raise InvalidArgumentError("input.shape", f"expected a batch (N, C, H, W) or (N, features), got shape {shape}")
-    if min(shape) <= 0:
-        raise InvalidArgumentError("input.shape", f"every dimension must be > 0, got shape {shape}")
-    return shape
-
-
-# -- planned layers: a layer with its geometry for one input shape ------------------------------
-
-
-class _Step:
-    """One layer for one input shape: output shape, cost, and its forward/backward on the kernel table."""
-
-    flops = 0  # of the forward pass; each backward direction costs as much again
-
-    def __init__(self, index: int, input_shape: tuple, output_shape: tuple):
-        self.index = index
-        self.input_shape = input_shape
-        self.output_shape = output_shape
-
-    def forward(self, k, x, p):
-        raise NotImplementedError
-
-    def backward(self, k, gy, x, p, input_grad: bool) -> tuple[Any, dict]:
-        """(gradient w.r.t. the input or None, gradients of the parameters); ``x`` is the forward's input."""
-        raise NotImplementedError
-
-
-def _needs_4d(layer, i: int, shape: tuple) -> None:
-    if len(shape) != 4:
-        hint = " (a Linear or Flatten before it changed the rank)" if len(shape) < 4 else ""
-        raise InvalidArgumentError(
-            f"layers[{i}]", f"{type(layer).__name__} expects a 4-d (N, C, H, W) input, got shape {shape}{hint}"
-        )
-
-
-class _ConvStep(_Step):
-    def __init__(self, layer: Conv2d, i: int, shape: tuple):
-        _needs_4d(layer, i, shape)
-        wshape = _parameter_shapes(layer, i)["weight"]
-        if shape[1] != layer.in_channels:
-            raise InvalidArgumentError(f"layers[{i}].in_channels", f"expected {shape[1]}, got {layer.in_channels}")
-        try:
-            self.g = P.conv2d_geometry(shape, wshape, None, layer.stride, layer.padding, layer.dilation, layer.groups)
-        except InvalidArgumentError as exc:
-            raise _renamed(exc, i, {"weight": "kernel_size"}) from None
-        super().__init__(i, shape, self.g.output_shape)
-        self.flops = self.g.flops
-
-    def forward(self, k, x, p):
-        return k.conv2d(x, p["weight"], p.get("bias"), self.g)
-
-    def backward(self, k, gy, x, p, input_grad):
-        grads = {"weight": k.conv2d_weight_grad(x, gy, self.g)}
-        if "bias" in p:
-            grads["bias"] = gy.sum(axis=(0, 2, 3))
-        return (k.conv2d_input_grad(gy, p["weight"], self.g) if input_grad else None), grads
-
-
-class _ConvTransposeStep(_Step):
-    def __init__(self, layer: ConvTranspose2d, i: int, shape: tuple):
-        _needs_4d(layer, i, shape)
-        wshape = _parameter_shapes(layer, i)["weight"]
-        if shape[1] != layer.in_channels:
-            raise InvalidArgumentError(f"layers[{i}].in_channels", f"expected {shape[1]}, got {layer.in_channels}")
-        try:
-            self.g = P.conv_transpose2d_geometry(shape, wshape, None, layer.stride, layer.padding,
-                                                 layer.output_padding, layer.groups, layer.dilation)  # fmt: skip
-        except InvalidArgumentError as exc:
-            raise _renamed(exc, i, {"weight": "kernel_size"}) from None
-        super().__init__(i, shape, self.g.input_shape)  # the adjoint conv's input is this layer's output
-        self.flops = self.g.flops
-
-    def forward(self, k, x, p):
-        y = k.conv2d_input_grad(x, p["weight"], self.g)
-        if "bias" in p:
-            y += p["bias"].reshape(1, -1, 1, 1)
-        return y
-
-    def backward(self, k, gy, x, p, input_grad):
-        grads = {"weight": k.conv2d_weight_grad(gy, x, self.g)}
-        if "bias" in p:
-            grads["bias"] = gy.sum(axis=(0, 2, 3))
-        return (k.conv2d(gy, p["weight"], None, self.g) if input_grad else None), grads
-
-
-class _PoolStep(_Step):
-    def __init__(self, layer, i: int, shape: tuple):
-        _needs_4d(layer, i, shape)
-        try:
-            if isinstance(layer, MaxPool2d):
-                self.g = P.pool2d_geometry(shape, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-                                           layer.ceil_mode)  # fmt: skip
-            else:
-                self.g = P.pool2d_geometry(shape, layer.kernel_size, layer.stride, layer.padding, 1, layer.ceil_mode,
-                                           layer.count_include_pad, layer.divisor_override)  # fmt: skip
-        except InvalidArgumentError as exc:
-            raise _renamed(exc, i) from None
-        self.is_max = isinstance(layer, MaxPool2d)
-        super().__init__(i, shape, self.g.output_shape)
-        self.flops = Backend._pool_flops(self.g)
-
-    def forward(self, k, x, p):
-        return k.max_pool2d(x, self.g)[0] if self.is_max else k.avg_pool2d(x, self.g)
-
-    def backward(self, k, gy, x, p, input_grad):
-        if not input_grad:
-            return None, {}
-        return (k.max_pool2d_backward(gy, x, self.g) if self.is_max else k.avg_pool2d_backward(gy, self.g)), {}
-
-
-class _ReluStep(_Step):
-    def __init__(self, layer, i: int, shape: tuple):
-        super().__init__(i, shape, shape)
-
-    def forward(self, k, x, p):
-        return k.relu(x)
-
-    def backward(self, k, gy, x, p, input_grad):
-        return (k.relu_backward(gy, x) if input_grad else None), {}
-
-
-class _FlattenStep(_Step):
-    def __init__(self, layer, i: int, shape: tuple):
-        super().__init__(i, shape, (shape[0], math.prod(shape[1:])))
-
-    def forward(self, k, x, p):
-        return x.reshape(self.output_shape)
-
-    def backward(self, k, gy, x, p, input_grad):
-        return (gy.reshape(self.input_shape) if input_grad else None), {}
-
-
-class _LinearStep(_Step):
-    def __init__(self, layer: Linear, i: int, shape: tuple):
-        out_features, in_features = _parameter_shapes(layer, i)["weight"]
-        if shape[-1] != in_features:
-            hint = f" (the last axis of shape {shape}; put a Flatten before it)" if len(shape) > 2 else ""
-            raise InvalidArgumentError(f"layers[{i}].in_features", f"expected {shape[-1]}, got {in_features}{hint}")
-        super().__init__(i, shape, (*shape[:-1], out_features))
-        self.flops = 2 * math.prod(shape) * out_features
-
-    def forward(self, k, x, p):
-        y = x @ p["weight"].T
-        if "bias" in p:
-            y += p["bias"]
-        return y
-
-    def backward(self, k, gy, x, p, input_grad):
-        gy2 = gy.reshape(-1, gy.shape[-1])
-        grads = {"weight": gy2.T @ x.reshape(-1, x.shape[-1])}
-        if "bias" in p:
-            grads["bias"] = gy2.sum(axis=0)
-        return (gy @ p["weight"] if input_grad else None), grads
-
-
-_STEPS = {
-    Conv2d: _ConvStep,
-    ConvTranspose2d: _ConvTransposeStep,
-    MaxPool2d: _PoolStep,
-    AvgPool2d: _PoolStep,
-    ReLU: _ReluStep,
-    Flatten: _FlattenStep,
-    Linear: _LinearStep,
-}
-
-
-def _plan(net: Sequential, input_shape) -> list[_Step]:
-    if not isinstance(net, Sequential):
-        raise InvalidArgumentError("net", f"expected a Sequential, got {type(net).__name__}")
-    if not net.layers:
-        raise InvalidArgumentError("layers", "a network needs at least one layer")
-    shape = _input_shape(input_shape)
-    steps = []
-    for i, layer in enumerate(net.layers):
-        step = _STEPS[type(layer)](layer, i, shape)
-        steps.append(step)
-        shape = step.output_shape
-    return steps
+# -- validating a call ---------------------------------------------------------------------------
 
 
 def _check_params(net: Sequential, params, dtype) -> None:
@@ -498,7 +129,7 @@ def _check_params(net: Sequential, params, dtype) -> None:
                 raise InvalidArgumentError(field, f"dtype {a.dtype} differs from the input's {dtype}")
 
 
-def _check_caps(backend: Backend, steps: list[_Step], *, backward: bool) -> None:
+def _check_caps(backend: Backend, steps: list[Step], *, backward: bool) -> None:
     """Every layer's output under the element cap and its op call under the cost cap, naming the layer."""
     cap, max_flops = backend.max_elements, backend.max_flops
     for s in steps:
@@ -510,7 +141,7 @@ def _check_caps(backend: Backend, steps: list[_Step], *, backward: bool) -> None
             )  # fmt: skip
         if count * 8 >= 2**63:
             raise ResourceExhaustedError(f"layers[{s.index}]", f"its output {s.output_shape} has {count} elements")
-        flops = s.flops * (2 if backward and s.flops and not isinstance(s, _PoolStep) else 1)
+        flops = s.backward_flops if backward else s.flops
         if max_flops is not None and flops > max_flops:
             raise ResourceExhaustedError(
                 f"layers[{s.index}]",
@@ -525,7 +156,7 @@ def check_network(net: Sequential, input_shape, params=None, dtype=None) -> list
     Raises InvalidArgumentError naming ``layers[i].<argument>``, ``input.shape`` or ``params[i].<key>``
     (when ``params`` is given; dtypes are compared to ``dtype`` when that is given too).
     """
-    steps = _plan(net, input_shape)
+    steps = plan(net, input_shape)
     if params is not None:
         _check_params(net, params, None if dtype is None else np.dtype(dtype).newbyteorder("="))
     return [s.output_shape for s in steps]
@@ -555,7 +186,7 @@ def _prepare(backend: Backend, net, input, params, *, backward: bool, grad_outpu
     dtype = x.dtype.newbyteorder("=")
     if dtype not in DTYPES:
         raise InvalidArgumentError("input", f"dtype must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    steps = _plan(net, x.shape)
+    steps = plan(net, x.shape)
     _check_params(net, params, dtype)
     if grad_output is not None:
         shape = steps[-1].output_shape
@@ -582,29 +213,10 @@ def _result(backend: Backend, prep: _Prepared, a):
     return a if a.dtype == prep.dtype else a.astype(prep.dtype)
 
 
-def _run_forward(kernels, steps: list[_Step], x, params: list, keep: bool = False):
-    """The chain's output on device arrays, and (with ``keep``) every layer's input for the backward pass."""
-    inputs = []
-    for s, p in zip(steps, params):
-        if keep:
-            inputs.append(x)
-        x = s.forward(kernels, x, p)
-    return x, inputs
-
-
-def _run_backward(kernels, steps: list[_Step], inputs: list, params: list, grad_output, input_grad: bool = True):
-    """(gradient w.r.t. the input or None, per-layer parameter gradients) from the kept layer inputs."""
-    grads: list[dict] = [{} for _ in steps]
-    gy = grad_output
-    for s in reversed(steps):
-        gy, grads[s.index] = s.backward(kernels, gy, inputs[s.index], params[s.index], input_grad or s.index > 0)
-    return gy, grads
-
-
 def forward(backend: Backend, net: Sequential, input, params: list):
     """The network's output for ``input`` (dtype and device of the input), every layer in one call."""
     prep = _prepare(backend, net, input, params, backward=False)
-    y, _ = _run_forward(backend.kernels, prep.steps, prep.x, prep.params)
+    y, _ = run_forward(backend.kernels, prep.steps, prep.x, prep.params)
     return _result(backend, prep, y)
 
 
@@ -614,8 +226,8 @@ def backward(backend: Backend, net: Sequential, input, params: list, grad_output
     prep = _prepare(backend, net, input, params, backward=True, grad_output=gy)
     k = backend.kernels
     compute = prep.x.dtype
-    _, inputs = _run_forward(k, prep.steps, prep.x, prep.params, keep=True)
-    gx, grads = _run_backward(k, prep.steps, inputs, prep.params, k.to_device(gy.astype(compute, copy=False)))
+    _, inputs = run_forward(k, prep.steps, prep.x, prep.params, keep=True)
+    gx, grads = run_backward(k, prep.steps, inputs, prep.params, k.to_device(gy.astype(compute, copy=False)))
     return NetworkGradients(
         _result(backend, prep, gx), [{key: _result(backend, prep, v) for key, v in g.items()} for g in grads]
     )
@@ -717,7 +329,7 @@ class _Measured:
     residual), and the batch accuracy (cross_entropy). The gradient pass drops the first two, so the
     next step's forward does not run while the last one's activations are still held."""
 
-    __slots__ = ("inputs", "grad_z", "accuracy")
+    __slots__ = ("accuracy", "grad_z", "inputs")
 
     def __init__(self, inputs, grad_z, accuracy):
         self.inputs, self.grad_z, self.accuracy = inputs, grad_z, accuracy
@@ -733,7 +345,7 @@ class _NetworkRun:
         xp = self.xp = backend.xp
         k = self.kernels = backend.kernels
         x = training.device_array(xp, input, "input")
-        steps = _plan(net, x.shape)
+        steps = plan(net, x.shape)
         if c.loss not in LOSSES:
             raise InvalidArgumentError("loss", f"expected one of {', '.join(LOSSES)}, got {c.loss!r}")
         self.loss_name = c.loss
@@ -791,17 +403,17 @@ class _NetworkRun:
             out[i][key] = a
         return out
 
-    def _steps(self, n: int) -> list[_Step]:
+    def _steps(self, n: int) -> list[Step]:
         steps = self._plans.get(n)
         if steps is None:
-            steps = self._plans[n] = _plan(self.net, (n, *self.x.shape[1:]))
+            steps = self._plans[n] = plan(self.net, (n, *self.x.shape[1:]))
         return steps
 
     def _measure(self, batch, flat: list, keep: bool) -> tuple[float, _Measured]:
         """The loss of the parameters on ``batch`` = (x, y), and what its gradient needs."""
         xb, yb = batch
         layers = self._layers(flat)
-        z, inputs = _run_forward(self.kernels, self._steps(xb.shape[0]), xb, layers, keep=keep)
+        z, inputs = run_forward(self.kernels, self._steps(xb.shape[0]), xb, layers, keep=keep)
         if self.loss_name == "cross_entropy":
             index = self.index.get(xb.shape[0])
             if index is None:
@@ -817,7 +429,7 @@ class _NetworkRun:
         if self.loss_name != "cross_entropy":
             grad_z = training.regression_grad(grad_z, self.loss_name)
         layers = self._layers(flat)
-        _, grads = _run_backward(self.kernels, self._steps(batch[0].shape[0]), inputs, layers, grad_z, input_grad=False)
+        _, grads = run_backward(self.kernels, self._steps(batch[0].shape[0]), inputs, layers, grad_z, input_grad=False)
         out = [grads[i][key] for i, key in self.layout]
         norm = math.sqrt(sum(float(self.xp.vdot(g.reshape(-1), g.reshape(-1))) for g in out))
         return out, norm
