@@ -10,8 +10,6 @@ __all__ = [
     "ServerDraining",
     "ServerBusy",
     "CallEnded",
-    "NotFoundError",
-    "PermissionDeniedError",
     "FailedPreconditionError",
 ]
 
@@ -74,13 +72,5 @@ class _FieldError(ConvError):
         self.description = message
 
 
-class NotFoundError(_FieldError):
-    """A request names something (a shared-memory region) that does not exist."""
-
-
-class PermissionDeniedError(_FieldError):
-    """A request names something (a shared-memory region) that belongs to someone else."""
-
-
 class FailedPreconditionError(_FieldError):
-    """A request needs a state the server is not in (shared memory disabled, an unknown session)."""
+    """A request needs a state the server is not in (shared memory disabled, an unknown session, an unsealed region)."""

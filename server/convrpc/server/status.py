@@ -22,8 +22,6 @@ from convrpc.core.errors import (
     CallEnded,
     FailedPreconditionError,
     InvalidArgumentError,
-    NotFoundError,
-    PermissionDeniedError,
     ResourceExhaustedError,
     ServerBusy,
     ServerDraining,
@@ -47,8 +45,6 @@ _CODES = {
     ServerDraining: grpc.StatusCode.UNAVAILABLE,
     ServerBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
     CallEnded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    NotFoundError: grpc.StatusCode.NOT_FOUND,
-    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
