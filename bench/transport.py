@@ -198,8 +198,8 @@ def relu_round_trips(target, backend, sizes, paths, args) -> None:
             )
             for p in timed:
                 base = t["memcpy"] if p.startswith("shm") else t["socket"]
-                net = max(t[p] - t["relu"], 1e-9)
-                cells += f" {gbps(n, t[p]):>5.2f} {base / t[p]:>5.0%} net {base / net:>4.0%}"
+                net = f"{base / (t[p] - t['relu']):>4.0%}" if t[p] > t["relu"] else " n/a"  # (noise: under the relu)
+                cells += f" {gbps(n, t[p]):>5.2f} {base / t[p]:>5.0%} net {net}"
                 if p.startswith("shm"):
                     cells += f" = {t[p] / t['relu']:.2f}x relu"
             print(cells, flush=True)

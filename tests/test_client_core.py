@@ -322,3 +322,25 @@ def test_a_call_over_a_server_cap_is_cut_to_fit_it():
     assert len(split(call, None, None, {"max_elements": 100})) == 5  # 50 elements a row: 2 rows a shard
     assert len(split(call, None, None, {"max_request_bytes": 1200})) == 4  # 400 bytes a row: 3 rows a shard
     assert split(call, None, None, {"max_elements": 10}) == [call]  # one row is over the cap: no cut helps
+
+
+@pytest.mark.skipif(not shm.AVAILABLE, reason="needs Linux memfds and fd passing")
+def test_a_shared_memory_socket_that_stops_answering_fails_the_replica_over_as_unavailable(monkeypatch):
+    from convrpc.client.shared_memory import SharedMemorySession
+
+    def frozen(self, region):
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(SharedMemorySession, "hand_over", frozen)
+    core = CallCore(["127.0.0.1:1"], mode="shm")
+    servers = SharedServers(grpc.StatusCode.INTERNAL)
+    try:
+        with pytest.raises(ConvRpcError) as info:
+            servers.drive(core.call(_call("relu", dict(input=(1, 200, 200)), {})))
+        assert info.value.code is grpc.StatusCode.UNAVAILABLE and "shared-memory socket" in info.value.message
+        # one fresh session per attempt (the frozen one is dropped), then the replica is ejected
+        assert [m for _, m in servers.calls] == ["OpenSharedMemorySession"] * (1 + len(config.RETRY_PAUSES))
+        assert core.replicas[0].session is None
+    finally:
+        core.close()
+        servers.sessions.close()

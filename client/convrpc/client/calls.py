@@ -61,6 +61,20 @@ BATCHED = ("grad_output", "input")
 SUMMED = ("grad_weight", "grad_bias")
 
 
+class Unreachable(grpc.RpcError):
+    """A replica that failed outside gRPC (its shared-memory socket): UNAVAILABLE, so the call fails over."""
+
+    def __init__(self, details: str):
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
+
+
 # -- what the drivers do ----------------------------------------------------------------------------
 
 
@@ -476,10 +490,12 @@ class CallCore:
                 placement = Placement.make(self.pool, session, call.arrays, result_bytes(call))
             except ConvRpcError as refusal:  # the server refused a region (too large, too many)
                 return self._no_room(refusal.message, refusal.code)
-            except OSError as exc:  # no memory for a region here, or the session's socket broke
-                if not session.alive() and attempt == 0:
-                    self._forget(replica, session)
-                    continue
+            except (ConnectionError, TimeoutError) as exc:  # the session's socket broke, or the server is frozen
+                self._forget(replica, session)
+                if attempt == 0 and not isinstance(exc, TimeoutError):
+                    continue  # it ended (a restart): open a new one once
+                raise Unreachable(f"the shared-memory socket of {replica.target} failed: {exc!r}") from None
+            except OSError as exc:  # no memory for a region here
                 return self._no_room(f"no room for a shared-memory region: {exc}")
             if placement is None:
                 return self._no_room("the client's region pool is full (shm_pool_bytes)")

@@ -38,8 +38,9 @@ _ALIGN = 64  # every tensor starts on a cache line
 _MIN_REGION = 64 * 1024
 #: Idle regions kept for reuse (smallest first out); more are closed.
 _IDLE_REGIONS = 4
-#: Seconds the SDK waits for the server's answer on the session socket (the server answers at once).
-_SOCKET_TIMEOUT = 10.0
+#: Seconds the SDK waits for the server's answer on the session socket: it answers at once from a thread of
+#: its own, so silence means a frozen replica (the keepalive notices one on gRPC within ~3 s too).
+_SOCKET_TIMEOUT = 5.0
 _ids = itertools.count(1)
 
 
