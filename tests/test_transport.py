@@ -226,6 +226,7 @@ def test_asyncio_client_streams_and_shares_memory(srv):
     async def run(path):
         async with AsyncConvClient(srv.target, timeout=60, data_path=path, chunk_bytes=CHUNK) as client:
             y = await client.conv2d(x, w, padding=1)
+            _same_bytes(await client.conv2d(client.asarray(x), w, padding=1), y)  # by reference on shm
             grads = await client.conv2d_backward(np.ones_like(y), x, w, padding=1)
             return y, grads
 

@@ -30,6 +30,7 @@ from convrpc import shm, wire
 from convrpc.core.errors import ConvError
 from convrpc.v1 import conv_service_pb2 as pb
 
+from . import config
 from .errors import ConvRpcError
 
 __all__ = ["Placement", "RegionPool", "SharedMemorySession", "aligned"]
@@ -39,8 +40,8 @@ _MIN_REGION = 64 * 1024
 #: Idle regions kept for reuse (smallest first out); more are closed.
 _IDLE_REGIONS = 4
 #: Seconds the SDK waits for the server's answer on the session socket: it answers at once from a thread of
-#: its own, so silence means a frozen replica (the keepalive notices one on gRPC within ~3 s too).
-_SOCKET_TIMEOUT = 5.0
+#: its own, so silence means a frozen replica, given up on as soon as gRPC's keepalive would.
+_SOCKET_TIMEOUT = (config.KEEPALIVE_TIME_MS + config.KEEPALIVE_TIMEOUT_MS) / 1000
 _ids = itertools.count(1)
 
 
