@@ -165,6 +165,14 @@ def test_an_input_in_shared_memory_is_sent_by_reference(srv, monkeypatch):
         _same_bytes(client.relu(a[1:]), np.maximum(x[1:], 0))  # a contiguous slice of one, too
 
 
+def test_shards_of_a_batch_in_shared_memory_go_by_reference_with_the_weight_they_share(srv):
+    x = np.random.default_rng(8).standard_normal((6, 2, 20, 20))
+    w = np.random.default_rng(9).standard_normal((3, 2, 3, 3))
+    with ConvClient(srv.target, timeout=60, data_path="shm", shard_size=1) as client:
+        for _ in range(2):  # six shards at once hand over the one weight region once, then reuse it
+            _same_bytes(client.conv2d(client.asarray(x), client.asarray(w), padding=1), REF.conv2d(x, w, padding=1))
+
+
 def test_a_full_pool_or_no_memory_sends_only_that_call_over_the_network(srv, monkeypatch):
     stream = CallCore._streamed
     streamed = []

@@ -251,9 +251,9 @@ class SharedMemorySession:
 
     def hand_over(self, region: _Region) -> None:
         """Give the server ``region``'s descriptor, once; ConvRpcError if it refuses, OSError if the socket failed."""
-        if self in region.sessions:
-            return
-        with self._lock:
+        with self._lock:  # shards running at once may share a region (a weight): it goes over once
+            if self in region.sessions:
+                return
             if self.closed:
                 raise ConnectionResetError("the shared-memory session is closed")
             self._send_and_check(shm.encode(shm.ADD, region.id), [region.fd], region.id)
