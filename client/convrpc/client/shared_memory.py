@@ -228,7 +228,10 @@ class SharedMemorySession:
 
     def _send_and_check(self, message: bytes, fds: list[int], region_id: int) -> None:
         """Send one message and raise the server's refusal as ConvRpcError; OSError if the socket fails."""
-        socket.send_fds(self._sock, [message], fds) if fds else self._sock.send(message)
+        if fds:
+            socket.send_fds(self._sock, [message], fds)
+        else:
+            self._sock.send(message)
         reply = self._sock.recv(shm.MAX_MESSAGE)
         if not reply:
             raise ConnectionResetError("the server closed the shared-memory socket")
@@ -246,8 +249,9 @@ class SharedMemorySession:
         with self._lock:
             if self.closed:
                 return False
-            readable, _, _ = select.select([self._sock], [], [], 0)
-            return not readable  # the server never speaks unasked: readable means end of file
+            poll = select.poll()  # (select() cannot watch descriptors past 1023)
+            poll.register(self._sock, select.POLLIN)
+            return not poll.poll(0)  # the server never speaks unasked: readable means end of file
 
     def hand_over(self, region: _Region) -> None:
         """Give the server ``region``'s descriptor, once; ConvRpcError if it refuses, OSError if the socket failed."""
