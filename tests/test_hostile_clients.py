@@ -208,6 +208,30 @@ def test_a_region_larger_than_the_cap_is_refused_naming_the_setting():
                 session.close()
 
 
+def test_the_server_maps_a_bounded_total_of_client_regions_and_frees_it_with_each_session(monkeypatch):
+    from convrpc.core import config
+
+    monkeypatch.setattr(config, "SHM_MAX_MAPPED_BYTES", 3 << 20)
+    with running_server(backend="numpy", warm_up=False) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.ConvServiceStub(channel)
+            fds = [memfd(2 << 20, X.tobytes()) for _ in range(2)]
+            try:
+                first, second = Session(stub), Session(stub)
+                assert first.add(1, fds[0]) == (0, "")
+                code, message = second.add(1, fds[1])
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "client regions" in message
+                first.close()  # its mapping goes with its session, and the other may map now
+                deadline = time.monotonic() + 10
+                while (code := second.add(2, fds[1])[0]) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert code == 0 and _code(lambda: second.relu(2)) is grpc.StatusCode.OK
+                second.close()
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+
 # -- row 9: only sealed memfds are mapped; anything else is refused -----------------------------------
 
 

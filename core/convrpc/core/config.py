@@ -55,6 +55,9 @@ SHM_MAX_SESSIONS = 256
 #: Regions one session may hand over at once. Each is a mapping in the server, and a process has at most
 #: vm.max_map_count (65530) of them, numpy's large allocations included: 256 x 128 stays far below.
 SHM_MAX_REGIONS = 128
+#: Bytes of client regions a server maps at once, all sessions together: address space, not memory (a
+#: mapping commits only what is touched), but 128 x 256 regions of 4 GiB would be more than x86-64 has.
+SHM_MAX_MAPPED_BYTES = 1 << 40
 #: Largest shared-memory region a request may name: a request's tensors and results fit in far less.
 SHM_MAX_REGION_BYTES = 4 * 1024 * 1024 * 1024
 #: Seconds a connection without calls stays open (400 idle connections used to hold 400 files forever).

@@ -104,6 +104,8 @@ class SharedMemorySessions:
         self._wake_r = self._wake_w = -1
         #: The socket thread's connections by file descriptor (only that thread touches it).
         self._connections: dict[int, _Connection] = {}
+        #: Bytes of client regions mapped, all sessions together.
+        self._mapped = 0
         self.address = ""
 
     # -- sessions -------------------------------------------------------------------------------
@@ -147,9 +149,14 @@ class SharedMemorySessions:
             regions, session.regions = list(session.regions.values()), {}
             connection, session.connection = session.connection, None
         for region in regions:
-            region.release()
+            self._release(region)
         if connection is not None:
             self._wake()  # the socket thread unregisters and closes it
+
+    def _release(self, region: _Region) -> None:
+        region.release()
+        with self._lock:
+            self._mapped -= region.size
 
     def session_count(self) -> int:
         with self._lock:
@@ -278,7 +285,7 @@ class SharedMemorySessions:
             with session.lock:
                 region = session.regions.pop(region_id, None)
             if region is not None:
-                region.release()
+                self._release(region)
             return None
         if kind != shm.ADD:
             return self._reply(connection, 0, InvalidArgumentError("message", "HELLO may come only once"), close=True)
@@ -301,16 +308,23 @@ class SharedMemorySessions:
             if len(session.regions) >= config.SHM_MAX_REGIONS:
                 raise ResourceExhaustedError("region", f"the session holds its cap of {config.SHM_MAX_REGIONS} regions")
         size = _checked_size(fd, self.max_region_bytes)
-        info = os.fstat(fd)
-        populate = info.st_blocks * 512 >= size  # fully allocated by its owner: pre-faulting commits nothing new
+        with self._lock:  # address space, not memory: but a server out of it could allocate nothing else
+            if self._mapped + size > config.SHM_MAX_MAPPED_BYTES:
+                raise ResourceExhaustedError(
+                    "region", f"the server maps its cap of {config.SHM_MAX_MAPPED_BYTES} bytes of client regions"
+                )
+            self._mapped += size
+        populate = os.fstat(fd).st_blocks * 512 >= size  # fully allocated by its owner: pre-faulting commits nothing
         try:
             mapping = shm.map_region(fd, size, populate=populate)
         except OSError as exc:
+            with self._lock:
+                self._mapped -= size
             raise FailedPreconditionError("region", f"cannot be mapped read-write ({exc.strerror})") from None
         region = _Region(os.dup(fd), mapping, size)
         with session.lock:
             if session.connection is None:  # ended meanwhile
-                region.release()
+                self._release(region)
                 return
             session.regions[region_id] = region
             session.refused.pop(region_id, None)
