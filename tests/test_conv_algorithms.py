@@ -62,6 +62,7 @@ def test_forced_algorithm_matches_the_reference(nb, ref, force, algorithm, case,
     grads = nb.conv2d_backward(gy, x, w, b, padding=padding)
     if algorithm in WINOGRAD:
         assert numba_backend.last_algorithm["grad-input"] == f"flipped {algorithm}"
+        assert numba_backend.last_algorithm["grad-weight"] == "winograd-2x2"  # the one weight-gradient tile
     expected = ref.conv2d_backward(gy, x, w, b, padding=padding)
     assert_close(grads.input, expected.input, f"{algorithm} grad input")
     assert_close(grads.weight, expected.weight, f"{algorithm} grad weight")
@@ -83,7 +84,12 @@ def test_winograd_matches_torch_on_many_channels(nb, force, algorithm, dtype):
     yt.backward(torch.from_numpy(gy))
     assert_close(nb.conv2d(x, w, b, padding=1), yt.detach().numpy(), f"{algorithm} conv2d")
     assert numba_backend.last_algorithm["forward"] == algorithm
-    assert_close(nb.conv2d_backward(gy, x, w, b, padding=1).input, xt.grad.numpy(), f"{algorithm} grad input")
+    yt = torch.nn.functional.conv2d(torch.from_numpy(x), wt.requires_grad_(), None, padding=1)
+    yt.backward(torch.from_numpy(gy))
+    grads = nb.conv2d_backward(gy, x, w, b, padding=1)
+    assert_close(grads.input, xt.grad.numpy(), f"{algorithm} grad input")
+    assert numba_backend.last_algorithm["grad-weight"] == "winograd-2x2"
+    assert_close(grads.weight, wt.grad.numpy(), f"{algorithm} grad weight")
 
 
 @pytest.mark.parametrize("algorithm", WINOGRAD)
@@ -104,9 +110,14 @@ def test_winograd_keeps_non_finite_values_where_the_direct_sum_puts_them(nb, ref
     want = ref.conv2d(x, w, b, padding=1)
     assert np.isnan(want).any() or np.isinf(want).any()
     conftest.assert_close(got, want, what="conv2d")  # NaN and inf positions equal, the rest close
+    gy = np.random.default_rng(5).standard_normal(want.shape)
+    got_w = nb.conv2d_backward(gy, x, w, b, padding=1).weight
+    want_w = ref.conv2d_backward(gy, x, w, b, padding=1).weight
+    conftest.assert_close(got_w, want_w, what="conv2d weight gradient")
 
 
-def test_winograd_is_chosen_for_wide_3x3_convs_and_not_for_few_channels():
+def test_winograd_is_chosen_for_wide_3x3_convs_and_not_for_few_channels(force):
+    force(None)
     wide = params.conv2d_geometry((2, 32, 14, 14), (32, 32, 3, 3), None, padding=1)
     few = params.conv2d_geometry((8, 3, 14, 14), (16, 3, 3, 3), None, padding=1)
     strided = params.conv2d_geometry((2, 32, 14, 14), (32, 32, 3, 3), None, stride=2, padding=1)
@@ -115,6 +126,9 @@ def test_winograd_is_chosen_for_wide_3x3_convs_and_not_for_few_channels():
         assert numba_backend.conv_algorithm(wide, itemsize) == f"winograd-{tile}x{tile}"
         assert not numba_backend.conv_algorithm(few, itemsize).startswith("winograd")
         assert not numba_backend.conv_algorithm(strided, itemsize).startswith("winograd")
+        assert numba_backend._weight_grad_by_winograd(wide, itemsize, serial=False)
+        assert not numba_backend._weight_grad_by_winograd(few, itemsize, serial=False)
+        assert not numba_backend._weight_grad_by_winograd(strided, itemsize, serial=False)
 
 
 def test_the_choice_is_made_once_per_shape_and_logged(force, caplog):
@@ -151,5 +165,9 @@ def test_winograd_splits_images_into_tile_rows_under_a_small_workspace(nb, ref, 
         force(algorithm)
         assert_close(nb.conv2d(x, w, b, padding=1), ref.conv2d(x, w, b, padding=1), "conv2d")
         assert numba_backend.last_algorithm["forward"] == algorithm
+        gy = np.random.default_rng(6).standard_normal(g.output_shape)
+        got = nb.conv2d_backward(gy, x, w, b, padding=1).weight
+        assert numba_backend.last_algorithm["grad-weight"] == "winograd-2x2"
+        assert_close(got, ref.conv2d_backward(gy, x, w, b, padding=1).weight, "conv2d weight gradient")
     finally:
         numba_backend.set_workspace_limit(old)

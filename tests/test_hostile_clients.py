@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from convrpc import shm
 from convrpc.client import ConvClient, ConvRpcError
+from convrpc.core import available_backends
 from convrpc.v1 import conv_service_pb2 as pb
 from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
 from server_fixtures import RawSession, memfd, running_server
@@ -560,8 +561,54 @@ def test_work_over_the_cost_cap_is_refused_before_anything_is_allocated_naming_t
                 with pytest.raises(ConvRpcError) as info:
                     call()
                 assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "op: " in info.value.message and "(setting max_op_flops)" in info.value.message
+                assert info.value.message.startswith("op: ") and "max_op_flops" in info.value.message
+                assert info.value.cap == ("max_op_flops", int(server.settings.max_op_flops))
             np.testing.assert_array_equal(client.max_pool2d(x, 2), np.ones((1, 4, 256, 256), np.float32))
+
+
+#: A max_pool2d of ~1e10 window taps: under the default cost cap (6e11 of its 1e12 flops), and 30 s
+#: or more of the numba kernel on 2 cores.
+HEAVY_POOL = (np.ones((1, 4, 512, 512), np.float32), 128)
+
+
+def _heavy_pool_request() -> pb.ForwardRequest:
+    x, k = HEAVY_POOL
+    return pb.ForwardRequest(
+        op=pb.Op(max_pool2d=pb.MaxPool2dOptions(kernel_size=pb.Size2(height=k, width=k), stride=pb.Size2(height=1, width=1))),
+        input=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=x.shape, data=x.tobytes()),
+    )
+
+
+@pytest.mark.skipif("numba" not in available_backends(), reason="the reference backend cannot stop part way")
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+def test_a_call_that_ends_while_computing_stops_and_frees_its_slot(how):
+    """The only compute slot, taken by a heavy call that then expires or is cancelled, serves another
+    call long before the heavy one's compute would have finished (its kernels stop between rows)."""
+    x = np.ones((1, 4, 64, 64), np.float32)
+    with running_server(backend="numba", max_concurrent_rpcs=1) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            forward = pb_grpc.ConvServiceStub(channel).Forward
+            heavy = forward.future(_heavy_pool_request(), timeout=1.0 if how == "deadline" else 120)
+            if how == "cancel":
+                time.sleep(1.0)  # let it reach its compute
+                heavy.cancel()
+            else:
+                with pytest.raises(grpc.RpcError) as info:
+                    heavy.result()
+                assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            # The slot frees within a kernel row, not after the tens of seconds the pooling takes: a
+            # call needing it succeeds once it is back (busy refusals until then are expected).
+            with ConvClient(server.target, timeout=60) as client:
+                give_up = time.monotonic() + 10
+                while True:
+                    try:
+                        got = client.max_pool2d(x, 2)
+                        break
+                    except ConvRpcError as exc:
+                        assert exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in exc.message, exc
+                        assert time.monotonic() < give_up, "the stopped call still holds the only slot"
+                        time.sleep(0.05)
+                np.testing.assert_array_equal(got, np.ones((1, 4, 32, 32), np.float32))
 
 
 @pytest.mark.parametrize("option", ["stride", "padding", "dilation"])

@@ -327,3 +327,24 @@ def test_read_only_inputs_reuse_the_warmed_up_kernels():
         nb.relu_backward(ro(2, 4, 9, 9), x)
         assert not x.flags.writeable  # the caller's array is untouched
     assert compiled() == before
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("reason", ["cancel", "expire"])
+def test_an_op_whose_stop_flag_is_set_raises_instead_of_returning_a_partial_result(backend, reason):
+    from convrpc.core.errors import CallCancelled, DeadlineExceeded
+    from convrpc.core.stopping import StopFlag, stopping
+
+    b = get_backend(backend)
+    x = np.random.default_rng(0).standard_normal((2, 3, 9, 9))
+    w = np.random.default_rng(1).standard_normal((4, 3, 3, 3))
+    calls = (lambda: b.conv2d(x, w), lambda: b.conv2d_backward(np.ones((2, 4, 7, 7)), x, w),
+             lambda: b.max_pool2d(x, 2), lambda: b.avg_pool2d_backward(np.ones((2, 3, 4, 4)), x, 2))  # fmt: skip
+    for call in calls:
+        flag = StopFlag()
+        getattr(flag, reason)()
+        with pytest.raises(CallCancelled if reason == "cancel" else DeadlineExceeded):
+            with stopping(flag):
+                call()
+        with stopping(StopFlag()):  # an unset flag changes nothing, and the next op runs in full
+            np.testing.assert_allclose(b.conv2d(x, w), get_backend("numpy").conv2d(x, w), rtol=1e-10, atol=1e-12)

@@ -5,17 +5,39 @@ split the work so that each iteration owns the elements it writes (an output row
 one weight tap, an input plane): no two threads ever add into the same element, so no atomics or
 per-thread buffers are needed. Index conventions follow ConvGeometry: input row ``ih`` of output
 row ``oh`` and tap ``i`` is ``oh * sh - pt + i * dh`` (the same with w/l for columns).
+
+The parallel kernels take ``stop``, a StopFlag's uint8 array of one element: once it is nonzero
+they skip the rest of their work (one load per output row, plane or tap row; a ``prange`` cannot
+break, so its iterations ``continue``), and what they leave in their outputs is garbage the
+caller drops (see convrpc.core.stopping).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 # Reassociation lets LLVM vectorise dot products; no nnan/ninf, so NaN and inf stay IEEE.
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 _PAR = dict(parallel=True, cache=True, nogil=True, fastmath=_FAST)
 _SER = dict(cache=True, nogil=True, fastmath=_FAST)
+
+
+@intrinsic
+def _stopped(typingctx, flag):
+    """Whether ``flag[0]`` (uint8) is nonzero, read from memory every time: an atomic (acquire) load,
+    which LLVM may not hoist out of a loop (a plain load is, since the loop never writes the flag)."""
+    if not (isinstance(flag, types.Array) and flag.dtype == types.uint8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        value = builder.load_atomic(data, "acquire", 1)
+        return builder.icmp_unsigned("!=", value, ir.Constant(value.type, 0))
+
+    return types.boolean(flag), codegen
 
 
 @njit(cache=True, inline="always")
@@ -30,7 +52,7 @@ def _col_range(off, sw, w, out_w):
 
 
 @njit(**_PAR)
-def conv2d_direct(x, w, b, has_bias, y, groups, sh, sw, pt, pl, dh, dw):
+def conv2d_direct(x, w, b, has_bias, y, groups, sh, sw, pt, pl, dh, dw, stop):
     """y (N, K, OH, OW) = conv2d(x (N, C, H, W), w (K, C/groups, kh, kw)) (+ b); y is overwritten."""
     n_, c_in, h, wd = x.shape
     c_out, cg, kh, kw = w.shape
@@ -40,6 +62,8 @@ def conv2d_direct(x, w, b, has_bias, y, groups, sh, sw, pt, pl, dh, dw):
         oh = job % out_h
         k = (job // out_h) % c_out
         n = job // (out_h * c_out)
+        if _stopped(stop):
+            continue
         row = y[n, k, oh]
         init = b[k] if has_bias else 0.0
         for ow in range(out_w):
@@ -48,7 +72,7 @@ def conv2d_direct(x, w, b, has_bias, y, groups, sh, sw, pt, pl, dh, dw):
         for cc in range(cg):
             for i in range(kh):
                 ih = oh * sh - pt + i * dh
-                if ih < 0 or ih >= h:
+                if ih < 0 or ih >= h or _stopped(stop):
                     continue
                 xrow = x[n, c0 + cc, ih]
                 for j in range(kw):
@@ -69,7 +93,7 @@ def conv2d_direct(x, w, b, has_bias, y, groups, sh, sw, pt, pl, dh, dw):
 
 
 @njit(**_PAR)
-def conv2d_input_grad_direct(gy, w, gx, groups, sh, sw, pt, pl, dh, dw):
+def conv2d_input_grad_direct(gy, w, gx, groups, sh, sw, pt, pl, dh, dw, stop):
     """gx (N, C, H, W) = adjoint of conv2d applied to gy (N, K, OH, OW); gx is overwritten.
 
     Each iteration owns one input row and gathers every (output row, tap) that reads it.
@@ -82,6 +106,8 @@ def conv2d_input_grad_direct(gy, w, gx, groups, sh, sw, pt, pl, dh, dw):
         ih = job % h
         c = (job // h) % c_in
         n = job // (h * c_in)
+        if _stopped(stop):
+            continue
         row = gx[n, c, ih]
         for iw in range(wd):
             row[iw] = 0.0
@@ -90,7 +116,7 @@ def conv2d_input_grad_direct(gy, w, gx, groups, sh, sw, pt, pl, dh, dw):
         for k in range(grp * kg, (grp + 1) * kg):
             for i in range(kh):
                 t = ih + pt - i * dh
-                if t < 0 or t % sh != 0:
+                if t < 0 or t % sh != 0 or _stopped(stop):
                     continue
                 oh = t // sh
                 if oh >= out_h:
@@ -114,7 +140,7 @@ def conv2d_input_grad_direct(gy, w, gx, groups, sh, sw, pt, pl, dh, dw):
 
 
 @njit(**_PAR)
-def conv2d_weight_grad_direct(x, gy, gw, groups, sh, sw, pt, pl, dh, dw):
+def conv2d_weight_grad_direct(x, gy, gw, groups, sh, sw, pt, pl, dh, dw, stop):
     """gw (K, C/groups, kh, kw) = sum over batch and positions of gy * x windows; overwritten.
 
     Each iteration owns one weight element, a dot product over the batch and output positions.
@@ -137,7 +163,7 @@ def conv2d_weight_grad_direct(x, gy, gw, groups, sh, sw, pt, pl, dh, dw):
                 break
             for oh in range(out_h):
                 ih = oh * sh - pt + i * dh
-                if ih < 0 or ih >= h:
+                if ih < 0 or ih >= h or _stopped(stop):
                     continue
                 grow = gy[n, k, oh, lo:hi]
                 acc = 0.0
@@ -230,7 +256,7 @@ def _wide_sizes(out_h, out_w, kh, kw, sh, sw, dh, dw):
 
 
 @njit(**_PAR)
-def conv2d_small(x, w, b, has_bias, y, groups, sh, sw, pt, pl, dh, dw):
+def conv2d_small(x, w, b, has_bias, y, groups, sh, sw, pt, pl, dh, dw, stop):
     """y (N, K, OH, OW) = conv2d(x, w) (+ b); one (image, group) per iteration; y is overwritten.
 
     The windows come from im2col_wide (a few long copies, not one slice per output row, which
@@ -245,6 +271,8 @@ def conv2d_small(x, w, b, has_bias, y, groups, sh, sw, pt, pl, dh, dw):
     for job in prange(n_ * groups):
         grp = job % groups
         n = job // groups
+        if _stopped(stop):
+            continue
         cols = np.empty((ckk, 1, length), dtype=x.dtype)
         xpad = np.empty((cg, span), dtype=x.dtype)
         acc = np.empty(length, dtype=x.dtype)
@@ -263,7 +291,7 @@ def conv2d_small(x, w, b, has_bias, y, groups, sh, sw, pt, pl, dh, dw):
 
 
 @njit(**_PAR)
-def conv2d_weight_grad_small(x, gy, partial, groups, kh, kw, sh, sw, pt, pl, dh, dw):
+def conv2d_weight_grad_small(x, gy, partial, groups, kh, kw, sh, sw, pt, pl, dh, dw, stop):
     """partial (chunks, K, C/groups*kh*kw): chunk s sums the (image, group) jobs s, s+chunks, ...
 
     Each chunk owns its slice of partial; the caller sums over chunks (no races). Windows come
@@ -282,6 +310,8 @@ def conv2d_weight_grad_small(x, gy, partial, groups, kh, kw, sh, sw, pt, pl, dh,
         xpad = np.empty((cg, span), dtype=x.dtype)
         grid = np.zeros(length, dtype=x.dtype)
         for job in range(s, n_ * groups, chunks):
+            if _stopped(stop):
+                break
             grp = job % groups
             n = job // groups
             im2col_wide(x, xpad, cols, n, grp * cg, 0, kh, kw, sh, sw, pt, pl, dh, dw, wg, out_w, True)
@@ -306,7 +336,7 @@ def _first_tap(start, dil):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def max_pool2d(x, y, arg, kh, kw, sh, sw, ph, pw, dh, dw):
+def max_pool2d(x, y, arg, kh, kw, sh, sw, ph, pw, dh, dw, stop):
     """y (N, C, OH, OW) = each window's maximum; arg (int64) gets its flat index ih * W + iw in the plane.
 
     torch's rule: scan the in-image taps from the first one, and a strictly greater value or a NaN
@@ -323,6 +353,8 @@ def max_pool2d(x, y, arg, kh, kw, sh, sw, ph, pw, dh, dw):
         ih0 = _first_tap(oh * sh - ph, dh)
         ih1 = min(oh * sh - ph + (kh - 1) * dh + 1, h)
         for ow in range(out_w):
+            if _stopped(stop):  # per window: one window may hold millions of taps
+                break
             iw0 = _first_tap(ow * sw - pw, dw)
             iw1 = min(ow * sw - pw + (kw - 1) * dw + 1, wd)
             best = -np.inf
@@ -338,7 +370,7 @@ def max_pool2d(x, y, arg, kh, kw, sh, sw, ph, pw, dh, dw):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def max_pool2d_backward(gy, arg, gx, kh, kw, sh, sw, ph, pw, dh, dw):
+def max_pool2d_backward(gy, arg, gx, kh, kw, sh, sw, ph, pw, dh, dw, stop):
     """gx (N, C, H, W) = gy routed to each window's flat argmax; overwritten. One plane per iteration.
 
     Windows over padding alone send nothing (their index may name an element outside them).
@@ -351,6 +383,8 @@ def max_pool2d_backward(gy, arg, gx, kh, kw, sh, sw, ph, pw, dh, dw):
         plane = gx[n, c]
         plane[:, :] = 0.0
         for oh in range(out_h):
+            if _stopped(stop):
+                break
             if _first_tap(oh * sh - ph, dh) >= min(oh * sh - ph + (kh - 1) * dh + 1, h):
                 continue
             for ow in range(out_w):
@@ -361,7 +395,7 @@ def max_pool2d_backward(gy, arg, gx, kh, kw, sh, sw, ph, pw, dh, dw):
 
 
 @njit(**_PAR)
-def avg_pool2d(x, y, div, kh, kw, sh, sw, ph, pw):
+def avg_pool2d(x, y, div, kh, kw, sh, sw, ph, pw, stop):
     """y (N, C, OH, OW) = window sums over the in-image taps / div (OH, OW), the divisors torch uses."""
     n_, c_, h, wd = x.shape
     out_h, out_w = y.shape[2], y.shape[3]
@@ -373,7 +407,7 @@ def avg_pool2d(x, y, div, kh, kw, sh, sw, ph, pw):
         row[:] = 0.0
         for i in range(kh):
             ih = oh * sh - ph + i
-            if ih < 0 or ih >= h:
+            if ih < 0 or ih >= h or _stopped(stop):
                 continue
             xrow = x[n, c, ih]
             for j in range(kw):
@@ -385,7 +419,7 @@ def avg_pool2d(x, y, div, kh, kw, sh, sw, ph, pw):
 
 
 @njit(**_PAR)
-def avg_pool2d_backward(gy, gx, div, kh, kw, sh, sw, ph, pw):
+def avg_pool2d_backward(gy, gx, div, kh, kw, sh, sw, ph, pw, stop):
     """gx (N, C, H, W) = each window's gy / div spread over its in-image taps; one plane per iteration."""
     n_, c_, h, wd = gx.shape
     out_h, out_w = gy.shape[2], gy.shape[3]
@@ -399,7 +433,7 @@ def avg_pool2d_backward(gy, gx, div, kh, kw, sh, sw, ph, pw):
             drow = div[oh]
             for i in range(kh):
                 ih = oh * sh - ph + i
-                if ih < 0 or ih >= h:
+                if ih < 0 or ih >= h or _stopped(stop):
                     continue
                 prow = plane[ih]
                 for j in range(kw):

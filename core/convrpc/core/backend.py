@@ -90,6 +90,10 @@ class Backend:
     give device outputs. Every tensor must have one of DTYPES, all the same; results have
     that dtype. Convs and pools take (N, C, H, W) or unbatched (C, H, W) inputs (results follow) and
     empty batches; relu takes any shape.
+
+    An op called inside ``convrpc.core.stopping.stopping(flag)`` stops part way once ``flag`` is set
+    (the numba kernels between rows and tiles; the reference backend runs to the end) and raises
+    ``CallCancelled`` or ``DeadlineExceeded`` instead of returning.
     """
 
     def __init__(self, name: str, kernels: Any, device: str = "cpu", max_elements: int | None = None,
@@ -165,7 +169,8 @@ class Backend:
     def _check_cost(self, flops: int) -> None:
         if self.max_flops is not None and flops > self.max_flops:
             raise ResourceExhaustedError(
-                "op", f"this call would cost about {flops:.3g} floating-point operations, over the cap of {self.max_flops:.3g}"
+                "op", f"this call would cost about {flops:.3g} floating-point operations, over the cap of {self.max_flops:.3g}",
+                setting="max_op_flops", limit=int(self.max_flops),
             )
 
     @staticmethod

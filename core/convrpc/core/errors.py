@@ -10,6 +10,8 @@ __all__ = [
     "ServerDraining",
     "ServerBusy",
     "CallEnded",
+    "CallCancelled",
+    "DeadlineExceeded",
     "FailedPreconditionError",
 ]
 
@@ -31,7 +33,7 @@ class ResourceExhaustedError(ConvError):
     """A request is well formed but larger than a configured cap allows.
 
     ``setting`` and ``limit`` name the cap when it is one of the server's settings (``max_elements``,
-    ``max_request_bytes``): the message then says so, and a client can size its shards by them."""
+    ``max_request_bytes``, ``max_op_flops``): the message then says so, and a client can size its shards by them."""
 
     def __init__(self, field: str, message: str, *, setting: str | None = None, limit: int | None = None):
         if setting is not None:
@@ -62,6 +64,20 @@ class CallEnded(ConvError):
     """The call's deadline passed, or its client cancelled it, before its compute began: none is done."""
 
     def __init__(self, message: str = "the call's deadline passed (or it was cancelled) before its compute began"):
+        super().__init__(message)
+
+
+class CallCancelled(ConvError):
+    """The call's client cancelled it while it computed: its compute stopped part way, its result is dropped."""
+
+    def __init__(self, message: str = "the call was cancelled while it computed; its compute stopped"):
+        super().__init__(message)
+
+
+class DeadlineExceeded(ConvError):
+    """The call's deadline passed while it computed: its compute stopped part way, its result is dropped."""
+
+    def __init__(self, message: str = "the call's deadline passed while it computed; its compute stopped"):
         super().__init__(message)
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["TRANSFORMS", "filter_transform", "input_transform", "output_transform"]
+__all__ = ["TRANSFORMS", "filter_transform", "filter_gradient", "grad_output_transform", "input_transform",
+           "output_transform"]
 
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 _SER = dict(cache=True, nogil=True, fastmath=_FAST)
@@ -67,6 +68,14 @@ def filter_transform(w: np.ndarray, m: int) -> np.ndarray:
     return np.ascontiguousarray(u.reshape(a * a, w.shape[0], w.shape[1]), dtype=w.dtype)
 
 
+def filter_gradient(du: np.ndarray, m: int, dtype) -> np.ndarray:
+    """dw (K, C, 3, 3) = G^T dU[k, c] G: the weight gradient from dU (a*a, K, C), the gradient of U."""
+    _, g_mat, _ = TRANSFORMS[m]
+    a = m + 2
+    du = du.reshape(a, a, du.shape[1], du.shape[2]).astype(np.float64)
+    return np.ascontiguousarray(np.einsum("iu,ijkc,jv->kcuv", g_mat, du, g_mat, optimize=True), dtype=dtype)
+
+
 # The 1-D transforms written out, in the arrays' dtype: ``k`` holds 2, 4, 5, 8 of that dtype
 # (a float literal would promote float32 to float64 and stop 8-wide SIMD).
 
@@ -100,6 +109,12 @@ def _at4(m0, m1, m2, m3, m4, m5, k):
     s13, d13 = m1 + m2, m1 - m2
     s24, d24 = m3 + m4, m3 - m4
     return m0 + s13 + s24, d13 + k[0] * d24, s13 + k[1] * s24, d13 + k[3] * d24 + m5
+
+
+@njit(cache=True, inline="always")
+def _a2(g0, g1):
+    """A g for F(2x2, 3x3) (A = (A^T)^T, 4 x 2): the adjoint of _at2."""
+    return g0, g0 + g1, g0 - g1, -g1
 
 
 @njit(cache=True, inline="always")
@@ -204,3 +219,33 @@ def output_transform(mm, b, has_bias, y, yp, ct, k, n0, tn, th0, nth, tiles_w, m
                     y[n0 + t, kk, th0 * m + rr, ow] = val
                     check += val * 0.0
     return check == 0.0
+
+
+@njit(**_SER)
+def grad_output_transform(gy, wv, gp, ct, n0, tn, th0, nth, tiles_w):
+    """wv (16, K, tn*nth*tiles_w) = A dY A^T of gy's 2x2 tiles (F(2x2, 3x3); zero past gy's edge).
+
+    The adjoint of output_transform: with V from input_transform, dU = wv @ V^T per position is the
+    gradient of U = G w G^T, and filter_gradient turns it into the weight's. Columns are laid out as
+    input_transform's. Scratch: gp (nth*2, tiles_w*2), ct (2, 4, tiles_w). wv, gp, ct are overwritten.
+    """
+    c_out, out_h, out_w = gy.shape[1], gy.shape[2], gy.shape[3]
+    rows = min(nth * 2, out_h - th0 * 2)
+    cols = min(tiles_w * 2, out_w)
+    for t in range(tn):
+        for kk in range(c_out):
+            gp[:, :] = 0.0
+            for rr in range(rows):
+                gp[rr, :cols] = gy[n0 + t, kk, th0 * 2 + rr, :cols]
+            for r in range(nth):
+                p0, y0 = (t * nth + r) * tiles_w, r * 2
+                for i in range(2):  # A along each row of the tile
+                    for q in range(tiles_w):
+                        e = _a2(gp[y0 + i, 2 * q], gp[y0 + i, 2 * q + 1])
+                        for j in range(4):
+                            ct[i, j, q] = e[j]
+                for j in range(4):  # then down its columns
+                    for q in range(tiles_w):
+                        e = _a2(ct[0, j, q], ct[1, j, q])
+                        for i in range(4):
+                            wv[i * 4 + j, kk, p0 + q] = e[i]

@@ -21,6 +21,7 @@ from convrpc import chunks, wire
 from convrpc.core import DTYPES, OPS, Backend
 from convrpc.core.errors import CallEnded, ConvError, InvalidArgumentError, ResourceExhaustedError, ServerDraining
 from convrpc.core.optim import AdamOptions, SgdOptions
+from convrpc.core.stopping import StopFlag, stopping
 from convrpc.core.training import TrainConfig, TrainResult, fit_kernel
 from convrpc.v1 import conv_service_pb2 as pb
 
@@ -40,6 +41,8 @@ __all__ = ["ConvService", "SERVICE_NAME"]
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConvService"].full_name
 #: The longest run_id a TrainKernelRequest may carry (the SDK sends 32 hex digits).
 _MAX_RUN_ID = 64
+#: A call that ends with at most this many seconds left ended at its deadline (gRPC reports 0 then).
+_DEADLINE_SLACK = 0.01
 _OPTIMIZER_FIELDS = ("lr", "momentum", "nesterov", "weight_decay", "beta1", "beta2", "eps")
 #: (response message, stream response message) of the forward and the backward pipeline.
 _RESPONSES = {False: (pb.ForwardResponse, pb.ForwardStreamResponse),
@@ -203,7 +206,7 @@ class ConvService:
                 _check_alive(context)
                 with self.slots.held():
                     arrays.update(call.inputs(shared))
-                    results = self._compute(spec, options, arrays, backward)
+                    results = self._compute(spec, options, arrays, backward, context)
                     del arrays
                     buffer = placement.output_buffer if placement.HasField("output_buffer") else None
                     placed = response(**call.outputs(results, buffer))
@@ -212,7 +215,7 @@ class ConvService:
         arrays, _ = self._decode(request, fields, chunked, None)
         _check_alive(context)
         with self.slots.held():
-            results = self._compute(spec, options, arrays, backward)
+            results = self._compute(spec, options, arrays, backward, context)
         del arrays
         if chunked is None:
             yield response(**{f: wire.encode_tensor(a, f) for f, a in results})
@@ -271,15 +274,20 @@ class ConvService:
             assembler.add(message.chunk.offset, message.chunk.data)
         return assembler.finish()
 
-    def _compute(self, spec: wire.OpSpec, options: dict, arrays: dict, backward: bool):
+    def _compute(self, spec: wire.OpSpec, options: dict, arrays: dict, backward: bool, context):
         """``[(response field, host array)]`` of the op or its backward (max_pool2d's indices too, with
-        return_indices); core errors naming an option are pointed at ``op.<op>.<option>``."""
+        return_indices); core errors naming an option are pointed at ``op.<op>.<option>``.
+
+        The compute stops part way when the call ends under it (its client cancelled, its deadline
+        passed: gRPC runs the callback either way), so its slot frees within a kernel's tile."""
         method = getattr(self.backend, f"{spec.name}_backward" if backward else spec.name)
+        flag = StopFlag()
+        if not context.add_callback(functools.partial(_stop_when_ended, context, flag)):
+            flag.cancel()  # already over
         try:
-            result = method(*(arrays.get(f) for f in spec.request_tensors(backward)), **options)
+            with stopping(flag):
+                result = method(*(arrays.get(f) for f in spec.request_tensors(backward)), **options)
         except ConvError as exc:
-            if isinstance(exc, ResourceExhaustedError) and exc.field == "op":
-                exc.description += " (setting max_op_flops)"
             if getattr(exc, "field", None):
                 exc.field = wire.option_field(spec.name, exc.field)
             raise
@@ -436,6 +444,15 @@ class ConvService:
             dtypes=[wire.dtype_enum(d) for d in DTYPES],
             compute_threads=threads,
         )
+
+
+def _stop_when_ended(context, flag: StopFlag) -> None:
+    """An RPC-termination callback: a call that ends with time left was cancelled, else it expired."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= _DEADLINE_SLACK:
+        flag.expire()
+    else:
+        flag.cancel()
 
 
 def _check_alive(context) -> None:

@@ -19,7 +19,9 @@ from grpc_status import rpc_status
 
 from convrpc.core.errors import (
     BackendUnavailableError,
+    CallCancelled,
     CallEnded,
+    DeadlineExceeded,
     FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
@@ -45,6 +47,8 @@ _CODES = {
     ServerDraining: grpc.StatusCode.UNAVAILABLE,
     ServerBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
     CallEnded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    CallCancelled: grpc.StatusCode.CANCELLED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
