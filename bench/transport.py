@@ -7,9 +7,11 @@ through the SDK to a server in another process, over each data path, and prints 
 throughput (bytes of the input / round-trip time) beside, in the same run, an in-process memcpy of
 those bytes, the backend's in-process relu of them (the compute every path pays), and a plain TCP
 socket echo of them between two processes over loopback (receive all, send all back: the network
-paths' physical limit here). Then Forward of shape d, conv2d (16,64,56,56) x (64,64,3,3) pad 1, end
-to end through each path against the backend's in-process compute time and torch's in-process
-conv2d (in a child process; skipped without torch).
+paths' physical limit here). With ``shm`` it also times ``shm+alloc``: the input allocated in the
+client's shared memory (``client.asarray``), so that it travels with no copy. Then Forward of shape
+d, conv2d (16,64,56,56) x (64,64,3,3) pad 1, end to end through each path (and ``auto+alloc``)
+against the backend's in-process compute time and torch's in-process conv2d (in a child process;
+skipped without torch).
 
 Timings are medians over rounds that visit every contender in turn, after a warm-up call each,
 so that load from other processes shifts them all alike. ``--grpc-defaults`` runs both ends
@@ -169,9 +171,11 @@ def gbps(nbytes: int, seconds: float) -> float:
 def relu_round_trips(target, backend, sizes, paths, args) -> None:
     echo = SocketEcho(max(sizes))
     clients = {p: make_client(target, p, args.grpc_defaults, args.chunk_bytes) for p in paths}
+    timed = [*paths, "shm+alloc"] if "shm" in paths else paths
     print("\nrelu round trip: payload GB/s = input bytes / round-trip time, and each path as a share of its baseline:")
-    print("shared memory of memcpy, the network paths of the socket echo; 'net' first takes off the relu compute time")
-    print(f"{'MiB':>5} {'memcpy':>7} {'relu':>7} {'socket':>7}" + "".join(f" {p:>21}" for p in paths))
+    print("shared memory of memcpy, the network paths of the socket echo; 'net' first takes off the relu compute time;")
+    print("shared memory also as a multiple of the in-process relu ('shm+alloc': the input from client.asarray)")
+    print(f"{'MiB':>5} {'memcpy':>7} {'relu':>7} {'socket':>7}" + "".join(f" {p:>21}" for p in timed))
     try:
         for n in sizes:
             x = np.random.default_rng(0).standard_normal(n // 4).astype(np.float32).reshape(1, 1, -1, 256)
@@ -185,14 +189,19 @@ def relu_round_trips(target, backend, sizes, paths, args) -> None:
                 "socket": lambda raw=raw, back=back: echo.echo(raw, back),
                 **{p: (lambda c=c, x=x: c.relu(x)) for p, c in clients.items()},
             }
+            if "shm" in clients:
+                shared = clients["shm"].asarray(x)
+                contenders["shm+alloc"] = lambda c=clients["shm"], x=shared: c.relu(x)
             t = interleaved(contenders, rounds_for(n, args.reps))
             cells = (
                 f"{n / MiB:>5.0f} {gbps(n, t['memcpy']):>7.2f} {gbps(n, t['relu']):>7.2f} {gbps(n, t['socket']):>7.2f}"
             )
-            for p in paths:
-                base = t["memcpy"] if p == "shm" else t["socket"]
-                net = max(t[p] - t["relu"], 1e-9)
-                cells += f" {gbps(n, t[p]):>5.2f} {base / t[p]:>5.0%} net {base / net:>4.0%}"
+            for p in timed:
+                base = t["memcpy"] if p.startswith("shm") else t["socket"]
+                net = f"{base / (t[p] - t['relu']):>4.0%}" if t[p] > t["relu"] else " n/a"  # (noise: under the relu)
+                cells += f" {gbps(n, t[p]):>5.2f} {base / t[p]:>5.0%} net {net}"
+                if p.startswith("shm"):
+                    cells += f" = {t[p] / t['relu']:.2f}x relu"
             print(cells, flush=True)
     finally:
         for c in clients.values():
@@ -209,6 +218,8 @@ def conv_d(target: str, backend, paths: list[str], args) -> None:
     try:
         contenders = {"compute": lambda: backend.conv2d(x, w, padding=1)}
         contenders.update({p: (lambda c=c: c.conv2d(x, w, padding=1)) for p, c in clients.items()})
+        shared_x = clients["auto"].asarray(x)
+        contenders["auto+alloc"] = lambda c=clients["auto"]: c.conv2d(shared_x, w, padding=1)
         t = interleaved(contenders, rounds)
     finally:
         for c in clients.values():
@@ -220,7 +231,7 @@ def conv_d(target: str, backend, paths: list[str], args) -> None:
         print("  torch in-process             skipped (torch not installed)")
     else:
         print(f"  torch in-process             {torch[0] * 1e3:8.1f} ms ({torch[1]} threads)")
-    for p in clients:
+    for p in [*clients, "auto+alloc"]:
         vs_torch = f", {t[p] / torch[0]:.2f}x torch" if torch else ""
         print(f"  SDK end to end via {p:<9} {t[p] * 1e3:8.1f} ms = {t[p] / t['compute']:.2f}x {backend.name}{vs_torch}")
 

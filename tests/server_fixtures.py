@@ -44,19 +44,50 @@ def client(server):
         yield c
 
 
-def open_shm_session(open_session):
-    """Open a shared-memory session by hand, as the SDK does: show the server a probe region holding a nonce.
+def memfd(size: int, data: bytes = b"", *, seals: int | None = None) -> int:
+    """A memfd of ``size`` bytes holding ``data``, sealed as the SDK seals its regions (or with ``seals``)."""
+    import fcntl
+    import os
+
+    fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if data:
+        os.pwrite(fd, data, 0)
+    if seals is None:
+        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+class RawSession:
+    """A shared-memory session opened by hand, as a hostile client would: the RPC, then the socket and its token.
     ``open_session`` is the OpenSharedMemorySession callable (a stub's method, or a raw channel's)."""
-    import secrets
 
-    from convrpc import shm
-    from convrpc.v1 import conv_service_pb2 as pb
+    def __init__(self, open_session):
+        import socket
 
-    probe, nonce = "cvp" + secrets.token_hex(12), secrets.token_bytes(32)
-    region = shm.create(probe, len(nonce))
-    region[:] = nonce
-    try:
-        return open_session(pb.OpenSharedMemorySessionRequest(probe_region=probe, probe_nonce=nonce), timeout=30)
-    finally:
-        region.close()
-        shm.unlink(probe)
+        from convrpc import shm
+        from convrpc.v1 import conv_service_pb2 as pb
+
+        self.opened = open_session(pb.OpenSharedMemorySessionRequest(), timeout=30)
+        self.id = self.opened.session_id
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.settimeout(30)
+        self.sock.connect(shm.socket_address(self.opened.socket_address))
+        self.sock.send(shm.encode(shm.HELLO, token=self.opened.connect_token))
+        assert shm.decode_reply(self.sock.recv(shm.MAX_MESSAGE))[1] == 0
+
+    def add(self, region_id: int, fd: int) -> tuple[int, str]:
+        """Hand over ``fd`` as ``region_id``: the server's ``(gRPC status code, message)``."""
+        import socket
+
+        from convrpc import shm
+
+        socket.send_fds(self.sock, [shm.encode(shm.ADD, region_id)], [fd])
+        got, code, message = shm.decode_reply(self.sock.recv(shm.MAX_MESSAGE))
+        assert got == region_id
+        return code, message
+
+    def close(self) -> None:
+        self.sock.close()

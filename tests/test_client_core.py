@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
-from convrpc import wire
+from convrpc import shm, wire
 from convrpc.client import ConvRpcError, config
 from convrpc.client.calls import BATCHED, CallCore, Gather, Sleep, Spawn, Stream, drive, merge, split
 from convrpc.client.messages import Call
@@ -263,18 +263,20 @@ def test_forced_paths_fail_instead_of_falling_back():
 
 
 class SharedServers(Servers):
-    """Fake local replicas that open shared-memory sessions but answer every shared request with ``refusal``."""
+    """Fake local replicas that open real shared-memory sessions (the server's socket side, in this process)
+    but answer every shared request with ``refusal``."""
 
     def __init__(self, refusal, details=""):
+        from convrpc.server.shared_memory import SharedMemorySessions
+
         super().__init__()
         self.refusal, self.refusal_details = refusal, details
+        self.sessions = SharedMemorySessions(enabled=True, max_region_bytes=1 << 30)
 
     def _do(self, effect):
         if getattr(effect, "method", None) == "OpenSharedMemorySession":
             self.calls.append((effect.replica.index, effect.method))
-            return pb.OpenSharedMemorySessionResponse(session_id="s" * 32, region_prefix="cv0123456789")
-        if getattr(effect, "method", None) == "CloseSharedMemorySession":
-            return pb.CloseSharedMemorySessionResponse()
+            return self.sessions.open()
         if getattr(effect, "request", None) is not None and effect.request.HasField("shared_memory"):
             self.calls.append((effect.replica.index, "shared " + effect.method))
             error = _Failure(self.refusal)
@@ -283,19 +285,21 @@ class SharedServers(Servers):
         return super()._do(effect)
 
 
-def test_a_server_without_room_for_the_result_sends_only_that_call_over_the_network():
-    core = CallCore(["127.0.0.1:1"], mode="auto")
-    servers = SharedServers(grpc.StatusCode.RESOURCE_EXHAUSTED, "shared_memory.output_buffer: no room for ...")
-    big = _call("relu", dict(input=(1, 200, 200)), {})
+@pytest.mark.skipif(not shm.AVAILABLE, reason="needs Linux memfds and fd passing")
+def test_a_call_too_large_for_the_clients_region_pool_alone_goes_over_the_network():
+    core = CallCore(["127.0.0.1:1"], mode="auto", shm_pool_bytes=256 << 10)
+    servers = SharedServers(grpc.StatusCode.INTERNAL)
+    big = _call("relu", dict(input=(1, 200, 200)), {})  # 320 KB in, 320 KB out: over the pool
     try:
         _same(servers.drive(core.call(big)), _compute(big))
-        methods = [m for _, m in servers.calls]
-        assert methods == ["OpenSharedMemorySession", "shared Forward", "ForwardStream", "Forward"]
+        assert [m for _, m in servers.calls] == ["OpenSharedMemorySession", "ForwardStream", "Forward"]
         assert core.replicas[0].shm_ok and core.replicas[0].session is not None  # the next call tries again
     finally:
-        servers.drive(core.close())
+        core.close()
+        servers.sessions.close()
 
 
+@pytest.mark.skipif(not shm.AVAILABLE, reason="needs Linux memfds and fd passing")
 def test_a_forgotten_session_is_reopened_once_then_shared_memory_is_dropped_for_that_replica():
     core = CallCore(["127.0.0.1:1"], mode="auto")
     servers = SharedServers(grpc.StatusCode.FAILED_PRECONDITION, "shared_memory.session_id: unknown session")
@@ -308,7 +312,8 @@ def test_a_forgotten_session_is_reopened_once_then_shared_memory_is_dropped_for_
         ]  # fmt: skip
         assert not core.replicas[0].shm_ok and not core.replicas[0].ejected
     finally:
-        servers.drive(core.close())
+        core.close()
+        servers.sessions.close()
 
 
 def test_a_call_over_a_server_cap_is_cut_to_fit_it():
@@ -317,3 +322,25 @@ def test_a_call_over_a_server_cap_is_cut_to_fit_it():
     assert len(split(call, None, None, {"max_elements": 100})) == 5  # 50 elements a row: 2 rows a shard
     assert len(split(call, None, None, {"max_request_bytes": 1200})) == 4  # 400 bytes a row: 3 rows a shard
     assert split(call, None, None, {"max_elements": 10}) == [call]  # one row is over the cap: no cut helps
+
+
+@pytest.mark.skipif(not shm.AVAILABLE, reason="needs Linux memfds and fd passing")
+def test_a_shared_memory_socket_that_stops_answering_fails_the_replica_over_as_unavailable(monkeypatch):
+    from convrpc.client.shared_memory import SharedMemorySession
+
+    def frozen(self, region):
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(SharedMemorySession, "hand_over", frozen)
+    core = CallCore(["127.0.0.1:1"], mode="shm")
+    servers = SharedServers(grpc.StatusCode.INTERNAL)
+    try:
+        with pytest.raises(ConvRpcError) as info:
+            servers.drive(core.call(_call("relu", dict(input=(1, 200, 200)), {})))
+        assert info.value.code is grpc.StatusCode.UNAVAILABLE and "shared-memory socket" in info.value.message
+        # one fresh session per attempt (the frozen one is dropped), then the replica is ejected
+        assert [m for _, m in servers.calls] == ["OpenSharedMemorySession"] * (1 + len(config.RETRY_PAUSES))
+        assert core.replicas[0].session is None
+    finally:
+        core.close()
+        servers.sessions.close()

@@ -265,7 +265,7 @@ def test_compose_servers_agree_with_settings_cli_and_ports(name):
     assert all(str(p).startswith("127.0.0.1:") for p in service["ports"]), "publish on the host's loopback only"
     # Docker's SIGKILL must not cut the server's own drain short.
     assert seconds(service["stop_grace_period"]) > settings.grace
-    # Each replica has its own IPC namespace: the shared-memory path cannot reach a container's server.
+    # Each replica has its own network namespace (where its shared-memory socket lives): no ipc sharing needed.
     assert "ipc" not in service and "shm_size" not in service
     assert "command" not in service and "entrypoint" not in service  # the image's `convrpc serve`
 

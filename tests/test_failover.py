@@ -66,16 +66,6 @@ def _phases(servers, timed_call):
     return normal, disrupted
 
 
-
-@pytest.fixture(autouse=True)
-def _sweep_what_killed_replicas_left():
-    """A SIGKILLed replica leaves its shared-memory marker (and any regions) behind, as a crashed server
-    does; the next server to start would sweep them: do it when the test ends, so /dev/shm is as found."""
-    yield
-    from convrpc.server.shared_memory import sweep_stale_regions
-
-    sweep_stale_regions()
-
 def _release(servers):
     """Never leave a stopped process behind: kill it, then let it run so that it can die."""
     for server in servers:

@@ -4,25 +4,23 @@ with a status a client can act on, never INTERNAL or UNKNOWN, never dies, and le
 from __future__ import annotations
 
 import os
-import secrets
 import threading
 
 import grpc
 import numpy as np
 import pytest
-from convrpc import chunks, shm, wire
+from convrpc import chunks, wire
 from convrpc.client import ConvClient
 from convrpc.v1 import conv_service_pb2 as pb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_fixtures import open_shm_session, running_server
+from server_fixtures import RawSession, memfd, running_server
 
 METHOD = "/convrpc.v1.ConvService/"
-#: What a mutated request may get. NOT_FOUND and PERMISSION_DENIED answer a shared-memory request
-#: whose region name was mutated (a region that is not there, or not the session's).
+#: What a mutated request may get, shared-memory requests included (a mutated session or region id is
+#: FAILED_PRECONDITION).
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
            grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DEADLINE_EXCEEDED}  # fmt: skip
-SHARED_ALLOWED = ALLOWED | {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED}
 #: Varints a mutation plants: the edges of int32/int64 and the sizes kernels multiply.
 EDGES = [0, 1, 2**31 - 1, 2**31, 2**32, 2**62, 2**63 - 1, 2**64 - 1, 2**70]
 
@@ -45,8 +43,8 @@ def _forward(op, **tensors) -> bytes:
     return pb.ForwardRequest(op=op, **tensors).SerializeToString()
 
 
-def _corpus(session: pb.OpenSharedMemorySessionResponse, region: str) -> list[tuple[str, list[bytes], bool]]:
-    """(RPC, its request messages' bytes, whether it uses shared memory) for every RPC and op."""
+def _corpus(session_id: str, region_id: int) -> list[tuple[str, list[bytes]]]:
+    """(RPC, its request messages' bytes) for every RPC and op."""
     conv = wire.encode_op("conv2d", stride=2, padding=1, dilation=1, groups=1)
     convt = wire.encode_op("conv_transpose2d", stride=2, padding=1, output_padding=1)
     pool = wire.encode_op("max_pool2d", kernel_size=3, stride=2, padding=1)
@@ -54,19 +52,18 @@ def _corpus(session: pb.OpenSharedMemorySessionResponse, region: str) -> list[tu
     relu = wire.encode_op("relu")
     y = np.ones((2, 4, 5, 5))
     unary = [
-        ("Forward", [_forward(conv, input=T(X), weight=T(W), bias=T(np.ones(4)))], False),
-        ("Forward", [_forward(convt, input=T(X), weight=T(np.ones((3, 2, 3, 3))))], False),
-        ("Forward", [_forward(pool, input=T(X))], False),
-        ("Forward", [_forward(avg, input=T(X))], False),
-        ("Backward", [pb.BackwardRequest(op=conv, input=T(X), weight=T(W), grad_output=T(y)).SerializeToString()], False),
+        ("Forward", [_forward(conv, input=T(X), weight=T(W), bias=T(np.ones(4)))]),
+        ("Forward", [_forward(convt, input=T(X), weight=T(np.ones((3, 2, 3, 3))))]),
+        ("Forward", [_forward(pool, input=T(X))]),
+        ("Forward", [_forward(avg, input=T(X))]),
+        ("Backward", [pb.BackwardRequest(op=conv, input=T(X), weight=T(W), grad_output=T(y)).SerializeToString()]),
         ("Backward", [pb.BackwardRequest(op=pool, input=T(X), grad_output=T(np.ones((2, 3, 5, 5)))).SerializeToString()],
-         False),
+         ),
         ("TrainKernel", [pb.TrainKernelRequest(input=T(X), target=T(np.ones((2, 4, 7, 7))), kernel_size=pb.Size2(
-            height=3, width=3), max_steps=3, sgd=pb.SgdOptions(lr=0.01), snapshot_every=1).SerializeToString()], False),
-        ("GetServerInfo", [pb.GetServerInfoRequest().SerializeToString()], False),
-        ("OpenSharedMemorySession", [pb.OpenSharedMemorySessionRequest(
-            probe_region="cvp" + "0" * 24, probe_nonce=bytes(32)).SerializeToString()], False),
-        ("CloseSharedMemorySession", [pb.CloseSharedMemorySessionRequest(session_id="0" * 32).SerializeToString()], False),
+            height=3, width=3), max_steps=3, sgd=pb.SgdOptions(lr=0.01), snapshot_every=1).SerializeToString()]),
+        ("GetServerInfo", [pb.GetServerInfoRequest().SerializeToString()]),
+        ("OpenSharedMemorySession", [pb.OpenSharedMemorySessionRequest().SerializeToString()]),
+        ("CloseSharedMemorySession", [pb.CloseSharedMemorySessionRequest(session_id="0" * 32).SerializeToString()]),
     ]  # fmt: skip
     header = pb.ForwardStreamRequest(request=pb.ForwardRequest(op=relu, input=wire.tensor_header(X)))
     data = X.tobytes()
@@ -74,15 +71,16 @@ def _corpus(session: pb.OpenSharedMemorySessionResponse, region: str) -> list[tu
     back = pb.BackwardStreamRequest(request=pb.BackwardRequest(
         op=relu, input=wire.tensor_header(X), grad_output=wire.tensor_header(X)))  # fmt: skip
     shared = pb.ForwardRequest(
-        op=relu, input=pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=X.shape, shared=pb.SharedSpan(region=region, offset=0)),
-        shared_memory=pb.SharedMemoryContext(session_id=session.session_id, output_buffer=pb.SharedBuffer(
-            region=region, offset=1 << 16, size=1 << 16)),
+        op=relu, input=pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=X.shape,
+                                 shared=pb.SharedSpan(region_id=region_id, offset=0)),
+        shared_memory=pb.SharedMemoryContext(session_id=session_id, output_buffer=pb.SharedBuffer(
+            region_id=region_id, offset=1 << 16, size=1 << 16)),
     )  # fmt: skip
     return unary + [
-        ("ForwardStream", stream, False),
+        ("ForwardStream", stream),
         ("BackwardStream", [back.SerializeToString()] + [chunks.encode_chunk(o, (data * 2)[o : o + 700])
-                                                         for o in range(0, 2 * len(data), 700)], False),
-        ("Forward", [shared.SerializeToString()], True),
+                                                         for o in range(0, 2 * len(data), 700)]),
+        ("Forward", [shared.SerializeToString()]),
     ]
 
 
@@ -128,19 +126,14 @@ def target():
 @pytest.fixture(scope="module")
 def session(target):
     _, channel = target
-    opened = open_shm_session(channel.unary_unary(
+    opened = RawSession(channel.unary_unary(
         METHOD + "OpenSharedMemorySession", request_serializer=lambda m: m.SerializeToString(),
         response_deserializer=pb.OpenSharedMemorySessionResponse.FromString))  # fmt: skip
-    name = f"{opened.region_prefix}i{secrets.token_hex(8)}"
-    mapped = shm.create(name, 1 << 17)
-    mapped[: X.nbytes] = X.tobytes()
-    yield opened, name
-    mapped.close()
-    shm.unlink(name)
-
-
-#: The corpus's probe region does not exist: refused, as it must be.
-_BASELINE = {"OpenSharedMemorySession": grpc.StatusCode.FAILED_PRECONDITION}
+    fd = memfd(1 << 17, X.tobytes())
+    assert opened.add(1, fd) == (0, "")
+    yield opened.id, 1
+    os.close(fd)
+    opened.close()
 
 
 def _send(channel, rpc: str, messages: list[bytes]) -> grpc.StatusCode:
@@ -175,30 +168,28 @@ def _warm_float32(target: str) -> None:
 def test_mutated_requests_of_every_rpc_get_only_actionable_statuses_and_leak_nothing(target, session):
     server, channel = target
     corpus = _corpus(*session)
-    for rpc, messages, _ in corpus:  # the unmutated corpus is served (and warms everything up)
-        assert _send(channel, rpc, messages) is _BASELINE.get(rpc, grpc.StatusCode.OK), rpc
+    for rpc, messages in corpus:  # the unmutated corpus is served (and warms everything up)
+        assert _send(channel, rpc, messages) is grpc.StatusCode.OK, rpc
     _warm_float32(server.target)
     threads, fds, rss = threading.active_count(), _fds(), _rss()
-    regions = set(shm.names_with_prefix("cv"))
     seen: dict[str, set] = {}
 
     @settings(max_examples=int(os.environ.get("CONVRPC_FUZZ_EXAMPLES", "1000")), deadline=None, derandomize=True,
               database=None, suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(st.data())
     def fuzz(data):
-        rpc, messages, shared = data.draw(st.sampled_from(corpus))
+        rpc, messages = data.draw(st.sampled_from(corpus))
         which = data.draw(st.integers(0, len(messages) - 1))
         mutated = list(messages)
         mutated[which] = data.draw(mutations(messages[which]))
         code = _send(channel, rpc, mutated)
         seen.setdefault(rpc, set()).add(code)
-        assert code in (SHARED_ALLOWED if shared else ALLOWED), (rpc, code, mutated[which].hex())
+        assert code in ALLOWED, (rpc, code, mutated[which].hex())
 
     fuzz()
-    for rpc, messages, _ in corpus:  # and served correctly afterwards
-        assert _send(channel, rpc, messages) is _BASELINE.get(rpc, grpc.StatusCode.OK), rpc
-    assert set(seen) == {rpc for rpc, _, _ in corpus}
+    for rpc, messages in corpus:  # and served correctly afterwards
+        assert _send(channel, rpc, messages) is grpc.StatusCode.OK, rpc
+    assert set(seen) == {rpc for rpc, _ in corpus}
     assert threading.active_count() <= threads + 2
     assert _fds() <= fds + 10
-    assert set(shm.names_with_prefix("cv")) - regions <= {n for n in shm.names_with_prefix(session[0].region_prefix + "o")}
     assert _rss() - rss < 50 << 20

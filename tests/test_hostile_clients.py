@@ -3,9 +3,11 @@ status, leaks nothing, and serves other clients correctly throughout."""
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
-import secrets
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -20,56 +22,49 @@ from convrpc.client import ConvClient, ConvRpcError
 from convrpc.core import available_backends
 from convrpc.v1 import conv_service_pb2 as pb
 from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
-from server_fixtures import open_shm_session, running_server
+from server_fixtures import RawSession, memfd, running_server
 from server_processes import server_processes
 
-pytestmark = pytest.mark.skipif(not shm.AVAILABLE or not os.path.isdir("/dev/shm"), reason="needs Linux shared memory")
+pytestmark = pytest.mark.skipif(not shm.AVAILABLE, reason="needs Linux memfds and fd passing")
 
 SERVER_ENV = {"CONVRPC_BACKEND": "numpy", "CONVRPC_WARM_UP": "0"}
 X = np.arange(1024, dtype=np.float32) - 512  # 4 KiB
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _rss(pid: int) -> int:
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+def _open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss(pid: int, kind: str = "VmRSS") -> int:
+    """A process's resident bytes: all of them, or of one kind ("RssShmem": shared memory it has mapped)."""
     with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(kind + ":"))
 
 
-class Session:
+class Session(RawSession):
     """A shared-memory session opened by hand with raw stubs, as a hostile client would."""
 
     def __init__(self, stub):
-        opened = open_shm_session(stub.OpenSharedMemorySession)
-        self.stub, self.id, self.prefix = stub, opened.session_id, opened.region_prefix
-        self.names: list[str] = []
+        super().__init__(stub.OpenSharedMemorySession)
+        self.stub = stub
 
-    def region_name(self) -> str:
-        name = f"{self.prefix}i{secrets.token_hex(8)}"
-        self.names.append(name)
-        return name
-
-    def relu(self, name: str, *, offset: int = 0, buffer_size: int = 4096, timeout: float = 30):
+    def relu(self, region_id: int, *, offset: int = 0, buffer_size: int = 4096, timeout: float = 30):
         request = pb.ForwardRequest(
             op=pb.Op(relu=pb.ReluOptions()),
-            input=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=X.shape, shared=pb.SharedSpan(region=name, offset=offset)),
+            input=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=X.shape,
+                            shared=pb.SharedSpan(region_id=region_id, offset=offset)),
             shared_memory=pb.SharedMemoryContext(
-                session_id=self.id, output_buffer=pb.SharedBuffer(region=name, offset=8192, size=buffer_size)
+                session_id=self.id, output_buffer=pb.SharedBuffer(region_id=region_id, offset=8192, size=buffer_size)
             ),
-        )
+        )  # fmt: skip
         return self.stub.Forward(request, timeout=timeout)
-
-    def close(self):
-        for name in self.names:
-            shm.unlink(name)
-        self.stub.CloseSharedMemorySession(pb.CloseSharedMemorySessionRequest(session_id=self.id))
-
-
-def _region(name: str, size: int, data: np.ndarray | None = X) -> int:
-    """A client region of ``size`` bytes (sparse: only what is written is committed), its fd open."""
-    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-    os.ftruncate(fd, size)
-    if data is not None:
-        os.pwrite(fd, data.tobytes(), 0)
-    return fd
 
 
 def _code(call) -> grpc.StatusCode:
@@ -139,34 +134,35 @@ def stub(proc):
         yield pb_grpc.ConvServiceStub(channel)
 
 
-# -- row 1: truncating one's own region, even racing the server's copy, cannot kill the server ------
+# -- row 1: a sealed region cannot shrink, so a client cannot truncate the server into SIGBUS ----------
 
 
-def test_a_client_truncating_its_region_mid_call_gets_a_status_and_the_server_lives_on(proc, stub):
+def test_a_client_cannot_truncate_or_grow_its_sealed_region_and_the_server_lives_on(proc, stub):
     session = Session(stub)
-    name = session.region_name()
-    fd = _region(name, 1 << 20)
+    fd = memfd(1 << 20, X.tobytes())
     try:
-        assert _code(lambda: session.relu(name)) is grpc.StatusCode.OK
-        os.ftruncate(fd, 0)
-        assert _code(lambda: session.relu(name)) is grpc.StatusCode.INVALID_ARGUMENT
+        assert session.add(1, fd) == (0, "")
+        assert _code(lambda: session.relu(1)) is grpc.StatusCode.OK
+        for size in (0, 4096, 2 << 20):
+            with pytest.raises(PermissionError):  # EPERM: F_SEAL_SHRINK, F_SEAL_GROW
+                os.ftruncate(fd, size)
         stop = threading.Event()
 
-        def flap():  # shrink and regrow the region as fast as possible while calls read and write it
+        def punch():  # punch the region's pages out as fast as possible while calls read and write it
             while not stop.is_set():
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, 1 << 20)
+                fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 1 << 20)
                 os.pwrite(fd, X.tobytes(), 0)
 
-        flapper = threading.Thread(target=flap, daemon=True)
+        puncher = threading.Thread(target=punch, daemon=True)
         with Bystander(proc.target):
-            flapper.start()
+            puncher.start()
             try:
-                codes = {_code(lambda: session.relu(name)) for _ in range(300)}
+                codes = {_code(lambda: session.relu(1)) for _ in range(300)}
             finally:
                 stop.set()
-                flapper.join()
-        assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}, codes
+                puncher.join()
+        assert codes == {grpc.StatusCode.OK}, codes  # a punched hole reads as zeros: wrong values, no crash
+        assert os.fstat(fd).st_size == 1 << 20
         assert proc.process.poll() is None, proc.output()
     finally:
         os.close(fd)
@@ -178,13 +174,13 @@ def test_a_client_truncating_its_region_mid_call_gets_a_status_and_the_server_li
 
 def test_a_sparse_region_far_larger_than_its_tensor_commits_only_the_tensors_bytes(proc, stub):
     session = Session(stub)
-    name = session.region_name()
-    fd = _region(name, 512 << 20)
+    fd = memfd(512 << 20, X.tobytes())
     try:
+        assert session.add(1, fd) == (0, "")
         before = _rss(proc.process.pid)
         for _ in range(20):
-            out = session.relu(name)
-        assert out.output.shared.region == name
+            out = session.relu(1)
+        assert out.output.shared.region_id == 1
         got = np.empty_like(X)
         os.preadv(fd, [memoryview(got).cast("B")], out.output.shared.offset)
         np.testing.assert_array_equal(got, np.maximum(X, 0))
@@ -199,140 +195,197 @@ def test_a_region_larger_than_the_cap_is_refused_naming_the_setting():
     with running_server(backend="numpy", warm_up=False, shm_max_region_bytes=1 << 20) as server:
         with grpc.insecure_channel(server.target) as channel:
             session = Session(pb_grpc.ConvServiceStub(channel))
-            name = session.region_name()
-            fd = _region(name, 2 << 20)
+            fd = memfd(2 << 20, X.tobytes())
             try:
-                with pytest.raises(grpc.RpcError) as info:
-                    session.relu(name)
+                code, message = session.add(1, fd)
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "shm_max_region_bytes" in message
+                with pytest.raises(grpc.RpcError) as info:  # a request naming it says why, naming its field
+                    session.relu(1)
                 assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "shm_max_region_bytes" in info.value.details() and "input.shared.region" in info.value.details()
+                assert info.value.details().startswith("input.shared.region_id: region 1 was refused")
+                assert "shm_max_region_bytes" in info.value.details()
             finally:
                 os.close(fd)
                 session.close()
 
 
-# -- row 9: links and non-regular files are refused ----------------------------------------------
+def test_the_server_maps_a_bounded_total_of_client_regions_and_frees_it_with_each_session(monkeypatch):
+    from convrpc.core import config
+
+    monkeypatch.setattr(config, "SHM_MAX_MAPPED_BYTES", 3 << 20)
+    with running_server(backend="numpy", warm_up=False) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.ConvServiceStub(channel)
+            fds = [memfd(2 << 20, X.tobytes()) for _ in range(2)]
+            try:
+                first, second = Session(stub), Session(stub)
+                assert first.add(1, fds[0]) == (0, "")
+                code, message = second.add(1, fds[1])
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "client regions" in message
+                first.close()  # its mapping goes with its session, and the other may map now
+                deadline = time.monotonic() + 10
+                while (code := second.add(2, fds[1])[0]) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert code == 0 and _code(lambda: second.relu(2)) is grpc.StatusCode.OK
+                second.close()
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
 
-@pytest.mark.parametrize("kind", ["hard link", "symlink", "fifo", "directory"])
-def test_a_name_that_is_a_link_or_not_a_regular_file_is_refused(proc, stub, kind):
-    victim, attacker = Session(stub), Session(stub)
-    victim_name, name = victim.region_name(), attacker.region_name()
-    victim_fd = _region(victim_name, 1 << 20)
-    path = f"/dev/shm/{name}"
+# -- row 9: only sealed memfds are mapped; anything else is refused -----------------------------------
+
+
+def _dev_shm_file():  # what shm_open makes: a tmpfs file, which cannot take seals
+    path = f"/dev/shm/convrpc-test-{os.getpid()}-{time.monotonic_ns()}"
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    os.unlink(path)
+    os.ftruncate(fd, 1 << 20)
+    return fd
+
+
+def _disk_file(tmp_path):
+    fd = os.open(tmp_path / "region", os.O_CREAT | os.O_RDWR, 0o600)
+    os.ftruncate(fd, 1 << 20)
+    return fd
+
+
+def _read_only():
+    fd = memfd(1 << 20, X.tobytes())
     try:
-        if kind == "hard link":
-            os.link(f"/dev/shm/{victim_name}", path)
-        elif kind == "symlink":
-            os.symlink(f"/dev/shm/{victim_name}", path)
-        elif kind == "fifo":
-            os.mkfifo(path, 0o600)
-        else:
-            os.mkdir(path, 0o700)
-        with pytest.raises(grpc.RpcError) as info:
-            attacker.relu(name)
-        assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED, info.value.details()
-        assert info.value.details().startswith("input.shared.region:")
-        # A hard link gives the victim's region two names: refused under both until the link goes.
-        expected = grpc.StatusCode.PERMISSION_DENIED if kind == "hard link" else grpc.StatusCode.OK
-        assert _code(lambda: victim.relu(victim_name)) is expected
-    finally:
-        if kind == "directory":
-            os.rmdir(path)
-        elif os.path.lexists(path):
-            os.unlink(path)
-    try:
-        assert _code(lambda: victim.relu(victim_name)) is grpc.StatusCode.OK
-    finally:
-        os.close(victim_fd)
-        victim.close()
-        attacker.close()
-
-
-# -- row 8: sessions are leases; a killed server's regions are swept at the next start --------------
-
-_KILLED_CLIENT = """
-import sys, time, numpy as np
-from convrpc.client import ConvClient, ConvRpcError
-from convrpc.core import available_backends
-client = ConvClient(sys.argv[1], data_path="shm")
-client.relu(np.ones(100_000))
-print(client._core.replicas[0].session.prefix, flush=True)
-time.sleep(600)
-"""
-
-
-def _wait_gone(prefix: str, seconds: float = 30) -> list[str]:
-    deadline = time.monotonic() + seconds
-    while shm.names_with_prefix(prefix) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return shm.names_with_prefix(prefix)
-
-
-def test_a_client_killed_with_its_whole_process_group_leaves_nothing_once_its_lease_ends():
-    with running_server(backend="numpy", warm_up=False, shm_session_ttl=1.0) as server:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-        client = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(_KILLED_CLIENT), server.target],
-            stdout=subprocess.PIPE, text=True, env=env, start_new_session=True,
-        )  # fmt: skip
-        try:
-            prefix = client.stdout.readline().strip()
-            assert prefix.startswith("cv") and shm.names_with_prefix(prefix + "i")
-        finally:
-            os.killpg(client.pid, signal.SIGKILL)  # the resource tracker dies with it
-            client.wait()
-            client.stdout.close()
-        assert _wait_gone(prefix) == []
-        with ConvClient(server.target, timeout=60, data_path="shm") as other:
-            np.testing.assert_array_equal(other.relu(X), np.maximum(X, 0))
-
-
-def test_a_closed_session_unlinks_every_region_named_for_it(proc, stub):
-    session = Session(stub)
-    name = session.region_name()
-    fd = _region(name, 1 << 20)
-    try:
-        out = session.relu(name, buffer_size=0)  # no room offered: the server makes an output region
-        assert out.output.shared.region.startswith(session.prefix + "o")
-        session.close()
-        assert shm.names_with_prefix(session.prefix) == []
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
     finally:
         os.close(fd)
 
 
-def test_a_server_starting_unlinks_the_regions_of_a_server_that_was_killed():
-    with server_processes(1, env=SERVER_ENV) as (dead,):
-        with grpc.insecure_channel(dead.target) as channel:
-            session = Session(pb_grpc.ConvServiceStub(channel))
-            name = session.region_name()
-            os.close(_region(name, 1 << 20))
-            out = session.relu(name, buffer_size=0)
-        dead.kill()
-    left = shm.names_with_prefix(session.prefix)
-    assert name in left and out.output.shared.region in left
-    with running_server(backend="numpy", warm_up=False):
-        assert shm.names_with_prefix(session.prefix) == []
-        assert shm.names_with_prefix(f"cvs{session.prefix[2:10]}") == []
-
-
-
-def test_a_server_starting_unlinks_old_session_regions_whose_server_and_marker_are_gone():
-    tag = secrets.token_hex(4)
-    orphan = f"cv{tag}{secrets.token_hex(5)}i{secrets.token_hex(8)}"
-    fresh = f"cv{tag}{secrets.token_hex(5)}o{secrets.token_hex(8)}"
-    for name in (orphan, fresh):
-        os.close(_region(name, 4096))
-    long_ago = time.time() - 3600
-    os.utime(f"/dev/shm/{orphan}", (long_ago, long_ago))
+@pytest.mark.parametrize("kind, code, words", [
+    ("unsealed memfd", "FAILED_PRECONDITION", "not sealed against shrinking"),
+    ("write-sealed memfd", "FAILED_PRECONDITION", "sealed against writes"),
+    ("disk file", "FAILED_PRECONDITION", "cannot be sealed"),
+    ("/dev/shm file", "FAILED_PRECONDITION", "not sealed against shrinking"),
+    ("read-only memfd", "FAILED_PRECONDITION", "reading and writing"),
+    ("pipe", "FAILED_PRECONDITION", "not a memfd"),
+    ("socket", "FAILED_PRECONDITION", "not a memfd"),
+    ("directory", "FAILED_PRECONDITION", "not a memfd"),
+    ("empty memfd", "INVALID_ARGUMENT", "empty"),
+])  # fmt: skip
+def test_anything_but_a_sealed_writable_memfd_is_refused_naming_the_field(proc, stub, tmp_path, kind, code, words):
+    opened, session = [], Session(stub)
+    if kind == "unsealed memfd":
+        opened.append(memfd(1 << 20, X.tobytes(), seals=0))
+    elif kind == "write-sealed memfd":
+        opened.append(memfd(1 << 20, X.tobytes(), seals=fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE))
+    elif kind == "disk file":
+        opened.append(_disk_file(tmp_path))
+    elif kind == "/dev/shm file":
+        opened.append(_dev_shm_file())
+    elif kind == "read-only memfd":
+        opened.append(_read_only())
+    elif kind == "pipe":
+        opened.extend(os.pipe())
+    elif kind == "socket":
+        pair = socket.socketpair()
+        opened.extend(s.detach() for s in pair)
+    elif kind == "directory":
+        opened.append(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY))
+    else:
+        opened.append(memfd(0))
     try:
-        with running_server(backend="numpy", warm_up=False):
-            left = shm.names_with_prefix(f"cv{tag}")
-        assert orphan not in left  # an hour old, no marker: nobody else would ever unlink it
-        assert fresh in left  # young: its session may still be opening
+        got, message = session.add(7, opened[0])
+        assert got == getattr(grpc.StatusCode, code).value[0] and message.startswith("region:") and words in message
+        with pytest.raises(grpc.RpcError) as info:
+            session.relu(7)
+        assert info.value.code() is getattr(grpc.StatusCode, code), info.value.details()
+        assert info.value.details().startswith("input.shared.region_id: region 7 was refused") and words in info.value.details()
+        fd = memfd(1 << 20, X.tobytes())  # the session goes on
+        try:
+            assert session.add(8, fd) == (0, "")
+            assert _code(lambda: session.relu(8)) is grpc.StatusCode.OK
+        finally:
+            os.close(fd)
     finally:
-        for name in (orphan, fresh):
-            shm.unlink(name)
+        for fd in opened:
+            os.close(fd)
+        session.close()
+
+
+def test_a_session_reaches_only_the_regions_it_was_handed(proc, stub):
+    victim, attacker = Session(stub), Session(stub)
+    fd = memfd(1 << 20, X.tobytes())
+    try:
+        assert victim.add(1, fd) == (0, "")
+        assert _code(lambda: victim.relu(1)) is grpc.StatusCode.OK
+        with pytest.raises(grpc.RpcError) as info:
+            attacker.relu(1)  # the same region id, in its own session: there is no such region
+        assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert info.value.details().startswith("input.shared.region_id: no region 1")
+    finally:
+        os.close(fd)
+        victim.close()
+        attacker.close()
+
+
+# -- row 8: the session is the socket: a client killed outright leaves nothing ---------------------
+
+_KILLED_CLIENT = """
+import sys, time, numpy as np
+from convrpc.client import ConvClient
+client = ConvClient(sys.argv[1], data_path="shm")
+held = [client.relu(np.ones((4, 1 << 20), np.float32) * -i) for i in range(4)]  # 4 x 16 MiB of results
+print(client._core.replicas[0].session.id, flush=True)
+time.sleep(600)
+"""
+
+
+def _settled(measure, baseline: int, slack: int, seconds: float = 30) -> int:
+    deadline = time.monotonic() + seconds
+    while measure() > baseline + slack and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return measure()
+
+
+def test_a_client_killed_with_its_whole_process_group_leaves_nothing(proc):
+    pid = proc.process.pid
+    with ConvClient(proc.target, timeout=60, data_path="shm") as warm:  # the socket thread and first mappings
+        warm.relu(X)
+    files, rss, shared = _open_files(pid), _rss(pid), _rss(pid, "RssShmem")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    client = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(_KILLED_CLIENT), proc.target],
+        stdout=subprocess.PIPE, text=True, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert len(client.stdout.readline().strip()) == 32
+        assert _open_files(pid) > files and _rss(pid, "RssShmem") > shared + (32 << 20)  # mapped while it lives
+        with Bystander(proc.target):
+            os.killpg(client.pid, signal.SIGKILL)
+            client.wait()
+        while _PATH_CLIENTS:  # the bystander's own sessions
+            _PATH_CLIENTS.popitem()[1].close()
+        assert _settled(lambda: _open_files(pid), files, 0) <= files
+        assert _settled(lambda: _rss(pid, "RssShmem"), shared, 1 << 20) - shared < 1 << 20  # every mapping gone
+        assert _rss(pid) - rss < 50 << 20
+    finally:
+        if client.poll() is None:
+            os.killpg(client.pid, signal.SIGKILL)
+            client.wait()
+        client.stdout.close()
+    with ConvClient(proc.target, timeout=60, data_path="shm") as other:
+        np.testing.assert_array_equal(other.relu(X), np.maximum(X, 0))
+
+
+def test_a_session_never_connected_or_closed_holds_nothing(proc, stub):
+    session = Session(stub)
+    fd = memfd(1 << 20, X.tobytes())
+    try:
+        assert session.add(1, fd) == (0, "")
+        stub.CloseSharedMemorySession(pb.CloseSharedMemorySessionRequest(session_id=session.id), timeout=30)
+        assert session.sock.recv(shm.MAX_MESSAGE) == b""  # the server hung up
+        assert _code(lambda: session.relu(1)) is grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        os.close(fd)
+        session.close()
+
 
 # -- rows 3 and 4: nothing a client withholds holds the server ---------------------------------------
 
@@ -452,10 +505,6 @@ def test_undecodable_bytes_get_invalid_argument_logged_once_and_hold_no_slot(cap
 
 
 # -- row 10: idle connections are closed ------------------------------------------------------------
-
-
-def _open_files(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def test_idle_connections_are_closed_after_max_connection_idle():

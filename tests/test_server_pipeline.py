@@ -3,19 +3,20 @@ through shared memory gives byte-identical results, and the same bad request the
 
 from __future__ import annotations
 
-import secrets
+import mmap
+import os
 
 import grpc
 import ml_dtypes
 import numpy as np
 import pytest
 
-from convrpc import chunks, networks, shm, wire
+from convrpc import chunks, networks, wire
 from convrpc.core import network as nn
 from convrpc.core import get_backend
 from convrpc.v1 import conv_service_pb2 as pb
 from convrpc.v1 import conv_service_pb2_grpc as pb_grpc
-from server_fixtures import open_shm_session, running_server
+from server_fixtures import RawSession, memfd, running_server
 
 PATHS = ("inline", "stream", "shm")
 REF = get_backend("numpy")
@@ -33,19 +34,20 @@ def stub(srv):
         yield pb_grpc.ConvServiceStub(channel)
 
 
-class Session:
-    """A shared-memory session opened by hand, as the SDK would: a probe region, then one input region."""
+class Session(RawSession):
+    """A shared-memory session opened by hand, as the SDK would, with one 4 MiB region (id 1) mapped here."""
 
     def __init__(self, stub):
-        opened = open_shm_session(stub.OpenSharedMemorySession)
-        self.stub, self.id, self.prefix = stub, opened.session_id, opened.region_prefix
-        self.name = f"{self.prefix}i{secrets.token_hex(8)}"
-        self.region = shm.create(self.name, 1 << 22)
+        super().__init__(stub.OpenSharedMemorySession)
+        self.region_id, fd = 1, memfd(1 << 22)
+        assert self.add(self.region_id, fd) == (0, "")
+        self.region = mmap.mmap(fd, 1 << 22)
+        os.close(fd)
+        self.stub = stub
 
     def close(self):
-        self.region.close()
-        shm.unlink(self.name)
         self.stub.CloseSharedMemorySession(pb.CloseSharedMemorySessionRequest(session_id=self.id))
+        super().close()
 
 
 @pytest.fixture(scope="module")
@@ -95,24 +97,22 @@ def send(stub, path, request, session=None, *, output_buffer=True):
             t = getattr(request, f)
             size = len(t.data)
             session.region[offset : offset + size] = t.data
-            t.shared.CopyFrom(pb.SharedSpan(region=session.name, offset=offset))  # clears t.data
+            t.shared.CopyFrom(pb.SharedSpan(region_id=session.region_id, offset=offset))  # clears t.data
             offset += -(-size // 64) * 64
     request.shared_memory.session_id = session.id
     if output_buffer:
-        request.shared_memory.output_buffer.CopyFrom(pb.SharedBuffer(region=session.name, offset=2 << 20, size=2 << 20))
+        buffer = pb.SharedBuffer(region_id=session.region_id, offset=2 << 20, size=2 << 20)
+        request.shared_memory.output_buffer.CopyFrom(buffer)
     response = getattr(stub, rpc)(request, timeout=30)
-    out, claimed = {}, set()
+    if not output_buffer:  # no room offered: the results come inline
+        return _inline(response)
+    out = {}
     for f in _tensor_fields(response):
         if response.HasField(f):
             t = getattr(response, f)
-            assert t.WhichOneof("storage") == "shared"
+            assert t.WhichOneof("storage") == "shared" and t.shared.region_id == session.region_id
             nbytes = wire.tensor_layout(t, f)[2]
-            region = shm.attach(t.shared.region, writable=False)
-            out[f] = (t.dtype, tuple(t.shape), bytes(region[t.shared.offset : t.shared.offset + nbytes]))
-            region.close()
-            claimed.add(t.shared.region)
-    for name in claimed - {session.name}:
-        shm.unlink(name)  # a server-created output region: the client claims it
+            out[f] = (t.dtype, tuple(t.shape), bytes(session.region[t.shared.offset : t.shared.offset + nbytes]))
     return out
 
 
@@ -154,8 +154,8 @@ def requests(name, arrays, options, dtype):
 def test_every_op_is_byte_identical_inline_streamed_and_in_shared_memory(stub, session, name, arrays, options, dtype):
     for request in requests(name, arrays, options, dtype):
         results = {path: send(stub, path, request, session) for path in PATHS}
-        results["shm, server region"] = send(stub, "shm", request, session, output_buffer=False)
-        assert results["stream"] == results["inline"] == results["shm"] == results["shm, server region"]
+        results["shm, inline results"] = send(stub, "shm", request, session, output_buffer=False)
+        assert results["stream"] == results["inline"] == results["shm"] == results["shm, inline results"]
         inline = results["inline"]
         if isinstance(request, pb.ForwardRequest):
             expected = getattr(REF, name)(**{f: wire.decode_tensor(getattr(request, f), f) for f in wire.OP_SPECS[name].tensors
@@ -254,7 +254,7 @@ class _with_metadata:
 
 def test_a_shared_tensor_without_a_session_is_refused_naming_it(stub, session):
     request = type(FWD).FromString(FWD.SerializeToString())
-    request.input.shared.CopyFrom(pb.SharedSpan(region=session.name, offset=0))
+    request.input.shared.CopyFrom(pb.SharedSpan(region_id=session.region_id, offset=0))
     with pytest.raises(grpc.RpcError) as info:
         stub.Forward(request, timeout=30)
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith("input.shared:")

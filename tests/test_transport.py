@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import mmap
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -18,35 +21,28 @@ from convrpc.client.aio import AsyncConvClient
 from convrpc.client.calls import CallCore, is_local
 from convrpc.core import get_backend
 from convrpc.v1 import conv_service_pb2 as pb
-from server_fixtures import running_server
+from server_fixtures import RawSession, memfd, running_server
 from test_server_e2e import BAD_CALLS
 
-pytestmark = pytest.mark.skipif(not shm.AVAILABLE, reason="needs POSIX shared memory")
+pytestmark = pytest.mark.skipif(not shm.AVAILABLE, reason="needs Linux memfds and fd passing")
 
 REF = get_backend("numpy")
 CHUNK = 1000  # not a multiple of any itemsize: chunks split elements and span tensor boundaries
 METHOD = "/convrpc.v1.ConvService/"
 
 
-def _ours() -> set[str]:
-    """convrpc's names in /dev/shm (probe 'cvp...', session regions 'cv<10 hex><i|o>...')."""
-    return {n for n in shm.names_with_prefix("cv")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_region_leaks():
-    before = _ours()
-    yield
-    deadline = time.monotonic() + 5
-    while _ours() - before and time.monotonic() < deadline:
+def _wait_no_sessions(server, seconds: float = 10) -> int:
+    deadline = time.monotonic() + seconds
+    while server.servicer.sessions.session_count() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _ours() - before == set(), "shared-memory regions left behind"
+    return server.servicer.sessions.session_count()
 
 
 @pytest.fixture(scope="module")
 def srv():
     with running_server(backend="numpy", chunk_bytes=777, warm_up=False) as server:
         yield server
+        assert _wait_no_sessions(server) == 0, "shared-memory sessions left behind"
 
 
 @pytest.fixture(scope="module")
@@ -129,58 +125,94 @@ def test_auto_falls_back_to_streams_when_the_server_refuses_shared_memory():
             assert "shared_memory" in info.value.message
 
 
-def test_an_output_larger_than_the_offered_span_comes_in_a_server_region_the_client_unlinks(srv, monkeypatch):
-    from convrpc.server.shared_memory import _Request
-
-    created = []
-    new_region = _Request._new_region
-    monkeypatch.setattr(_Request, "_new_region", lambda self, *a: created.append(1) or new_region(self, *a))
-    x = np.random.default_rng(4).standard_normal((1, 2, 32, 32))  # 16 KiB in, 1.5 MiB out: over the 1 MiB region
-    w = np.random.default_rng(5).standard_normal((2, 3, 8, 8))
+def test_results_view_the_clients_region_which_is_recycled_once_every_view_is_freed(srv):
+    x = np.random.default_rng(4).standard_normal((4, 2, 64, 64))
     with ConvClient(srv.target, timeout=60, data_path="shm") as client:
-        for _ in range(2):  # the second call offers the larger span it learnt it needs
-            y = client.conv_transpose2d(x, w, stride=8)
-            _same_bytes(y, REF.conv_transpose2d(x, w, stride=8))
-            prefix = client._core.replicas[0].session.prefix
-            assert shm.names_with_prefix(prefix + "o") == []  # claimed, unlinked at once
-            y[...] = 0  # results are ordinary writable arrays, even when they view a claimed region
-    assert created == [1]  # a server region the first time only
+        pool = client._core.pool
+        y = client.relu(x)
+        _same_bytes(y, np.maximum(x, 0))
+        region, _ = pool.find(y)
+        tail = y[2:]
+        del y
+        gc.collect()
+        assert pool.find(tail)[0] is region  # a view keeps the region leased
+        tail[...] = 0  # results are ordinary writable arrays
+        del tail
+        gc.collect()
+        again = client.relu(x)  # the freed region is the one the next result goes to
+        assert pool.find(again)[0] is region
+        _same_bytes(again, np.maximum(x, 0))
 
 
-def test_a_full_dev_shm_sends_the_call_over_the_network_instead(srv, monkeypatch):
-    def full(fd, size):
-        raise OSError(28, "No space left on device")
+def test_an_input_in_shared_memory_is_sent_by_reference(srv, monkeypatch):
+    from convrpc.client import shared_memory
 
+    staged = []
+    take = shared_memory.RegionPool.take
+    monkeypatch.setattr(shared_memory.RegionPool, "take", lambda self, size: staged.append(size) or take(self, size))
+    x = np.random.default_rng(5).standard_normal((3, 2, 50, 50)).astype(np.float32)
+    with ConvClient(srv.target, timeout=60, data_path="shm") as client:
+        a = client.asarray(x)
+        assert client.asarray(a) is a and client._core.pool.find(a) is not None
+        staged.clear()
+        y = client.relu(a)
+        assert staged == [shared_memory.aligned(y.nbytes)]  # an output region only: no staging copy of the input
+        staged.clear()
+        z = client.relu(y)  # a result is an input by reference too
+        assert staged == [shared_memory.aligned(z.nbytes)]
+        _same_bytes(z, np.maximum(x, 0))
+        _same_bytes(y, np.maximum(x, 0))
+        _same_bytes(client.relu(a[1:]), np.maximum(x[1:], 0))  # a contiguous slice of one, too
+
+
+def test_shards_of_a_batch_in_shared_memory_go_by_reference_with_the_weight_they_share(srv):
+    x = np.random.default_rng(8).standard_normal((6, 2, 20, 20))
+    w = np.random.default_rng(9).standard_normal((3, 2, 3, 3))
+    with ConvClient(srv.target, timeout=60, data_path="shm", shard_size=1) as client:
+        for _ in range(2):  # six shards at once hand over the one weight region once, then reuse it
+            _same_bytes(client.conv2d(client.asarray(x), client.asarray(w), padding=1), REF.conv2d(x, w, padding=1))
+
+
+def test_a_full_pool_or_no_memory_sends_only_that_call_over_the_network(srv, monkeypatch):
     stream = CallCore._streamed
-    x = np.random.default_rng(6).standard_normal((3, 100, 100))
-    with ConvClient(srv.target, timeout=60) as client:
-        client.relu(x)  # a session and a pooled region, made while there is room
-        monkeypatch.setattr(shm, "reserve", full)
-        big = np.random.default_rng(6).standard_normal((3, 400, 400))  # needs a new region: none can be made
-        streamed = []
-        monkeypatch.setattr(CallCore, "_streamed", lambda self, *a: streamed.append(1) or stream(self, *a))
+    streamed = []
+    monkeypatch.setattr(CallCore, "_streamed", lambda self, *a: streamed.append(1) or stream(self, *a))
+    small = np.random.default_rng(6).standard_normal((3, 50, 50))  # 60 KB
+    big = np.random.default_rng(6).standard_normal((3, 400, 400))  # 3.8 MB: over the pool
+    with ConvClient(srv.target, timeout=60, shm_pool_bytes=2 << 20) as client:
+        _same_bytes(client.relu(small * 2), np.maximum(small * 2, 0))
         _same_bytes(client.relu(big), np.maximum(big, 0))
         assert streamed == [1] and client._core.replicas[0].shm_ok  # only this call went elsewhere
-    with ConvClient(srv.target, timeout=60, data_path="shm") as client, pytest.raises(ConvRpcError) as info:
-        client.relu(x)
-    assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "No space" in info.value.message
+        assert type(client.empty((1 << 20,))) is np.ndarray  # an ordinary array past the pool
+        monkeypatch.setattr(shm, "create_region", lambda size: (_ for _ in ()).throw(OSError(12, "Cannot allocate")))
+        _same_bytes(client.relu(big[:1]), np.maximum(big[:1], 0))
+        assert streamed == [1, 1] and client._core.replicas[0].shm_ok
+    with ConvClient(srv.target, timeout=60, data_path="shm", shm_pool_bytes=2 << 20) as client:
+        with pytest.raises(ConvRpcError) as info:
+            client.relu(big)
+    assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "shm_pool_bytes" in info.value.message
 
 
 def test_a_region_whose_call_timed_out_is_never_reused(srv, monkeypatch):
+    from convrpc.client import shared_memory
     from convrpc.server.servicer import ConvService
 
     compute = ConvService._compute
     monkeypatch.setattr(ConvService, "_compute", lambda self, *a: time.sleep(0.5) or compute(self, *a))
+    placements = []
+    make = shared_memory.Placement.make.__func__
+    monkeypatch.setattr(shared_memory.Placement, "make",
+                        classmethod(lambda cls, *a: placements.append(make(cls, *a)) or placements[-1]))  # fmt: skip
     x = np.full((3, 100, 100), -1.0)
     with ConvClient(srv.target, timeout=60, data_path="shm") as client:
         with pytest.raises(ConvRpcError) as info:
             client.relu(x, timeout=0.2)  # the server goes on and writes its result 0.3 s later
         assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
-        session = client._core.replicas[0].session
-        assert session._idle == [] and shm.names_with_prefix(session.prefix) == []
+        (failed,) = placements
+        assert failed.output.fd == -1 and failed.output not in client._core.pool._idle  # closed, never reused
         monkeypatch.setattr(ConvService, "_compute", compute)
         y = np.arange(30000.0).reshape(3, 100, 100)
-        for _ in range(3):  # while the late write lands, calls use a fresh region
+        for _ in range(3):  # while the late write lands, calls use other regions
             _same_bytes(client.relu(y), y)
             time.sleep(0.2)
 
@@ -202,6 +234,7 @@ def test_asyncio_client_streams_and_shares_memory(srv):
     async def run(path):
         async with AsyncConvClient(srv.target, timeout=60, data_path=path, chunk_bytes=CHUNK) as client:
             y = await client.conv2d(x, w, padding=1)
+            _same_bytes(await client.conv2d(client.asarray(x), w, padding=1), y)  # by reference on shm
             grads = await client.conv2d_backward(np.ones_like(y), x, w, padding=1)
             return y, grads
 
@@ -303,16 +336,17 @@ def test_backward_stream_refuses_a_missing_grad_output_and_extra_tensors(srv):
 # -- shared memory refusals -----------------------------------------------------------------------
 
 
-def _open_session(srv):
-    from convrpc.client.shared_memory import probe_region
-
-    with grpc.insecure_channel(srv.target) as channel, probe_region() as (name, nonce):
-        call = channel.unary_unary(
-            METHOD + "OpenSharedMemorySession",
-            request_serializer=pb.OpenSharedMemorySessionRequest.SerializeToString,
-            response_deserializer=pb.OpenSharedMemorySessionResponse.FromString,
-        )
-        return call(pb.OpenSharedMemorySessionRequest(probe_region=name, probe_nonce=nonce), timeout=30)
+def _session(srv) -> RawSession:
+    channel = grpc.insecure_channel(srv.target)
+    call = channel.unary_unary(
+        METHOD + "OpenSharedMemorySession",
+        request_serializer=pb.OpenSharedMemorySessionRequest.SerializeToString,
+        response_deserializer=pb.OpenSharedMemorySessionResponse.FromString,
+    )
+    try:
+        return RawSession(call)
+    finally:
+        channel.close()
 
 
 def _shared_forward(srv, request) -> pb.ForwardResponse:
@@ -331,8 +365,8 @@ def _shared_refusal(srv, request) -> ConvRpcError:
     return ConvRpcError.from_rpc_error(info.value)
 
 
-def _relu_shared(session_id, region, offset=0, shape=(4,)):
-    tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=shape, shared=pb.SharedSpan(region=region, offset=offset))
+def _relu_shared(session_id, region_id=1, offset=0, shape=(4,)):
+    tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=shape, shared=pb.SharedSpan(region_id=region_id, offset=offset))
     return pb.ForwardRequest(
         op=pb.Op(relu=pb.ReluOptions()), input=tensor, shared_memory=pb.SharedMemoryContext(session_id=session_id)
     )
@@ -340,127 +374,84 @@ def _relu_shared(session_id, region, offset=0, shape=(4,)):
 
 @pytest.fixture()
 def two_sessions(srv):
-    """Two sessions, and an input region of the first holding [-2, -1, 1, 2]."""
-    first, second = _open_session(srv), _open_session(srv)
-    name = f"{first.region_prefix}i{'ab' * 8}"
-    region = shm.create(name, 4096)
-    np.frombuffer(region, np.float64, 4)[:] = [-2, -1, 1, 2]
+    """Two sessions; the first holds region 1 (4 KiB, starting [-2, -1, 1, 2]), the second region 2."""
+    first, second = _session(srv), _session(srv)
+    fds = [memfd(4096, np.array([-2.0, -1, 1, 2]).tobytes()), memfd(4096)]
     try:
-        yield first, second, name
+        assert first.add(1, fds[0]) == (0, "") and second.add(2, fds[1]) == (0, "")
+        yield first, second, mmap.mmap(fds[0], 4096)
     finally:
-        region.close()
-        shm.unlink(name)
-        for session in (first, second):
-            srv.servicer.sessions.close_session(session.session_id)
+        for fd in fds:
+            os.close(fd)
+        first.close()
+        second.close()
 
 
-def test_a_raw_shared_request_works_and_its_output_region_is_handed_over(srv, two_sessions):
-    first, _, name = two_sessions
-    reply = _shared_forward(srv, _relu_shared(first.session_id, name))
-    out = reply.output.shared
-    assert out.region.startswith(first.region_prefix + "o") and shm.exists(out.region)
-    region = shm.attach(out.region, writable=False)
-    shm.unlink(out.region)  # the client's job once mapped
-    assert np.frombuffer(region, np.float64, 4, out.offset).tolist() == [0, 0, 1, 2]
-    # Offered a span of the client's own region, the server writes the output there instead.
-    request = _relu_shared(first.session_id, name)
-    request.shared_memory.output_buffer.CopyFrom(pb.SharedBuffer(region=name, offset=64, size=64))
-    out = _shared_forward(srv, request).output.shared
-    assert (out.region, out.offset) == (name, 64)
+def test_a_raw_shared_request_is_answered_in_the_offered_span_or_inline(srv, two_sessions):
+    first, _, region = two_sessions
+    request = _relu_shared(first.id)
+    request.shared_memory.output_buffer.CopyFrom(pb.SharedBuffer(region_id=1, offset=64, size=64))
+    out = _shared_forward(srv, request).output
+    assert (out.shared.region_id, out.shared.offset) == (1, 64)
+    assert np.frombuffer(region, np.float64, 4, 64).tolist() == [0, 0, 1, 2]
+    # No span offered, or one too small: the results come inline.
+    for size in (None, 16):
+        request = _relu_shared(first.id)
+        if size:
+            request.shared_memory.output_buffer.CopyFrom(pb.SharedBuffer(region_id=1, offset=64, size=size))
+        out = _shared_forward(srv, request).output
+        assert np.frombuffer(out.data, np.float64).tolist() == [0, 0, 1, 2]
 
 
-def test_a_server_without_room_for_an_output_region_says_so(srv, two_sessions, monkeypatch):
-    first, _, name = two_sessions
-    monkeypatch.setattr(shm, "reserve", lambda fd, size: (_ for _ in ()).throw(OSError(28, "No space left")))
-    error = _shared_refusal(srv, _relu_shared(first.session_id, name))
-    assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error.message.startswith("shared_memory.output_buffer: no room")
-
-
-def test_shared_requests_for_foreign_missing_or_short_regions_are_refused(srv, two_sessions):
-    first, second, name = two_sessions
-    mine, theirs = first.session_id, second.session_id
-    region, shared, session = "input.shared.region", "input.shared.offset", "shared_memory.session_id"
+def test_shared_requests_for_foreign_missing_or_short_spans_are_refused(srv, two_sessions):
+    first, second, _ = two_sessions
+    region, offset, session = "input.shared.region_id", "input.shared.offset", "shared_memory.session_id"
     cases = [
-        (_relu_shared(theirs, name), "PERMISSION_DENIED", region, "does not belong"),
-        (_relu_shared(mine, "psm_secret"), "PERMISSION_DENIED", region, "does not belong"),
-        (_relu_shared(mine, f"{first.region_prefix}i{'cd' * 8}"), "NOT_FOUND", region, "no "),
-        (_relu_shared("0" * 32, name), "FAILED_PRECONDITION", session, "unknown"),
-        (_relu_shared(mine, name, offset=4096 - 16), "INVALID_ARGUMENT", shared, "past the end"),
-        (_relu_shared(mine, name, offset=4), "INVALID_ARGUMENT", shared, "multiple of 8"),
-        (_relu_shared(mine, name, shape=(2**40,)), "RESOURCE_EXHAUSTED", "input.shape", "cap"),
+        (_relu_shared(first.id, region_id=2), "FAILED_PRECONDITION", region, "no region 2"),  # the other session's
+        (_relu_shared(second.id, region_id=1), "FAILED_PRECONDITION", region, "no region 1"),
+        (_relu_shared("0" * 32), "FAILED_PRECONDITION", session, "unknown"),
+        (_relu_shared(first.id, offset=4096 - 16), "INVALID_ARGUMENT", offset, "past the end"),
+        (_relu_shared(first.id, offset=4), "INVALID_ARGUMENT", offset, "multiple of 8"),
+        (_relu_shared(first.id, offset=-8), "INVALID_ARGUMENT", offset, ">= 0"),
+        (_relu_shared(first.id, shape=(2**40,)), "RESOURCE_EXHAUSTED", "input.shape", "cap"),
     ]
-    request = _relu_shared(first.session_id, name)
-    request.shared_memory.output_buffer.CopyFrom(
-        pb.SharedBuffer(region=f"{second.region_prefix}i{'ef' * 8}", offset=0, size=64)
-    )
-    cases.append((request, "PERMISSION_DENIED", "shared_memory.output_buffer.region", "does not belong"))
+    buffer = "shared_memory.output_buffer"
+    for span, code, field, words in [
+        (pb.SharedBuffer(region_id=2, offset=0, size=64), "FAILED_PRECONDITION", f"{buffer}.region_id", "no region"),
+        (pb.SharedBuffer(region_id=1, offset=32, size=64), "INVALID_ARGUMENT", f"{buffer}.offset", "multiple of 64"),
+        (pb.SharedBuffer(region_id=1, offset=4096, size=64), "INVALID_ARGUMENT", f"{buffer}.offset", "past the end"),
+    ]:
+        request = _relu_shared(first.id)
+        request.shared_memory.output_buffer.CopyFrom(span)
+        cases.append((request, code, field, words))
     for request, code, field, words in cases:
         error = _shared_refusal(srv, request)
         assert error.code is getattr(grpc.StatusCode, code), (field, error)
         assert error.message.startswith(field + ":") and words in error.message, error
 
 
-def test_a_session_needs_a_probe_the_server_can_read(srv):
-    with grpc.insecure_channel(srv.target) as channel:
-        call = channel.unary_unary(
-            METHOD + "OpenSharedMemorySession",
-            request_serializer=pb.OpenSharedMemorySessionRequest.SerializeToString,
-            response_deserializer=pb.OpenSharedMemorySessionResponse.FromString,
-        )
-        for request, code in [
-            (
-                pb.OpenSharedMemorySessionRequest(probe_region="cvp" + "0" * 24, probe_nonce=bytes(32)),
-                "FAILED_PRECONDITION",
-            ),
-            (
-                pb.OpenSharedMemorySessionRequest(probe_region="../etc/passwd", probe_nonce=bytes(32)),
-                "INVALID_ARGUMENT",
-            ),
-            (
-                pb.OpenSharedMemorySessionRequest(probe_region="cvp" + "0" * 24, probe_nonce=b"short"),
-                "INVALID_ARGUMENT",
-            ),
-        ]:
-            with pytest.raises(grpc.RpcError) as info:
-                call(request, timeout=30)
-            assert info.value.code() is getattr(grpc.StatusCode, code), info.value.details()
-        from convrpc.client.shared_memory import probe_region
-
-        with probe_region() as (name, _), pytest.raises(grpc.RpcError) as info:
-            call(pb.OpenSharedMemorySessionRequest(probe_region=name, probe_nonce=bytes(32)), timeout=30)
-        assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION and "nonce" in info.value.details()
+def test_a_session_socket_needs_its_one_time_token(srv):
+    session = _session(srv)
+    session.close()
+    for token in (b"x" * 32, session.opened.connect_token):  # a wrong token; the right one used already
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(30)
+            sock.connect(shm.socket_address(session.opened.socket_address))
+            sock.send(shm.encode(shm.HELLO, token=token))
+            _, code, message = shm.decode_reply(sock.recv(shm.MAX_MESSAGE))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and message.startswith("connect_token:")
+            assert sock.recv(shm.MAX_MESSAGE) == b""  # and the server hangs up
 
 
 # -- cleanup --------------------------------------------------------------------------------------
-
-
-def test_unclaimed_outputs_are_swept_after_the_ttl_and_on_close():
-    with running_server(backend="numpy", shm_output_ttl=0.2, warm_up=False) as server:
-        session = _open_session(server)
-        name = f"{session.region_prefix}i{'12' * 8}"
-        region = shm.create(name, 64)
-        try:
-            abandoned = _shared_forward(server, _relu_shared(session.session_id, name)).output.shared.region
-            assert shm.exists(abandoned)
-            deadline = time.monotonic() + 10
-            while shm.exists(abandoned) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert not shm.exists(abandoned), "the sweeper left an abandoned output region"
-            assert shm.exists(name), "the server must never unlink a client's region"
-            kept = _shared_forward(server, _relu_shared(session.session_id, name)).output.shared.region
-        finally:
-            region.close()
-            shm.unlink(name)
-    assert not shm.exists(kept), "stopping the server must unlink its unclaimed outputs"
 
 
 _DYING_CLIENT = """
 import os, sys, numpy as np
 from convrpc.client import ConvClient
 client = ConvClient(sys.argv[1], data_path="shm")
-client.relu(np.ones(100_000))
-print(client._core.replicas[0].session.prefix, flush=True)
+keep = client.relu(np.ones(100_000))
+print(client._core.replicas[0].session.id, flush=True)
 if sys.argv[2] == "die":
     os._exit(1)
 client.close()
@@ -468,20 +459,20 @@ client.close()
 
 
 @pytest.mark.parametrize("ending", ["die", "close"])
-def test_a_client_process_leaves_no_region_and_no_tracker_warning(srv, ending):
+def test_a_client_process_that_ends_ends_its_session_and_leaves_no_warning(srv, ending):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_DYING_CLIENT), srv.target, ending],
         capture_output=True, text=True, timeout=120, env=env, check=False,
     )  # fmt: skip
-    prefix = done.stdout.strip()
-    assert prefix.startswith("cv"), done.stderr
-    deadline = time.monotonic() + 10  # after a crash the resource tracker unlinks the client's regions
-    while shm.names_with_prefix(prefix + "i") and time.monotonic() < deadline:
+    session_id = done.stdout.strip()
+    assert len(session_id) == 32, done.stderr
+    deadline = time.monotonic() + 10  # the kernel closed its socket: the server ends the session
+    while session_id in srv.servicer.sessions._sessions and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert shm.names_with_prefix(prefix) == []
+    assert session_id not in srv.servicer.sessions._sessions
     if ending == "close":
-        assert "leaked" not in done.stderr and "resource_tracker" not in done.stderr, done.stderr
+        assert done.returncode == 0 and done.stderr == "", done.stderr
 
 
 # -- the codec ------------------------------------------------------------------------------------

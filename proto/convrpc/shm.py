@@ -1,191 +1,113 @@
-"""POSIX shared-memory regions of the co-located data path, shared by server and SDK.
+"""Sealed memfd regions of the co-located data path and the socket protocol that hands them over.
 
-The server never maps a client's region: it copies in and out with ``os.preadv``/``os.pwritev``
-(``read_exactly``/``write_all``). A mapping of memory another process controls dies with SIGBUS
-the moment that process truncates it, however carefully sizes are checked first; a system call
-on the same file returns a short count or an error instead. ``open_region`` also refuses links
-and anything but a regular file, so a name can only ever stand for one region of its own.
+A client makes each region with ``memfd_create``, sizes it, and seals it against shrinking and
+growing; it passes the file descriptor to the server over a Unix socket (SCM_RIGHTS). A region that
+cannot shrink can be mapped safely: no access within its size can ever fault past its end, so the
+server maps each region once and reads and writes tensors in place, whatever its owner does (a
+truncate fails with EPERM; a punched hole reads as zeros). Nothing is ever named in /dev/shm: a
+region lives while some process holds its descriptor or a mapping, so a client that dies leaves
+nothing behind.
 
-Regions are opened and mapped directly (shm_open + mmap) rather than through
-``multiprocessing.shared_memory.SharedMemory``: before Python 3.13 its resource tracker claims
-every segment a process merely attaches to and unlinks it, with a warning, when that process
-exits, which would let a server destroy its clients' regions. (The SDK does create its own input
-regions with ``SharedMemory``, tracked on purpose: the tracker unlinks them if the client dies.)
-Names are given without the leading slash.
+The socket is SOCK_SEQPACKET (one message per send, boundaries kept; end of file when the peer
+goes) in Linux's abstract namespace, which belongs to the network namespace: a client on another
+host or in another container cannot connect and takes the network path instead. Messages:
+
+- client -> server: ``H`` + connect token (first, once); ``A`` + region id (u64 LE) with the
+  region's fd as SCM_RIGHTS; ``D`` + region id (the client is done with it; no answer).
+- server -> client: ``R`` + region id (0 for ``H``) + gRPC status code (u32 LE) + UTF-8 message,
+  answering ``H`` and every ``A`` in order.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
-import stat
-
-try:  # the C helper behind multiprocessing.shared_memory on POSIX
-    import _posixshmem
-except ImportError:  # pragma: no cover - Windows
-    _posixshmem = None
+import socket
+import struct
 
 __all__ = [
+    "ADD",
     "AVAILABLE",
-    "attach",
-    "create",
-    "create_fd",
-    "exists",
+    "DROP",
+    "HELLO",
+    "MAX_MESSAGE",
+    "REPLY",
+    "REQUIRED_SEALS",
+    "create_region",
+    "decode",
+    "decode_reply",
+    "encode",
+    "encode_reply",
     "map_region",
-    "names_with_prefix",
-    "open_region",
-    "read_exactly",
-    "reserve",
-    "unlink",
-    "unlinked",
-    "write_all",
+    "socket_address",
 ]
 
-#: Whether this platform has POSIX shared memory.
-AVAILABLE = _posixshmem is not None and hasattr(mmap, "MAP_SHARED")
-_DEV_SHM = "/dev/shm"
+#: Whether this platform has sealed memfds and fd passing (Linux).
+AVAILABLE = all(
+    hasattr(m, n)
+    for m, n in [(os, "memfd_create"), (os, "MFD_ALLOW_SEALING"), (fcntl, "F_ADD_SEALS"), (socket, "send_fds"),
+                 (socket, "SOCK_SEQPACKET"), (mmap, "MAP_SHARED")]
+)  # fmt: skip
+HELLO, ADD, DROP, REPLY = b"H", b"A", b"D", b"R"
+#: The largest message either side sends (a reply's message is cut to fit).
+MAX_MESSAGE = 4096
+#: The seals a region must carry: without SHRINK a mapping of it could SIGBUS its reader.
+REQUIRED_SEALS = getattr(fcntl, "F_SEAL_SHRINK", 0) | getattr(fcntl, "F_SEAL_GROW", 0)
+_ID = struct.Struct("<Q")
+_REPLY = struct.Struct("<QI")
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
-def _open(name: str, flags: int, mode: int = 0o600) -> int:
-    if not AVAILABLE:
-        raise FileNotFoundError(f"shared memory is not available on this platform ({name})")
-    return _posixshmem.shm_open("/" + name, flags, mode)
+def socket_address(name: str) -> bytes:
+    """The bind/connect address of an abstract-namespace socket called ``name``."""
+    return b"\0" + name.encode()
 
 
-def reserve(fd: int, size: int) -> None:
-    """Give a region its pages now. Writing to a page a full /dev/shm cannot supply (Docker's default
-    is 64 MiB) kills the process with SIGBUS; reserving turns that into an OSError (ENOSPC) here."""
-    os.ftruncate(fd, size)
-    if hasattr(os, "posix_fallocate"):
+def create_region(size: int) -> int:
+    """A new sealed memfd of ``size`` bytes, its pages reserved (OSError now rather than a fault later).
+
+    The caller owns the descriptor (close-on-exec) and closes it."""
+    fd = os.memfd_create("convrpc", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
         os.posix_fallocate(fd, 0, size)
-
-
-def create_fd(name: str, size: int) -> int:
-    """A file descriptor of a new region of ``size`` bytes, reserved, readable and writable by this user only.
-
-    FileExistsError if the name is taken, OSError if /dev/shm has no room. The caller owns the name
-    and must ``unlink`` it, and closes the descriptor.
-    """
-    fd = _open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR)
-    try:
-        reserve(fd, size)
-    except BaseException:
-        os.close(fd)
-        unlink(name)
-        raise
-    return fd
-
-
-def create(name: str, size: int) -> mmap.mmap:
-    """A new region (as ``create_fd``) mapped read-write."""
-    fd = create_fd(name, size)
-    try:
-        return mmap.mmap(fd, size)
-    except BaseException:
-        unlink(name)
-        raise
-    finally:
-        os.close(fd)
-
-
-def open_region(name: str, *, writable: bool, same_user: bool = True) -> int:
-    """A file descriptor of an existing region (the caller closes it).
-
-    FileNotFoundError if it does not exist; PermissionError if it belongs to another user while
-    ``same_user``, is a link (a symbolic one, or a name hard-linked to another region: ``st_nlink``
-    is 1 for a region and its one name) or is not a regular file (a FIFO or a directory in
-    /dev/shm; opened non-blocking, so a FIFO cannot hang the caller); ValueError if it is empty.
-    """
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = _open(name, flags)
-    except OSError as exc:
-        if isinstance(exc, (FileNotFoundError, PermissionError)):
-            raise
-        raise PermissionError(f"shared-memory region {name} cannot be opened: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise PermissionError(f"shared-memory region {name} is not a regular file")
-        if info.st_nlink != 1:
-            raise PermissionError(f"shared-memory region {name} has {info.st_nlink} names (a hard link)")
-        if same_user and info.st_uid != os.getuid():
-            raise PermissionError(f"shared-memory region {name} belongs to another user")
-        if info.st_size == 0:
-            raise ValueError(f"shared-memory region {name} is empty")
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def read_exactly(fd: int, buffer: memoryview, offset: int) -> int:
-    """Fill ``buffer`` from ``offset`` of the region; returns the bytes read, fewer than asked only
-    when the region ends sooner (its owner shrank it)."""
-    buffer = memoryview(buffer).cast("B")
-    done = 0
-    while done < len(buffer):
-        n = os.preadv(fd, [buffer[done:]], offset + done)
-        if n == 0:
-            break
-        done += n
-    return done
-
-
-def write_all(fd: int, buffer: memoryview, offset: int) -> None:
-    """Write all of ``buffer`` at ``offset`` of the region (OSError, e.g. ENOSPC, if /dev/shm is full)."""
-    buffer = memoryview(buffer).cast("B")
-    done = 0
-    while done < len(buffer):
-        done += os.pwritev(fd, [buffer[done:]], offset + done)
-
-
-def map_region(fd: int, *, writable: bool, populate: bool = False) -> mmap.mmap:
-    """Map a whole region; ``populate`` pre-faults its pages in one system call."""
-    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+def map_region(fd: int, size: int, *, populate: bool = False) -> mmap.mmap:
+    """Map ``size`` bytes of a region read-write; ``populate`` pre-faults its pages in one system call."""
     flags = mmap.MAP_SHARED | (_POPULATE if populate else 0)
-    return mmap.mmap(fd, os.fstat(fd).st_size, flags=flags, prot=prot)
+    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
-def attach(name: str, *, writable: bool, populate: bool = False, same_user: bool = True) -> mmap.mmap:
-    """Map an existing region whole (read-only unless ``writable``); the name stays as it is."""
-    fd = open_region(name, writable=writable, same_user=same_user)
-    try:
-        return map_region(fd, writable=writable, populate=populate)
-    finally:
-        os.close(fd)
+def encode(kind: bytes, region_id: int = 0, token: bytes = b"") -> bytes:
+    """A client message: ``HELLO`` with its token, or ``ADD``/``DROP`` of a region id."""
+    return kind + (token if kind == HELLO else _ID.pack(region_id))
 
 
-def unlinked(fd: int) -> bool:
-    """Whether the region behind ``fd`` has lost its name (its owner unlinked it)."""
-    return os.fstat(fd).st_nlink == 0
+def decode(message: bytes) -> tuple[bytes, int, bytes]:
+    """``(kind, region id, token)`` of a client message; ValueError if it is none of them."""
+    kind, body = message[:1], message[1:]
+    if kind == HELLO:
+        return kind, 0, body
+    if kind in (ADD, DROP) and len(body) == _ID.size:
+        return kind, _ID.unpack(body)[0], b""
+    raise ValueError(f"not a message of the shared-memory protocol ({len(message)} bytes)")
 
 
-def unlink(name: str) -> bool:
-    """Remove the name (mappings stay valid until unmapped); False if it was already gone."""
-    if not AVAILABLE:
-        return False
-    try:
-        _posixshmem.shm_unlink("/" + name)
-        return True
-    except FileNotFoundError:
-        return False
+def encode_reply(region_id: int, code: int, message: str = "") -> bytes:
+    text = message.encode()[: MAX_MESSAGE - 1 - _REPLY.size]
+    return REPLY + _REPLY.pack(region_id, code) + text
 
 
-def exists(name: str) -> bool:
-    try:
-        os.close(_open(name, os.O_RDONLY))
-    except FileNotFoundError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def names_with_prefix(prefix: str) -> list[str]:
-    """Existing region names starting with ``prefix`` (Linux lists them in /dev/shm; elsewhere none)."""
-    try:
-        return sorted(n for n in os.listdir(_DEV_SHM) if n.startswith(prefix))
-    except OSError:
-        return []
+def decode_reply(message: bytes) -> tuple[int, int, str]:
+    """``(region id, gRPC status code, message)``; ValueError if ``message`` is not a reply."""
+    if message[:1] != REPLY or len(message) < 1 + _REPLY.size:
+        raise ValueError(f"not a reply of the shared-memory protocol ({len(message)} bytes)")
+    region_id, code = _REPLY.unpack_from(message, 1)
+    return region_id, code, message[1 + _REPLY.size :].decode(errors="replace")

@@ -146,7 +146,7 @@ class AsyncConvClient(OpMethods):
 
     async def close(self) -> None:
         self._closed = True
-        await self._drive(self._core.close())
+        self._core.close()
         for task in list(self._background):
             task.cancel()
         for channel in self._channels:

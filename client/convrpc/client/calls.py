@@ -11,8 +11,9 @@ threads, ``AsyncConvClient`` with awaits and tasks; neither decides anything.
 - **Data path**, per replica and shard: ``"auto"`` takes the unary RPC up to
   ``STREAM_THRESHOLD_BYTES``, shared memory above ``SHM_THRESHOLD_BYTES`` to a server on this host,
   the chunked streams otherwise; a path a server refuses is dropped for that replica and the call
-  falls back at once. ``"unary"``, ``"stream"``, ``"shm"`` force a path and fail rather than fall back.
-  A shared-memory session is opened per replica on first use and reopened once if the server forgot it.
+  falls back at once (and a call that finds the client's region pool full takes the network alone).
+  ``"unary"``, ``"stream"``, ``"shm"`` force a path and fail rather than fall back. A shared-memory
+  session (a socket to the server) is opened per replica on first use and reopened once if it ended.
 - **Failover.** A call or shard failing with UNAVAILABLE (a replica killed, draining, unreachable, or
   frozen: the channels' keepalive fails its calls within ~3 s, see ``config``) is sent to the next
   replica at once, and after one attempt per replica twice more after short pauses, each attempt
@@ -43,7 +44,7 @@ from convrpc.v1 import conv_service_pb2 as pb
 from . import config
 from .errors import ConvRpcError
 from .messages import Call, StreamReader, inline_request, inline_results, request, result_tensors, stream_messages
-from .shared_memory import SharedMemorySession, probe_region
+from .shared_memory import Placement, RegionPool, SharedMemorySession, aligned
 
 __all__ = [
     "PATHS", "CallCore", "Gather", "Replica", "Sleep", "Spawn", "Steps", "Stream", "Unary",
@@ -54,10 +55,7 @@ PATHS = ("auto", "unary", "stream", "shm")
 #: Codes that mean "this replica cannot take the call now; another one may".
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 #: Codes that mean "this server will not use that path", as opposed to "this call is wrong".
-REFUSALS = frozenset({
-    grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.PERMISSION_DENIED,
-})  # fmt: skip
+REFUSALS = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION})
 #: The request fields cut along N; the others (weight, bias, a network's params) go whole to every shard.
 BATCHED = ("grad_output", "input")
 #: The result fields that are sums over the batch: summed over the shards, not concatenated.
@@ -66,6 +64,20 @@ SUMMED = ("grad_weight", "grad_bias")
 
 def _summed(field: str) -> bool:
     return field in SUMMED or field.startswith("grad_params[")  # a network's parameter gradients
+
+
+class Unreachable(grpc.RpcError):
+    """A replica that failed outside gRPC (its shared-memory socket): UNAVAILABLE, so the call fails over."""
+
+    def __init__(self, details: str):
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
 
 
 # -- what the drivers do ----------------------------------------------------------------------------
@@ -299,7 +311,7 @@ class CallCore:
     def __init__(
         self, targets: Sequence[str], *, mode: str = "auto", chunk_bytes: int | None = None,
         shard_size: int | None = None, max_message_bytes: int = config.MAX_MESSAGE_BYTES,
-        clock: Callable[[], float] = time.monotonic,
+        shm_pool_bytes: int = config.SHM_POOL_BYTES, clock: Callable[[], float] = time.monotonic,
     ):  # fmt: skip
         if mode not in PATHS:
             raise ValueError(f"data_path: expected one of {', '.join(PATHS)}, got {mode!r}")
@@ -311,6 +323,8 @@ class CallCore:
         # Streams and shared memory have no message limit; only a call that may go unary is sized by it.
         self.max_message_bytes = max_message_bytes if mode in ("auto", "unary") else None
         self.replicas = [Replica(i, t, mode) for i, t in enumerate(targets)]
+        #: The client's shared-memory regions, handed to each replica's session as calls need them.
+        self.pool = RegionPool(shm_pool_bytes)
         #: Size caps the servers reported when refusing a call ({setting: limit}); calls are cut to fit them.
         self.caps: dict[str, int] = {}
         self._clock = clock
@@ -362,14 +376,14 @@ class CallCore:
         """The replica for a call that cannot move (TrainKernel): the next healthy one in turn."""
         return self._next(next(self._turn), {})
 
-    def close(self) -> Generator:
-        """End every shared-memory session (the server sweeps what a close that did not happen leaves)."""
+    def close(self) -> None:
+        """End every shared-memory session (closing its socket ends it on the server) and free the idle
+        regions; regions that results view stay until those arrays are freed."""
         for replica in self.replicas:
             session, replica.session = replica.session, None
-            if session is not None and replica.ejected:
-                session.close()  # not worth a connection attempt to a replica that is down or frozen
-            elif session is not None:
-                yield from self._close_session(replica, session)
+            if session is not None:
+                session.close()
+        self.pool.close()
 
     # -- failover ---------------------------------------------------------------------------------
 
@@ -485,53 +499,67 @@ class CallCore:
             if session is None:
                 return None
             try:
-                with session.place(call.arrays) as (tensors, context, collect):
-                    message = request(call, tensors, context)
+                placement = Placement.make(self.pool, session, call.arrays, result_bytes(call))
+            except ConvRpcError as refusal:  # the server refused a region (too large, too many)
+                return self._no_room(refusal.message, refusal.code)
+            except (ConnectionError, TimeoutError) as exc:  # the session's socket broke, or the server is frozen
+                self._forget(replica, session)
+                if attempt == 0 and not isinstance(exc, TimeoutError):
+                    continue  # it ended (a restart): open a new one once
+                raise Unreachable(f"the shared-memory socket of {replica.target} failed: {exc!r}") from None
+            except OSError as exc:  # no memory for a region here
+                return self._no_room(f"no room for a shared-memory region: {exc}")
+            if placement is None:
+                return self._no_room("the client's region pool is full (shm_pool_bytes)")
+            try:
+                with placement:
+                    message = request(call, placement.tensors, placement.context)
                     response = yield Unary(replica, call.method, message, self._left(call.deadline))
-                    return collect(result_tensors(response))
+                    return placement.results(result_tensors(response))
             except grpc.RpcError as error:
-                session.discard_outputs()
                 code = error.code()
                 if code is grpc.StatusCode.FAILED_PRECONDITION and attempt == 0:
-                    self._forget(replica, session)  # expired, or the server restarted: open a new session once
+                    self._forget(replica, session)  # the session ended (a server restart): open a new one once
                     continue
                 if self.mode == "auto" and code in REFUSALS:
                     replica.shm_ok = False
                     return None
-                if self.mode == "auto" and code is grpc.StatusCode.RESOURCE_EXHAUSTED and (
-                    error.details() or ""
-                ).startswith("shared_memory.output_buffer:"):
-                    return None  # the server's /dev/shm had no room for the result
                 raise
-            except OSError as exc:  # /dev/shm is full here: this call takes the network
-                if self.mode == "shm":
-                    raise ConvRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no room in shared memory: {exc}") from None
-                return None
         return None
 
+    def _no_room(self, reason: str, code=grpc.StatusCode.RESOURCE_EXHAUSTED) -> None:
+        """This call takes the network (auto), or fails (shm); later calls try shared memory again."""
+        if self.mode == "shm":
+            raise ConvRpcError(code, reason)
+
     def _session(self, replica: Replica, deadline: float | None) -> Generator:
+        session = replica.session
+        if session is not None and not session.alive():  # the server ended it (a restart, a close)
+            self._forget(replica, session)
         if replica.session is not None:
             return replica.session
         if replica.shm_ok:
             try:
-                with probe_region() as (name, nonce):
-                    message = pb.OpenSharedMemorySessionRequest(probe_region=name, probe_nonce=nonce)
-                    response = yield Unary(replica, "OpenSharedMemorySession", message, self._left(deadline))
+                message = pb.OpenSharedMemorySessionRequest()
+                response = yield Unary(replica, "OpenSharedMemorySession", message, self._left(deadline))
+                session = SharedMemorySession(response)
             except grpc.RpcError as error:
                 if self.mode != "auto" or error.code() not in REFUSALS:
                     raise
                 replica.shm_ok = False
-            except OSError as exc:
+            except (OSError, ConvRpcError) as exc:
                 replica.shm_ok = False
-                return self._no_session(f"cannot create a shared-memory region here ({exc})")
+                return self._no_session(
+                    f"cannot reach the server's shared-memory socket ({exc}): it is on another host or in "
+                    "another network namespace"
+                )
             else:
-                session = SharedMemorySession(response)
                 with self._lock:
                     mine = replica.session is None
                     if mine:
                         replica.session = session
                 if not mine:  # another shard opened one meanwhile
-                    yield Spawn(self._close_session(replica, session))
+                    session.close()
                 return replica.session
         return self._no_session("the server refused a session")
 
@@ -545,11 +573,20 @@ class CallCore:
                 replica.session = None
         session.close()
 
-    def _close_session(self, replica: Replica, session: SharedMemorySession) -> Generator:
-        try:
-            message = pb.CloseSharedMemorySessionRequest(session_id=session.id)
-            yield Unary(replica, "CloseSharedMemorySession", message, config.CLOSE_TIMEOUT)
-        except grpc.RpcError:
-            pass  # the server sweeps what it created once the TTL passes
-        finally:
-            session.close()
+
+def result_bytes(call: Call) -> int | None:
+    """Bytes of the results of ``call`` laid out as the server places them (each on 64 bytes); None when
+    the call is malformed (the server will say how)."""
+    spec = wire.OP_SPECS[call.op]
+    try:
+        if call.backward:
+            sizes = [call.arrays[t].nbytes for t in spec.tensors if t in call.arrays]
+        else:
+            _, options = wire.decode_op(call.message)
+            x = call.arrays["input"]
+            shapes = {f: a.shape for f, a in call.arrays.items()}
+            count = math.prod(spec.output_shape(shapes, options))
+            sizes = [count * x.dtype.itemsize] + ([count * 8] if options.get("return_indices") else [])
+    except (ConvError, KeyError, TypeError, ValueError):
+        return None
+    return sum(aligned(n) for n in sizes)

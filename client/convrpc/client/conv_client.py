@@ -29,7 +29,9 @@ class ConvClient(OpMethods):
     TLS, and ``private_key``/``certificate_chain`` add a client certificate for mutual TLS.
     ``data_path`` picks how tensors travel: ``"auto"`` (unary for small requests, shared memory to
     a server on this host, chunked streams otherwise), or ``"unary"``, ``"stream"``, ``"shm"`` to
-    force one; ``chunk_bytes`` overrides the stream chunk size.
+    force one; ``chunk_bytes`` overrides the stream chunk size. ``empty``/``asarray`` give arrays in
+    the client's shared memory, sent to a local server with no copy; results of shared-memory calls
+    view it too, and the client's regions hold at most ``shm_pool_bytes``.
 
     Forward and Backward calls whose batch exceeds ``shard_size`` (None: no limit) are split along N
     and run concurrently over the replicas, on any data path, as are unary requests too large for one
@@ -105,7 +107,7 @@ class ConvClient(OpMethods):
     def close(self) -> None:
         self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._drive(self._core.close())
+        self._core.close()
         for channel in self._channels:
             channel.close()
 

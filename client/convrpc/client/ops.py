@@ -14,10 +14,11 @@ import grpc
 import numpy as np
 from numpy.typing import ArrayLike
 
-from convrpc import wire
+from convrpc import shm, wire
 from convrpc.core.backend import Gradients
 from convrpc.v1 import conv_service_pb2 as pb
 
+from . import config
 from .calls import CallCore
 from .channel import max_message_bytes, methods, open_channels, pinned_options, single_address
 from .errors import ConvRpcError
@@ -84,6 +85,7 @@ class OpMethods(NetworkMethods):
         shard_size: int | None = None,
         data_path: str = "auto",
         chunk_bytes: int | None = None,
+        shm_pool_bytes: int = config.SHM_POOL_BYTES,
     ):
         self._channel_args = dict(
             token=token, root_certificates=root_certificates, private_key=private_key,
@@ -94,7 +96,7 @@ class OpMethods(NetworkMethods):
         self.timeout = timeout
         self._core = CallCore(
             self.targets, mode=data_path, chunk_bytes=chunk_bytes, shard_size=shard_size,
-            max_message_bytes=max_message_bytes(options),
+            max_message_bytes=max_message_bytes(options), shm_pool_bytes=shm_pool_bytes,
         )  # fmt: skip
         self._methods = [methods(c) for c in self._channels]
         self._start()
@@ -112,6 +114,27 @@ class OpMethods(NetworkMethods):
                 f"this client of {', '.join(self.targets)} is closed (its 'with' block ended or close() was called); "
                 "open a new one",
             )  # fmt: skip
+
+    # -- arrays in shared memory ----------------------------------------------------------------
+
+    def empty(self, shape, dtype=np.float32) -> np.ndarray:
+        """A new, uninitialised array in the client's shared memory (a sealed memfd region of its own): as
+        the input of a call to a server on this host it travels by reference, with no copy at all. The
+        results of shared-memory calls live there too. Its region is recycled once the array (and every
+        view of it) is freed. An ordinary array where shared memory is not available here, or when the
+        client's regions already hold ``shm_pool_bytes``."""
+        array = self._core.pool.empty(shape, dtype) if shm.AVAILABLE else None
+        return np.empty(shape, dtype) if array is None else array
+
+    def asarray(self, x, dtype=None) -> np.ndarray:
+        """``x`` as an array in the client's shared memory (see ``empty``): ``x`` itself when it lies there
+        already (C-contiguous, of that dtype), else a copy."""
+        a = np.asarray(x, dtype=dtype)
+        if self._core.pool.find(a) is not None:
+            return a
+        out = self.empty(a.shape, a.dtype)
+        np.copyto(out, a)
+        return out
 
     def _timeout(self, timeout):
         return self.timeout if timeout is None else timeout

@@ -1,22 +1,28 @@
-"""The SDK's side of a shared-memory session: the regions it owns and the output regions it claims.
+"""The SDK's side of shared memory: a pool of sealed memfd regions, and one session (a socket) per server.
 
-Each call copies its tensors into a pooled region the client created (with ``SharedMemory``, whose
-resource tracker unlinks it even if this process dies) and offers the rest of that region for the
-response; the server writes the results there and the client copies them out. Reusing regions
-matters: the first touch of a fresh shared page is far slower than a copy. A response that does
-not fit comes in a region the server created instead: the client maps it, unlinks its name at once
-and hands out arrays viewing the mapping (and offers more room next time).
+``RegionPool`` owns the regions, each a sealed memfd mapped here once. A call's inputs that already
+live in a region (arrays from ``ConvClient.empty``/``asarray``, or the results of an earlier call) are
+sent by reference with no copy; others are copied into a pooled staging region. The results are
+written by the server into an output region and handed out as arrays viewing it: the region is
+leased to them and goes back to the pool when the last of them is freed (``weakref.finalize``).
+Reusing regions matters: the first touch of a fresh page costs more than a copy. The pool is bounded
+(``max_bytes``): past it, regions are not made and the call takes the network instead.
+
+``SharedMemorySession`` is one server's session: its id, and the socket connection over which each
+region's descriptor is handed to that server once, before the first request that uses it.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
+import mmap
 import os
-import re
-import secrets
+import select
+import socket
 import threading
 import weakref
-from multiprocessing import resource_tracker, shared_memory
 
 import grpc
 import numpy as np
@@ -24,56 +30,177 @@ from convrpc import shm, wire
 from convrpc.core.errors import ConvError
 from convrpc.v1 import conv_service_pb2 as pb
 
+from . import config
 from .errors import ConvRpcError
 
-__all__ = ["SharedMemorySession", "probe_region"]
+__all__ = ["Placement", "RegionPool", "SharedMemorySession", "aligned"]
 
 _ALIGN = 64  # every tensor starts on a cache line
-_MIN_REGION = 1024 * 1024
-_IDLE_REGIONS = 2  # regions kept for reuse: a fresh region's first touch of each page is slow
+_MIN_REGION = 64 * 1024
+#: Idle regions kept for reuse (smallest first out); more are closed.
+_IDLE_REGIONS = 4
+#: Seconds the SDK waits for the server's answer on the session socket: it answers at once from a thread of
+#: its own, so silence means a frozen replica, given up on as soon as gRPC's keepalive would.
+_SOCKET_TIMEOUT = (config.KEEPALIVE_TIME_MS + config.KEEPALIVE_TIMEOUT_MS) / 1000
+_ids = itertools.count(1)
 
 
-def _aligned(nbytes: int) -> int:
+def aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
-@contextlib.contextmanager
-def probe_region():
-    """``(name, nonce)`` of a short-lived region holding a random nonce, for OpenSharedMemorySession."""
-    name, nonce = f"cvp{secrets.token_hex(12)}", secrets.token_bytes(32)
-    region = shared_memory.SharedMemory(name=name, create=True, size=len(nonce))
-    try:
-        region.buf[: len(nonce)] = nonce
-        yield name, nonce
-    finally:
-        region.close()
-        region.unlink()
-
-
 class _Region:
-    def __init__(self, prefix: str, size: int):
-        self.name = f"{prefix}i{secrets.token_hex(8)}"
-        self.size = size
-        self.memory = shared_memory.SharedMemory(name=self.name, create=True, size=size)
-        try:
-            fd = shm.open_region(self.name, writable=True)
-            try:
-                shm.reserve(fd, size)  # OSError now rather than SIGBUS later if /dev/shm is full
-            finally:
-                os.close(fd)
-        except BaseException:
-            self.destroy()
-            raise
+    """One sealed memfd and its mapping here. ``sessions`` are those it was handed to."""
 
-    def write(self, offset: int, array: np.ndarray) -> None:
-        np.frombuffer(self.memory.buf, dtype=array.dtype, count=array.size, offset=offset)[:] = array.reshape(-1)
+    def __init__(self, size: int):
+        self.id = next(_ids)
+        self.size = size
+        self.fd = shm.create_region(size)
+        try:
+            self.mapping = shm.map_region(self.fd, size, populate=True)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.address = np.frombuffer(self.mapping, np.uint8, 1).ctypes.data
+        self.sessions: set[SharedMemorySession] = set()
 
     def destroy(self) -> None:
-        self.memory.close()
+        """Close the descriptor and tell each server to drop it; the mapping goes with its last array."""
+        for session in list(self.sessions):
+            session.drop(self)
+        os.close(self.fd)
+        self.fd = -1
+        with contextlib.suppress(BufferError):  # arrays of a client's user still view it
+            self.mapping.close()
+
+
+class RegionPool:
+    """The client's regions: idle ones for reuse, leased ones viewed by arrays. Thread-safe."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._idle: list[_Region] = []
+        self._leased: dict[int, _Region] = {}  # by id
+        self._returned: collections.deque[_Region] = collections.deque()  # by finalizers, any thread
+        self._total = 0
+        self._lock = threading.Lock()
+        self.closed = False
+        self._finalizer = weakref.finalize(self, _destroy_all, self._idle)
+
+    # -- regions --------------------------------------------------------------------------------
+
+    def take(self, size: int) -> _Region | None:
+        """An idle region of at least ``size`` bytes (at most twice that), or a new one; None past ``max_bytes``.
+        OSError if the kernel has no memory for it."""
+        size = max(_MIN_REGION, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+        doomed, region, fits = [], None, True
+        with self._lock:
+            self._settle(doomed)
+            fitting = [r for r in self._idle if size <= r.size <= 2 * size]
+            if fitting:
+                region = min(fitting, key=lambda r: r.size)
+                self._idle.remove(region)
+            else:
+                while self._idle and self._total + size > self.max_bytes:
+                    doomed.append(self._forget(self._idle.pop()))
+                fits = not self.closed and self._total + size <= self.max_bytes
+                self._total += size if fits else 0
+        for old in doomed:
+            old.destroy()
+        if region is not None or not fits:
+            return region
         try:
-            self.memory.unlink()  # also tells the resource tracker it need not clean up after us
-        except FileNotFoundError:  # the server unlinked it when the session ended
-            resource_tracker.unregister(self.memory._name, "shared_memory")
+            return _Region(size)
+        except BaseException:
+            with self._lock:
+                self._total -= size
+            raise
+
+    def give_back(self, region: _Region) -> None:
+        """Return a region no array views to the idle list."""
+        doomed = []
+        with self._lock:
+            self._returned.append(region)
+            self._settle(doomed)
+        for old in doomed:
+            old.destroy()
+
+    def discard(self, region: _Region) -> None:
+        """Destroy a region that must never be reused (a failed call may still write into it)."""
+        with self._lock:
+            self._forget(region)
+        region.destroy()
+
+    def _forget(self, region: _Region) -> _Region:
+        self._total -= region.size
+        return region
+
+    def _settle(self, doomed: list) -> None:
+        """Move regions given back or whose arrays were freed to the idle list (under the lock)."""
+        while self._returned:
+            region = self._returned.popleft()
+            self._leased.pop(region.id, None)
+            if self.closed:
+                doomed.append(self._forget(region))
+            else:
+                self._idle.append(region)
+        self._idle.sort(key=lambda r: r.size)
+        while len(self._idle) > _IDLE_REGIONS:
+            doomed.append(self._forget(self._idle.pop(0)))
+
+    # -- arrays ---------------------------------------------------------------------------------
+
+    def lease(self, region: _Region, layout: list[tuple[np.dtype, tuple, int]]) -> list[np.ndarray]:
+        """Arrays ``(dtype, shape, offset)`` viewing ``region``, which goes back to the pool once all are freed."""
+        base = np.frombuffer(region.mapping, np.uint8)  # one base per lease: its finalizer is the lease's end
+        with self._lock:
+            self._leased[region.id] = region
+        weakref.finalize(base, self._lease_ended, region)
+        arrays = []
+        for dtype, shape, offset in layout:
+            count = int(np.prod(shape, dtype=np.int64))
+            arrays.append(base[offset : offset + count * dtype.itemsize].view(dtype).reshape(shape))
+        return arrays
+
+    def _lease_ended(self, region: _Region) -> None:
+        """A finalizer, in whatever thread freed the last array: it takes no lock (that thread may hold one)."""
+        if self.closed:
+            region.destroy()
+        else:
+            self._returned.append(region)
+
+    def empty(self, shape, dtype) -> np.ndarray | None:
+        """A new array in a region of its own, or None past ``max_bytes``."""
+        dtype = np.dtype(dtype)
+        shape = tuple(int(d) for d in np.atleast_1d(shape)) if np.ndim(shape) else (int(shape),)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        try:
+            region = self.take(nbytes)
+        except OSError:
+            return None
+        return None if region is None else self.lease(region, [(dtype, shape, 0)])[0]
+
+    def find(self, array: np.ndarray) -> tuple[_Region, int] | None:
+        """``(region, offset)`` when ``array`` is C-contiguous and lies wholly in a leased region."""
+        if not array.flags.c_contiguous or array.nbytes == 0:
+            return None
+        start = array.__array_interface__["data"][0]
+        with self._lock:
+            for region in self._leased.values():
+                offset = start - region.address
+                if 0 <= offset and offset + array.nbytes <= region.size:
+                    return region, offset
+        return None
+
+    def close(self) -> None:
+        """Destroy the idle regions; leased ones go when their arrays are freed."""
+        doomed = []
+        with self._lock:
+            self.closed = True
+            self._settle(doomed)
+        for region in doomed:
+            region.destroy()
+        self._finalizer()
 
 
 def _destroy_all(regions: list[_Region]) -> None:
@@ -82,137 +209,175 @@ def _destroy_all(regions: list[_Region]) -> None:
 
 
 class SharedMemorySession:
-    """One open session: its id, its name prefix and a small pool of reusable regions. Thread-safe."""
+    """One server's session: its id and the socket its regions are handed over. Thread-safe."""
 
     def __init__(self, response: pb.OpenSharedMemorySessionResponse):
         self.id = response.session_id
-        self.prefix = response.region_prefix
-        self._outputs = re.compile(re.escape(self.prefix) + r"o[0-9a-f]{16}")
-        self._idle: list[_Region] = []
-        self._lock = threading.Lock()
-        #: Largest response seen that did not fit the span offered: offered from then on.
-        self._output_hint = 0
+        self.max_region_bytes = response.max_region_bytes
+        # Reentrant: a region's finalizer may drop it from inside a hand-over in the same thread.
+        self._lock = threading.RLock()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self._sock.settimeout(_SOCKET_TIMEOUT)
         self.closed = False
-        # A client never closed still unlinks its idle regions when collected or at exit.
-        self._finalizer = weakref.finalize(self, _destroy_all, self._idle)
-
-    @contextlib.contextmanager
-    def place(self, arrays: dict[str, np.ndarray]):
-        """Copy ``arrays`` into a pooled region, with room after them for the response, for one call.
-
-        Yields ``(tensors, context, collect)``: ``{field: Tensor}`` (shared storage) for the request, its
-        ``SharedMemoryContext`` (this session, offering the rest of the region for the results), and
-        ``collect(tensors)`` turning the response's ``[(field, Tensor)]`` into arrays (to be called
-        before the block ends, while the region is still this call's).
-        """
-        layout, size = [], 0
-        for name, array in arrays.items():
-            layout.append((name, array, size))
-            size += _aligned(array.nbytes)
-        out_size = _aligned(max(size, self._output_hint))
-        region = self._take(size + out_size)
         try:
-            for _, array, offset in layout:
-                region.write(offset, array)
-            tensors = {
-                name: pb.Tensor(
-                    dtype=wire.dtype_enum(a.dtype, name), shape=a.shape,
-                    shared=pb.SharedSpan(region=region.name, offset=offset),
-                )  # fmt: skip
-                for name, a, offset in layout
-            }
-            buffer = pb.SharedBuffer(region=region.name, offset=size, size=region.size - size)
-            context = pb.SharedMemoryContext(session_id=self.id, output_buffer=buffer)
-            yield tensors, context, lambda tensors: self._collect(region, tensors)
+            self._sock.connect(shm.socket_address(response.socket_address))
+            self._send_and_check(shm.encode(shm.HELLO, token=response.connect_token), [], 0)
         except BaseException:
-            # A call that failed (a deadline, a lost connection) may still be running on the server,
-            # which would write its result into this region later: never hand it to another call.
-            region.destroy()
+            self._sock.close()
             raise
-        self._give_back(region)
 
-    def _take(self, size: int) -> _Region:
-        with self._lock:
-            fitting = [r for r in self._idle if r.size >= size]
-            if fitting:
-                region = min(fitting, key=lambda r: r.size)
-                self._idle.remove(region)
-                return region
-        return _Region(self.prefix, max(size, _MIN_REGION))
+    def _send_and_check(self, message: bytes, fds: list[int], region_id: int) -> None:
+        """Send one message and raise the server's refusal as ConvRpcError; OSError if the socket fails."""
+        if fds:
+            socket.send_fds(self._sock, [message], fds)
+        else:
+            self._sock.send(message)
+        reply = self._sock.recv(shm.MAX_MESSAGE)
+        if not reply:
+            raise ConnectionResetError("the server closed the shared-memory socket")
+        try:
+            got_id, code, text = shm.decode_reply(reply)
+        except ValueError as exc:
+            raise ConvRpcError(grpc.StatusCode.INTERNAL, f"malformed shared-memory reply: {exc}") from None
+        if code:
+            raise ConvRpcError(_CODES.get(code, grpc.StatusCode.UNKNOWN), text)
+        if got_id != region_id:
+            raise ConvRpcError(grpc.StatusCode.INTERNAL, f"the server answered for region {got_id}, not {region_id}")
 
-    def _give_back(self, region: _Region) -> None:
+    def alive(self) -> bool:
+        """Whether the server still holds the session (its end of the socket is open)."""
         with self._lock:
+            if self.closed:
+                return False
+            poll = select.poll()  # (select() cannot watch descriptors past 1023)
+            poll.register(self._sock, select.POLLIN)
+            return not poll.poll(0)  # the server never speaks unasked: readable means end of file
+
+    def hand_over(self, region: _Region) -> None:
+        """Give the server ``region``'s descriptor, once; ConvRpcError if it refuses, OSError if the socket failed."""
+        with self._lock:  # shards running at once may share a region (a weight): it goes over once
+            if self in region.sessions:
+                return
+            if self.closed:
+                raise ConnectionResetError("the shared-memory session is closed")
+            self._send_and_check(shm.encode(shm.ADD, region.id), [region.fd], region.id)
+            region.sessions.add(self)
+
+    def drop(self, region: _Region) -> None:
+        region.sessions.discard(self)
+        with self._lock, contextlib.suppress(OSError):
             if not self.closed:
-                self._idle.append(region)
-                self._idle.sort(key=lambda r: r.size)
-                region = self._idle.pop(0) if len(self._idle) > _IDLE_REGIONS else None
-        if region is not None:
-            region.destroy()
+                self._sock.send(shm.encode(shm.DROP, region.id))
 
-    def _collect(self, own: _Region, tensors: list[tuple[str, pb.Tensor]]) -> dict[str, np.ndarray]:
-        """Arrays of the response: copied out of our own region, or viewing a claimed server region."""
-        for name, msg in tensors:
-            if msg.WhichOneof("storage") != "shared":
-                raise ConvRpcError(grpc.StatusCode.INTERNAL, f"{name}: expected a tensor in shared memory")
-        foreign = [(name, msg) for name, msg in tensors if msg.shared.region != own.name]
-        out = self._claim(foreign) if foreign else {}
-        if foreign:
-            needed = sum(_aligned(a.nbytes) for a in out.values())
-            with self._lock:
-                self._output_hint = max(self._output_hint, needed)
+    def close(self) -> None:
+        """Close the socket: the server ends the session and unmaps its regions."""
+        with self._lock:
+            self.closed = True
+            self._sock.close()
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class Placement:
+    """One call's tensors in shared memory: inputs by reference where they already lie in a region, the
+    others copied into a staging region, and an output region for the results. A context manager for
+    the call: on failure the output region is discarded (the server may still write into it)."""
+
+    def __init__(self, pool: RegionPool, staging: _Region | None, output: _Region | None):
+        self.pool, self.staging, self.output = pool, staging, output
+        self.tensors: dict[str, pb.Tensor] = {}
+        self.context: pb.SharedMemoryContext | None = None
+
+    @classmethod
+    def make(cls, pool: RegionPool, session: SharedMemorySession, arrays: dict[str, np.ndarray],
+             out_bytes: int | None) -> "Placement | None":  # fmt: skip
+        """The placement of ``arrays``, handed to ``session``; None when the pool has no room. ConvRpcError when
+        the server refuses a region, OSError when the kernel has no memory for one or the socket broke."""
+        spans, staged, size = {}, [], 0
+        for name, array in arrays.items():
+            found = pool.find(array)
+            if found is None:
+                staged.append((name, array, size))
+                size += aligned(array.nbytes)
+            else:
+                spans[name] = found
+        staging = output = None
+        try:
+            staging = pool.take(size) if staged else None
+            output = pool.take(out_bytes) if out_bytes else None
+            if (staged and staging is None) or (out_bytes and output is None):
+                raise _NoRoom
+            for region in {r.id: r for r in [r for r, _ in spans.values()] + [staging, output] if r}.values():
+                session.hand_over(region)
+        except BaseException as exc:
+            for region in (staging, output):
+                if region is not None:
+                    pool.give_back(region)
+            if isinstance(exc, _NoRoom):
+                return None
+            raise
+        placement = cls(pool, staging, output)
+        for name, array, offset in staged:
+            np.copyto(np.frombuffer(staging.mapping, array.dtype, array.size, offset).reshape(array.shape), array)
+            spans[name] = (staging, offset)
+        placement.tensors = {
+            name: pb.Tensor(dtype=wire.dtype_enum(a.dtype, name), shape=a.shape,
+                            shared=pb.SharedSpan(region_id=spans[name][0].id, offset=spans[name][1]))
+            for name, a in arrays.items()
+        }  # fmt: skip
+        buffer = pb.SharedBuffer(region_id=output.id, offset=0, size=output.size) if output else None
+        placement.context = pb.SharedMemoryContext(session_id=session.id, output_buffer=buffer)
+        return placement
+
+    def results(self, tensors: list[tuple[str, pb.Tensor]]) -> dict[str, np.ndarray]:
+        """The response's tensors as arrays: views of the output region (leased to them), or inline copies."""
+        shared = [(name, msg) for name, msg in tensors if msg.WhichOneof("storage") == "shared"]
+        out = {}
+        if shared:
+            if self.output is None:
+                raise ConvRpcError(grpc.StatusCode.INTERNAL, "the server placed results but no buffer was offered")
+            layout = output_layout(shared, self.output)
+            out = dict(zip((name for name, _ in shared), self.pool.lease(self.output, layout)))
+            self.output = None  # the arrays own it now
         try:
             for name, msg in tensors:
-                if msg.shared.region == own.name:
-                    dtype, shape, nbytes = wire.tensor_layout(msg, name)
-                    count, offset = nbytes // dtype.itemsize, msg.shared.offset
-                    if offset < 0 or offset + nbytes > own.size:
-                        raise ConvRpcError(grpc.StatusCode.INTERNAL, f"{name} lies outside the offered buffer")
-                    array = np.empty(shape, dtype)
-                    np.copyto(array.reshape(-1), np.frombuffer(own.memory.buf, dtype, count, offset))
-                    out[name] = array
+                if name not in out:
+                    out[name] = wire.decode_tensor(msg, name).copy()
         except ConvError as exc:
             raise ConvRpcError(grpc.StatusCode.INTERNAL, f"malformed shared-memory response: {exc}") from None
         return {name: out[name] for name, _ in tensors}
 
-    def _claim(self, tensors: list[tuple[str, pb.Tensor]]) -> dict[str, np.ndarray]:
-        """Map the server's output region(s), unlink them, and return arrays viewing the mapping."""
-        regions = {}
-        try:
-            for _, msg in tensors:
-                name = msg.shared.region
-                if name in regions:
-                    continue
-                if not self._outputs.fullmatch(name):
-                    raise ConvRpcError(grpc.StatusCode.INTERNAL, f"the server named a foreign output region {name!r}")
-                try:
-                    regions[name] = shm.attach(name, writable=True)
-                except FileNotFoundError:
-                    raise ConvRpcError(
-                        grpc.StatusCode.DATA_LOSS, f"output region {name} vanished before it was read"
-                    ) from None
-            out = {}
-            for name, msg in tensors:
-                dtype, shape, nbytes = wire.tensor_layout(msg, name)
-                region, offset = regions[msg.shared.region], msg.shared.offset
-                if offset < 0 or offset + nbytes > len(region):
-                    raise ConvRpcError(grpc.StatusCode.INTERNAL, f"{name} lies outside its output region")
-                out[name] = np.frombuffer(region, dtype, nbytes // dtype.itemsize, offset).reshape(shape)
-            return out
-        except ConvError as exc:
-            raise ConvRpcError(grpc.StatusCode.INTERNAL, f"malformed shared-memory response: {exc}") from None
-        finally:
-            for _, msg in tensors:
-                if self._outputs.fullmatch(msg.shared.region):
-                    shm.unlink(msg.shared.region)
+    def __enter__(self) -> "Placement":
+        return self
 
-    def discard_outputs(self) -> None:
-        """Unlink any output region of this session left behind (a call that failed midway)."""
-        for name in shm.names_with_prefix(self.prefix + "o"):
-            shm.unlink(name)
+    def __exit__(self, kind, *_) -> None:
+        if self.staging is not None:
+            self.pool.give_back(self.staging)  # the server only reads it: safe to reuse even after a failure
+        if self.output is not None:
+            if kind is None:
+                self.pool.give_back(self.output)  # results came inline
+            else:
+                self.pool.discard(self.output)
 
-    def close(self) -> None:
-        """Unlink the idle input regions and any unclaimed output; regions still in use go when their call ends."""
-        with self._lock:
-            self.closed = True
-        self._finalizer()
-        self.discard_outputs()
+
+class _NoRoom(Exception):
+    pass
+
+
+def output_layout(results: list[tuple[str, pb.Tensor]], region: _Region) -> list[tuple[np.dtype, tuple, int]]:
+    """``(dtype, shape, offset)`` of each result the server placed in ``region``; ConvRpcError(INTERNAL) if
+    one lies outside it or in another region."""
+    layout = []
+    try:
+        for name, msg in results:
+            dtype, shape, nbytes = wire.tensor_layout(msg, name)
+            span = msg.shared
+            if span.region_id != region.id or span.offset < 0 or span.offset + nbytes > region.size:
+                raise ConvRpcError(grpc.StatusCode.INTERNAL, f"{name} lies outside the offered output buffer")
+            if span.offset % dtype.itemsize:
+                raise ConvRpcError(grpc.StatusCode.INTERNAL, f"{name} is not aligned in the output buffer")
+            layout.append((dtype, shape, span.offset))
+    except ConvError as exc:
+        raise ConvRpcError(grpc.StatusCode.INTERNAL, f"malformed shared-memory response: {exc}") from None
+    return layout

@@ -47,11 +47,17 @@ GRACE_SECONDS = 10.0
 
 #: Size of one chunk of a ForwardStream/BackwardStream payload (bytes): 1-2 MiB beat 64-512 KiB and 4 MiB.
 CHUNK_BYTES = 1024 * 1024
-#: Seconds a shared-memory output region the client never unlinked lives before the server unlinks it.
-SHM_OUTPUT_TTL = 60.0
-#: Seconds a shared-memory session may stay unused before the server ends it and unlinks its regions
-#: (a client killed with its resource tracker leaks nothing for longer; the SDK reopens a session it lost).
-SHM_SESSION_TTL = 600.0
+#: Seconds a shared-memory session may wait for its socket connection (the SDK connects at once), and a
+#: connection for its token, before the server drops it.
+SHM_CONNECT_SECONDS = 30.0
+#: Shared-memory sessions a server holds at once: each is a connected client process.
+SHM_MAX_SESSIONS = 256
+#: Regions one session may hand over at once. Each is a mapping in the server, and a process has at most
+#: vm.max_map_count (65530) of them, numpy's large allocations included: 256 x 128 stays far below.
+SHM_MAX_REGIONS = 128
+#: Bytes of client regions a server maps at once, all sessions together: address space, not memory (a
+#: mapping commits only what is touched), but 128 x 256 regions of 4 GiB would be more than x86-64 has.
+SHM_MAX_MAPPED_BYTES = 1 << 40
 #: Largest shared-memory region a request may name: a request's tensors and results fit in far less.
 SHM_MAX_REGION_BYTES = 4 * 1024 * 1024 * 1024
 #: Seconds a connection without calls stays open (400 idle connections used to hold 400 files forever).

@@ -12,8 +12,6 @@ __all__ = [
     "CallEnded",
     "CallCancelled",
     "DeadlineExceeded",
-    "NotFoundError",
-    "PermissionDeniedError",
     "FailedPreconditionError",
 ]
 
@@ -90,13 +88,5 @@ class _FieldError(ConvError):
         self.description = message
 
 
-class NotFoundError(_FieldError):
-    """A request names something (a shared-memory region) that does not exist."""
-
-
-class PermissionDeniedError(_FieldError):
-    """A request names something (a shared-memory region) that belongs to someone else."""
-
-
 class FailedPreconditionError(_FieldError):
-    """A request needs a state the server is not in (shared memory disabled, an unknown session)."""
+    """A request needs a state the server is not in (shared memory disabled, an unknown session, an unsealed region)."""

@@ -72,12 +72,12 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared: _Optional[_Union[SharedSpan, _Mapping]] = ...) -> None: ...
 
 class SharedSpan(_message.Message):
-    __slots__ = ("region", "offset")
-    REGION_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("offset", "region_id")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
-    region: str
+    REGION_ID_FIELD_NUMBER: _ClassVar[int]
     offset: int
-    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    region_id: int
+    def __init__(self, offset: _Optional[int] = ..., region_id: _Optional[int] = ...) -> None: ...
 
 class Size2(_message.Message):
     __slots__ = ("height", "width")
@@ -234,14 +234,14 @@ class SharedMemoryContext(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., output_buffer: _Optional[_Union[SharedBuffer, _Mapping]] = ...) -> None: ...
 
 class SharedBuffer(_message.Message):
-    __slots__ = ("region", "offset", "size")
-    REGION_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("offset", "size", "region_id")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
-    region: str
+    REGION_ID_FIELD_NUMBER: _ClassVar[int]
     offset: int
     size: int
-    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+    region_id: int
+    def __init__(self, offset: _Optional[int] = ..., size: _Optional[int] = ..., region_id: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("op", "network", "input", "weight", "bias", "shared_memory", "params")
@@ -548,22 +548,22 @@ class BackwardStreamResponse(_message.Message):
     def __init__(self, response: _Optional[_Union[BackwardResponse, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class OpenSharedMemorySessionRequest(_message.Message):
-    __slots__ = ("probe_region", "probe_nonce")
-    PROBE_REGION_FIELD_NUMBER: _ClassVar[int]
-    PROBE_NONCE_FIELD_NUMBER: _ClassVar[int]
-    probe_region: str
-    probe_nonce: bytes
-    def __init__(self, probe_region: _Optional[str] = ..., probe_nonce: _Optional[bytes] = ...) -> None: ...
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class OpenSharedMemorySessionResponse(_message.Message):
-    __slots__ = ("session_id", "region_prefix", "output_ttl_seconds")
+    __slots__ = ("session_id", "socket_address", "connect_token", "max_region_bytes", "max_regions")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    REGION_PREFIX_FIELD_NUMBER: _ClassVar[int]
-    OUTPUT_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CONNECT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_REGION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REGIONS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    region_prefix: str
-    output_ttl_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., region_prefix: _Optional[str] = ..., output_ttl_seconds: _Optional[float] = ...) -> None: ...
+    socket_address: str
+    connect_token: bytes
+    max_region_bytes: int
+    max_regions: int
+    def __init__(self, session_id: _Optional[str] = ..., socket_address: _Optional[str] = ..., connect_token: _Optional[bytes] = ..., max_region_bytes: _Optional[int] = ..., max_regions: _Optional[int] = ...) -> None: ...
 
 class CloseSharedMemorySessionRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -163,19 +163,20 @@ class ConvServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def OpenSharedMemorySession(self, request, context):
-        """OpenSharedMemorySession lets a client on the server's host (or in a container sharing its
-        IPC namespace) pass tensors through POSIX shared memory. The client proves co-location by
-        naming a probe region it created; the answer holds a secret session id and the name prefix
-        of every region of the session. FAILED_PRECONDITION when the server does not allow shared
-        memory or cannot see the probe.
+        """OpenSharedMemorySession lets a client on the server's host (in the server's network namespace)
+        pass tensors through sealed memfd regions. The answer holds a secret session id, and the
+        abstract Unix socket and one-time token with which the client then connects and hands the
+        server its regions' file descriptors (SCM_RIGHTS). That connection is the session: when it
+        closes (the client exits or is killed), the session ends and the server unmaps its regions.
+        FAILED_PRECONDITION when the server does not allow shared memory.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CloseSharedMemorySession(self, request, context):
-        """CloseSharedMemorySession ends a session: the server unlinks the output regions the client
-        has not claimed and forgets the session id. Closing an unknown session succeeds.
+        """CloseSharedMemorySession ends a session: the server closes its socket connection, unmaps its
+        regions and forgets the session id. Closing an unknown session succeeds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -116,9 +116,8 @@ class ConvService:
         self.version = version
         self.sessions = SharedMemorySessions(
             enabled=settings.shared_memory,
-            output_ttl=settings.shm_output_ttl,
-            session_ttl=settings.shm_session_ttl,
             max_region_bytes=settings.shm_max_region_bytes,
+            other_users=settings.shm_other_users,
         )
         self.slots = ComputeSlots(settings.compute_slots)
         self.streams = StreamWatch(settings.stream_idle_timeout)
@@ -164,7 +163,7 @@ class ConvService:
                 cancel.set()
 
     def close(self) -> None:
-        """Unlink every shared-memory region made for a session; stop watching streams."""
+        """End every shared-memory session (unmapping its regions); stop watching streams."""
         self.sessions.close()
         self.streams.close()
 
@@ -342,7 +341,7 @@ class ConvService:
 
     @_rpc
     def OpenSharedMemorySession(self, request, context) -> pb.OpenSharedMemorySessionResponse:
-        return self.sessions.open(request.probe_region, request.probe_nonce)
+        return self.sessions.open()
 
     @_rpc
     def CloseSharedMemorySession(self, request, context) -> pb.CloseSharedMemorySessionResponse:

@@ -125,16 +125,14 @@ class Settings:
         config.STREAM_MAX_SECONDS, "longest a ForwardStream/BackwardStream call may take, receiving to last chunk sent"
     )
     # -- data paths (see the README's "Moving tensors fast")
-    shared_memory: bool = knob(True, "let clients on this host pass tensors through POSIX shared memory (same user only)")
-    shm_output_ttl: float = knob(
-        config.SHM_OUTPUT_TTL, "seconds a shared-memory output region no client unlinked lives before the server unlinks it"
+    shared_memory: bool = knob(
+        True, "let clients on this host pass tensors in sealed memfd regions handed over a Unix socket"
     )
-    shm_session_ttl: float = knob(
-        config.SHM_SESSION_TTL, "seconds a shared-memory session may go unused before it ends and every region "
-        "named for it (the client's too) is unlinked"
+    shm_other_users: bool = knob(
+        False, "let processes of other users use shared memory (the socket's SO_PEERCRED uid is checked otherwise)"
     )
     shm_max_region_bytes: int = knob(
-        config.SHM_MAX_REGION_BYTES, "largest shared-memory region a request may name (bytes)"
+        config.SHM_MAX_REGION_BYTES, "largest shared-memory region the server maps for a client (bytes)"
     )
     chunk_bytes: int = knob(
         config.CHUNK_BYTES, "bytes per chunk of the ForwardStream/BackwardStream responses (at most max_message_bytes/2)"
@@ -170,7 +168,7 @@ class Settings:
         if self.keepalive_time <= 0 or self.keepalive_timeout <= 0:
             key = "keepalive_time" if self.keepalive_time <= 0 else "keepalive_timeout"
             raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
-        for name in ("stream_idle_timeout", "stream_max_seconds", "shm_session_ttl", "max_op_flops"):
+        for name in ("stream_idle_timeout", "stream_max_seconds", "max_op_flops"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
         if self.chunk_bytes < 1:

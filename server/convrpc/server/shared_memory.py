@@ -1,398 +1,466 @@
-"""Shared-memory sessions: which client may use which regions, and the cleanup of every region made for one.
+"""Shared-memory sessions: sealed memfd regions a client hands over a Unix socket, mapped once, used in place.
 
-A client opens a session by showing the server a probe region it created (proving both see the
-same /dev/shm and run as the same user). The session gets a secret id, sent with every request
-and never part of a region name, and a public name prefix. The server reads only input regions
-named ``<prefix>i<16 hex>`` of the session the request's id opens, so a client cannot make it read
-or write anyone else's memory. It creates each response's outputs that do not fit the client's
-buffer in a fresh ``<prefix>o<16 hex>`` region that the client unlinks once mapped.
+OpenSharedMemorySession creates a session with a secret id (carried by every request of the session)
+and a one-time connect token, and names the server's abstract-namespace SOCK_SEQPACKET socket
+(``convrpc.shm`` has the protocol). The client connects, shows the token and then hands over its
+regions' file descriptors. One thread (``convrpc-shm``) serves every connection with a selector.
 
-Nothing a client does to its regions can hurt the server: it never maps them, it copies exactly
-the request's bytes in and the results out with ``preadv``/``pwritev`` (a truncated region gives a
-short read and INVALID_ARGUMENT, where a mapping would give SIGBUS), refuses links and non-regular
-files, and refuses regions larger than ``max_region_bytes``.
+The connection is the session: when it closes (the client closed it, exited or was SIGKILLed: the
+kernel closes its sockets), the session ends, its descriptors are closed and its mappings dropped, so
+the client's memory goes back to the kernel. Nothing is named anywhere, so nothing can leak.
 
-A session is a lease: idle for ``session_ttl`` seconds, or closed, it ends and every region named
-with its prefix is unlinked, so a client killed outright (its resource tracker too) leaks nothing
-for longer than that. Each server names its sessions' prefixes after a marker region
-``cvs<tag>`` it holds an flock on for its lifetime; at start-up a server unlinks the regions of
-every marker whose lock is free (its server died without cleaning up).
+Each descriptor is checked before it is mapped: a regular file (not a pipe, socket or directory) that
+carries seals (a memfd; a disk file or a /dev/shm file cannot be sealed) including F_SEAL_SHRINK and
+F_SEAL_GROW, not sealed against writes, on ordinary pages (hugetlbfs could fault when its pool runs
+dry), open read-write, not empty, and at most ``max_region_bytes``. A sealed region cannot shrink, so
+reading and writing the mapping can never fault past its end (no SIGBUS); a hole the client punches
+reads as zeros. Requests read their inputs as numpy views of the mapping and the results are written
+straight into the offered span. The server touches only a request's bytes, so a sparse region costs it
+nothing more.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import logging
+import mmap
 import os
-import re
 import secrets
+import selectors
+import socket
+import stat
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 from convrpc import shm, wire
-from convrpc.core.errors import (
-    FailedPreconditionError,
-    InvalidArgumentError,
-    NotFoundError,
-    PermissionDeniedError,
-    ResourceExhaustedError,
-)
+from convrpc.core import config
+from convrpc.core.errors import ConvError, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
 from convrpc.v1 import conv_service_pb2 as pb
+
+from .status import status_for
 
 log = logging.getLogger("convrpc.server")
 
-__all__ = ["SharedMemorySessions", "sweep_stale_regions"]
+__all__ = ["SharedMemorySessions"]
 
-_PROBE = re.compile(r"cvp[0-9a-f]{24}")
-_MARKER = re.compile(r"cvs([0-9a-f]{8})")
-#: A session region's name: "cv", the tag of the server that made the session, then more.
-_SESSION_REGION = re.compile(r"cv([0-9a-f]{8})[0-9a-f]*[io][0-9a-f]+")
-#: A probe lives for one OpenSharedMemorySession call, and a live server's marker exists before any of
-#: its sessions: a probe, or a session region with no marker, this old was left by something that died.
-_STALE_PROBE_SECONDS = 600.0
 _ALIGN = 64  # output tensors start on cache-line boundaries
-MAX_SESSIONS = 4096
 _BUFFER = "shared_memory.output_buffer"
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+#: Refusals remembered per session, so that a request naming a refused region says why.
+_REFUSALS_KEPT = 64
+_UNSAFE_SEALS = getattr(fcntl, "F_SEAL_WRITE", 0) | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0)
 
 
-def sweep_stale_regions() -> int:
-    """Unlink the regions of every server that died without cleaning up (its marker's lock is free),
-    session regions older than ``_STALE_PROBE_SECONDS`` whose server's marker is gone, and probes
-    abandoned by killed clients; the number of names unlinked. Linux only (elsewhere 0)."""
-    swept, now = 0, time.time()
-    for name in shm.names_with_prefix("cv"):
-        path = os.path.join("/dev/shm", name)
-        try:
-            info = os.stat(path, follow_symlinks=False)
-        except OSError:
-            continue
-        old = now - info.st_mtime > _STALE_PROBE_SECONDS
-        if _PROBE.fullmatch(name) and old:
-            swept += shm.unlink(name)
-        session = _SESSION_REGION.fullmatch(name)
-        if session and old and not os.path.lexists(os.path.join("/dev/shm", "cvs" + session.group(1))):
-            swept += shm.unlink(name)  # its server is gone and so is its marker: nobody will unlink it
-            continue
-        marker = _MARKER.fullmatch(name)
-        if marker is None:
-            continue
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # its server is alive
-            os.close(fd)
-            continue
-        try:
-            for region in shm.names_with_prefix("cv" + marker.group(1)):
-                swept += shm.unlink(region)
-            shm.unlink(name)
-        finally:
-            os.close(fd)
-    if swept:
-        log.warning("unlinked %d shared-memory region(s) left by servers or clients that died", swept)
-    return swept
+@dataclass
+class _Region:
+    fd: int
+    mapping: mmap.mmap
+    size: int
 
-
-def _locked_marker(name: str) -> int:
-    """A new marker region, flocked for as long as this process lives. A sweep may find it in the instant
-    between creation and lock and unlink it: then it is made again."""
-    while True:
-        fd = shm.create_fd(name, 1)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if os.fstat(fd).st_nlink == 1:
-            return fd
-        os.close(fd)
+    def release(self) -> None:
+        os.close(self.fd)
+        with contextlib.suppress(BufferError):  # a request still views it: unmapped when its arrays go
+            self.mapping.close()
 
 
 @dataclass
 class _Session:
-    prefix: str
-    last_used: float
-    #: Output regions created and not yet seen unlinked: name -> creation time.
-    outputs: dict[str, float] = field(default_factory=dict)
+    id: str
+    token: bytes
+    opened: float
+    connection: socket.socket | None = None
+    regions: dict[int, _Region] = field(default_factory=dict)
+    refused: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class _Connection:
+    sock: socket.socket
+    accepted: float
+    session: _Session | None = None
 
 
 class SharedMemorySessions:
-    """The server's shared-memory sessions. Thread-safe; ``close()`` unlinks every region made for one."""
+    """The server's shared-memory sessions and the socket thread that receives their regions. Thread-safe."""
 
-    def __init__(self, *, enabled: bool, output_ttl: float, session_ttl: float, max_region_bytes: int):
+    def __init__(self, *, enabled: bool, max_region_bytes: int, other_users: bool = False):
         self.enabled = enabled and shm.AVAILABLE
-        self.output_ttl = output_ttl
-        self.session_ttl = session_ttl
         self.max_region_bytes = max_region_bytes
+        self.other_users = other_users
         self._sessions: dict[str, _Session] = {}
+        self._by_token: dict[bytes, _Session] = {}
         self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._sweeper: threading.Thread | None = None
-        self._tag, self._marker = secrets.token_hex(4), None
-        if self.enabled:
-            sweep_stale_regions()
-            try:
-                self._marker = _locked_marker(f"cvs{self._tag}")
-            except OSError as exc:
-                log.warning("shared memory disabled: cannot create the server's marker region (%s)", exc)
-                self.enabled = False
+        self._closed = False
+        self._listener: socket.socket | None = None
+        self._selector: selectors.BaseSelector | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
+        #: The socket thread's connections by file descriptor (only that thread touches it).
+        self._connections: dict[int, _Connection] = {}
+        #: Bytes of client regions mapped, all sessions together.
+        self._mapped = 0
+        self.address = ""
 
     # -- sessions -------------------------------------------------------------------------------
 
-    def open(self, probe_region: str, probe_nonce: bytes) -> pb.OpenSharedMemorySessionResponse:
+    def open(self) -> pb.OpenSharedMemorySessionResponse:
         if not self.enabled:
             reason = "is disabled on this server (setting shared_memory)" if shm.AVAILABLE else "is not available here"
             raise FailedPreconditionError("shared_memory", reason)
-        if not _PROBE.fullmatch(probe_region):
-            raise InvalidArgumentError("probe_region", f"expected 'cvp' and 24 hex digits, got {probe_region!r}")
-        if not 16 <= len(probe_nonce) <= 64:
-            raise InvalidArgumentError("probe_nonce", f"expected 16 to 64 bytes, got {len(probe_nonce)}")
-        try:
-            fd = shm.open_region(probe_region, writable=False)
-        except FileNotFoundError:
-            raise FailedPreconditionError(
-                "probe_region",
-                f"the server cannot see region {probe_region}: it is not on the client's host or IPC namespace",
-            ) from None
-        except (PermissionError, ValueError) as exc:
-            raise FailedPreconditionError("probe_region", str(exc)) from None
-        try:
-            # Some systems round a region up to whole pages: compare the nonce's bytes only.
-            seen = bytearray(len(probe_nonce))
-            whole = shm.read_exactly(fd, memoryview(seen), 0) == len(seen)
-        finally:
-            os.close(fd)
-        if not whole or not secrets.compare_digest(bytes(seen), probe_nonce):
-            raise FailedPreconditionError("probe_nonce", f"region {probe_region} does not hold the nonce")
-        session_id = secrets.token_hex(16)
+        self._start()
+        session = _Session(secrets.token_hex(16), secrets.token_bytes(32), time.monotonic())
         with self._lock:
-            if len(self._sessions) >= MAX_SESSIONS:
-                raise ResourceExhaustedError("session_id", f"the server holds its cap of {MAX_SESSIONS} sessions")
-            taken = {s.prefix for s in self._sessions.values()}
-            prefix = next(p for p in iter(lambda: f"cv{self._tag}{secrets.token_hex(5)}", None) if p not in taken)
-            session = self._sessions[session_id] = _Session(prefix=prefix, last_used=time.monotonic())
-            self._start_sweeper()
+            # At the cap, the oldest session still waiting for its socket makes room: sessions opened and
+            # never connected cannot lock others out; connected ones are live client processes.
+            waiting = [s for s in self._sessions.values() if s.connection is None]
+            if len(self._sessions) >= config.SHM_MAX_SESSIONS and not waiting:
+                raise ResourceExhaustedError(
+                    "session_id", f"the server holds its cap of {config.SHM_MAX_SESSIONS} shared-memory sessions"
+                )
+            evicted = min(waiting, key=lambda s: s.opened) if len(self._sessions) >= config.SHM_MAX_SESSIONS else None
+            if evicted is not None:
+                del self._sessions[evicted.id]
+                self._by_token.pop(evicted.token, None)
+            self._sessions[session.id] = self._by_token[session.token] = session
         return pb.OpenSharedMemorySessionResponse(
-            session_id=session_id, region_prefix=session.prefix, output_ttl_seconds=self.output_ttl
-        )
+            session_id=session.id, socket_address=self.address, connect_token=session.token,
+            max_region_bytes=self.max_region_bytes, max_regions=config.SHM_MAX_REGIONS,
+        )  # fmt: skip
 
     def close_session(self, session_id: str) -> None:
         with self._lock:
-            session = self._sessions.pop(session_id, None)
-        if session is not None:
-            self._retire(session)
-
-    @staticmethod
-    def _retire(session: _Session) -> int:
-        """Unlink every region named with the session's prefix, the client's too; the number unlinked."""
-        return sum(shm.unlink(name) for name in shm.names_with_prefix(session.prefix))
-
-    def _session(self, session_id: str) -> _Session:
-        with self._lock:
             session = self._sessions.get(session_id)
-            if session is None:
-                raise FailedPreconditionError(
-                    "shared_memory.session_id",
-                    "unknown shared-memory session (closed, expired or from before a restart); open a new one",
+        if session is not None:
+            self._end(session)
+
+    def _end(self, session: _Session) -> None:
+        """Forget a session, close its connection and release its regions (idempotent)."""
+        with self._lock:
+            self._sessions.pop(session.id, None)
+            self._by_token.pop(session.token, None)
+        with session.lock:
+            regions, session.regions = list(session.regions.values()), {}
+            connection, session.connection = session.connection, None
+        for region in regions:
+            self._release(region)
+        if connection is not None:
+            self._wake()  # the socket thread unregisters and closes it
+
+    def _release(self, region: _Region) -> None:
+        region.release()
+        with self._lock:
+            self._mapped -= region.size
+
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    # -- the socket thread ----------------------------------------------------------------------
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is not None or self._closed:
+                return
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            name = f"convrpc-{os.getpid()}-{secrets.token_hex(8)}"
+            listener.bind(shm.socket_address(name))
+            listener.listen(64)
+            listener.setblocking(False)
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._selector = selectors.DefaultSelector()
+            self._selector.register(listener, selectors.EVENT_READ, None)
+            self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+            self._listener, self.address = listener, name
+            self._thread = threading.Thread(target=self._serve, name="convrpc-shm", daemon=True)
+            self._thread.start()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _serve(self) -> None:
+        while not self._closed:
+            for key, _ in self._selector.select(timeout=1.0):
+                if key.data == "wake":
+                    with contextlib.suppress(OSError):
+                        os.read(self._wake_r, 4096)
+                elif key.data is None:
+                    self._accept()
+                else:
+                    try:
+                        self._receive(key.data)
+                    except Exception:  # one bad connection must never stop the others
+                        log.exception("shared-memory connection failed")
+                        self._drop(key.data)
+            self._tidy()
+        for connection in list(self._connections.values()):
+            self._drop(connection)
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except OSError:
+            return
+        _, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        refusal = None
+        if uid != os.getuid() and not self.other_users:
+            refusal = "shared memory serves processes of the server's user only (setting shm_other_users)"
+        elif len(self._connections) >= 2 * config.SHM_MAX_SESSIONS:
+            refusal = "the server holds its cap of shared-memory connections"
+        if refusal is not None:
+            with contextlib.suppress(OSError):
+                sock.send(shm.encode_reply(0, grpc.StatusCode.FAILED_PRECONDITION.value[0], refusal))
+            sock.close()
+            return
+        sock.setblocking(False)
+        connection = _Connection(sock, time.monotonic())
+        self._connections[sock.fileno()] = connection
+        self._selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _drop(self, connection: _Connection) -> None:
+        self._connections.pop(connection.sock.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(connection.sock)
+        if connection.session is not None:
+            self._end(connection.session)
+        connection.sock.close()
+
+    def _tidy(self) -> None:
+        """Drop connections whose session ended elsewhere (closed by RPC), connections that never showed a
+        token, and sessions never connected, after ``SHM_CONNECT_SECONDS``."""
+        now = time.monotonic()
+        for connection in list(self._connections.values()):
+            ended = connection.session is not None and connection.session.connection is None
+            late = connection.session is None and now - connection.accepted > config.SHM_CONNECT_SECONDS
+            if ended or late:
+                self._drop(connection)
+        with self._lock:
+            stale = [s for s in self._sessions.values()
+                     if s.connection is None and now - s.opened > config.SHM_CONNECT_SECONDS]  # fmt: skip
+        for session in stale:
+            self._end(session)
+
+    def _receive(self, connection: _Connection) -> None:
+        try:
+            message, fds, flags, _ = socket.recv_fds(connection.sock, shm.MAX_MESSAGE, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            message, fds, flags = b"", [], 0
+        if not message and not fds:  # end of file: the client closed it, exited or was killed
+            self._drop(connection)
+            return
+        try:
+            self._handle(connection, message, fds, flags)
+        finally:
+            for fd in fds:  # kept ones were duplicated
+                os.close(fd)
+
+    def _handle(self, connection: _Connection, message: bytes, fds: list[int], flags: int) -> None:
+        try:
+            kind, region_id, token = shm.decode(message)
+        except ValueError as exc:
+            return self._reply(connection, 0, InvalidArgumentError("message", str(exc)), close=True)
+        session = connection.session
+        if session is None:
+            if kind != shm.HELLO:
+                return self._reply(connection, 0, FailedPreconditionError("connect_token", "must come first"), close=True)
+            with self._lock:
+                session = self._by_token.pop(token, None) if len(token) == 32 else None
+            if session is None or session.connection is not None:
+                return self._reply(connection, 0, FailedPreconditionError(
+                    "connect_token", "unknown, used already or expired: open a new session"), close=True)  # fmt: skip
+            with session.lock:
+                session.connection = connection.sock
+            connection.session = session
+            return self._reply(connection, 0, None)
+        if kind == shm.DROP:
+            with session.lock:
+                region = session.regions.pop(region_id, None)
+            if region is not None:
+                self._release(region)
+            return None
+        if kind != shm.ADD:
+            return self._reply(connection, 0, InvalidArgumentError("message", "HELLO may come only once"), close=True)
+        try:
+            if len(fds) != 1 or flags & socket.MSG_CTRUNC:
+                raise InvalidArgumentError("region", f"an ADD message carries exactly one file descriptor, got {len(fds)}")
+            self._add(session, region_id, fds[0])
+        except ConvError as exc:
+            with session.lock:
+                session.refused[region_id] = exc
+                while len(session.refused) > _REFUSALS_KEPT:
+                    session.refused.popitem(last=False)
+            return self._reply(connection, region_id, exc)
+        self._reply(connection, region_id, None)
+
+    def _add(self, session: _Session, region_id: int, fd: int) -> None:
+        with session.lock:
+            if region_id in session.regions:
+                raise InvalidArgumentError("region_id", f"region {region_id} is in use already: drop it first")
+            if len(session.regions) >= config.SHM_MAX_REGIONS:
+                raise ResourceExhaustedError("region", f"the session holds its cap of {config.SHM_MAX_REGIONS} regions")
+        size = _checked_size(fd, self.max_region_bytes)
+        with self._lock:  # address space, not memory: but a server out of it could allocate nothing else
+            if self._mapped + size > config.SHM_MAX_MAPPED_BYTES:
+                raise ResourceExhaustedError(
+                    "region", f"the server maps its cap of {config.SHM_MAX_MAPPED_BYTES} bytes of client regions"
                 )
-            session.last_used = time.monotonic()
-            return session
+            self._mapped += size
+        populate = os.fstat(fd).st_blocks * 512 >= size  # fully allocated by its owner: pre-faulting commits nothing
+        try:
+            mapping = shm.map_region(fd, size, populate=populate)
+        except OSError as exc:
+            with self._lock:
+                self._mapped -= size
+            raise FailedPreconditionError("region", f"cannot be mapped read-write ({exc.strerror})") from None
+        region = _Region(os.dup(fd), mapping, size)
+        with session.lock:
+            if session.connection is None:  # ended meanwhile
+                self._release(region)
+                return
+            session.regions[region_id] = region
+            session.refused.pop(region_id, None)
+
+    def _reply(self, connection: _Connection, region_id: int, error: ConvError | None, *, close: bool = False) -> None:
+        if error is None:
+            reply = shm.encode_reply(region_id, 0)
+        else:
+            code, message, _ = status_for(error)
+            reply = shm.encode_reply(region_id, code.value[0], message)
+        try:
+            connection.sock.send(reply)
+        except OSError:  # a client that never reads its replies loses its connection
+            close = True
+        if close:
+            self._drop(connection)
+
+    def close(self) -> None:
+        """End every session and stop the socket thread."""
+        with self._lock:
+            self._closed = True
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            self._end(session)
+        if self._thread is not None:
+            self._wake()
+            self._thread.join(10)
+            self._selector.close()
+            self._listener.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     # -- tensors --------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def request(self, session_id: str):
         """The shared-memory side of one request: ``inputs(...)``, then ``outputs(...)``."""
-        call = _Request(self, self._session(session_id))
-        try:
-            yield call
-        finally:
-            call.release()
-
-    # -- cleanup --------------------------------------------------------------------------------
-
-    def _forget(self, session: _Session, name: str, *, unlink: bool) -> None:
         with self._lock:
-            session.outputs.pop(name, None)
-        if unlink:
-            shm.unlink(name)
+            session = self._sessions.get(session_id)
+        if session is None or session.connection is None:
+            raise FailedPreconditionError(
+                "shared_memory.session_id",
+                "unknown session (it ended when its socket connection closed, or the server restarted): open a new one",
+            )
+        yield _Request(session)
 
-    def _unlink_outputs(self, session: _Session) -> int:
-        """Drop outputs the client claimed; unlink those older than the TTL."""
-        now = time.monotonic()
-        with self._lock:
-            outputs = list(session.outputs.items())
-        swept = 0
-        for name, created in outputs:
-            if not shm.exists(name):
-                self._forget(session, name, unlink=False)
-            elif now - created > self.output_ttl:
-                self._forget(session, name, unlink=True)
-                swept += 1
-        return swept
 
-    def sweep(self) -> int:
-        """Unlink abandoned outputs and end idle sessions (unlinking their regions); the number unlinked."""
-        now = time.monotonic()
-        with self._lock:
-            sessions = list(self._sessions.items())
-        swept = 0
-        for session_id, session in sessions:
-            if now - session.last_used > self.session_ttl:
-                with self._lock:
-                    self._sessions.pop(session_id, None)
-                swept += self._retire(session)
-            else:
-                swept += self._unlink_outputs(session)
-        if swept:
-            log.warning("unlinked %d shared-memory region(s) of abandoned outputs or expired sessions", swept)
-        return swept
-
-    def _start_sweeper(self) -> None:
-        if self._sweeper is None and not self._closed.is_set():
-            self._sweeper = threading.Thread(target=self._sweep_loop, name="convrpc-shm-sweeper", daemon=True)
-            self._sweeper.start()
-
-    def _sweep_loop(self) -> None:
-        interval = max(0.05, min(self.output_ttl / 2, self.session_ttl / 2, 10.0))
-        while not self._closed.wait(interval):
-            try:
-                self.sweep()
-            except Exception:  # the sweeper must outlive any one bad region
-                log.exception("shared-memory sweep failed")
-
-    def close(self) -> None:
-        """Stop the sweeper, end every session (unlinking its regions) and drop the server's marker."""
-        self._closed.set()
-        with self._lock:
-            sessions = list(self._sessions.values())
-            self._sessions.clear()
-        for session in sessions:
-            self._retire(session)
-        if self._marker is not None:
-            shm.unlink(f"cvs{self._tag}")
-            os.close(self._marker)
-            self._marker = None
+def _checked_size(fd: int, max_bytes: int) -> int:
+    """The size of a region the server may map, after every check (see the module docstring)."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise FailedPreconditionError("region", "is not a memfd (a pipe, a socket or a directory was sent)")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise FailedPreconditionError(
+            "region", "cannot be sealed (a disk or /dev/shm file?): make it with memfd_create(MFD_ALLOW_SEALING)"
+        ) from None
+    if seals & shm.REQUIRED_SEALS != shm.REQUIRED_SEALS:
+        raise FailedPreconditionError("region", "is not sealed against shrinking and growing (F_SEAL_SHRINK, F_SEAL_GROW)")
+    if seals & _UNSAFE_SEALS:
+        raise FailedPreconditionError("region", "is sealed against writes: the server writes results into it")
+    if os.fstatvfs(fd).f_bsize != mmap.PAGESIZE:
+        raise FailedPreconditionError("region", "is on huge pages (hugetlbfs): use an ordinary memfd")
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+        raise FailedPreconditionError("region", "must be open for reading and writing")
+    if info.st_size == 0:
+        raise InvalidArgumentError("region", "is empty")
+    if info.st_size > max_bytes:
+        raise ResourceExhaustedError(
+            "region", f"{info.st_size} bytes exceed the server's cap of {max_bytes} (setting shm_max_region_bytes)"
+        )
+    return info.st_size
 
 
 class _Request:
-    """One request's access to its session's client regions: copies in and out, never a mapping."""
+    """One request's access to its session's regions: views of the mappings, checked span by span."""
 
-    def __init__(self, sessions: SharedMemorySessions, session: _Session):
-        self.sessions = sessions
+    def __init__(self, session: _Session):
         self.session = session
-        self._own = re.compile(re.escape(session.prefix) + r"i[0-9a-f]{16}")
-        self._fds: dict[str, int] = {}
 
-    def _region(self, field: str, name: str) -> tuple[int, int]:
-        """``(fd, size)`` of a region of this session, opened once per request."""
-        if not self._own.fullmatch(name):
-            raise PermissionDeniedError(f"{field}.region", f"region {name!r} does not belong to this session")
-        fd = self._fds.get(name)
-        if fd is None:
-            try:
-                fd = self._fds[name] = shm.open_region(name, writable=True)
-            except FileNotFoundError:
-                raise NotFoundError(f"{field}.region", f"no shared-memory region named {name!r}") from None
-            except PermissionError as exc:
-                raise PermissionDeniedError(f"{field}.region", str(exc)) from None
-            except ValueError as exc:
-                raise InvalidArgumentError(f"{field}.region", str(exc)) from None
-        size = os.fstat(fd).st_size
-        if size > self.sessions.max_region_bytes:
-            raise ResourceExhaustedError(
-                f"{field}.region",
-                f"region {name} of {size} bytes exceeds the server's cap of {self.sessions.max_region_bytes} "
-                "(setting shm_max_region_bytes)",
+    def _region(self, field: str, region_id: int) -> _Region:
+        with self.session.lock:
+            region = self.session.regions.get(region_id)
+            refused = self.session.refused.get(region_id)
+        if region is not None:
+            return region
+        if refused is not None:  # the reason the socket gave, now naming the request's field
+            raise type(refused)(f"{field}.region_id", f"region {region_id} was refused: {refused.description}")
+        raise FailedPreconditionError(f"{field}.region_id", f"no region {region_id} in this session")
+
+    def _span(self, field: str, region_id: int, offset: int, nbytes: int, align: int) -> np.ndarray:
+        """``nbytes`` bytes of a region from ``offset`` as a uint8 view of its mapping."""
+        if offset < 0 or offset % align:
+            raise InvalidArgumentError(f"{field}.offset", f"must be >= 0 and a multiple of {align}, got {offset}")
+        region = self._region(field, region_id)
+        if offset + nbytes > region.size:
+            raise InvalidArgumentError(
+                f"{field}.offset",
+                f"{nbytes} bytes from offset {offset} run past the end of region {region_id} ({region.size} bytes)",
             )
-        return fd, size
+        try:
+            return np.frombuffer(region.mapping, np.uint8, nbytes, offset)
+        except ValueError:  # released meanwhile (the client dropped it or the session ended)
+            raise FailedPreconditionError(f"{field}.region_id", f"region {region_id} was dropped") from None
 
     def inputs(self, tensors: list[tuple[str, pb.Tensor]]) -> dict[str, np.ndarray]:
-        """Copies of the client's input spans (``Tensor.shared``), exactly the request's bytes, after
-        checking their names and spans (the caller has checked the layouts against the caps)."""
+        """Read-only views of the client's input spans (``Tensor.shared``), after checking them (the caller
+        has checked the layouts against the caps)."""
         arrays = {}
         for name, msg in tensors:
             dtype, shape, nbytes = wire.tensor_layout(msg, name)
-            span, field = msg.shared, f"{name}.shared"
-            if span.offset < 0 or span.offset % dtype.itemsize:
-                raise InvalidArgumentError(
-                    f"{field}.offset", f"must be >= 0 and a multiple of {dtype.itemsize}, got {span.offset}"
-                )
-            fd, size = self._region(field, span.region)
-            if span.offset + nbytes > size:
-                raise InvalidArgumentError(
-                    f"{field}.offset",
-                    f"{nbytes} bytes from offset {span.offset} run past the end of region {span.region} ({size} bytes)",
-                )
-            data = np.empty(nbytes, np.uint8)
-            got = shm.read_exactly(fd, memoryview(data), span.offset)
-            if got < nbytes:
-                raise InvalidArgumentError(
-                    f"{field}.region", f"region {span.region} shrank while the server read it ({got} of {nbytes} bytes)"
-                )
-            arrays[name] = data.view(dtype).reshape(shape)
+            span = msg.shared
+            data = self._span(f"{name}.shared", span.region_id, span.offset, nbytes, dtype.itemsize)
+            array = data.view(dtype).reshape(shape)
+            array.flags.writeable = False
+            arrays[name] = array
         return arrays
 
-    def outputs(
-        self, arrays: list[tuple[str, np.ndarray]], buffer: pb.SharedBuffer | None
-    ) -> dict[str, pb.Tensor]:
-        """Write host arrays into the client's ``buffer`` if they fit, else into a new output region;
-        ``{field: Tensor}`` with ``shared`` spans saying where each went."""
+    def outputs(self, arrays: list[tuple[str, np.ndarray]], buffer: pb.SharedBuffer | None) -> dict[str, pb.Tensor]:
+        """Write the results into the client's ``buffer`` if they fit (``{field: Tensor}`` with ``shared``
+        spans saying where each went), else inline."""
         layout, size = [], 0
         for name, array in arrays:
-            array = np.asarray(array, dtype=wire.DTYPES[wire.dtype_enum(array.dtype, name)], order="C")
             layout.append((name, array, size))
             size += -(-array.nbytes // _ALIGN) * _ALIGN
-        if buffer is not None and buffer.size >= size:
-            if buffer.offset < 0 or buffer.offset % _ALIGN:
-                raise InvalidArgumentError(
-                    f"{_BUFFER}.offset", f"must be >= 0 and a multiple of {_ALIGN}, got {buffer.offset}"
-                )
-            fd, region_size = self._region(_BUFFER, buffer.region)
-            if buffer.offset + buffer.size > region_size:
-                raise InvalidArgumentError(
-                    f"{_BUFFER}.size", f"the span runs past the end of region {buffer.region} ({region_size} bytes)"
-                )
-            _write(fd, buffer.offset, layout)
-            return _shared(buffer.region, buffer.offset, layout)
-        return self._new_region(layout, max(size, _ALIGN))
-
-    def _new_region(self, layout, size: int) -> dict[str, pb.Tensor]:
-        session = self.session
-        name = f"{session.prefix}o{secrets.token_hex(8)}"
-        try:
-            fd = shm.create_fd(name, size)  # at least _ALIGN bytes: /dev/shm reserves none for 0
-        except OSError as exc:
-            raise ResourceExhaustedError(_BUFFER, f"no room for a {size}-byte output region ({exc})") from None
-        with self.sessions._lock:  # tracked only once it exists, so a sweep cannot mistake it for a claimed one
-            session.outputs[name] = time.monotonic()
-        try:
-            try:
-                _write(fd, 0, layout)
-            finally:
-                os.close(fd)
-        except BaseException:
-            self.sessions._forget(session, name, unlink=True)
-            raise
-        return _shared(name, 0, layout)
-
-    def release(self) -> None:
-        while self._fds:
-            os.close(self._fds.popitem()[1])
-
-
-def _write(fd: int, base: int, layout) -> None:
-    try:
-        for _, array, offset in layout:
-            shm.write_all(fd, memoryview(array.reshape(-1).view(np.uint8)), base + offset)
-    except OSError as exc:  # ENOSPC: /dev/shm is full
-        raise ResourceExhaustedError(_BUFFER, f"cannot write the results to shared memory ({exc.strerror})") from None
-
-
-def _shared(region: str, base: int, layout) -> dict[str, pb.Tensor]:
-    return {
-        name: pb.Tensor(dtype=wire.dtype_enum(a.dtype), shape=a.shape, shared=pb.SharedSpan(region=region, offset=base + offset))
-        for name, a, offset in layout
-    }
+        if buffer is None or buffer.size < size:
+            return {name: wire.encode_tensor(array, name) for name, array, _ in layout}
+        if buffer.size < 0:
+            raise InvalidArgumentError(f"{_BUFFER}.size", f"must be >= 0, got {buffer.size}")
+        span = self._span(_BUFFER, buffer.region_id, buffer.offset, size, _ALIGN)
+        out = {}
+        for name, array, offset in layout:
+            np.copyto(span[offset : offset + array.nbytes], array.reshape(-1).view(np.uint8))
+            out[name] = pb.Tensor(
+                dtype=wire.dtype_enum(array.dtype), shape=array.shape,
+                shared=pb.SharedSpan(region_id=buffer.region_id, offset=buffer.offset + offset),
+            )  # fmt: skip
+        return out

@@ -24,8 +24,6 @@ from convrpc.core.errors import (
     DeadlineExceeded,
     FailedPreconditionError,
     InvalidArgumentError,
-    NotFoundError,
-    PermissionDeniedError,
     ResourceExhaustedError,
     ServerBusy,
     ServerDraining,
@@ -51,8 +49,6 @@ _CODES = {
     CallEnded: grpc.StatusCode.DEADLINE_EXCEEDED,
     CallCancelled: grpc.StatusCode.CANCELLED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    NotFoundError: grpc.StatusCode.NOT_FOUND,
-    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
