@@ -577,15 +577,20 @@ class CallCore:
 def result_bytes(call: Call) -> int | None:
     """Bytes of the results of ``call`` laid out as the server places them (each on 64 bytes); None when
     the call is malformed (the server will say how)."""
-    spec = wire.OP_SPECS[call.op]
     try:
-        if call.backward:
-            sizes = [call.arrays[t].nbytes for t in spec.tensors if t in call.arrays]
+        if call.backward:  # a gradient per differentiable input: an op's tensors, a network's input and params
+            takes = wire.OP_SPECS[call.op].tensors if call.net is None else None
+            sizes = [
+                a.nbytes for f, a in call.arrays.items()
+                if f != "grad_output" and (takes is None or f in takes)
+            ]  # fmt: skip
+        elif call.net is not None:
+            sizes = [_output_bytes(call)]
         else:
             _, options = wire.decode_op(call.message)
             x = call.arrays["input"]
             shapes = {f: a.shape for f, a in call.arrays.items()}
-            count = math.prod(spec.output_shape(shapes, options))
+            count = math.prod(wire.OP_SPECS[call.op].output_shape(shapes, options))
             sizes = [count * x.dtype.itemsize] + ([count * 8] if options.get("return_indices") else [])
     except (ConvError, KeyError, TypeError, ValueError):
         return None
