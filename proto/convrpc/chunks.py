@@ -11,6 +11,7 @@ into place, refusing gaps, overlaps, extra bytes and early ends.
 
 from __future__ import annotations
 
+import time
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -18,7 +19,10 @@ from convrpc import wire
 from convrpc.core.errors import InvalidArgumentError, ResourceExhaustedError
 from convrpc.v1 import conv_service_pb2 as pb
 
-__all__ = ["PayloadAssembler", "decoder", "encode_chunk", "iter_chunks", "payload_bytes", "streamed_tensors"]
+__all__ = [
+    "SIDE_ACCEPTED", "SIDE_TOKEN_BYTES", "PayloadAssembler", "byte_views", "decoder", "encode_chunk", "iter_chunks",
+    "payload_bytes", "recv_exactly", "recv_views", "send_views", "streamed_tensors",
+]  # fmt: skip
 
 #: HTTP/2 and TCP tuning for bulk tensors (server and SDK alike): bigger frames and socket reads.
 #: Measured (bench/transport.py --grpc-defaults) it gains 0-25% on 16-64 MiB streams, within noise on a
@@ -33,6 +37,14 @@ TRANSPORT_OPTIONS = (
 CHUNK_FIELD = 2
 _LEN = 2  # wire type of length-delimited fields
 _VARINT = 0
+
+
+#: A side-channel connection opens with the offer's token and the payload's length (8 bytes, little-endian);
+#: the server answers this one byte when it accepted both. (See SideChannelOffer in the proto.)
+SIDE_TOKEN_BYTES = 32
+SIDE_ACCEPTED = b"\x01"
+#: Largest piece handed to one socket call: big enough that Python's per-call cost is noise.
+_SOCKET_PIECE = 16 * 1024 * 1024
 
 
 def streamed_tensors(message) -> list[tuple[str, pb.Tensor]]:
@@ -53,6 +65,11 @@ def _byte_view(array: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array as a flat memoryview (``memoryview.cast`` cannot take empty
     arrays, nor dtypes outside the buffer protocol such as ``ml_dtypes.bfloat16``)."""
     return memoryview(array.reshape(-1).view(np.uint8))
+
+
+def byte_views(arrays: Sequence[np.ndarray]) -> list[memoryview]:
+    """The payload of ``arrays`` (C-contiguous) as one flat byte view per array, in order: no copy."""
+    return [_byte_view(a) for a in arrays]
 
 
 def _varint(value: int) -> bytes:
@@ -181,6 +198,14 @@ class PayloadAssembler:
                 self._filled = 0
         self.received += size
 
+    def fill(self, receive) -> None:
+        """Have ``receive(views, total)`` fill the whole payload at once (a raw socket's bytes): the views
+        of every tensor in order, ``total`` bytes in all; it raises unless it filled every one."""
+        if self.received:
+            raise InvalidArgumentError("chunk", "a payload received in part cannot be filled at once")
+        receive([v for _, v in self._views], self.total)
+        self.received, self._index, self._filled = self.total, len(self._views), 0
+
     def finish(self) -> dict[str, np.ndarray]:
         """The assembled arrays; INVALID_ARGUMENT when the stream ended before the whole payload arrived."""
         if self.received != self.total:
@@ -191,3 +216,43 @@ class PayloadAssembler:
                 f"(truncated in {field})",
             )
         return self.arrays
+
+
+# -- the side channel's raw socket: the same payload, framed by its length ---------------------------
+
+
+def recv_exactly(sock, n: int, deadline: float | None = None) -> bytes:
+    """``n`` bytes from ``sock``; ConnectionError if it closes first, TimeoutError past ``deadline``
+    (``time.monotonic()``; None: the socket's own timeout)."""
+    out = bytearray()
+    while len(out) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{len(out)} of {n} bytes by the deadline")
+            sock.settimeout(left)
+        data = sock.recv(n - len(out))
+        if not data:
+            raise ConnectionError(f"the peer closed the connection after {len(out)} of {n} bytes")
+        out += data
+    return bytes(out)
+
+
+def recv_views(sock, views: Sequence[memoryview]) -> None:
+    """Fill every view from ``sock`` in order, straight into place; ConnectionError naming how much
+    arrived if it closes first."""
+    got, total = 0, sum(len(v) for v in views)
+    for view in views:
+        filled = 0
+        while filled < len(view):
+            n = sock.recv_into(view[filled:], min(len(view) - filled, _SOCKET_PIECE))
+            if n == 0:
+                raise ConnectionError(f"the connection ended after {got} of the {total} bytes announced")
+            filled += n
+            got += n
+
+
+def send_views(sock, views: Sequence[memoryview]) -> None:
+    for view in views:
+        for start in range(0, len(view), _SOCKET_PIECE):
+            sock.sendall(view[start : start + _SOCKET_PIECE])

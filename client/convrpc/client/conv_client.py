@@ -29,7 +29,9 @@ class ConvClient(OpMethods):
     TLS, and ``private_key``/``certificate_chain`` add a client certificate for mutual TLS.
     ``data_path`` picks how tensors travel: ``"auto"`` (unary for small requests, shared memory to
     a server on this host, chunked streams otherwise), or ``"unary"``, ``"stream"``, ``"shm"`` to
-    force one; ``chunk_bytes`` overrides the stream chunk size.
+    force one; ``chunk_bytes`` overrides the stream chunk size. A stream moves its bytes over the
+    server's side channel (a raw TCP socket its RPC hands out a one-time token for) when the server
+    offers one; ``side_channel=False`` keeps them on the gRPC stream.
 
     Forward and Backward calls whose batch exceeds ``shard_size`` (None: no limit) are split along N
     and run concurrently over the replicas, on any data path, as are unary requests too large for one
@@ -73,6 +75,8 @@ class ConvClient(OpMethods):
         method = self._methods[effect.replica.index][effect.method]
         if isinstance(effect, Stream):
             call = method(effect.messages, timeout=effect.timeout, metadata=self._metadata)
+            if effect.on_end is not None:
+                call.add_done_callback(lambda _: effect.on_end())
             try:
                 for message in call:
                     effect.receive(message)

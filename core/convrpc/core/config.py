@@ -60,3 +60,5 @@ MAX_CONNECTION_IDLE = 300.0
 STREAM_IDLE_TIMEOUT = 30.0
 #: Longest one ForwardStream/BackwardStream call may take (seconds): 4 GiB at the slowest measured rate.
 STREAM_MAX_SECONDS = 600.0
+#: Seconds a side-channel token stays valid: the SDK connects within milliseconds of receiving it.
+SIDE_CHANNEL_TOKEN_SECONDS = 10.0

@@ -19,7 +19,9 @@ import numpy as np
 
 from convrpc import chunks, wire
 from convrpc.core import DTYPES, OPS, Backend
-from convrpc.core.errors import CallEnded, ConvError, InvalidArgumentError, ResourceExhaustedError, ServerDraining
+from convrpc.core.errors import (
+    CallEnded, ConvError, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, ServerDraining,
+)  # fmt: skip
 from convrpc.core.optim import AdamOptions, SgdOptions
 from convrpc.core.training import TrainConfig, TrainResult, fit_kernel
 from convrpc.v1 import conv_service_pb2 as pb
@@ -30,6 +32,7 @@ from .interceptors import ComputeSlots
 from .logs import request_id as current_request_id
 from .settings import Settings
 from .shared_memory import SharedMemorySessions
+from .side_channel import SideCall, SideChannel
 from .stream_watch import StreamWatch
 from .train_stream import TrainStream
 
@@ -124,6 +127,8 @@ class ConvService:
         #: The stop event of every running TrainKernel run, by its run_id (or a private key without one).
         self._runs: dict[object, threading.Event] = {}
         self._draining = False
+        #: The raw socket large streams may move their bytes over (the server opens it); None: chunks only.
+        self.side: SideChannel | None = None
 
     def add_to_server(self, server: grpc.Server) -> None:
         """Serve every RPC on ``server`` (before it starts). The stream RPCs use the chunk codecs of
@@ -162,6 +167,8 @@ class ConvService:
         """Unlink every shared-memory region made for a session; stop watching streams."""
         self.sessions.close()
         self.streams.close()
+        if self.side is not None:
+            self.side.close()
 
     # -- the op pipeline ------------------------------------------------------------------------
 
@@ -183,14 +190,26 @@ class ConvService:
 
     def _stream(self, requests, context, rpc: str, *, backward: bool):
         """A chunked call, cancelled when it waits on its client for ``stream_idle_timeout`` seconds
-        (a chunk that does not come, a response it does not read) or runs ``stream_max_seconds``."""
+        (a chunk that does not come, a response it does not read) or runs ``stream_max_seconds``.
+        With ``side_channel`` set in its first message, the payload and results travel over the
+        side channel (``SideCall``) instead of as chunks."""
         with self.streams.watch(context, rpc, self.settings.stream_max_seconds) as watched:
             requests = watched.reading(requests)
-            yield from watched.sending(self._run(_first_request(requests, rpc), requests, context, backward=backward))
+            first = _first_message(requests, rpc)
+            payload = requests
+            if first.side_channel:
+                if self.side is None:
+                    raise FailedPreconditionError(
+                        "side_channel", "this server offers no side channel (setting side_channel is off): "
+                        "send the payload as chunks")  # fmt: skip
+                if first.request.HasField("shared_memory"):
+                    raise InvalidArgumentError("side_channel", "cannot be combined with the request's shared_memory")
+                payload = SideCall(self.side, context, _RESPONSES[backward][1])
+            yield from watched.sending(self._run(first.request, payload, context, backward=backward))
 
     def _run(self, request, chunked, context, *, backward: bool):
         """Decode by storage -> compute -> encode into the request's storage. ``chunked`` is the rest of a
-        stream (its chunks) or None on a unary RPC; yields the response message(s)."""
+        stream (its chunks), a ``SideCall``, or None on a unary RPC; yields the response message(s)."""
         name, options = wire.decode_op(request.op)
         spec = wire.OP_SPECS[name]
         fields = self._check_tensors(request, spec, backward)
@@ -200,7 +219,7 @@ class ConvService:
         if request.HasField("shared_memory"):
             placement = request.shared_memory
             with self.sessions.request(placement.session_id) as call:
-                arrays, shared = self._decode(request, fields, chunked, call)
+                arrays, shared = yield from self._decode(request, fields, chunked, call)
                 _check_alive(context)
                 with self.slots.held():
                     arrays.update(call.inputs(shared))
@@ -210,7 +229,7 @@ class ConvService:
                     placed = response(**call.outputs(results, buffer))
             yield placed if chunked is None else stream_response(response=placed)
             return
-        arrays, _ = self._decode(request, fields, chunked, None)
+        arrays, _ = yield from self._decode(request, fields, chunked, None)
         _check_alive(context)
         with self.slots.held():
             results = self._compute(spec, options, arrays, backward)
@@ -218,7 +237,11 @@ class ConvService:
         if chunked is None:
             yield response(**{f: wire.encode_tensor(a, f) for f, a in results})
             return
-        yield stream_response(response=response(**{f: wire.tensor_header(a, f) for f, a in results}))
+        header = stream_response(response=response(**{f: wire.tensor_header(a, f) for f, a in results}))
+        if isinstance(chunked, SideCall):
+            yield from chunked.send(header, [a for _, a in results])
+            return
+        yield header
         yield from chunks.iter_chunks([a for _, a in results], self.settings.stream_chunk_bytes)
 
     def _check_tensors(self, request, spec: wire.OpSpec, backward: bool) -> list[str]:
@@ -235,7 +258,8 @@ class ConvService:
     def _decode(self, request, fields: list[str], chunked, call):
         """The request's inline and streamed tensors as ``{field: array}``, and ``[(field, Tensor)]`` of
         those in shared memory, for ``call.inputs`` to read. Each tensor's layout and caps (elements
-        each, bytes all together) are checked before any shared or streamed tensor is read or allocated."""
+        each, bytes all together) are checked before any shared or streamed tensor is read or allocated.
+        A generator: over the side channel it yields the offer before receiving."""
         s = self.settings
         arrays, shared, streamed, total = {}, [], [], 0
         for f in fields:
@@ -253,11 +277,14 @@ class ConvService:
             raise ResourceExhaustedError("request", f"tensors of {total} bytes exceed the server's cap of {s.max_request_bytes}",
                                          setting="max_request_bytes", limit=s.max_request_bytes)  # fmt: skip
         if chunked is not None:
-            arrays.update(self._receive(streamed, chunked))
+            arrays.update((yield from self._receive(streamed, chunked)))
         return arrays, shared
 
-    def _receive(self, headers, requests) -> dict[str, np.ndarray]:
+    def _receive(self, headers, requests):
         assembler = chunks.PayloadAssembler(headers, max_elements=self.settings.max_elements)
+        if isinstance(requests, SideCall):
+            yield from requests.receive(assembler)
+            return assembler.finish()
         for message in requests:
             if isinstance(message, tuple):  # a chunk, decoded without copying its data
                 assembler.add(*message)
@@ -436,6 +463,7 @@ class ConvService:
             ops=list(OPS),
             dtypes=[wire.dtype_enum(d) for d in DTYPES],
             compute_threads=threads,
+            side_channel_port=0 if self.side is None else self.side.port,
         )
 
 
@@ -445,11 +473,11 @@ def _check_alive(context) -> None:
         raise CallEnded()
 
 
-def _first_request(requests, rpc: str):
-    """The request of a stream's first message; INVALID_ARGUMENT when it carries none."""
+def _first_message(requests, rpc: str):
+    """A stream's first message; INVALID_ARGUMENT when it carries no request."""
     first = next(requests, None)
     if isinstance(first, Undecodable):
         raise first.error()
     if first is None or isinstance(first, tuple) or first.WhichOneof("message") != "request":
         raise InvalidArgumentError("request", f"the first message of a {rpc} must carry the request")
-    return first.request
+    return first

@@ -1,0 +1,154 @@
+"""The client end of a server's side channel: a stream's payload and results over a raw TCP socket.
+
+A ForwardStream/BackwardStream that asks for it (``side_channel`` in its first message) gets a
+``SideChannelOffer`` instead of waiting for chunks (see ``convrpc.server.side_channel``). The SDK
+connects to the offered port on the host it dialled (TLS verified with the channel's root certificates
+when the channel uses TLS), presents the token and the payload's length, waits for the server's
+accepting byte, sends the tensors' bytes straight from the caller's arrays, and receives the results
+straight into arrays preallocated from the response's headers. A side channel it cannot reach, or one
+that breaks, raises ``SideChannelFailed`` so that the call core sends the same call as chunks instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+from typing import Sequence
+
+import grpc
+import numpy as np
+
+from convrpc import chunks
+from convrpc.core.errors import ConvError
+
+from .errors import ConvRpcError
+
+__all__ = ["SideChannelFailed", "SideConnector", "SideTransfer", "target_host"]
+
+
+class SideChannelFailed(ConvRpcError):
+    """The side channel could not carry this call; ``reachable`` is False when it never accepted it
+    (not reachable, or the token refused), so that later calls do not try it again."""
+
+    def __init__(self, message: str, *, reachable: bool):
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message)
+        self.reachable = reachable
+
+
+def target_host(target: str) -> str | None:
+    """The host of a ``host:port`` target (``dns:///``, ``ipv4:``, ``ipv6:`` and ``[v6]`` too); None for
+    a Unix socket or a list of addresses, which have no one host to dial."""
+    if target.startswith(("unix:", "unix-abstract:")) or "," in target:
+        return None
+    for scheme in ("dns:///", "ipv4:", "ipv6:"):
+        target = target.removeprefix(scheme)
+    if target.startswith("["):
+        return target[1 : target.find("]")]
+    host, _, port = target.rpartition(":")
+    return host if host and port.isdigit() else None
+
+
+class SideConnector:
+    """How this client dials its servers' side channels: plaintext, or TLS verified against
+    ``root_certificates`` (the system's roots when None) for ``server_name`` or the target's host."""
+
+    def __init__(self, *, tls: bool, root_certificates: bytes | None = None, server_name: str | None = None):
+        self.server_name = server_name
+        self.ssl_context = None
+        if tls:
+            cadata = root_certificates.decode("ascii") if root_certificates else None
+            self.ssl_context = ssl.create_default_context(cadata=cadata)
+            self.ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
+
+    def connect(self, target: str, offer, timeout: float | None) -> socket.socket:
+        host = target_host(target)
+        if host is None:
+            raise OSError(f"{target} has no one host to dial")
+        sock = socket.create_connection((offer.host or host, offer.port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_name or host)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+class SideTransfer:
+    """One call over a side channel: ``add`` takes every response message of its stream (blocking on the
+    socket: the asyncio client runs it in a thread), ``finish`` returns the results, ``close`` (any thread,
+    also when the RPC ends) drops the connection."""
+
+    def __init__(self, connector: SideConnector, target: str, arrays: Sequence[np.ndarray], timeout: float | None):
+        self.connector, self.target, self.arrays, self.timeout = connector, target, list(arrays), timeout
+        self.assembler: chunks.PayloadAssembler | None = None
+        self.sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def add(self, message) -> None:
+        kind = None if isinstance(message, tuple) else message.WhichOneof("message")
+        if kind == "side_channel" and self.sock is None and not self._closed:
+            self._send(message.side_channel)
+        elif kind == "response" and self.sock is not None and self.assembler is None:
+            self._receive(message.response)
+        else:
+            raise ConvRpcError(grpc.StatusCode.INTERNAL, f"malformed response: unexpected {kind or 'chunk'} on a "
+                               "side-channel stream")  # fmt: skip
+
+    def _send(self, offer) -> None:
+        where = f"{offer.host or target_host(self.target)}:{offer.port}"
+        payload = chunks.byte_views(self.arrays)
+        total = sum(len(v) for v in payload)
+        try:
+            sock = self.connector.connect(self.target, offer, self.timeout)
+            with self._lock:
+                if self._closed:  # the RPC ended while we connected
+                    sock.close()
+                    raise ConnectionError("the call ended")
+                self.sock = sock
+            sock.sendall(bytes(offer.token) + total.to_bytes(8, "little"))
+            accepted = sock.recv(1) == chunks.SIDE_ACCEPTED
+        except (OSError, ssl.SSLError) as exc:
+            raise SideChannelFailed(f"cannot reach the side channel at {where}: {exc}", reachable=False) from None
+        if not accepted:
+            raise SideChannelFailed(f"the side channel at {where} refused the call's token", reachable=False)
+        try:
+            chunks.send_views(self.sock, payload)
+        except OSError as exc:
+            raise SideChannelFailed(f"the side channel at {where} broke while sending: {exc}", reachable=True) from None
+
+    def _receive(self, response) -> None:
+        try:
+            self.assembler = chunks.PayloadAssembler(chunks.streamed_tensors(response))
+        except ConvError as exc:
+            raise ConvRpcError(grpc.StatusCode.INTERNAL, f"malformed response: {exc}") from None
+        try:
+            length = int.from_bytes(chunks.recv_exactly(self.sock, 8), "little")
+            if length != self.assembler.total:
+                raise ConvRpcError(grpc.StatusCode.INTERNAL, f"malformed response: the side channel announced "
+                                   f"{length} bytes for results of {self.assembler.total}")  # fmt: skip
+            self.assembler.fill(lambda views, total: chunks.recv_views(self.sock, views))
+            self.close()  # the server ends the RPC once it sees this
+        except OSError as exc:
+            raise SideChannelFailed(f"the side channel broke while receiving the results: {exc}", reachable=True) from None
+
+    def finish(self) -> dict[str, np.ndarray]:
+        if self.assembler is None:
+            raise ConvRpcError(grpc.StatusCode.INTERNAL, "the side-channel stream ended without a response")
+        try:
+            return self.assembler.finish()
+        except ConvError as exc:
+            raise ConvRpcError(grpc.StatusCode.DATA_LOSS, f"malformed response: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed, sock = True, self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
