@@ -1,4 +1,4 @@
-"""The side channel: a stream's bytes over a raw socket give the unary path's bytes, fall back to chunks, refuse strangers."""
+"""The side channel: a stream's bytes over a raw socket, byte-identical, with fallback to chunks; strangers refused."""
 
 from __future__ import annotations
 

@@ -134,7 +134,8 @@ class SideTransfer:
             self.assembler.fill(lambda views, total: chunks.recv_views(self.sock, views))
             self.close()  # the server ends the RPC once it sees this
         except OSError as exc:
-            raise SideChannelFailed(f"the side channel broke while receiving the results: {exc}", reachable=True) from None
+            message = f"the side channel broke while receiving the results: {exc}"
+            raise SideChannelFailed(message, reachable=True) from None
 
     def finish(self) -> dict[str, np.ndarray]:
         if self.assembler is None:

@@ -48,7 +48,8 @@ class SideConnection:
         self._closed = threading.Lock()
 
     def _timed_out(self) -> CallEnded:
-        return CallEnded(f"the side channel waited on its client for {self.idle_timeout:g} s (setting stream_idle_timeout)")
+        return CallEnded(
+            f"the side channel waited on its client for {self.idle_timeout:g} s (setting stream_idle_timeout)")
 
     def receive(self, views: Sequence[memoryview], total: int) -> None:
         """Fill ``views`` (``total`` bytes in all, the length the client announced) from the connection."""
@@ -164,7 +165,8 @@ class SideChannel:
         if connection.length != total:
             connection.close()
             raise InvalidArgumentError(
-                "side_channel.length", f"expected the {total} bytes the request's tensors declare, got {connection.length}")
+                "side_channel.length",
+                f"expected the {total} bytes the request's tensors declare, got {connection.length}")
         return connection
 
     # -- the listener's side
