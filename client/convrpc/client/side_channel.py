@@ -23,6 +23,7 @@ import numpy as np
 from convrpc import chunks
 from convrpc.core.errors import ConvError
 
+from . import config
 from .errors import ConvRpcError
 
 __all__ = ["SideChannelFailed", "SideConnector", "SideTransfer", "target_host"]
@@ -66,11 +67,14 @@ class SideConnector:
         host = target_host(target)
         if host is None:
             raise OSError(f"{target} has no one host to dial")
-        sock = socket.create_connection((offer.host or host, offer.port), timeout=timeout)
+        # A port a firewall or proxy swallows fails within the SDK's connect timeout, not the call's.
+        connect = config.CONNECT_TIMEOUT_MS / 1000
+        sock = socket.create_connection((offer.host or host, offer.port), timeout=min(timeout or connect, connect))
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.ssl_context is not None:
+            if self.ssl_context is not None:  # the handshake too
                 sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_name or host)
+            sock.settimeout(timeout)
         except BaseException:
             sock.close()
             raise
