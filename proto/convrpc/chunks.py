@@ -146,13 +146,15 @@ class PayloadAssembler:
 
     ``headers`` is ``[(field, Tensor)]`` in payload order (see ``streamed_tensors``). Every header is
     checked (dtype, dims, overflow, ``max_elements``, and all of them against ``max_bytes``) before
-    anything is allocated. ``add`` copies a chunk into place;
+    anything is allocated (by ``allocate(shape, dtype)``, ``np.empty`` by default). ``add`` copies a chunk
+    into place;
     ``finish`` returns ``{field: array}`` once exactly the declared bytes arrived.
     """
 
     def __init__(
-        self, headers: Sequence[tuple[str, pb.Tensor]], *, max_elements: int | None = None, max_bytes: int | None = None
-    ):
+        self, headers: Sequence[tuple[str, pb.Tensor]], *, max_elements: int | None = None, max_bytes: int | None = None,
+        allocate=np.empty,
+    ):  # fmt: skip
         layouts = []
         announced = 0
         for field, header in headers:
@@ -162,7 +164,7 @@ class PayloadAssembler:
         if max_bytes is not None and announced > max_bytes:
             raise ResourceExhaustedError("request", f"tensors of {announced} bytes exceed the server's cap of {max_bytes}",
                                          setting="max_request_bytes", limit=max_bytes)  # fmt: skip
-        self.arrays = {field: np.empty(shape, dtype) for field, dtype, shape in layouts}
+        self.arrays = {field: allocate(shape, dtype) for field, dtype, shape in layouts}
         self._views = [(field, _byte_view(a)) for field, a in self.arrays.items()]
         self.total = sum(len(v) for _, v in self._views)
         self.received = 0

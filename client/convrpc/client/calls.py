@@ -494,9 +494,8 @@ class CallCore:
         try:
             yield Stream(replica, call.method + "Stream", iter([stream_request(call, side_channel=True)]), timeout,
                          transfer.add, blocking=True, on_end=transfer.close)  # fmt: skip
-        except SideChannelFailed as failed:
-            if not failed.reachable:
-                replica.side_ok = False  # a firewall, a NAT, another replica behind one name: chunks from now on
+        except SideChannelFailed:
+            replica.side_ok = False  # a firewall, a NAT, another replica behind one name: chunks from now on
             return None
         except grpc.RpcError as error:
             if error.code() is grpc.StatusCode.FAILED_PRECONDITION and (error.details() or "").startswith(

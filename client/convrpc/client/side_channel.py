@@ -5,8 +5,11 @@ A ForwardStream/BackwardStream that asks for it (``side_channel`` in its first m
 connects to the offered port on the host it dialled (TLS verified with the channel's root certificates
 when the channel uses TLS), presents the token and the payload's length, waits for the server's
 accepting byte, sends the tensors' bytes straight from the caller's arrays, and receives the results
-straight into arrays preallocated from the response's headers. A side channel it cannot reach, or one
-that breaks, raises ``SideChannelFailed`` so that the call core sends the same call as chunks instead.
+straight into arrays preallocated from the response's headers. A side channel it cannot reach, or that
+refuses the token, raises ``SideChannelFailed``: the call core sends the same call as chunks instead.
+One that stalls for ``config.SIDE_CHANNEL_STALL_SECONDS`` or breaks mid-transfer raises
+``SideChannelBroken``, an UNAVAILABLE ``grpc.RpcError``: the replica is in trouble (frozen, killed), and
+the call fails over to another one as after any UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -26,16 +29,29 @@ from convrpc.core.errors import ConvError
 from . import config
 from .errors import ConvRpcError
 
-__all__ = ["SideChannelFailed", "SideConnector", "SideTransfer", "target_host"]
+__all__ = ["SideChannelBroken", "SideChannelFailed", "SideConnector", "SideTransfer", "target_host"]
 
 
 class SideChannelFailed(ConvRpcError):
-    """The side channel could not carry this call; ``reachable`` is False when it never accepted it
-    (not reachable, or the token refused), so that later calls do not try it again."""
+    """The side channel did not take this call: not reachable from here, or the token refused (another
+    server behind the same name). Later calls to that replica should not try it again."""
 
-    def __init__(self, message: str, *, reachable: bool):
+    def __init__(self, message: str):
         super().__init__(grpc.StatusCode.UNAVAILABLE, message)
-        self.reachable = reachable
+
+
+class SideChannelBroken(grpc.RpcError):
+    """The side channel stalled or broke mid-transfer: UNAVAILABLE, as gRPC says of a connection that fails."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self._message = message
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._message
 
 
 def target_host(target: str) -> str | None:
@@ -63,13 +79,15 @@ class SideConnector:
             self.ssl_context = ssl.create_default_context(cadata=cadata)
             self.ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
 
-    def connect(self, target: str, offer, timeout: float | None) -> socket.socket:
+    def connect(self, target: str, offer, timeout: float) -> socket.socket:
+        """A connection to ``offer``'s port on ``target``'s host (or the offer's), whose reads and writes
+        wait at most ``timeout`` seconds each."""
         host = target_host(target)
         if host is None:
             raise OSError(f"{target} has no one host to dial")
         # A port a firewall or proxy swallows fails within the SDK's connect timeout, not the call's.
         connect = config.CONNECT_TIMEOUT_MS / 1000
-        sock = socket.create_connection((offer.host or host, offer.port), timeout=min(timeout or connect, connect))
+        sock = socket.create_connection((offer.host or host, offer.port), timeout=min(timeout, connect))
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.ssl_context is not None:  # the handshake too
@@ -108,7 +126,10 @@ class SideTransfer:
         payload = chunks.byte_views(self.arrays)
         total = sum(len(v) for v in payload)
         try:
-            sock = self.connector.connect(self.target, offer, self.timeout)
+            sock = self.connector.connect(self.target, offer, self._stall_timeout())
+        except (OSError, ssl.SSLError) as exc:
+            raise SideChannelFailed(f"cannot reach the side channel at {where}: {exc}") from None
+        try:
             with self._lock:
                 if self._closed:  # the RPC ended while we connected
                     sock.close()
@@ -116,14 +137,16 @@ class SideTransfer:
                 self.sock = sock
             sock.sendall(bytes(offer.token) + total.to_bytes(8, "little"))
             accepted = sock.recv(1) == chunks.SIDE_ACCEPTED
-        except (OSError, ssl.SSLError) as exc:
-            raise SideChannelFailed(f"cannot reach the side channel at {where}: {exc}", reachable=False) from None
+        except TimeoutError:
+            raise SideChannelBroken(f"the side channel at {where} did not answer its token") from None
+        except OSError:
+            accepted = False  # reset: not this server's token (or not a server)
         if not accepted:
-            raise SideChannelFailed(f"the side channel at {where} refused the call's token", reachable=False)
+            raise SideChannelFailed(f"the side channel at {where} refused the call's token")
         try:
             chunks.send_views(self.sock, payload)
         except OSError as exc:
-            raise SideChannelFailed(f"the side channel at {where} broke while sending: {exc}", reachable=True) from None
+            raise SideChannelBroken(f"the side channel at {where} broke while sending: {exc}") from None
 
     def _receive(self, response) -> None:
         try:
@@ -138,8 +161,12 @@ class SideTransfer:
             self.assembler.fill(lambda views, total: chunks.recv_views(self.sock, views))
             self.close()  # the server ends the RPC once it sees this
         except OSError as exc:
-            message = f"the side channel broke while receiving the results: {exc}"
-            raise SideChannelFailed(message, reachable=True) from None
+            raise SideChannelBroken(f"the side channel broke while receiving the results: {exc}") from None
+
+    def _stall_timeout(self) -> float:
+        """Longest wait for one read or write: a live server on the other end never pauses this long."""
+        stall = config.SIDE_CHANNEL_STALL_SECONDS
+        return stall if self.timeout is None else min(stall, self.timeout)
 
     def finish(self) -> dict[str, np.ndarray]:
         if self.assembler is None:

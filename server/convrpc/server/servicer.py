@@ -28,6 +28,7 @@ from convrpc.v1 import conv_service_pb2 as pb
 
 from . import status
 from .decoding import Undecodable, UndecodableLog, UndecodableRequest, lenient
+from .buffers import InputBuffers
 from .interceptors import ComputeSlots
 from .logs import request_id as current_request_id
 from .settings import Settings
@@ -122,6 +123,7 @@ class ConvService:
         )
         self.slots = ComputeSlots(settings.compute_slots)
         self.streams = StreamWatch(settings.stream_idle_timeout)
+        self.buffers = InputBuffers(settings.stream_buffer_bytes)
         self.undecodable = UndecodableLog()
         self._lock = threading.Lock()
         #: The stop event of every running TrainKernel run, by its run_id (or a private key without one).
@@ -281,7 +283,8 @@ class ConvService:
         return arrays, shared
 
     def _receive(self, headers, requests):
-        assembler = chunks.PayloadAssembler(headers, max_elements=self.settings.max_elements)
+        assembler = chunks.PayloadAssembler(
+            headers, max_elements=self.settings.max_elements, allocate=self.buffers.empty)
         if isinstance(requests, SideCall):
             yield from requests.receive(assembler)
             return assembler.finish()

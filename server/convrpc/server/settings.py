@@ -149,6 +149,10 @@ class Settings:
         "server has tls_cert; one-time tokens); off: chunks on the stream only"
     )
     side_channel_port: int = knob(0, "TCP port of the side channel, bound to host; 0 picks a free one")
+    stream_buffer_bytes: int = knob(
+        config.STREAM_BUFFER_BYTES, "warm memory kept to receive large stream payloads into, instead of fresh pages "
+        "each call (bytes); 0 keeps none"
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
