@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1,16,64,256", help="payload sizes in MiB (default 1,16,64,256)")
     parser.add_argument("--paths", default="unary,stream,shm",
-                        help="data paths to time (default unary,stream,shm; 'chunks' is stream without the side channel)")
+                        help="data paths to time (default unary,stream,shm; chunks: stream without the side channel)")
     parser.add_argument("--backend", default=None, help="server backend (default numba if installed, else numpy)")
     parser.add_argument("--reps", type=float, default=1.0, help="scale the number of timed rounds")
     parser.add_argument("--chunk-bytes", type=int, default=None, help="stream chunk size of both ends (default config)")

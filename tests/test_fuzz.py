@@ -213,8 +213,9 @@ def test_mutated_side_channel_handshakes_and_payloads_get_only_actionable_status
                                      input=wire.tensor_header(x, "input")), side_channel=True)  # fmt: skip
     with running_server(backend="numpy", warm_up=False, stream_idle_timeout=1.0) as server:
         with grpc.insecure_channel(server.target) as channel, ConvClient(server.target, timeout=60) as client:
-            stream = channel.stream_stream(METHOD + "ForwardStream", request_serializer=pb.ForwardStreamRequest.SerializeToString,
-                                           response_deserializer=pb.ForwardStreamResponse.FromString)  # fmt: skip
+            stream = channel.stream_stream(
+                METHOD + "ForwardStream", request_serializer=pb.ForwardStreamRequest.SerializeToString,
+                response_deserializer=pb.ForwardStreamResponse.FromString)  # fmt: skip
             with ConvClient(server.target, timeout=60, data_path="stream") as warm:
                 for _ in range(3):  # the stream watcher and a few handler threads start
                     np.testing.assert_array_equal(warm.relu(x), np.maximum(x, 0))

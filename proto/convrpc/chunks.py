@@ -152,8 +152,8 @@ class PayloadAssembler:
     """
 
     def __init__(
-        self, headers: Sequence[tuple[str, pb.Tensor]], *, max_elements: int | None = None, max_bytes: int | None = None,
-        allocate=np.empty,
+        self, headers: Sequence[tuple[str, pb.Tensor]], *, max_elements: int | None = None,
+        max_bytes: int | None = None, allocate=np.empty,
     ):  # fmt: skip
         layouts = []
         announced = 0

@@ -11,9 +11,11 @@ threads, ``AsyncConvClient`` with awaits and tasks; neither decides anything.
 - **Data path**, per replica and shard: ``"auto"`` takes the unary RPC up to
   ``STREAM_THRESHOLD_BYTES``, shared memory above ``SHM_THRESHOLD_BYTES`` to a server on this host,
   the chunked streams otherwise; a path a server refuses is dropped for that replica and the call
-  falls back at once. A stream moves its bytes over the server's side channel (a raw socket the
-  stream's RPC hands out, see ``side_channel``) when GetServerInfo reports one, and as chunks when
-  the server has none or it cannot be reached (then also for that replica's later calls). ``"unary"``, ``"stream"``, ``"shm"`` force a path and fail rather than fall back.
+  falls back at once. ``"unary"``, ``"stream"``, ``"shm"`` force a path and fail rather than fall back.
+  A stream moves its bytes over the server's side channel (a raw socket the stream's RPC hands out,
+  see ``side_channel``) when GetServerInfo reports one, and as chunks when the server has none or it
+  cannot be reached (then also for that replica's later calls); one that stalls or breaks mid-transfer
+  fails the attempt UNAVAILABLE (failover).
   A shared-memory session is opened per replica on first use and reopened once if the server forgot it.
 - **Failover.** A call or shard failing with UNAVAILABLE (a replica killed, draining, unreachable, or
   frozen: the channels' keepalive fails its calls within ~3 s, see ``config``) is sent to the next

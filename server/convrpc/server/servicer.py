@@ -1,10 +1,11 @@
 """ConvService: translates RPCs to core calls (proto <-> arrays, errors <-> status codes) and nothing more.
 
 Every compute RPC runs one pipeline: decode the request's tensors by their storage (inline bytes,
-a span of the request's shared-memory session, or chunks that follow on the stream), call one
-backend function (the torch-named op or ``<op>_backward``), and encode the results into the
-request's storage (shared memory when the request has a session, chunks on a stream, inline
-otherwise). ``add_to_server`` registers every RPC of the service in one table.
+a span of the request's shared-memory session, or chunks that follow on the stream, or their bytes
+over the side channel), call one backend function (the torch-named op or ``<op>_backward``), and
+encode the results into the request's storage (shared memory when the request has a session, chunks
+on a stream or the side channel it used, inline otherwise). ``add_to_server`` registers every RPC of
+the service in one table.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from convrpc.core.training import TrainConfig, TrainResult, fit_kernel
 from convrpc.v1 import conv_service_pb2 as pb
 
 from . import status
-from .decoding import Undecodable, UndecodableLog, UndecodableRequest, lenient
 from .buffers import InputBuffers
+from .decoding import Undecodable, UndecodableLog, UndecodableRequest, lenient
 from .interceptors import ComputeSlots
 from .logs import request_id as current_request_id
 from .settings import Settings
