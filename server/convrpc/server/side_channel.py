@@ -126,7 +126,9 @@ class SideChannel:
         self.idle_timeout, self.token_seconds, self.ssl_context = idle_timeout, token_seconds, ssl_context
         host = host.strip("[]")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.create_server((host, port), family=family, backlog=128)
+        # "::" takes IPv4 clients too, as gRPC's "[::]" does.
+        dualstack = host == "::" and socket.has_dualstack_ipv6()
+        self._listener = socket.create_server((host, port), family=family, backlog=128, dualstack_ipv6=dualstack)
         self.port = self._listener.getsockname()[1]
         #: The host an offer names: empty for an unspecified address (the client uses the host it dialled).
         self.host = "" if host in ("0.0.0.0", "::", "") else host
