@@ -14,8 +14,8 @@ threads, ``AsyncConvClient`` with awaits and tasks; neither decides anything.
   falls back at once. ``"unary"``, ``"stream"``, ``"shm"`` force a path and fail rather than fall back.
   A stream moves its bytes over the server's side channel (a raw socket the stream's RPC hands out,
   see ``side_channel``) when GetServerInfo reports one, and as chunks when the server has none or it
-  cannot be reached (then also for that replica's later calls); one that stalls or breaks mid-transfer
-  fails the attempt UNAVAILABLE (failover).
+  cannot be reached (then also for that replica's later calls); one that closes on the token, stalls
+  or breaks mid-transfer fails the attempt UNAVAILABLE (failover).
   A shared-memory session is opened per replica on first use and reopened once if the server forgot it.
 - **Failover.** A call or shard failing with UNAVAILABLE (a replica killed, draining, unreachable, or
   frozen: the channels' keepalive fails its calls within ~3 s, see ``config``) is sent to the next
@@ -505,6 +505,8 @@ class CallCore:
             ):
                 replica.side_ok = False  # the server turned it off since
                 return None
+            if getattr(error, "refused", False):
+                replica.side_ok = False  # dead, or another server behind the name: fail over, then chunks
             raise
         finally:
             transfer.close()

@@ -5,11 +5,11 @@ A ForwardStream/BackwardStream that asks for it (``side_channel`` in its first m
 connects to the offered port on the host it dialled (TLS verified with the channel's root certificates
 when the channel uses TLS), presents the token and the payload's length, waits for the server's
 accepting byte, sends the tensors' bytes straight from the caller's arrays, and receives the results
-straight into arrays preallocated from the response's headers. A side channel it cannot reach, or that
-refuses the token, raises ``SideChannelFailed``: the call core sends the same call as chunks instead.
-One that stalls for ``config.SIDE_CHANNEL_STALL_SECONDS`` or breaks mid-transfer raises
-``SideChannelBroken``, an UNAVAILABLE ``grpc.RpcError``: the replica is in trouble (frozen, killed), and
-the call fails over to another one as after any UNAVAILABLE.
+straight into arrays preallocated from the response's headers. A side channel it cannot reach raises
+``SideChannelFailed``: the call core sends the same call as chunks instead. One that closes on the
+token, stalls for ``config.SIDE_CHANNEL_STALL_SECONDS`` or breaks mid-transfer raises
+``SideChannelBroken``, an UNAVAILABLE ``grpc.RpcError``: the replica is in trouble (killed, frozen) or
+is not the one that offered the token, and the call fails over as after any UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -33,19 +33,22 @@ __all__ = ["SideChannelBroken", "SideChannelFailed", "SideConnector", "SideTrans
 
 
 class SideChannelFailed(ConvRpcError):
-    """The side channel did not take this call: not reachable from here, or the token refused (another
-    server behind the same name). Later calls to that replica should not try it again."""
+    """The side channel cannot be reached from here (a firewall, a NAT, an unpublished container port):
+    this call and later ones to that replica go as chunks."""
 
     def __init__(self, message: str):
         super().__init__(grpc.StatusCode.UNAVAILABLE, message)
 
 
 class SideChannelBroken(grpc.RpcError):
-    """The side channel stalled or broke mid-transfer: UNAVAILABLE, as gRPC says of a connection that fails."""
+    """The side channel stalled, broke mid-transfer, or closed on its token: UNAVAILABLE, as gRPC says of a
+    connection that fails. ``refused``: it closed before accepting the token (a server that died, or
+    another one behind the same name), so later calls to that replica go as chunks."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, refused: bool = False):
         super().__init__(message)
         self._message = message
+        self.refused = refused
 
     def code(self) -> grpc.StatusCode:
         return grpc.StatusCode.UNAVAILABLE
@@ -142,7 +145,7 @@ class SideTransfer:
         except OSError:
             accepted = False  # reset: not this server's token (or not a server)
         if not accepted:
-            raise SideChannelFailed(f"the side channel at {where} refused the call's token")
+            raise SideChannelBroken(f"the side channel at {where} closed on the call's token", refused=True)
         try:
             chunks.send_views(self.sock, payload)
         except OSError as exc:
