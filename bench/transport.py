@@ -2,6 +2,8 @@
 
     PYTHONPATH=proto:core:server:client python bench/transport.py [--sizes 1,16,64,256] [--paths unary,stream,shm]
 
+(``--paths`` also takes ``chunks``: the stream path with the side channel off, its bytes as gRPC chunks.)
+
 For each payload size it times the round trip of ``relu`` (an op that costs next to nothing)
 through the SDK to a server in another process, over each data path, and prints the payload
 throughput (bytes of the input / round-trip time) beside, in the same run, an in-process memcpy of
@@ -123,14 +125,22 @@ def start_server(backend: str, grpc_defaults: bool, chunk_bytes: int | None = No
     return process, ready.get(timeout=900), stop
 
 
-def make_client(target: str, path: str, grpc_defaults: bool, chunk_bytes: int | None):
+def _path(name: str) -> tuple[str, bool]:
+    """``(data_path, side_channel)`` of a --paths entry: "chunks" is the stream path without the side channel."""
+    return ("stream", False) if name == "chunks" else (name, True)
+
+
+def make_client(target: str, path: str, side_channel: bool, args):
     from convrpc.client import ConvClient
     from convrpc import chunks
 
+    grpc_defaults, chunk_bytes = args.grpc_defaults, args.chunk_bytes
     if grpc_defaults:
         chunks.TRANSPORT_OPTIONS = ()
     limits = [("grpc.max_receive_message_length", LIMIT), ("grpc.max_send_message_length", LIMIT)]
-    return ConvClient(target, timeout=600, data_path=path, options=limits, chunk_bytes=chunk_bytes)
+    return ConvClient(
+        target, timeout=600, data_path=path, options=limits, chunk_bytes=chunk_bytes, side_channel=side_channel
+    )
 
 
 # -- torch ----------------------------------------------------------------------------------------
@@ -170,7 +180,7 @@ def gbps(nbytes: int, seconds: float) -> float:
 
 def relu_round_trips(target, backend, sizes, paths, args) -> None:
     echo = SocketEcho(max(sizes))
-    clients = {p: make_client(target, p, args.grpc_defaults, args.chunk_bytes) for p in paths}
+    clients = {p: make_client(target, *_path(p), args) for p in paths}
     timed = [*paths, "shm+alloc"] if "shm" in paths else paths
     print("\nrelu round trip: payload GB/s = input bytes / round-trip time, and each path as a share of its baseline:")
     print("shared memory of memcpy, the network paths of the socket echo; 'net' first takes off the relu compute time;")
@@ -214,7 +224,7 @@ def conv_d(target: str, backend, paths: list[str], args) -> None:
     x = rng.standard_normal((16, 64, 56, 56)).astype(np.float32)
     w = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
     rounds = max(3, int(8 * args.reps))
-    clients = {p: make_client(target, p, args.grpc_defaults, args.chunk_bytes) for p in ["auto", *paths]}
+    clients = {p: make_client(target, *_path(p), args) for p in ["auto", *paths]}
     try:
         contenders = {"compute": lambda: backend.conv2d(x, w, padding=1)}
         contenders.update({p: (lambda c=c: c.conv2d(x, w, padding=1)) for p, c in clients.items()})
@@ -239,7 +249,8 @@ def conv_d(target: str, backend, paths: list[str], args) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1,16,64,256", help="payload sizes in MiB (default 1,16,64,256)")
-    parser.add_argument("--paths", default="unary,stream,shm", help="data paths to time (default unary,stream,shm)")
+    parser.add_argument("--paths", default="unary,stream,shm",
+                        help="data paths to time (default unary,stream,shm; chunks: stream without the side channel)")
     parser.add_argument("--backend", default=None, help="server backend (default numba if installed, else numpy)")
     parser.add_argument("--reps", type=float, default=1.0, help="scale the number of timed rounds")
     parser.add_argument("--chunk-bytes", type=int, default=None, help="stream chunk size of both ends (default config)")

@@ -3,7 +3,9 @@ with a status a client can act on, never INTERNAL or UNKNOWN, never dies, and le
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import threading
 
 import grpc
@@ -193,3 +195,48 @@ def test_mutated_requests_of_every_rpc_get_only_actionable_statuses_and_leak_not
     assert threading.active_count() <= threads + 2
     assert _fds() <= fds + 10
     assert _rss() - rss < 50 << 20
+
+
+def test_mutated_side_channel_handshakes_and_payloads_get_only_actionable_statuses_and_leak_nothing():
+    """A real offer each time, then the bytes a client sends on the side socket (token, length, payload), mutated."""
+    x = X.astype(np.float32)
+    header = pb.ForwardStreamRequest(request=pb.ForwardRequest(op=pb.Op(relu=pb.ReluOptions()),
+                                     input=wire.tensor_header(x, "input")), side_channel=True)  # fmt: skip
+    with running_server(backend="numpy", warm_up=False, stream_idle_timeout=1.0) as server:
+        with grpc.insecure_channel(server.target) as channel, ConvClient(server.target, timeout=60) as client:
+            stream = channel.stream_stream(
+                METHOD + "ForwardStream", request_serializer=pb.ForwardStreamRequest.SerializeToString,
+                response_deserializer=pb.ForwardStreamResponse.FromString)  # fmt: skip
+            with ConvClient(server.target, timeout=60, data_path="stream") as warm:
+                for _ in range(3):  # the stream watcher and a few handler threads start
+                    np.testing.assert_array_equal(warm.relu(x), np.maximum(x, 0))
+            threads, fds = threading.active_count(), _fds()
+
+            @settings(max_examples=max(20, int(os.environ.get("CONVRPC_FUZZ_EXAMPLES", "1000")) // 25), deadline=None,
+                      derandomize=True, database=None, suppress_health_check=list(HealthCheck))  # fmt: skip
+            @given(st.data())
+            def fuzz(data):
+                call = stream(iter([header]), timeout=30)
+                offer = next(call).side_channel
+                sent = offer.token + x.nbytes.to_bytes(8, "little") + x.tobytes()
+                answer = b""
+                with socket.create_connection(("127.0.0.1", offer.port), timeout=10) as sock:
+                    with contextlib.suppress(OSError):  # the server may close on us mid-send
+                        sock.sendall(data.draw(mutations(sent)))
+                        sock.shutdown(socket.SHUT_WR)  # nothing more comes: a stall is test_side_channel's
+                        while chunk := sock.recv(1 << 16):
+                            answer += chunk
+                if not answer.startswith(b"\x01"):
+                    call.cancel()  # token or length refused: the call would wait out the token's life
+                    return
+                try:
+                    for _ in call:
+                        pass
+                except grpc.RpcError as exc:
+                    assert exc.code() in ALLOWED, (exc.code(), exc.details())
+
+            fuzz()
+            np.testing.assert_array_equal(client.relu(x), np.maximum(x, 0))
+            assert server.servicer.slots._used == 0
+            assert threading.active_count() <= threads + 2, [t.name for t in threading.enumerate()]
+            assert _fds() <= fds + 10

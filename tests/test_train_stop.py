@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from server_fixtures import running_server
 
-from convrpc.client import ConvClient, ConvRpcError
+from convrpc.client import ConvClient
 from convrpc.client.aio import AsyncConvClient
 from convrpc.client.channel import single_address
 from convrpc.core import get_backend

@@ -50,9 +50,10 @@ def clients(srv):
     with (
         ConvClient(srv.target, timeout=60, data_path="unary") as unary,
         ConvClient(srv.target, timeout=60, data_path="stream", chunk_bytes=CHUNK) as stream,
+        ConvClient(srv.target, timeout=60, data_path="stream", chunk_bytes=CHUNK, side_channel=False) as chunked,
         ConvClient(srv.target, timeout=60, data_path="shm") as shared,
     ):
-        yield {"unary": unary, "stream": stream, "shm": shared}
+        yield {"unary": unary, "stream": stream, "chunks": chunked, "shm": shared}
 
 
 def _cases(dtype):
@@ -75,7 +76,7 @@ def _same_bytes(got, want):
     assert got.tobytes() == want.tobytes()
 
 
-@pytest.mark.parametrize("path", ["stream", "shm"])
+@pytest.mark.parametrize("path", ["stream", "chunks", "shm"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_every_op_forward_and_backward_is_byte_identical_to_unary(clients, path, dtype):
     for op, tensors, options in _cases(dtype):

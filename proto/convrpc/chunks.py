@@ -11,6 +11,7 @@ into place, refusing gaps, overlaps, extra bytes and early ends.
 
 from __future__ import annotations
 
+import time
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -18,7 +19,10 @@ from convrpc import wire
 from convrpc.core.errors import InvalidArgumentError, ResourceExhaustedError
 from convrpc.v1 import conv_service_pb2 as pb
 
-__all__ = ["PayloadAssembler", "decoder", "encode_chunk", "iter_chunks", "payload_bytes", "streamed_tensors"]
+__all__ = [
+    "SIDE_ACCEPTED", "SIDE_TOKEN_BYTES", "PayloadAssembler", "byte_views", "decoder", "encode_chunk", "iter_chunks",
+    "payload_bytes", "recv_exactly", "recv_views", "send_views", "streamed_tensors",
+]  # fmt: skip
 
 #: HTTP/2 and TCP tuning for bulk tensors (server and SDK alike): bigger frames and socket reads.
 #: Measured (bench/transport.py --grpc-defaults) it gains 0-25% on 16-64 MiB streams, within noise on a
@@ -35,6 +39,14 @@ _LEN = 2  # wire type of length-delimited fields
 _VARINT = 0
 
 
+#: A side-channel connection opens with the offer's token and the payload's length (8 bytes, little-endian);
+#: the server answers this one byte when it accepted both. (See SideChannelOffer in the proto.)
+SIDE_TOKEN_BYTES = 32
+SIDE_ACCEPTED = b"\x01"
+#: Largest piece handed to one socket call: big enough that Python's per-call cost is noise.
+_SOCKET_PIECE = 16 * 1024 * 1024
+
+
 def streamed_tensors(message) -> list[tuple[str, pb.Tensor]]:
     """``[(field, Tensor)]`` of the tensors of ``message`` whose bytes follow as chunks (set, without
     storage), in field order (a network's ``params[i].weight`` after the message's own): the payload's order."""
@@ -49,6 +61,11 @@ def _byte_view(array: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array as a flat memoryview (``memoryview.cast`` cannot take empty
     arrays, nor dtypes outside the buffer protocol such as ``ml_dtypes.bfloat16``)."""
     return memoryview(array.reshape(-1).view(np.uint8))
+
+
+def byte_views(arrays: Sequence[np.ndarray]) -> list[memoryview]:
+    """The payload of ``arrays`` (C-contiguous) as one flat byte view per array, in order: no copy."""
+    return [_byte_view(a) for a in arrays]
 
 
 def _varint(value: int) -> bytes:
@@ -125,13 +142,15 @@ class PayloadAssembler:
 
     ``headers`` is ``[(field, Tensor)]`` in payload order (see ``streamed_tensors``). Every header is
     checked (dtype, dims, overflow, ``max_elements``, and all of them against ``max_bytes``) before
-    anything is allocated. ``add`` copies a chunk into place;
+    anything is allocated (by ``allocate(shape, dtype)``, ``np.empty`` by default). ``add`` copies a chunk
+    into place;
     ``finish`` returns ``{field: array}`` once exactly the declared bytes arrived.
     """
 
     def __init__(
-        self, headers: Sequence[tuple[str, pb.Tensor]], *, max_elements: int | None = None, max_bytes: int | None = None
-    ):
+        self, headers: Sequence[tuple[str, pb.Tensor]], *, max_elements: int | None = None,
+        max_bytes: int | None = None, allocate=np.empty,
+    ):  # fmt: skip
         layouts = []
         announced = 0
         for field, header in headers:
@@ -141,7 +160,7 @@ class PayloadAssembler:
         if max_bytes is not None and announced > max_bytes:
             raise ResourceExhaustedError("request", f"tensors of {announced} bytes exceed the server's cap of {max_bytes}",
                                          setting="max_request_bytes", limit=max_bytes)  # fmt: skip
-        self.arrays = {field: np.empty(shape, dtype) for field, dtype, shape in layouts}
+        self.arrays = {field: allocate(shape, dtype) for field, dtype, shape in layouts}
         self._views = [(field, _byte_view(a)) for field, a in self.arrays.items()]
         self.total = sum(len(v) for _, v in self._views)
         self.received = 0
@@ -177,6 +196,14 @@ class PayloadAssembler:
                 self._filled = 0
         self.received += size
 
+    def fill(self, receive) -> None:
+        """Have ``receive(views, total)`` fill the whole payload at once (a raw socket's bytes): the views
+        of every tensor in order, ``total`` bytes in all; it raises unless it filled every one."""
+        if self.received:
+            raise InvalidArgumentError("chunk", "a payload received in part cannot be filled at once")
+        receive([v for _, v in self._views], self.total)
+        self.received, self._index, self._filled = self.total, len(self._views), 0
+
     def finish(self) -> dict[str, np.ndarray]:
         """The assembled arrays; INVALID_ARGUMENT when the stream ended before the whole payload arrived."""
         if self.received != self.total:
@@ -187,3 +214,43 @@ class PayloadAssembler:
                 f"(truncated in {field})",
             )
         return self.arrays
+
+
+# -- the side channel's raw socket: the same payload, framed by its length ---------------------------
+
+
+def recv_exactly(sock, n: int, deadline: float | None = None) -> bytes:
+    """``n`` bytes from ``sock``; ConnectionError if it closes first, TimeoutError past ``deadline``
+    (``time.monotonic()``; None: the socket's own timeout)."""
+    out = bytearray()
+    while len(out) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{len(out)} of {n} bytes by the deadline")
+            sock.settimeout(left)
+        data = sock.recv(n - len(out))
+        if not data:
+            raise ConnectionError(f"the peer closed the connection after {len(out)} of {n} bytes")
+        out += data
+    return bytes(out)
+
+
+def recv_views(sock, views: Sequence[memoryview]) -> None:
+    """Fill every view from ``sock`` in order, straight into place; ConnectionError naming how much
+    arrived if it closes first."""
+    got, total = 0, sum(len(v) for v in views)
+    for view in views:
+        filled = 0
+        while filled < len(view):
+            n = sock.recv_into(view[filled:], min(len(view) - filled, _SOCKET_PIECE))
+            if n == 0:
+                raise ConnectionError(f"the connection ended after {got} of the {total} bytes announced")
+            filled += n
+            got += n
+
+
+def send_views(sock, views: Sequence[memoryview]) -> None:
+    for view in views:
+        for start in range(0, len(view), _SOCKET_PIECE):
+            sock.sendall(view[start : start + _SOCKET_PIECE])

@@ -110,9 +110,14 @@ class AsyncConvClient(OpMethods):
         method = self._methods[effect.replica.index][effect.method]
         if isinstance(effect, Stream):
             call = method(effect.messages, timeout=effect.timeout, metadata=self._metadata)
+            if effect.on_end is not None:
+                call.add_done_callback(lambda _: effect.on_end())
             try:
                 async for message in call:
-                    effect.receive(message)
+                    if effect.blocking:
+                        await asyncio.to_thread(effect.receive, message)
+                    else:
+                        effect.receive(message)
             except BaseException:
                 call.cancel()
                 raise

@@ -12,8 +12,12 @@ threads, ``AsyncConvClient`` with awaits and tasks; neither decides anything.
   ``STREAM_THRESHOLD_BYTES``, shared memory above ``SHM_THRESHOLD_BYTES`` to a server on this host,
   the chunked streams otherwise; a path a server refuses is dropped for that replica and the call
   falls back at once (and a call that finds the client's region pool full takes the network alone).
-  ``"unary"``, ``"stream"``, ``"shm"`` force a path and fail rather than fall back. A shared-memory
-  session (a socket to the server) is opened per replica on first use and reopened once if it ended.
+  ``"unary"``, ``"stream"``, ``"shm"`` force a path and fail rather than fall back.
+  A stream moves its bytes over the server's side channel (a raw socket the stream's RPC hands out,
+  see ``side_channel``) when GetServerInfo reports one, and as chunks when the server has none or it
+  cannot be reached (then also for that replica's later calls); one that closes on the token, stalls
+  or breaks mid-transfer fails the attempt UNAVAILABLE (failover). A shared-memory session (a socket
+  to the server) is opened per replica on first use and reopened once if it ended.
 - **Failover.** A call or shard failing with UNAVAILABLE (a replica killed, draining, unreachable, or
   frozen: the channels' keepalive fails its calls within ~3 s, see ``config``) is sent to the next
   replica at once, and after one attempt per replica twice more after short pauses, each attempt
@@ -43,8 +47,11 @@ from convrpc.v1 import conv_service_pb2 as pb
 
 from . import config
 from .errors import ConvRpcError
-from .messages import Call, StreamReader, inline_request, inline_results, request, result_tensors, stream_messages
+from .messages import (
+    Call, StreamReader, inline_request, inline_results, request, result_tensors, stream_messages, stream_request,
+)  # fmt: skip
 from .shared_memory import Placement, RegionPool, SharedMemorySession, aligned
+from .side_channel import SideChannelFailed, SideConnector, SideTransfer
 
 __all__ = [
     "PATHS", "CallCore", "Gather", "Replica", "Sleep", "Spawn", "Steps", "Stream", "Unary",
@@ -95,13 +102,17 @@ class Unary:
 
 @dataclass
 class Stream:
-    """Call stream ``method`` on ``replica`` with ``messages``, passing each response message to ``receive``."""
+    """Call stream ``method`` on ``replica`` with ``messages``, passing each response message to ``receive``;
+    ``blocking``: ``receive`` does blocking I/O (the asyncio driver runs it in a thread); ``on_end`` is
+    called (any thread) when the RPC ends, however it ends."""
 
     replica: "Replica"
     method: str
     messages: Iterator
     timeout: float | None
     receive: Callable[[object], None]
+    blocking: bool = False
+    on_end: Callable[[], None] | None = None
 
 
 @dataclass
@@ -178,6 +189,8 @@ class Replica:
         self.index = index
         self.target = target
         self.stream_ok = True
+        #: Whether the server's side channel carries this replica's streams: None until GetServerInfo said.
+        self.side_ok: bool | None = None
         self.shm_ok = shm.AVAILABLE and (mode == "shm" or (mode == "auto" and is_local(target)))
         self.session: SharedMemorySession | None = None
         #: When an ejected replica may be health-checked (``time.monotonic()``); None while healthy.
@@ -311,7 +324,8 @@ class CallCore:
     def __init__(
         self, targets: Sequence[str], *, mode: str = "auto", chunk_bytes: int | None = None,
         shard_size: int | None = None, max_message_bytes: int = config.MAX_MESSAGE_BYTES,
-        shm_pool_bytes: int = config.SHM_POOL_BYTES, clock: Callable[[], float] = time.monotonic,
+        shm_pool_bytes: int = config.SHM_POOL_BYTES, side: SideConnector | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):  # fmt: skip
         if mode not in PATHS:
             raise ValueError(f"data_path: expected one of {', '.join(PATHS)}, got {mode!r}")
@@ -320,6 +334,8 @@ class CallCore:
         self.mode = mode
         self.chunk_bytes = chunk_bytes or config.CHUNK_BYTES
         self.shard_size = shard_size
+        #: How to reach the servers' side channels; None: streams move their bytes as chunks only.
+        self.side = side
         # Streams and shared memory have no message limit; only a call that may go unary is sized by it.
         self.max_message_bytes = max_message_bytes if mode in ("auto", "unary") else None
         self.replicas = [Replica(i, t, mode) for i, t in enumerate(targets)]
@@ -481,6 +497,10 @@ class CallCore:
         return inline_results(response)
 
     def _streamed(self, replica: Replica, call: Call) -> Generator:
+        if self.side is not None and replica.side_ok is not False:
+            result = yield from self._side_channel(replica, call)
+            if result is not None:
+                return result
         reader = StreamReader()
         messages = stream_messages(call, self.chunk_bytes)
         try:
@@ -491,6 +511,34 @@ class CallCore:
                 return None
             raise
         return reader.finish()
+
+    def _side_channel(self, replica: Replica, call: Call) -> Generator:
+        """The result over the replica's side channel, or None when the call should go as chunks instead."""
+        if replica.side_ok is None:
+            info = yield Unary(replica, "GetServerInfo", pb.GetServerInfoRequest(), self._left(call.deadline))
+            replica.side_ok = info.side_channel_port != 0
+            if not replica.side_ok:
+                return None
+        timeout = self._left(call.deadline)
+        transfer = SideTransfer(self.side, replica.target, list(call.arrays.values()), timeout)
+        try:
+            yield Stream(replica, call.method + "Stream", iter([stream_request(call, side_channel=True)]), timeout,
+                         transfer.add, blocking=True, on_end=transfer.close)  # fmt: skip
+        except SideChannelFailed:
+            replica.side_ok = False  # a firewall, a NAT, another replica behind one name: chunks from now on
+            return None
+        except grpc.RpcError as error:
+            if error.code() is grpc.StatusCode.FAILED_PRECONDITION and (error.details() or "").startswith(
+                "side_channel:"
+            ):
+                replica.side_ok = False  # the server turned it off since
+                return None
+            if getattr(error, "refused", False):
+                replica.side_ok = False  # dead, or another server behind the name: fail over, then chunks
+            raise
+        finally:
+            transfer.close()
+        return transfer.finish()
 
     def _shared(self, replica: Replica, call: Call) -> Generator:
         """The result by shared memory, or None when this call should take the network instead (auto)."""

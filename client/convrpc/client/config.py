@@ -19,6 +19,9 @@ CONNECT_TIMEOUT_MS = 2000
 
 # -- data paths (measured by bench/transport.py; see the README's "Moving tensors fast") -------------
 
+#: Longest a side-channel read or write may wait (seconds) before the replica counts as UNAVAILABLE: like
+#: the keepalive, it turns a frozen replica into a failover within ~3 s, while the call's bytes are moving.
+SIDE_CHANNEL_STALL_SECONDS = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000
 #: Size of one chunk of a ForwardStream/BackwardStream payload (bytes): 1-2 MiB beat 64-512 KiB and 4 MiB.
 CHUNK_BYTES = 1024 * 1024
 #: Requests whose tensors hold more bytes than this go through the chunked streams, not the unary RPCs

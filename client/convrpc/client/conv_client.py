@@ -31,7 +31,9 @@ class ConvClient(OpMethods):
     a server on this host, chunked streams otherwise), or ``"unary"``, ``"stream"``, ``"shm"`` to
     force one; ``chunk_bytes`` overrides the stream chunk size. ``empty``/``asarray`` give arrays in
     the client's shared memory, sent to a local server with no copy; results of shared-memory calls
-    view it too, and the client's regions hold at most ``shm_pool_bytes``.
+    view it too, and the client's regions hold at most ``shm_pool_bytes``. A stream moves its bytes
+    over the server's side channel (a raw TCP socket its RPC hands out a one-time token for) when the
+    server offers one; ``side_channel=False`` keeps them on the gRPC stream.
 
     Forward and Backward calls whose batch exceeds ``shard_size`` (None: no limit) are split along N
     and run concurrently over the replicas, on any data path, as are unary requests too large for one
@@ -77,6 +79,8 @@ class ConvClient(OpMethods):
         method = self._methods[effect.replica.index][effect.method]
         if isinstance(effect, Stream):
             call = method(effect.messages, timeout=effect.timeout, metadata=self._metadata)
+            if effect.on_end is not None:
+                call.add_done_callback(lambda _: effect.on_end())
             try:
                 for message in call:
                     effect.receive(message)

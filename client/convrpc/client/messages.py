@@ -17,7 +17,10 @@ from convrpc.v1 import conv_service_pb2 as pb
 
 from .errors import ConvRpcError
 
-__all__ = ["Call", "StreamReader", "inline_request", "inline_results", "request", "result_tensors", "stream_messages"]
+__all__ = [
+    "Call", "StreamReader", "inline_request", "inline_results", "request", "result_tensors", "stream_messages",
+    "stream_request",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,16 @@ def inline_request(call: Call):
     return request(call, {f: wire.encode_tensor(a, f) for f, a in call.arrays.items()})
 
 
-def stream_messages(call: Call, chunk_bytes: int):
-    """The request as its stream's first message (tensors without storage), then the chunks of their bytes."""
+def stream_request(call: Call, *, side_channel: bool = False):
+    """The request as its stream's first message (tensors without storage), asking for the side channel or not."""
     first = request(call, {f: wire.tensor_header(a, f) for f, a in call.arrays.items()})
-    yield (pb.BackwardStreamRequest if call.backward else pb.ForwardStreamRequest)(request=first)
+    kind = pb.BackwardStreamRequest if call.backward else pb.ForwardStreamRequest
+    return kind(request=first, side_channel=side_channel)
+
+
+def stream_messages(call: Call, chunk_bytes: int):
+    """The request as its stream's first message, then the chunks of its tensors' bytes."""
+    yield stream_request(call)
     yield from chunks.iter_chunks(list(call.arrays.values()), chunk_bytes)
 
 

@@ -24,6 +24,7 @@ from .channel import max_message_bytes, methods, open_channels, pinned_options, 
 from .errors import ConvRpcError
 from .messages import Call
 from .server_info import ServerInfo
+from .side_channel import SideConnector
 from .tensors import as_array, checked_op
 from .network_methods import NetworkMethods
 from .training import TrainingRun, check_timeout, train_request
@@ -86,6 +87,7 @@ class OpMethods(NetworkMethods):
         data_path: str = "auto",
         chunk_bytes: int | None = None,
         shm_pool_bytes: int = config.SHM_POOL_BYTES,
+        side_channel: bool = True,
     ):
         self._channel_args = dict(
             token=token, root_certificates=root_certificates, private_key=private_key,
@@ -97,9 +99,19 @@ class OpMethods(NetworkMethods):
         self._core = CallCore(
             self.targets, mode=data_path, chunk_bytes=chunk_bytes, shard_size=shard_size,
             max_message_bytes=max_message_bytes(options), shm_pool_bytes=shm_pool_bytes,
+            side=self._side_connector(side_channel),
         )  # fmt: skip
         self._methods = [methods(c) for c in self._channels]
         self._start()
+
+    def _side_connector(self, enabled: bool) -> SideConnector | None:
+        """How to dial the servers' side channels: TLS exactly when the channels use it, for the name they verify."""
+        if not enabled:
+            return None
+        a = self._channel_args
+        tls = any(a[k] is not None for k in ("root_certificates", "private_key", "certificate_chain"))
+        name = dict(self._options).get("grpc.ssl_target_name_override")
+        return SideConnector(tls=tls, root_certificates=a["root_certificates"], server_name=name)
 
     def _start(self) -> None:  # pragma: no cover - provided by clients
         raise NotImplementedError

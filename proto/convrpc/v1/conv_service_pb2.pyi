@@ -484,7 +484,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "backend", "device", "max_message_bytes", "max_elements", "max_train_steps", "max_train_seconds", "ops", "dtypes", "compute_threads")
+    __slots__ = ("version", "backend", "device", "max_message_bytes", "max_elements", "max_train_steps", "max_train_seconds", "ops", "dtypes", "compute_threads", "side_channel_port")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -495,6 +495,7 @@ class GetServerInfoResponse(_message.Message):
     OPS_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_THREADS_FIELD_NUMBER: _ClassVar[int]
+    SIDE_CHANNEL_PORT_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     device: str
@@ -505,7 +506,8 @@ class GetServerInfoResponse(_message.Message):
     ops: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[Dtype]
     compute_threads: int
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., max_train_steps: _Optional[int] = ..., max_train_seconds: _Optional[float] = ..., ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., compute_threads: _Optional[int] = ...) -> None: ...
+    side_channel_port: int
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., max_train_steps: _Optional[int] = ..., max_train_seconds: _Optional[float] = ..., ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[Dtype, str]]] = ..., compute_threads: _Optional[int] = ..., side_channel_port: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("offset", "data")
@@ -516,36 +518,44 @@ class TensorChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ForwardStreamRequest(_message.Message):
-    __slots__ = ("request", "chunk")
+    __slots__ = ("request", "chunk", "side_channel")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SIDE_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     request: ForwardRequest
     chunk: TensorChunk
-    def __init__(self, request: _Optional[_Union[ForwardRequest, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    side_channel: bool
+    def __init__(self, request: _Optional[_Union[ForwardRequest, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., side_channel: _Optional[bool] = ...) -> None: ...
 
 class ForwardStreamResponse(_message.Message):
-    __slots__ = ("response", "chunk")
+    __slots__ = ("response", "chunk", "side_channel")
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SIDE_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     response: ForwardResponse
     chunk: TensorChunk
-    def __init__(self, response: _Optional[_Union[ForwardResponse, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    side_channel: SideChannelOffer
+    def __init__(self, response: _Optional[_Union[ForwardResponse, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., side_channel: _Optional[_Union[SideChannelOffer, _Mapping]] = ...) -> None: ...
 
 class BackwardStreamRequest(_message.Message):
-    __slots__ = ("request", "chunk")
+    __slots__ = ("request", "chunk", "side_channel")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SIDE_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     request: BackwardRequest
     chunk: TensorChunk
-    def __init__(self, request: _Optional[_Union[BackwardRequest, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    side_channel: bool
+    def __init__(self, request: _Optional[_Union[BackwardRequest, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., side_channel: _Optional[bool] = ...) -> None: ...
 
 class BackwardStreamResponse(_message.Message):
-    __slots__ = ("response", "chunk")
+    __slots__ = ("response", "chunk", "side_channel")
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SIDE_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     response: BackwardResponse
     chunk: TensorChunk
-    def __init__(self, response: _Optional[_Union[BackwardResponse, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    side_channel: SideChannelOffer
+    def __init__(self, response: _Optional[_Union[BackwardResponse, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., side_channel: _Optional[_Union[SideChannelOffer, _Mapping]] = ...) -> None: ...
 
 class OpenSharedMemorySessionRequest(_message.Message):
     __slots__ = ()
@@ -574,3 +584,13 @@ class CloseSharedMemorySessionRequest(_message.Message):
 class CloseSharedMemorySessionResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SideChannelOffer(_message.Message):
+    __slots__ = ("host", "port", "token")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    port: int
+    token: bytes
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...

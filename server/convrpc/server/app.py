@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha._base import BaseReflectionServicer, _not_found_error
 
-from convrpc.core import Backend, get_backend
+from convrpc.core import Backend, config, get_backend
 from convrpc.v1 import conv_service_pb2
 
 from . import security
@@ -27,6 +27,7 @@ from .logs import configure_logging
 from .metrics import ServerMetrics
 from .servicer import ConvService
 from .settings import ConfigError, Settings
+from .side_channel import SideChannel
 
 log = logging.getLogger("convrpc.server")
 
@@ -289,10 +290,15 @@ class ConvServer:
             self.health.set(name, state)
 
     def start(self) -> "ConvServer":
+        s = self.settings
+        if s.side_channel:
+            self.servicer.side = _bind(lambda address: SideChannel(
+                s.host, s.side_channel_port, idle_timeout=s.stream_idle_timeout,
+                token_seconds=config.SIDE_CHANNEL_TOKEN_SECONDS, ssl_context=security.side_channel_ssl(s),
+            ), _address(s.host, s.side_channel_port), "side_channel_port")  # fmt: skip
         self._server.start()
         if self._health_server is not None:
             self._health_server.start()
-        s = self.settings
         if s.worker_threads <= s.compute_slots:
             log.warning("workers (%d) do not exceed the compute slots (%d): admitted calls may wait for a thread, "
                         "and GetServerInfo and reflection behind them", s.worker_threads, s.compute_slots)  # fmt: skip
@@ -301,6 +307,8 @@ class ConvServer:
             log.info("metrics on http://%s/metrics", _address(s.host, self.metrics_port))
         if self.health_port:
             log.info("plaintext health checks on %s", _address(s.host, self.health_port))
+        if self.servicer.side is not None:
+            log.info("side channel for large streams on %s", _address(s.host, self.servicer.side.port))
         log.info("convrpc %s listening on %s (%s; backend %s on %s)", self.servicer_version, self.address,
                  "TLS" if s.tls else "plaintext", self.backend.name, self.backend.device)  # fmt: skip
         warm_up = getattr(self.backend.kernels, "warm_up", None)
@@ -380,7 +388,7 @@ def _bind(add_port, address: str, key: str) -> int:
     """``add_port(address)``: the port bound, or a ConfigError naming ``key`` when gRPC cannot bind."""
     try:
         return add_port(address)
-    except RuntimeError:  # gRPC says only "Failed to bind"; in use is by far the commonest cause
+    except (RuntimeError, OSError):  # gRPC says only "Failed to bind"; in use is by far the commonest cause
         flag = "--" + key.replace("_", "-")
         raise ConfigError(
             key, f"cannot listen on {address}: the port is in use (another convrpc serve?) or the address is not "

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ssl
+
 import grpc
 
 from .settings import ConfigError, Settings
 
-__all__ = ["load_tokens", "server_credentials"]
+__all__ = ["load_tokens", "server_credentials", "side_channel_ssl"]
 
 
 def _read(key: str, path: str) -> bytes:
@@ -31,6 +33,20 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
             raise ConfigError(name, f"expected a PEM {marker.decode().lower()} in {getattr(settings, name)}")
     ca = _read("tls_client_ca", settings.tls_client_ca) if settings.tls_client_ca else None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def side_channel_ssl(settings: Settings) -> ssl.SSLContext | None:
+    """The side channel's TLS (the gRPC port's certificate and key), or None for plaintext. No client
+    certificate is asked for under mutual TLS too: the one-time token proves the call's authentication."""
+    if not settings.tls:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("tls_cert", f"cannot load {settings.tls_cert} with {settings.tls_key}: {exc}") from None
+    return context
 
 
 def load_tokens(settings: Settings) -> tuple[bytes, ...]:

@@ -1,10 +1,11 @@
 """ConvService: translates RPCs to core calls (proto <-> arrays, errors <-> status codes) and nothing more.
 
 Every compute RPC runs one pipeline: decode the request's tensors by their storage (inline bytes,
-a span of the request's shared-memory session, or chunks that follow on the stream), call one
-backend function (the torch-named op or ``<op>_backward``), and encode the results into the
-request's storage (shared memory when the request has a session, chunks on a stream, inline
-otherwise). ``add_to_server`` registers every RPC of the service in one table.
+a span of the request's shared-memory session, or chunks that follow on the stream, or their bytes
+over the side channel), call one backend function (the torch-named op or ``<op>_backward``), and
+encode the results into the request's storage (shared memory when the request has a session, chunks
+on a stream or the side channel it used, inline otherwise). ``add_to_server`` registers every RPC of
+the service in one table.
 """
 
 from __future__ import annotations
@@ -19,18 +20,22 @@ import numpy as np
 
 from convrpc import chunks, networks, wire
 from convrpc.core import DTYPES, OPS, Backend, network
-from convrpc.core.errors import CallEnded, ConvError, InvalidArgumentError, ResourceExhaustedError, ServerDraining
+from convrpc.core.errors import (
+    CallEnded, ConvError, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, ServerDraining,
+)  # fmt: skip
 from convrpc.core.optim import AdamOptions, SgdOptions
 from convrpc.core.stopping import StopFlag, stopping
 from convrpc.core.training import TrainConfig, TrainResult, fit_kernel
 from convrpc.v1 import conv_service_pb2 as pb
 
 from . import status
+from .buffers import InputBuffers
 from .decoding import Undecodable, UndecodableLog, UndecodableRequest, lenient
 from .interceptors import ComputeSlots
 from .logs import request_id as current_request_id
 from .settings import Settings
 from .shared_memory import SharedMemorySessions
+from .side_channel import SideCall, SideChannel
 from .stream_watch import StreamWatch
 from .train_stream import TrainStream
 
@@ -121,12 +126,15 @@ class ConvService:
         )
         self.slots = ComputeSlots(settings.compute_slots)
         self.streams = StreamWatch(settings.stream_idle_timeout)
+        self.buffers = InputBuffers(settings.stream_buffer_bytes)
         self.undecodable = UndecodableLog()
         self._lock = threading.Lock()
         #: The stop event of every running training run (TrainKernel or TrainNetwork), by its run_id (or a
         #: private key without one): StopTraining serves both.
         self._runs: dict[object, threading.Event] = {}
         self._draining = False
+        #: The raw socket large streams may move their bytes over (the server opens it); None: chunks only.
+        self.side: SideChannel | None = None
 
     def add_to_server(self, server: grpc.Server) -> None:
         """Serve every RPC on ``server`` (before it starts). The stream RPCs use the chunk codecs of
@@ -166,6 +174,8 @@ class ConvService:
         """End every shared-memory session (unmapping its regions); stop watching streams."""
         self.sessions.close()
         self.streams.close()
+        if self.side is not None:
+            self.side.close()
 
     # -- the op pipeline ------------------------------------------------------------------------
 
@@ -187,14 +197,26 @@ class ConvService:
 
     def _stream(self, requests, context, rpc: str, *, backward: bool):
         """A chunked call, cancelled when it waits on its client for ``stream_idle_timeout`` seconds
-        (a chunk that does not come, a response it does not read) or runs ``stream_max_seconds``."""
+        (a chunk that does not come, a response it does not read) or runs ``stream_max_seconds``.
+        With ``side_channel`` set in its first message, the payload and results travel over the
+        side channel (``SideCall``) instead of as chunks."""
         with self.streams.watch(context, rpc, self.settings.stream_max_seconds) as watched:
             requests = watched.reading(requests)
-            yield from watched.sending(self._run(_first_request(requests, rpc), requests, context, backward=backward))
+            first = _first_message(requests, rpc)
+            payload = requests
+            if first.side_channel:
+                if self.side is None:
+                    raise FailedPreconditionError(
+                        "side_channel", "this server offers no side channel (setting side_channel is off): "
+                        "send the payload as chunks")  # fmt: skip
+                if first.request.HasField("shared_memory"):
+                    raise InvalidArgumentError("side_channel", "cannot be combined with the request's shared_memory")
+                payload = SideCall(self.side, context, _RESPONSES[backward][1])
+            yield from watched.sending(self._run(first.request, payload, context, backward=backward))
 
     def _run(self, request, chunked, context, *, backward: bool):
         """Decode by storage -> compute -> encode into the request's storage. ``chunked`` is the rest of a
-        stream (its chunks) or None on a unary RPC; yields the response message(s)."""
+        stream (its chunks), a ``SideCall``, or None on a unary RPC; yields the response message(s)."""
         if request.WhichOneof("computation") == "network":
             net = networks.decode_network(request.network)
             fields, layers = self._check_network_tensors(request, net, backward), len(net)
@@ -214,7 +236,7 @@ class ConvService:
         if request.HasField("shared_memory"):
             placement = request.shared_memory
             with self.sessions.request(placement.session_id) as call:
-                arrays, shared = self._decode(request, fields, chunked, call)
+                arrays, shared = yield from self._decode(request, fields, chunked, call)
                 _check_alive(context)
                 with self.slots.held():
                     arrays.update(call.inputs(shared))
@@ -224,7 +246,7 @@ class ConvService:
                     placed = response(call.outputs(results, buffer))
             yield placed if chunked is None else stream_kind(response=placed)
             return
-        arrays, _ = self._decode(request, fields, chunked, None)
+        arrays, _ = yield from self._decode(request, fields, chunked, None)
         _check_alive(context)
         with self.slots.held():
             results = _until_ended(context, compute, arrays)
@@ -232,7 +254,11 @@ class ConvService:
         if chunked is None:
             yield response({f: wire.encode_tensor(a, f) for f, a in results})
             return
-        yield stream_kind(response=response({f: wire.tensor_header(a, f) for f, a in results}))
+        header = stream_kind(response=response({f: wire.tensor_header(a, f) for f, a in results}))
+        if isinstance(chunked, SideCall):
+            yield from chunked.send(header, [a for _, a in results])
+            return
+        yield header
         yield from chunks.iter_chunks([a for _, a in results], self.settings.stream_chunk_bytes)
 
     def _check_tensors(self, request, spec: wire.OpSpec, backward: bool) -> list[tuple[str, pb.Tensor]]:
@@ -267,7 +293,8 @@ class ConvService:
     def _decode(self, request, fields: list[tuple[str, pb.Tensor]], chunked, call):
         """The request's inline and streamed tensors as ``{field: array}``, and ``[(field, Tensor)]`` of
         those in shared memory, for ``call.inputs`` to read. Each tensor's layout and caps (elements
-        each, bytes all together) are checked before any shared or streamed tensor is read or allocated."""
+        each, bytes all together) are checked before any shared or streamed tensor is read or allocated.
+        A generator: over the side channel it yields the offer before receiving."""
         s = self.settings
         arrays, shared, streamed, total = {}, [], [], 0
         for f, tensor in fields:
@@ -284,11 +311,15 @@ class ConvService:
             raise ResourceExhaustedError("request", f"tensors of {total} bytes exceed the server's cap of {s.max_request_bytes}",
                                          setting="max_request_bytes", limit=s.max_request_bytes)  # fmt: skip
         if chunked is not None:
-            arrays.update(self._receive(streamed, chunked))
+            arrays.update((yield from self._receive(streamed, chunked)))
         return arrays, shared
 
-    def _receive(self, headers, requests) -> dict[str, np.ndarray]:
-        assembler = chunks.PayloadAssembler(headers, max_elements=self.settings.max_elements)
+    def _receive(self, headers, requests):
+        assembler = chunks.PayloadAssembler(
+            headers, max_elements=self.settings.max_elements, allocate=self.buffers.empty)
+        if isinstance(requests, SideCall):
+            yield from requests.receive(assembler)
+            return assembler.finish()
         for message in requests:
             if isinstance(message, tuple):  # a chunk, decoded without copying its data
                 assembler.add(*message)
@@ -543,6 +574,7 @@ class ConvService:
             ops=list(OPS),
             dtypes=[wire.dtype_enum(d) for d in DTYPES],
             compute_threads=threads,
+            side_channel_port=0 if self.side is None else self.side.port,
         )
 
 
@@ -576,11 +608,11 @@ def _check_alive(context) -> None:
         raise CallEnded()
 
 
-def _first_request(requests, rpc: str):
-    """The request of a stream's first message; INVALID_ARGUMENT when it carries none."""
+def _first_message(requests, rpc: str):
+    """A stream's first message; INVALID_ARGUMENT when it carries no request."""
     first = next(requests, None)
     if isinstance(first, Undecodable):
         raise first.error()
     if first is None or isinstance(first, tuple) or first.WhichOneof("message") != "request":
         raise InvalidArgumentError("request", f"the first message of a {rpc} must carry the request")
-    return first.request
+    return first

@@ -141,6 +141,16 @@ class Settings:
     health_port: int = knob(
         0, "port of a plaintext server answering grpc.health.v1 alone (for probes under TLS), bound to host; 0: none"
     )
+    # -- data paths (added later)
+    side_channel: bool = knob(
+        True, "offer large ForwardStream/BackwardStream calls a raw TCP socket for their bytes (TLS when the "
+        "server has tls_cert; one-time tokens); off: chunks on the stream only"
+    )
+    side_channel_port: int = knob(0, "TCP port of the side channel, bound to host; 0 picks a free one")
+    stream_buffer_bytes: int = knob(
+        config.STREAM_BUFFER_BYTES, "warm memory kept to receive large stream payloads into, instead of fresh pages "
+        "each call (bytes); 0 keeps none"
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -156,7 +166,7 @@ class Settings:
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise ConfigError(f.name, f"expected one of {', '.join(choices)}, got {value!r}")
-        for name in ("port", "metrics_port", "health_port"):
+        for name in ("port", "metrics_port", "health_port", "side_channel_port"):
             if getattr(self, name) > 65535:
                 raise ConfigError(name, f"must be in 0..65535, got {getattr(self, name)}")
         for name in ("max_message_bytes", "max_request_bytes", "max_elements", "max_train_steps",
