@@ -472,9 +472,9 @@ class _Request:
     def plan(self, results: list[tuple[tuple, np.dtype]], buffer: pb.SharedBuffer | None,
              inputs: list[tuple[str, pb.Tensor]]) -> list[np.ndarray]:  # fmt: skip
         """Writable views of ``buffer`` where :meth:`outputs` will put results of these shapes and dtypes,
-        for the backend to compute into (``convrpc.core.placing``). None when they will not fit (the
-        results then go inline), or when the span overlaps an input's span (the protocol allows it:
-        the results are then computed aside and copied once the inputs are read)."""
+        for the backend to compute into (``convrpc.core.placing``). No views when they will not fit (the
+        results then go inline) or when the span overlaps an input's (the protocol allows it: the
+        results are then computed aside, and copied there once every input has been read)."""
         nbytes = [math.prod(shape) * dtype.itemsize for shape, dtype in results]
         offsets, size = _layout(nbytes)
         if not results or buffer is None or buffer.size < size:
