@@ -348,3 +348,88 @@ def test_an_op_whose_stop_flag_is_set_raises_instead_of_returning_a_partial_resu
                 call()
         with stopping(StopFlag()):  # an unset flag changes nothing, and the next op runs in full
             np.testing.assert_allclose(b.conv2d(x, w), get_backend("numpy").conv2d(x, w), rtol=1e-10, atol=1e-12)
+
+
+def _views_in_a_mapping(results):
+    """Writable views of one anonymous mapping (as the server's of a client region) shaped like ``results``."""
+    import mmap
+
+    sizes = [r.nbytes for r in results]
+    memory = np.frombuffer(mmap.mmap(-1, sum(sizes) + 64 * len(sizes)), np.uint8)
+    views, start = [], 0
+    for r, n in zip(results, sizes):
+        views.append(memory[start : start + n].view(r.dtype).reshape(r.shape))
+        start += -(-n // 64) * 64
+    return views
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("batched", [True, False])
+def test_results_are_computed_into_planned_views_where_shape_and_dtype_match(backend, dtype, batched):
+    from numba.core.registry import CPUDispatcher
+
+    from convrpc.core import _numba_kernels
+    from convrpc.core.placing import placing
+
+    def compiled():
+        return sum(len(f.signatures) for f in vars(_numba_kernels).values() if isinstance(f, CPUDispatcher))
+
+    numba_backend.warm_up()
+    before = compiled()
+    b = get_backend(backend)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 4, 9, 8) if batched else (4, 9, 8)).astype(dtype)
+    w, wt, bias = (rng.standard_normal(s).astype(dtype) for s in ((6, 2, 3, 3), (4, 3, 3, 3), (6,)))
+    calls = [
+        ("conv2d", (x, w, bias), dict(padding=1, groups=2)),  # im2col + BLAS or Winograd
+        ("conv2d", (x, w[:, :, :1, :1]), dict(stride=2, groups=2)),  # direct kernels
+        ("conv_transpose2d", (x, wt, bias[:3]), dict(stride=2, padding=1)),
+        ("max_pool2d", (x, 3), dict(stride=2, padding=1, return_indices=True)),
+        ("avg_pool2d", (x, 2), {}),
+        ("relu", (x,), {}),
+    ]
+    for op, args, options in calls:
+        for name in (op, f"{op}_backward"):
+            if name.endswith("_backward"):
+                out = getattr(b, op)(*args, **options)
+                gy = rng.standard_normal((out[0] if isinstance(out, tuple) else out).shape).astype(dtype)
+                args_of = (gy, *args)
+            else:
+                args_of = args
+            want = getattr(b, name)(*args_of, **options)
+            want = [a for a in (want if isinstance(want, tuple) else (want,)) if a is not None]
+            views = _views_in_a_mapping(want)
+            with placing(views) as plan:
+                got = getattr(b, name)(*args_of, **options)
+            got = [a for a in (got if isinstance(got, tuple) else (got,)) if a is not None]
+            for g, v, wnt in zip(got, views, want):
+                assert g.dtype == wnt.dtype and g.shape == wnt.shape and g.tobytes() == wnt.tobytes(), name
+            # The op's first result (its output, its input gradient) is computed in place, unless it is
+            # a half type (computed in float32, rounded into a new array) or the reference's non-relu kernels.
+            placed = np.dtype(dtype) != np.float16 and (backend == "numba" or name == "relu")
+            assert np.shares_memory(got[0], views[0]) == placed, name
+            assert plan.placed >= placed
+            for i, g in enumerate(got):  # a result is in its own view or in none
+                assert not any(np.shares_memory(g, v) for j, v in enumerate(views) if j != i), name
+    assert compiled() == before  # views of a mapping are ordinary arrays to numba: no new specialisations
+
+
+def test_a_stop_flag_still_stops_an_op_computing_into_planned_views():
+    from convrpc.core.errors import CallCancelled
+    from convrpc.core.placing import placing
+    from convrpc.core.stopping import StopFlag, stopping
+
+    b = get_backend("numba")
+    x = np.random.default_rng(0).standard_normal((2, 3, 9, 9))
+    w = np.random.default_rng(1).standard_normal((4, 3, 3, 3))
+    (view,) = _views_in_a_mapping([np.empty((2, 4, 7, 7))])
+    flag = StopFlag()
+    flag.cancel()
+    with pytest.raises(CallCancelled):
+        with stopping(flag), placing([view]):
+            b.conv2d(x, w)
+    with placing([view]) as plan:  # the next op places its result as planned, in full
+        y = b.conv2d(x, w)
+    assert plan.placed == 1 and np.shares_memory(y, view)
+    np.testing.assert_allclose(y, get_backend("numpy").conv2d(x, w), rtol=1e-10, atol=1e-12)

@@ -13,6 +13,7 @@ import textwrap
 import time
 
 import grpc
+import ml_dtypes
 import numpy as np
 import pytest
 from convrpc import chunks, shm
@@ -92,6 +93,38 @@ def test_every_op_forward_and_backward_is_byte_identical_to_unary(clients, path,
             assert (got_g is None) == (want_g is None), op
             if want_g is not None:
                 _same_bytes(got_g, want_g)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, ml_dtypes.bfloat16])
+def test_shared_memory_results_are_computed_straight_into_the_clients_span(server, dtype):
+    """On the numba backend every op's output and input gradient is computed into the output span the
+    request offers (no copy: the server counts them), but half types, computed in float32 and rounded
+    into a new array, which are copied; the bytes are the unary path's either way."""
+    sessions = server.servicer.sessions
+    with ConvClient(server.target, timeout=120, data_path="unary") as unary, \
+         ConvClient(server.target, timeout=120, data_path="shm") as shared:  # fmt: skip
+        cases = _cases(np.float32)
+        cases.append(("max_pool2d", cases[2][1], dict(cases[2][2], return_indices=True)))
+        for op, tensors, options in cases:
+            tensors = tuple(t.astype(dtype) for t in tensors)
+            want = getattr(unary, op)(*tensors, **options)
+            results = 2 if options.get("return_indices") else 1
+            before = sessions.results_in_place
+            got = getattr(shared, op)(*tensors, **options)
+            placed = sessions.results_in_place - before
+            for g, w in zip(got if results == 2 else [got], want if results == 2 else [want]):
+                _same_bytes(g, w)
+            # max_pool2d's indices are int64 whatever the dtype: they are always placed
+            assert placed == (results if np.dtype(dtype).itemsize >= 4 else results - 1), op
+            gy = np.random.default_rng(3).standard_normal((want[0] if results == 2 else want).shape).astype(dtype)
+            want_grads = getattr(unary, f"{op}_backward")(gy, *tensors, **options)
+            before = sessions.results_in_place
+            got_grads = getattr(shared, f"{op}_backward")(gy, *tensors, **options)
+            assert (sessions.results_in_place > before) == (np.dtype(dtype).itemsize >= 4), op  # grad_input at least
+            for got_g, want_g in zip(got_grads, want_grads):
+                assert (got_g is None) == (want_g is None), op
+                if want_g is not None:
+                    _same_bytes(got_g, want_g)
 
 
 @pytest.mark.parametrize("op,kwargs,field", BAD_CALLS, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(BAD_CALLS)])
@@ -402,6 +435,24 @@ def test_a_raw_shared_request_is_answered_in_the_offered_span_or_inline(srv, two
             request.shared_memory.output_buffer.CopyFrom(pb.SharedBuffer(region_id=1, offset=64, size=size))
         out = _shared_forward(srv, request).output
         assert np.frombuffer(out.data, np.float64).tolist() == [0, 0, 1, 2]
+
+
+def test_an_output_span_overlapping_the_input_span_still_gets_the_right_result(srv, two_sessions):
+    """The protocol allows an output span over the input's (an in-place relu): the result is then computed
+    aside and copied; a span apart (or just after) gets it computed in place."""
+    first, _, region = two_sessions
+    sessions = srv.servicer.sessions
+    # (input offset, output offset, computed in place): apart, adjacent, the input's own bytes, half over them
+    for at, to, in_place in ((64, 192, True), (64, 0, True), (64, 64, False), (96, 64, False)):
+        np.frombuffer(region, np.float64, 8, at)[:] = [-2, -1, 1, 2, -3, -4, 3, 4]
+        request = _relu_shared(first.id, offset=at, shape=(8,))
+        request.shared_memory.output_buffer.CopyFrom(pb.SharedBuffer(region_id=1, offset=to, size=64))
+        before = sessions.results_in_place, sessions.results_copied
+        out = _shared_forward(srv, request).output
+        assert out.shared.offset == to
+        assert np.frombuffer(region, np.float64, 8, to).tolist() == [0, 0, 1, 2, 0, 0, 3, 4]
+        counts = sessions.results_in_place - before[0], sessions.results_copied - before[1]
+        assert counts == ((1, 0) if in_place else (0, 1)), (at, to)
 
 
 def test_shared_requests_for_foreign_missing_or_short_spans_are_refused(srv, two_sessions):

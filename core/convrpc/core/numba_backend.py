@@ -62,6 +62,7 @@ numba.config.reload_config()
 
 from . import _numba_kernels as _k  # noqa: E402
 from . import config, stopping, winograd  # noqa: E402
+from .placing import placed_empty, placed_zeros  # noqa: E402
 from .params import ConvGeometry, PoolGeometry  # noqa: E402
 
 __all__ = [
@@ -428,7 +429,7 @@ def conv2d(x, w, b, g: ConvGeometry):
 
 def _conv2d(x, w, b, g: ConvGeometry, serial: bool = False):
     """conv2d's body; the caller holds the lane. Padding may be negative (a crop): the kernels clip."""
-    y = np.empty(g.output_shape, dtype=x.dtype)
+    y = placed_empty(g.output_shape, x.dtype)  # the op's result (conv2d's, or the flipped input gradient's)
     name = conv_algorithm(g, x.itemsize, serial)
     last_algorithm["forward"] = "pointwise" if name == "im2col" and _is_pointwise(g) else name
     if name.startswith("winograd"):
@@ -676,7 +677,7 @@ def _conv2d_input_grad(gy, w, g: ConvGeometry, serial: bool):
             gx = _conv2d(gy, wt, None, gt, serial)
             return gx, "flipped " + last_algorithm["forward"]
     if plan is None:
-        gx = np.empty(g.input_shape, dtype=gy.dtype)
+        gx = placed_empty(g.input_shape, gy.dtype)
         # The row-gather kernel: measured no slower than conv2d_input_grad_small on small shapes
         # and 4x faster on 1x1x80x80, where the small kernel's zero-fill and col2im dominate.
         _k.conv2d_input_grad_direct(gy, w, gx, g.groups, *_conv_args(g), _stop)
@@ -691,7 +692,7 @@ def _conv2d_input_grad(gy, w, g: ConvGeometry, serial: bool):
     wm = w.reshape(g.groups, kg, ckk)
     gy3 = gy.reshape(g.n, g.c_out, g.out_h * g.out_w)
     if _is_pointwise(g):
-        gx = np.empty(g.input_shape, dtype=gy.dtype)
+        gx = placed_empty(g.input_shape, gy.dtype)
         gx3 = gx.reshape(g.n, g.c_in, -1)
 
         def tile(worker, t):
@@ -701,7 +702,9 @@ def _conv2d_input_grad(gy, w, g: ConvGeometry, serial: bool):
 
         _run(plan.tiles, tile, plan.workers)
         return gx, "pointwise"
-    gx = np.zeros(g.input_shape, dtype=gy.dtype)
+    # col2im adds into gx: placed in a client's shared memory, a client writing there meanwhile can only
+    # spoil its own result.
+    gx = placed_zeros(g.input_shape, gy.dtype)
 
     def tile(worker, t):
         n0, tn, r0, nr, ih_lo, ih_hi = t
@@ -722,7 +725,7 @@ def _input_grad_wide(gy, w, g: ConvGeometry, plan: _Plan):
     wm = w.reshape(g.groups, kg, ckk)
     wg = _wide_width(g)
     length, span = g.out_h * wg, _wide_span(g, g.out_h)
-    gx = np.empty(g.input_shape, dtype=gy.dtype)
+    gx = placed_empty(g.input_shape, gy.dtype)
 
     def tile(worker, t):
         n0, tn, _, _ = t
@@ -761,7 +764,7 @@ def conv2d_weight_grad(x, gy, g: ConvGeometry):
             last_algorithm["grad-weight"] = "small"
             return partial.sum(axis=0).reshape(g.weight_shape)
         if plan is None:
-            gw = np.empty(g.weight_shape, dtype=x.dtype)
+            gw = placed_empty(g.weight_shape, x.dtype)
             _k.conv2d_weight_grad_direct(x, gy, gw, g.groups, *_conv_args(g), _stop)
             last_algorithm["grad-weight"] = "direct"
             return gw
@@ -830,8 +833,8 @@ def _pool_args(g: PoolGeometry):
 
 def max_pool2d(x, g: PoolGeometry):
     """(y (N, C, OH, OW), int64 flat indices): the first maximum of each window (padding is -inf, NaN wins)."""
-    y = np.empty(g.output_shape, dtype=x.dtype)
-    arg = np.empty(g.output_shape, dtype=np.int64)
+    y = placed_empty(g.output_shape, x.dtype)
+    arg = placed_empty(g.output_shape, np.int64)
     with _Compute(y.size * g.kh * g.kw):
         _k.max_pool2d(x, y, arg, *_pool_args(g), _stop)
     return y, arg
@@ -841,7 +844,7 @@ def max_pool2d_backward(gy, x, g: PoolGeometry):
     """gx (N, C, H, W): each window's gradient added at its first maximum."""
     y = np.empty(g.output_shape, dtype=x.dtype)
     arg = np.empty(g.output_shape, dtype=np.int64)
-    gx = np.empty(g.input_shape, dtype=x.dtype)
+    gx = placed_empty(g.input_shape, x.dtype)
     with _Compute(y.size * g.kh * g.kw):
         _k.max_pool2d(x, y, arg, *_pool_args(g), _stop)
         _k.max_pool2d_backward(gy, arg, gx, *_pool_args(g), _stop)
@@ -850,7 +853,7 @@ def max_pool2d_backward(gy, x, g: PoolGeometry):
 
 def avg_pool2d(x, g: PoolGeometry):
     """y (N, C, OH, OW): window sums over torch's divisors (count_include_pad, divisor_override)."""
-    y = np.empty(g.output_shape, dtype=x.dtype)
+    y = placed_empty(g.output_shape, x.dtype)
     with _Compute(y.size * g.kh * g.kw):
         _k.avg_pool2d(x, y, g.divisors(np).astype(x.dtype), g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w, _stop)
     return y
@@ -858,7 +861,7 @@ def avg_pool2d(x, g: PoolGeometry):
 
 def avg_pool2d_backward(gy, g: PoolGeometry):
     """gx (N, C, H, W): each window's gradient spread over its in-image taps, divided like the forward."""
-    gx = np.empty(g.input_shape, dtype=gy.dtype)
+    gx = placed_empty(g.input_shape, gy.dtype)
     with _Compute(gy.size * g.kh * g.kw):
         div = g.divisors(np).astype(gy.dtype)
         _k.avg_pool2d_backward(gy, gx, div, g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w, _stop)
@@ -867,7 +870,7 @@ def avg_pool2d_backward(gy, g: PoolGeometry):
 
 def relu(x):
     """max(x, 0) elementwise (NaN stays NaN)."""
-    y = np.empty_like(x)
+    y = placed_empty(x.shape, x.dtype)
     with _Compute(10 * x.size):  # elementwise: serial below 150k elements
         _k.relu(x.reshape(-1), y.reshape(-1))
     return y
@@ -875,7 +878,7 @@ def relu(x):
 
 def relu_backward(gy, x):
     """0 where x <= 0, else gy (torch's rule: a NaN input passes gy through)."""
-    gx = np.empty_like(gy)
+    gx = placed_empty(gy.shape, gy.dtype)
     with _Compute(10 * x.size):  # elementwise: serial below 150k elements
         _k.relu_backward(gy.reshape(-1), x.reshape(-1), gx.reshape(-1))
     return gx

@@ -20,10 +20,12 @@ import numpy as np
 
 from convrpc import chunks, networks, wire
 from convrpc.core import DTYPES, OPS, Backend, network
+from convrpc.core.backend import common_dtype
 from convrpc.core.errors import (
     CallEnded, ConvError, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, ServerDraining,
 )  # fmt: skip
 from convrpc.core.optim import AdamOptions, SgdOptions
+from convrpc.core.placing import placing
 from convrpc.core.stopping import StopFlag, stopping
 from convrpc.core.training import TrainConfig, TrainResult, fit_kernel
 from convrpc.v1 import conv_service_pb2 as pb
@@ -221,11 +223,13 @@ class ConvService:
             net = networks.decode_network(request.network)
             fields, layers = self._check_network_tensors(request, net, backward), len(net)
             compute = functools.partial(self._compute_network, net, backward=backward)
+            planned = lambda arrays: []  # noqa: E731 - not placed: the chain's layers would take the views
         else:
             name, options = wire.decode_op(request.op)
             spec = wire.OP_SPECS[name]
             fields, layers = self._check_tensors(request, spec, backward), 0
             compute = lambda arrays: self._compute(spec, options, arrays, backward)  # noqa: E731
+            planned = lambda arrays: _planned_results(spec, options, arrays, backward)  # noqa: E731
         kind, stream_kind = _RESPONSES[backward]
 
         def response(tensors: dict):
@@ -240,9 +244,10 @@ class ConvService:
                 _check_alive(context)
                 with self.slots.held():
                     arrays.update(call.inputs(shared))
-                    results = _until_ended(context, compute, arrays)
-                    del arrays
                     buffer = placement.output_buffer if placement.HasField("output_buffer") else None
+                    views = call.plan(planned(arrays), buffer, shared)
+                    results = _until_ended(context, compute, arrays, views)
+                    del arrays, views
                     placed = response(call.outputs(results, buffer))
             yield placed if chunked is None else stream_kind(response=placed)
             return
@@ -578,14 +583,29 @@ class ConvService:
         )
 
 
-def _until_ended(context, compute, arrays: dict):
+def _until_ended(context, compute, arrays: dict, views: list = ()):
     """``compute(arrays)``, stopped part way when the call ends under it (its client cancelled, its deadline
-    passed: gRPC runs the callback either way), so its slot frees within a kernel's tile."""
+    passed: gRPC runs the callback either way), so its slot frees within a kernel's tile; its results
+    computed into ``views`` where they fit (``convrpc.core.placing``)."""
     flag = StopFlag()
     if not context.add_callback(functools.partial(_stop_when_ended, context, flag)):
         flag.cancel()  # already over
-    with stopping(flag):
+    with stopping(flag), placing(views):
         return compute(arrays)
+
+
+def _planned_results(spec: wire.OpSpec, options: dict, arrays: dict, backward: bool) -> list[tuple[tuple, np.dtype]]:
+    """(shape, dtype) of each result of an op, in response order, worked out before it runs; none for a
+    request compute will refuse (compute then says why, naming the request's fields)."""
+    try:
+        dtype = common_dtype({f: arrays.get(f) for f in spec.request_tensors(backward)})
+        if backward:  # a gradient per input the request has
+            return [(arrays[f].shape, dtype) for f in spec.tensors if arrays.get(f) is not None]
+        shape = spec.output_shape({f: a.shape for f, a in arrays.items()}, options)
+    except ConvError:
+        return []
+    indices = [(shape, np.dtype(np.int64))] if "indices" in spec.result_tensors(False, options) else []
+    return [(shape, dtype), *indices]
 
 
 def _stop_when_ended(context, flag: StopFlag) -> None:

@@ -14,8 +14,9 @@ carries seals (a memfd; a disk file or a /dev/shm file cannot be sealed) includi
 F_SEAL_GROW, not sealed against writes, on ordinary pages (hugetlbfs could fault when its pool runs
 dry), open read-write, not empty, and at most ``max_region_bytes``. A sealed region cannot shrink, so
 reading and writing the mapping can never fault past its end (no SIGBUS); a hole the client punches
-reads as zeros. Requests read their inputs as numpy views of the mapping and the results are written
-straight into the offered span. The server touches only a request's bytes, so a sparse region costs it
+reads as zeros. Requests read their inputs as numpy views of the mapping, and the backend computes
+the results straight into the offered output span (``plan``, then ``outputs`` copies only a result that
+did not come out there). The server touches only a request's bytes, so a sparse region costs it
 nothing more.
 """
 
@@ -25,6 +26,7 @@ import collections
 import contextlib
 import fcntl
 import logging
+import math
 import mmap
 import os
 import secrets
@@ -106,6 +108,8 @@ class SharedMemorySessions:
         self._connections: dict[int, _Connection] = {}
         #: Bytes of client regions mapped, all sessions together.
         self._mapped = 0
+        #: Results the backend computed straight into their output span, and results copied there.
+        self.results_in_place = self.results_copied = 0
         self.address = ""
 
     # -- sessions -------------------------------------------------------------------------------
@@ -161,6 +165,12 @@ class SharedMemorySessions:
     def session_count(self) -> int:
         with self._lock:
             return len(self._sessions)
+
+    def count_results(self, in_place: int, copied: int) -> None:
+        with self._lock:
+            self.results_in_place += in_place
+            self.results_copied += copied
+        log.debug("shared-memory results: %d computed in place, %d copied", in_place, copied)
 
     # -- the socket thread ----------------------------------------------------------------------
 
@@ -369,7 +379,7 @@ class SharedMemorySessions:
                 "shared_memory.session_id",
                 "unknown session (it ended when its socket connection closed, or the server restarted): open a new one",
             )
-        yield _Request(session)
+        yield _Request(self, session)
 
 
 def _checked_size(fd: int, max_bytes: int) -> int:
@@ -400,10 +410,25 @@ def _checked_size(fd: int, max_bytes: int) -> int:
     return info.st_size
 
 
+def _layout(nbytes: list[int]) -> tuple[list[int], int]:
+    """Offsets of results of these sizes in an output span, each on a cache line, and the span's size."""
+    offsets, size = [], 0
+    for n in nbytes:
+        offsets.append(size)
+        size += -(-n // _ALIGN) * _ALIGN
+    return offsets, size
+
+
+def _same_memory(array: np.ndarray, slot: np.ndarray) -> bool:
+    """Whether ``array`` is exactly ``slot``'s bytes (same start, C order; ``slot`` has its size)."""
+    return bool(array.nbytes) and array.flags.c_contiguous and array.ctypes.data == slot.ctypes.data
+
+
 class _Request:
     """One request's access to its session's regions: views of the mappings, checked span by span."""
 
-    def __init__(self, session: _Session):
+    def __init__(self, sessions: SharedMemorySessions, session: _Session):
+        self.sessions = sessions
         self.session = session
 
     def _region(self, field: str, region_id: int) -> _Region:
@@ -444,23 +469,46 @@ class _Request:
             arrays[name] = array
         return arrays
 
+    def plan(self, results: list[tuple[tuple, np.dtype]], buffer: pb.SharedBuffer | None,
+             inputs: list[tuple[str, pb.Tensor]]) -> list[np.ndarray]:  # fmt: skip
+        """Writable views of ``buffer`` where :meth:`outputs` will put results of these shapes and dtypes,
+        for the backend to compute into (``convrpc.core.placing``). No views when they will not fit (the
+        results then go inline) or when the span overlaps an input's (the protocol allows it: the
+        results are then computed aside, and copied there once every input has been read)."""
+        nbytes = [math.prod(shape) * dtype.itemsize for shape, dtype in results]
+        offsets, size = _layout(nbytes)
+        if not results or buffer is None or buffer.size < size:
+            return []
+        for name, msg in inputs:
+            start, region_id = msg.shared.offset, msg.shared.region_id
+            stop = start + wire.tensor_layout(msg, name)[2]
+            if region_id == buffer.region_id and start < buffer.offset + size and buffer.offset < stop:
+                return []
+        span = self._span(_BUFFER, buffer.region_id, buffer.offset, size, _ALIGN)
+        return [span[o : o + n].view(dtype).reshape(shape) for o, n, (shape, dtype) in zip(offsets, nbytes, results)]
+
     def outputs(self, arrays: list[tuple[str, np.ndarray]], buffer: pb.SharedBuffer | None) -> dict[str, pb.Tensor]:
-        """Write the results into the client's ``buffer`` if they fit (``{field: Tensor}`` with ``shared``
-        spans saying where each went), else inline."""
-        layout, size = [], 0
-        for name, array in arrays:
-            layout.append((name, array, size))
-            size += -(-array.nbytes // _ALIGN) * _ALIGN
+        """Put the results into the client's ``buffer`` if they fit (``{field: Tensor}`` with ``shared``
+        spans saying where each went), else inline. A result the backend computed in its place there
+        (see :meth:`plan`) is not copied."""
+        offsets, size = _layout([array.nbytes for _, array in arrays])
         if buffer is None or buffer.size < size:
-            return {name: wire.encode_tensor(array, name) for name, array, _ in layout}
+            return {name: wire.encode_tensor(array, name) for name, array in arrays}
         if buffer.size < 0:
             raise InvalidArgumentError(f"{_BUFFER}.size", f"must be >= 0, got {buffer.size}")
         span = self._span(_BUFFER, buffer.region_id, buffer.offset, size, _ALIGN)
-        out = {}
-        for name, array, offset in layout:
-            np.copyto(span[offset : offset + array.nbytes], array.reshape(-1).view(np.uint8))
+        copies, out = [], {}
+        for (name, array), offset in zip(arrays, offsets):
+            slot = span[offset : offset + array.nbytes]
+            if not _same_memory(array, slot):
+                # A result elsewhere in the span (not in its own slot) moves out first: no copy may
+                # overwrite a result not yet copied.
+                copies.append((slot, array.copy() if np.may_share_memory(array, span) else array))
             out[name] = pb.Tensor(
                 dtype=wire.dtype_enum(array.dtype), shape=array.shape,
                 shared=pb.SharedSpan(region_id=buffer.region_id, offset=buffer.offset + offset),
             )  # fmt: skip
+        for slot, array in copies:
+            np.copyto(slot, array.reshape(-1).view(np.uint8))
+        self.sessions.count_results(len(arrays) - len(copies), len(copies))
         return out
