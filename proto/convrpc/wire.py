@@ -272,6 +272,18 @@ class OpSpec:
         shapes (by field), checking every argument with the core's rules."""
         return tuple(self.shape(*(shapes.get(t) for t in self.tensors), **options))
 
+    def result_shapes(
+        self, shapes: Mapping[str, tuple | None], options: Mapping[str, Any], dtype: np.dtype, backward: bool,
+    ) -> list[tuple[tuple, np.dtype]]:  # fmt: skip
+        """``(shape, dtype)`` of each result in response order, from the request tensors' shapes (by field),
+        checking the arguments: a gradient per input the request has (backward), or the output and, with
+        return_indices, its int64 indices. The server plans where results go from this, the SDK sizes spans."""
+        if backward:
+            return [(tuple(shapes[t]), dtype) for t in self.tensors if shapes.get(t) is not None]
+        shape = self.output_shape(shapes, options)
+        indices = [(shape, DTYPES[pb.DTYPE_INT64])] if options.get("return_indices") else []
+        return [(shape, dtype), *indices]
+
 
 def _user_shape(geometry, shape) -> tuple:
     return tuple(shape[1:]) if geometry.unbatched else tuple(shape)
@@ -383,11 +395,11 @@ def decode_conv_options(msg: pb.Conv2dOptions | None) -> dict:
     return decode_op(pb.Op(conv2d=msg if msg is not None else pb.Conv2dOptions()))[1]
 
 
-def output_bytes(name: str, options: Mapping[str, Any], shapes: Mapping[str, tuple | None], itemsize: int) -> int:
+def output_bytes(name: str, options: Mapping[str, Any], shapes: Mapping[str, tuple | None], dtype: np.dtype) -> int:
     """Bytes of op ``name``'s forward results (the output, and int64 indices with return_indices) for
-    inputs of these shapes (by field), checking the arguments."""
-    count = math.prod(OP_SPECS[name].output_shape(shapes, options))
-    return count * (itemsize + (DTYPES[pb.DTYPE_INT64].itemsize if options.get("return_indices") else 0))
+    inputs of these shapes (by field) and dtype, checking the arguments."""
+    results = OP_SPECS[name].result_shapes(shapes, options, np.dtype(dtype), backward=False)
+    return sum(math.prod(shape) * d.itemsize for shape, d in results)
 
 
 # -- training enums -------------------------------------------------------------------------------

@@ -227,7 +227,7 @@ def _output_bytes(call: Call) -> int:
     if call.net is not None:
         return math.prod(call.net.output_shape(x.shape)) * x.dtype.itemsize
     name, options = wire.decode_op(call.message)
-    return wire.output_bytes(name, options, {f: a.shape for f, a in call.arrays.items()}, x.dtype.itemsize)
+    return wire.output_bytes(name, options, {f: a.shape for f, a in call.arrays.items()}, x.dtype)
 
 
 def _fit_rows(call: Call, n: int, max_bytes: int) -> int | None:
@@ -626,20 +626,15 @@ def result_bytes(call: Call) -> int | None:
     """Bytes of the results of ``call`` laid out as the server places them (each on 64 bytes); None when
     the call is malformed (the server will say how)."""
     try:
-        if call.backward:  # a gradient per differentiable input: an op's tensors, a network's input and params
-            takes = wire.OP_SPECS[call.op].tensors if call.net is None else None
-            sizes = [
-                a.nbytes for f, a in call.arrays.items()
-                if f != "grad_output" and (takes is None or f in takes)
-            ]  # fmt: skip
-        elif call.net is not None:
-            sizes = [_output_bytes(call)]
-        else:
+        if call.net is None:
             _, options = wire.decode_op(call.message)
-            x = call.arrays["input"]
             shapes = {f: a.shape for f, a in call.arrays.items()}
-            count = math.prod(wire.OP_SPECS[call.op].output_shape(shapes, options))
-            sizes = [count * x.dtype.itemsize] + ([count * 8] if options.get("return_indices") else [])
+            results = wire.OP_SPECS[call.op].result_shapes(shapes, options, call.arrays["input"].dtype, call.backward)
+            sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in results]
+        elif call.backward:  # the input's and every parameter's gradient
+            sizes = [a.nbytes for f, a in call.arrays.items() if f != "grad_output"]
+        else:
+            sizes = [_output_bytes(call)]
     except (ConvError, KeyError, TypeError, ValueError):
         return None
     return sum(aligned(n) for n in sizes)

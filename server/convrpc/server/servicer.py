@@ -599,13 +599,9 @@ def _planned_results(spec: wire.OpSpec, options: dict, arrays: dict, backward: b
     request compute will refuse (compute then says why, naming the request's fields)."""
     try:
         dtype = common_dtype({f: arrays.get(f) for f in spec.request_tensors(backward)})
-        if backward:  # a gradient per input the request has
-            return [(arrays[f].shape, dtype) for f in spec.tensors if arrays.get(f) is not None]
-        shape = spec.output_shape({f: a.shape for f, a in arrays.items()}, options)
+        return spec.result_shapes({f: a.shape for f, a in arrays.items()}, options, dtype, backward)
     except ConvError:
         return []
-    indices = [(shape, np.dtype(np.int64))] if "indices" in spec.result_tensors(False, options) else []
-    return [(shape, dtype), *indices]
 
 
 def _stop_when_ended(context, flag: StopFlag) -> None:
