@@ -1,15 +1,15 @@
-"""InputBuffers hand a warm buffer out again only once nothing of an earlier call refers to it."""
+"""WarmBuffers hand a warm buffer out again only once nothing of an earlier call refers to it."""
 
 from __future__ import annotations
 
 import numpy as np
-from convrpc.server.buffers import MIN_POOLED_BYTES, InputBuffers
+from convrpc.buffers import MIN_POOLED_BYTES, WarmBuffers
 
 SHAPE = (MIN_POOLED_BYTES // 4,)
 
 
 def test_a_buffer_is_reused_only_after_every_array_on_it_is_gone():
-    pool = InputBuffers(4 * MIN_POOLED_BYTES)
+    pool = WarmBuffers(4 * MIN_POOLED_BYTES)
     a = pool.empty(SHAPE, np.float32)
     b = pool.empty(SHAPE, np.float32)
     assert not np.shares_memory(a, b)  # a is still alive
@@ -23,7 +23,7 @@ def test_a_buffer_is_reused_only_after_every_array_on_it_is_gone():
 
 
 def test_the_pool_never_holds_more_than_its_cap_and_small_or_huge_arrays_bypass_it():
-    pool = InputBuffers(2 * MIN_POOLED_BYTES)
+    pool = WarmBuffers(2 * MIN_POOLED_BYTES)
     held = [pool.empty(SHAPE, np.float32) for _ in range(3)]  # the third is allocated outside the pool
     assert sum(b.nbytes for b in pool._buffers) <= 2 * MIN_POOLED_BYTES
     assert pool.empty((10,), np.float32).base is None

@@ -258,3 +258,36 @@ def test_get_server_info_reports_the_side_channel_port(srv):
     with ConvClient(srv.target, timeout=30) as client:
         stub = client._methods[0]["GetServerInfo"]
         assert stub(pb.GetServerInfoRequest(), timeout=10).side_channel_port == srv.servicer.side.port
+
+
+BIG = np.random.default_rng(9).standard_normal((1, 1, 1024, 1280)).astype(np.float32)  # past MIN_POOLED_BYTES
+
+
+def test_the_server_computes_a_streams_results_into_its_warm_buffers(srv, no_chunks, monkeypatch):
+    handed = []
+    take = srv.servicer.buffers.empty
+    monkeypatch.setattr(srv.servicer.buffers, "empty", lambda shape, dtype: handed.append(take(shape, dtype)) or handed[-1])
+    with ConvClient(srv.target, timeout=60, data_path="stream") as client:
+        y = client.relu(BIG)
+    _same_bytes(y, np.maximum(BIG, 0))
+    assert [a.shape for a in handed] == [BIG.shape, BIG.shape]  # the payload's array, then the result's
+    received, computed = handed
+    _same_bytes(received, BIG)
+    _same_bytes(computed, y)
+
+
+def test_stream_results_the_caller_holds_are_never_received_into_and_freed_ones_are_reused(srv, no_chunks):
+    with ConvClient(srv.target, timeout=60, data_path="stream") as client:
+        held = client.relu(BIG)
+        other = client.relu(-BIG)
+        assert not np.shares_memory(held, other)
+        _same_bytes(held, np.maximum(BIG, 0))
+        warm = id(other.base)  # (no reference: it would keep the buffer from being reused)
+        assert warm in [id(b) for b in client._core.buffers._buffers]  # warm memory the client keeps
+        del other
+        again = client.relu(BIG)
+        assert id(again.base) == warm  # received into again once freed, not into fresh pages
+        _same_bytes(again, np.maximum(BIG, 0))
+        _same_bytes(held, np.maximum(BIG, 0))
+    with ConvClient(srv.target, timeout=60, data_path="stream", stream_buffer_bytes=0) as client:
+        assert client.relu(BIG).base is None  # no warm memory kept: a fresh array

@@ -41,6 +41,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 from convrpc import shm, wire
+from convrpc.buffers import WarmBuffers
 from convrpc.core import network
 from convrpc.core.errors import ConvError
 from convrpc.v1 import conv_service_pb2 as pb
@@ -325,7 +326,7 @@ class CallCore:
         self, targets: Sequence[str], *, mode: str = "auto", chunk_bytes: int | None = None,
         shard_size: int | None = None, max_message_bytes: int = config.MAX_MESSAGE_BYTES,
         shm_pool_bytes: int = config.SHM_POOL_BYTES, side: SideConnector | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        stream_buffer_bytes: int = config.STREAM_BUFFER_BYTES, clock: Callable[[], float] = time.monotonic,
     ):  # fmt: skip
         if mode not in PATHS:
             raise ValueError(f"data_path: expected one of {', '.join(PATHS)}, got {mode!r}")
@@ -341,6 +342,8 @@ class CallCore:
         self.replicas = [Replica(i, t, mode) for i, t in enumerate(targets)]
         #: The client's shared-memory regions, handed to each replica's session as calls need them.
         self.pool = RegionPool(shm_pool_bytes)
+        #: Warm memory the results of streams are received into (reused once the caller freed them).
+        self.buffers = WarmBuffers(stream_buffer_bytes)
         #: Size caps the servers reported when refusing a call ({setting: limit}); calls are cut to fit them.
         self.caps: dict[str, int] = {}
         self._clock = clock
@@ -501,7 +504,7 @@ class CallCore:
             result = yield from self._side_channel(replica, call)
             if result is not None:
                 return result
-        reader = StreamReader()
+        reader = StreamReader(self.buffers.empty)
         messages = stream_messages(call, self.chunk_bytes)
         try:
             yield Stream(replica, call.method + "Stream", messages, self._left(call.deadline), reader.add)
@@ -520,7 +523,7 @@ class CallCore:
             if not replica.side_ok:
                 return None
         timeout = self._left(call.deadline)
-        transfer = SideTransfer(self.side, replica.target, list(call.arrays.values()), timeout)
+        transfer = SideTransfer(self.side, replica.target, list(call.arrays.values()), timeout, self.buffers.empty)
         try:
             yield Stream(replica, call.method + "Stream", iter([stream_request(call, side_channel=True)]), timeout,
                          transfer.add, blocking=True, on_end=transfer.close)  # fmt: skip

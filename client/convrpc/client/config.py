@@ -33,6 +33,9 @@ SHM_THRESHOLD_BYTES = 64 * 1024
 #: Bytes of shared-memory regions a client holds at most (idle, staging and those its results and
 #: ``empty``/``asarray`` arrays view); past it a call takes the network and ``empty`` gives ordinary memory.
 SHM_POOL_BYTES = 8 * 1024 * 1024 * 1024
+#: Bytes of warm memory kept to receive streams' large results into (``convrpc.buffers``): a buffer is
+#: reused once the caller freed every array on it; fresh pages cost their faults and zeroing every call.
+STREAM_BUFFER_BYTES = 512 * 1024 * 1024
 
 # -- sharding and failover ----------------------------------------------------------------------------
 

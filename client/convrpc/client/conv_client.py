@@ -33,7 +33,9 @@ class ConvClient(OpMethods):
     the client's shared memory, sent to a local server with no copy; results of shared-memory calls
     view it too, and the client's regions hold at most ``shm_pool_bytes``. A stream moves its bytes
     over the server's side channel (a raw TCP socket its RPC hands out a one-time token for) when the
-    server offers one; ``side_channel=False`` keeps them on the gRPC stream.
+    server offers one; ``side_channel=False`` keeps them on the gRPC stream. A stream's large results are
+    received into warm memory the client keeps, at most ``stream_buffer_bytes`` (0: none), reused once the
+    arrays of an earlier call on it are freed.
 
     Forward and Backward calls whose batch exceeds ``shard_size`` (None: no limit) are split along N
     and run concurrently over the replicas, on any data path, as are unary requests too large for one

@@ -95,7 +95,8 @@ def inline_results(response) -> dict[str, np.ndarray]:
 class StreamReader:
     """Reassembles a ForwardStream/BackwardStream response (the response, then chunks) into arrays."""
 
-    def __init__(self):
+    def __init__(self, allocate=np.empty):
+        self.allocate = allocate  # (shape, dtype) -> the array a result is received into
         self.assembler: chunks.PayloadAssembler | None = None
 
     def add(self, message) -> None:
@@ -105,7 +106,7 @@ class StreamReader:
             elif not isinstance(message, tuple) and message.WhichOneof("message") == "response":
                 if self.assembler is not None:
                     raise ConvRpcError(grpc.StatusCode.INTERNAL, "the response stream sent a second response")
-                self.assembler = chunks.PayloadAssembler(chunks.streamed_tensors(message.response))
+                self.assembler = chunks.PayloadAssembler(chunks.streamed_tensors(message.response), allocate=self.allocate)
             else:
                 raise ConvRpcError(grpc.StatusCode.INTERNAL, "the response stream sent a chunk before its response")
         except ConvError as exc:

@@ -88,6 +88,7 @@ class OpMethods(NetworkMethods):
         chunk_bytes: int | None = None,
         shm_pool_bytes: int = config.SHM_POOL_BYTES,
         side_channel: bool = True,
+        stream_buffer_bytes: int = config.STREAM_BUFFER_BYTES,
     ):
         self._channel_args = dict(
             token=token, root_certificates=root_certificates, private_key=private_key,
@@ -99,7 +100,7 @@ class OpMethods(NetworkMethods):
         self._core = CallCore(
             self.targets, mode=data_path, chunk_bytes=chunk_bytes, shard_size=shard_size,
             max_message_bytes=max_message_bytes(options), shm_pool_bytes=shm_pool_bytes,
-            side=self._side_connector(side_channel),
+            side=self._side_connector(side_channel), stream_buffer_bytes=stream_buffer_bytes,
         )  # fmt: skip
         self._methods = [methods(c) for c in self._channels]
         self._start()

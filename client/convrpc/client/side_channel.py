@@ -107,8 +107,10 @@ class SideTransfer:
     socket: the asyncio client runs it in a thread), ``finish`` returns the results, ``close`` (any thread,
     also when the RPC ends) drops the connection."""
 
-    def __init__(self, connector: SideConnector, target: str, arrays: Sequence[np.ndarray], timeout: float | None):
+    def __init__(self, connector: SideConnector, target: str, arrays: Sequence[np.ndarray], timeout: float | None,
+                 allocate=np.empty):  # fmt: skip
         self.connector, self.target, self.arrays, self.timeout = connector, target, list(arrays), timeout
+        self.allocate = allocate  # (shape, dtype) -> the array a result is received into
         self.assembler: chunks.PayloadAssembler | None = None
         self.sock: socket.socket | None = None
         self._lock = threading.Lock()
@@ -153,7 +155,7 @@ class SideTransfer:
 
     def _receive(self, response) -> None:
         try:
-            self.assembler = chunks.PayloadAssembler(chunks.streamed_tensors(response))
+            self.assembler = chunks.PayloadAssembler(chunks.streamed_tensors(response), allocate=self.allocate)
         except ConvError as exc:
             raise ConvRpcError(grpc.StatusCode.INTERNAL, f"malformed response: {exc}") from None
         try:

@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from convrpc import chunks, networks, wire
+from convrpc.buffers import WarmBuffers
 from convrpc.core import DTYPES, OPS, Backend, network
 from convrpc.core.backend import common_dtype
 from convrpc.core.errors import (
@@ -31,7 +32,6 @@ from convrpc.core.training import TrainConfig, TrainResult, fit_kernel
 from convrpc.v1 import conv_service_pb2 as pb
 
 from . import status
-from .buffers import InputBuffers
 from .decoding import Undecodable, UndecodableLog, UndecodableRequest, lenient
 from .interceptors import ComputeSlots
 from .logs import request_id as current_request_id
@@ -128,7 +128,7 @@ class ConvService:
         )
         self.slots = ComputeSlots(settings.compute_slots)
         self.streams = StreamWatch(settings.stream_idle_timeout)
-        self.buffers = InputBuffers(settings.stream_buffer_bytes)
+        self.buffers = WarmBuffers(settings.stream_buffer_bytes)
         self.undecodable = UndecodableLog()
         self._lock = threading.Lock()
         #: The stop event of every running training run (TrainKernel or TrainNetwork), by its run_id (or a
@@ -254,8 +254,10 @@ class ConvService:
         arrays, _ = yield from self._decode(request, fields, chunked, None)
         _check_alive(context)
         with self.slots.held():
-            results = _until_ended(context, compute, arrays)
-        del arrays
+            # A stream's results are computed into warm buffers too: fresh pages would cost the op their faults.
+            warm = [] if chunked is None else [self.buffers.empty(*result) for result in planned(arrays)]
+            results = _until_ended(context, compute, arrays, warm)
+        del arrays, warm
         if chunked is None:
             yield response({f: wire.encode_tensor(a, f) for f, a in results})
             return

@@ -148,8 +148,8 @@ class Settings:
     )
     side_channel_port: int = knob(0, "TCP port of the side channel, bound to host; 0 picks a free one")
     stream_buffer_bytes: int = knob(
-        config.STREAM_BUFFER_BYTES, "warm memory kept to receive large stream payloads into, instead of fresh pages "
-        "each call (bytes); 0 keeps none"
+        config.STREAM_BUFFER_BYTES, "warm memory kept to receive large stream payloads and compute their results "
+        "into, instead of fresh pages each call (bytes); 0 keeps none"
     )
 
     def __post_init__(self):

@@ -1,11 +1,12 @@
-"""InputBuffers: warm memory to receive large stream payloads into, instead of fresh pages every call.
+"""WarmBuffers: warm memory for a stream's large arrays, instead of fresh pages every call (server and SDK).
 
-Receiving into freshly allocated memory pays a page fault and the kernel's zeroing for every page:
+Writing into freshly allocated memory pays a page fault and the kernel's zeroing for every page:
 measured on loopback, 256 MiB took 250-410 ms to receive into a fresh array against 150-240 ms into
-one already touched. So the arrays a stream's payload is assembled into are views of buffers kept
+one already touched. So the arrays a stream's payload is received into (the server's inputs, the
+SDK's results) and the results the server computes before sending them are views of buffers kept
 from earlier calls, up to ``max_bytes`` in all. A buffer is handed out again only once no array
 of an earlier call refers to it (every view holds a reference to its buffer, so the reference count
-says so), which also covers results that are views of their inputs.
+says so), which also covers results that are views of their inputs and results a caller still holds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["InputBuffers"]
+__all__ = ["MIN_POOLED_BYTES", "WarmBuffers"]
 
 #: Smaller arrays come from the allocator as usual: their pages are few, and often reused by malloc.
 MIN_POOLED_BYTES = 4 * 1024 * 1024
@@ -24,7 +25,7 @@ MIN_POOLED_BYTES = 4 * 1024 * 1024
 _FREE_REFS = 3
 
 
-class InputBuffers:
+class WarmBuffers:
     """``empty(shape, dtype)`` like ``np.empty``, from warm buffers when one is free. Thread-safe."""
 
     def __init__(self, max_bytes: int):
