@@ -207,8 +207,12 @@ def col2im_add(cols, gx, n0, c0, r0, ih_lo, ih_hi, kh, kw, sh, sw, pt, pl, dh, d
                         ih = (r0 + r) * sh - pt + i * dh
                         if ih < ih_lo or ih >= ih_hi:
                             continue
-                        base = r * out_w
-                        plane[ih, first:last:sw] += src[base + lo : base + hi]
+                        # A loop over the slices: `plane[ih, first:last:sw] += ...` costs a call and a temporary
+                        # per row and tap (g, 7x7 stride 2: 5.9 -> 1.0 ms an image, float32).
+                        dst = plane[ih, first:last:sw]
+                        part = src[r * out_w + lo : r * out_w + hi]
+                        for q in range(hi - lo):
+                            dst[q] += part[q]
 
 
 # -- small convs: im2col per (image, group) in a private buffer, then vectorised axpy/dot loops --
@@ -450,8 +454,10 @@ def _wide_pad(x, n, c, pad, r0, sh, sw, pt, pl, wg):
                     continue
                 dst_row = pad[base + rr * wg : base + (rr + 1) * wg]
                 src_row = x[n, c, ih]
-                if sw == 1:
-                    dst_row[u_lo:u_hi] = src_row[u_lo + b - pl : u_hi + b - pl]
+                if sw == 1:  # loops over slices: a slice assignment costs a call and an overlap check
+                    dst, src = dst_row[u_lo:u_hi], src_row[u_lo + b - pl : u_hi + b - pl]
+                    for u in range(u_hi - u_lo):
+                        dst[u] = src[u]
                 else:
                     for u in range(u_lo, u_hi):
                         dst_row[u] = src_row[u * sw + b - pl]

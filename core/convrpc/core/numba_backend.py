@@ -2,8 +2,8 @@
 
 Convolutions with enough channels go through im2col into a reused, size-capped workspace plus
 one BLAS matmul per tile, or, for stride-1 3x3 ones, Winograd F(2x2, 3x3) (fewer multiplications:
-batched BLAS matmuls between numba transforms; forward, input and weight gradient); small, grouped and
-depthwise ones run direct numba loops. An op stops part way when its caller's stop flag is set
+batched BLAS matmuls between numba transforms; forward, input and weight gradient); stride-1 ones with
+few taps sum them straight from the padded input; small, grouped and depthwise ones run direct numba loops. An op stops part way when its caller's stop flag is set
 (``convrpc.core.stopping``): the kernels read it per row, and no further tile is started. The algorithm is chosen once per geometry (:func:`conv_algorithm`) and can be forced. Pooling and
 relu are direct loops. Every parallel loop owns what it writes, so results do not depend on the
 thread count or on other requests.
