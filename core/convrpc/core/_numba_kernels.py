@@ -617,10 +617,14 @@ def conv2d_wide_direct(x, wq, b, has_bias, y, offs, wg, span, chunks, sh, sw, pt
                     e0, e1, e2, e3 = s0[q], s1[q], s2[q], s3[q]
                     acc0[q] += w0 * e0 + w1 * e1 + w2 * e2 + w3 * e3
                     acc1[q] += v0 * e0 + v1 * e1 + v2 * e2 + v3 * e3
-            for oh in range(out_h):
-                y[n, k, oh, :] = acc0[oh * wg : oh * wg + out_w]
+            for oh in range(out_h):  # loops, not slice assignments (a call and an overlap check each)
+                row0, row1 = y[n, k, oh], y[n, min(k + 1, c_out - 1), oh]
+                src0, src1 = acc0[oh * wg : oh * wg + out_w], acc1[oh * wg : oh * wg + out_w]
+                for q in range(out_w):
+                    row0[q] = src0[q]
                 if k + 1 < c_out:
-                    y[n, k + 1, oh, :] = acc1[oh * wg : oh * wg + out_w]
+                    for q in range(out_w):
+                        row1[q] = src1[q]
 
 
 @njit(**_PAR)
@@ -650,7 +654,9 @@ def conv2d_weight_grad_wide_direct(x, gy, partial, offs, wg, span, sh, sw, pt, p
                 _wide_pad(x, n, c, pad[c], 0, sh, sw, pt, pl, wg)
             for k in range(c_out):
                 for oh in range(out_h):
-                    grid[k, oh * wg : oh * wg + out_w] = gy[n, k, oh, :]
+                    dst, src = grid[k, oh * wg : oh * wg + out_w], gy[n, k, oh]
+                    for q in range(out_w):
+                        dst[q] = src[q]
             for k in range(0, kq, 2):
                 g0, g1 = grid[k], grid[k + 1]
                 for t in range(0, tq, 4):
