@@ -3,7 +3,8 @@
 Convolutions with enough channels go through im2col into a reused, size-capped workspace plus
 one BLAS matmul per tile, or, for stride-1 3x3 ones, Winograd F(2x2, 3x3) (fewer multiplications:
 batched BLAS matmuls between numba transforms; forward, input and weight gradient); stride-1 ones with
-few taps sum them straight from the padded input; small, grouped and depthwise ones run direct numba loops. An op stops part way when its caller's stop flag is set
+few taps sum them straight from the padded input; small, grouped and depthwise ones run direct numba
+loops. An op stops part way when its caller's stop flag is set
 (``convrpc.core.stopping``): the kernels read it per row, and no further tile is started. The algorithm is chosen once per geometry (:func:`conv_algorithm`) and can be forced. Pooling and
 relu are direct loops. Every parallel loop owns what it writes, so results do not depend on the
 thread count or on other requests.
@@ -356,9 +357,9 @@ WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_WEIGHT_GRAD = True
 #: Stride-1 BLAS convs with fewer taps (C*kh*kw) than this run "direct-wide": their GEMM, K =
 #: C*kh*kw deep, is bound by memory. c (32,3,32,32)x(16,3,3,3), K = 27, against im2col_wide + BLAS
-#: (load 2): float64 forward 0.95 ms against 1.66-1.75, input gradient 1.15-1.25 against 2.3-2.4,
-#: weight gradient 0.8-1.2 against 3.1; float32 0.41-0.58 against 1.37, 0.58-0.81 against
-#: 1.37-2.15, 0.56-0.92 against 2.0. Strided and pointwise convs keep im2col (not measured).
+#: (best of 3 alternating runs, load 3.6-3.8): float64 forward 0.98 ms against 1.79, input gradient
+#: 1.46 against 3.02, weight gradient 1.17 against 2.87; float32 0.57 against 1.22, 0.68 against
+#: 1.85, 0.51 against 2.28. Strided and pointwise convs keep im2col (not measured).
 WIDE_DIRECT_MAX_TAPS = 64
 #: Largest padded image (all its channels) for "direct-wide": its taps' runs are re-read from L2.
 WIDE_DIRECT_PAD_BYTES = 512 * 1024
