@@ -201,3 +201,17 @@ def test_direct_wide_runs_strided_and_dilated_convs(nb, ref, force, x_shape, w_s
     expected = ref.conv2d_backward(gy, x, w, b, **opts)
     assert_close(grads.input, expected.input, "direct-wide grad input")
     assert_close(grads.weight, expected.weight, "direct-wide grad weight")
+
+
+def test_direct_wide_is_chosen_for_few_taps_within_the_workspace_cap(force):
+    force(None)
+    few_taps = params.conv2d_geometry((32, 3, 32, 32), (16, 3, 3, 3), None, padding=1)  # 27 taps
+    many_taps = params.conv2d_geometry((8, 8, 32, 32), (16, 8, 3, 3), None, padding=1)  # 72
+    assert numba_backend.conv_algorithm(few_taps, 8) == "direct-wide"
+    assert numba_backend.conv_algorithm(many_taps, 8) != "direct-wide"
+    old = numba_backend.workspace_limit()
+    numba_backend.set_workspace_limit(64 * 1024)  # 32 KB a thread: not the padded image and its grids
+    try:
+        assert numba_backend.conv_algorithm(few_taps, 8) != "direct-wide"
+    finally:
+        numba_backend.set_workspace_limit(old)

@@ -361,8 +361,8 @@ WINOGRAD_WEIGHT_GRAD = True
 #: 1.46 against 3.02, weight gradient 1.17 against 2.87; float32 0.57 against 1.22, 0.68 against
 #: 1.85, 0.51 against 2.28. Strided and pointwise convs keep im2col (not measured).
 WIDE_DIRECT_MAX_TAPS = 64
-#: Largest padded image (all its channels) for "direct-wide": its taps' runs are re-read from L2.
-WIDE_DIRECT_PAD_BYTES = 512 * 1024
+#: Largest scratch per thread for "direct-wide" (mostly the padded image: its taps' runs are re-read from L2).
+WIDE_DIRECT_BYTES = 512 * 1024
 _log = logging.getLogger(__name__)
 _forced: str | None = os.environ.get("CONVRPC_CONV_ALGORITHM") or None
 if _forced not in (None, *CONV_ALGORITHMS):
@@ -396,8 +396,9 @@ def _fits(name: str, g: ConvGeometry, itemsize: int, serial: bool) -> bool:
         return _Plan.make(g, itemsize, _is_pointwise(g), serial) is not None
     if name == "small":
         return _use_small(g, itemsize)
-    if name == "direct-wide":
-        return g.groups == 1 and g.c_in * _wide_span(g, g.out_h) * itemsize <= WIDE_DIRECT_PAD_BYTES
+    if name == "direct-wide":  # per thread: the padded image, two accumulators, the weight gradient's gy grid
+        scratch = (g.c_in * _wide_span(g, g.out_h) + (g.c_out + 3) * g.out_h * _wide_width(g)) * itemsize
+        return g.groups == 1 and scratch <= min(WIDE_DIRECT_BYTES, _workspace_limit // THREADS)
     return True
 
 
