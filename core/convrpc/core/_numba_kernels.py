@@ -613,6 +613,10 @@ def conv2d_wide_direct(x, wq, b, has_bias, y, offs, wg, span, chunks, sh, sw, pt
                 s1 = flat[offs[t + 1] : offs[t + 1] + length]
                 s2 = flat[offs[t + 2] : offs[t + 2] + length]
                 s3 = flat[offs[t + 3] : offs[t + 3] + length]
+                if k + 1 == c_out:  # an odd channel count's last one alone (c's input gradient: 3)
+                    for q in range(length):
+                        acc0[q] += w0 * s0[q] + w1 * s1[q] + w2 * s2[q] + w3 * s3[q]
+                    continue
                 for q in range(length):
                     e0, e1, e2, e3 = s0[q], s1[q], s2[q], s3[q]
                     acc0[q] += w0 * e0 + w1 * e1 + w2 * e2 + w3 * e3
