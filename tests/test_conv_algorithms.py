@@ -63,6 +63,9 @@ def test_forced_algorithm_matches_the_reference(nb, ref, force, algorithm, case,
     if algorithm in WINOGRAD:
         assert numba_backend.last_algorithm["grad-input"] == f"flipped {algorithm}"
         assert numba_backend.last_algorithm["grad-weight"] == "winograd-2x2"  # the one weight-gradient tile
+    if algorithm == "direct-wide":
+        assert numba_backend.last_algorithm["grad-input"] == "flipped direct-wide"
+        assert numba_backend.last_algorithm["grad-weight"] == "direct-wide"
     expected = ref.conv2d_backward(gy, x, w, b, padding=padding)
     assert_close(grads.input, expected.input, f"{algorithm} grad input")
     assert_close(grads.weight, expected.weight, f"{algorithm} grad weight")
@@ -99,10 +102,11 @@ def test_sweep_with_winograd_forced(nb, ref, force, algorithm, i):
     check_conv2d_config(nb, ref, i)
 
 
-@pytest.mark.parametrize("algorithm", WINOGRAD)
+@pytest.mark.parametrize("algorithm", [*WINOGRAD, "direct-wide"])
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_winograd_keeps_non_finite_values_where_the_direct_sum_puts_them(nb, ref, force, algorithm, value):
-    """A NaN or inf spreads over a whole Winograd tile; such outputs are recomputed exactly."""
+    """A NaN or inf spreads over a whole Winograd tile, and direct-wide's weight gradient multiplies the grid's
+    overhang (neighbouring rows' inputs) by 0; such results are recomputed exactly."""
     x, w, b = _arrays((2, 16, 8, 9), (16, 16, 3, 3), np.float64)
     x[1, 3, 2, 5] = value
     force(algorithm)
@@ -169,5 +173,45 @@ def test_winograd_splits_images_into_tile_rows_under_a_small_workspace(nb, ref, 
         got = nb.conv2d_backward(gy, x, w, b, padding=1).weight
         assert numba_backend.last_algorithm["grad-weight"] == "winograd-2x2"
         assert_close(got, ref.conv2d_backward(gy, x, w, b, padding=1).weight, "conv2d weight gradient")
+    finally:
+        numba_backend.set_workspace_limit(old)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "x_shape, w_shape, opts",
+    [
+        ((1, 2, 11, 8), (3, 2, 2, 3), dict(stride=2, padding=(1, 0))),
+        ((3, 4, 12, 13), (4, 4, 3, 2), dict(dilation=2)),
+        ((2, 3, 15, 15), (16, 3, 7, 7), dict(stride=2, padding=3)),
+        ((2, 5, 7, 9), (3, 5, 3, 3), dict(stride=3, padding=2, dilation=2)),
+    ],
+)
+def test_direct_wide_runs_strided_and_dilated_convs(nb, ref, force, x_shape, w_shape, opts, dtype):
+    """Odd channel counts and tap counts (padded to pairs and fours inside the kernels), stride and dilation phases."""
+    x, w, b = _arrays(x_shape, w_shape, dtype, 8)
+    force("direct-wide")
+    got = nb.conv2d(x, w, b, **opts)
+    assert numba_backend.last_algorithm["forward"] == "direct-wide"
+    want = ref.conv2d(x, w, b, **opts)
+    assert_close(got, want, "direct-wide conv2d")
+    gy = np.random.default_rng(9).standard_normal(want.shape).astype(dtype)
+    grads = nb.conv2d_backward(gy, x, w, b, **opts)
+    assert numba_backend.last_algorithm["grad-weight"] == "direct-wide"
+    expected = ref.conv2d_backward(gy, x, w, b, **opts)
+    assert_close(grads.input, expected.input, "direct-wide grad input")
+    assert_close(grads.weight, expected.weight, "direct-wide grad weight")
+
+
+def test_direct_wide_is_chosen_for_few_taps_within_the_workspace_cap(force):
+    force(None)
+    few_taps = params.conv2d_geometry((32, 3, 32, 32), (16, 3, 3, 3), None, padding=1)  # 27 taps
+    many_taps = params.conv2d_geometry((8, 8, 32, 32), (16, 8, 3, 3), None, padding=1)  # 72
+    assert numba_backend.conv_algorithm(few_taps, 8) == "direct-wide"
+    assert numba_backend.conv_algorithm(many_taps, 8) != "direct-wide"
+    old = numba_backend.workspace_limit()
+    numba_backend.set_workspace_limit(64 * 1024)  # 32 KB a thread: not the padded image and its grids
+    try:
+        assert numba_backend.conv_algorithm(few_taps, 8) != "direct-wide"
     finally:
         numba_backend.set_workspace_limit(old)

@@ -179,41 +179,7 @@ def conv2d_weight_grad_direct(x, gy, gw, groups, sh, sw, pt, pl, dh, dw, stop):
         gw[k, cc, i, j] = total
 
 
-# -- im2col / col2im for the BLAS path (serial: each worker thread runs its own tile) -----------
-
-
-@njit(**_SER)
-def im2col(x, cols, n0, c0, r0, kh, kw, sh, sw, pt, pl, dh, dw, out_w):
-    """cols (C'*kh*kw, T, R*OW) = windows of images n0..n0+T, channels c0..c0+C', output rows r0..r0+R.
-
-    Row ``(c*kh + i)*kw + j`` holds tap (i, j) of channel c0 + c; out-of-bounds taps (padding)
-    are zero. cols is overwritten.
-    """
-    rows, t_, cols_len = cols.shape
-    h, wd = x.shape[2], x.shape[3]
-    n_rows = cols_len // out_w
-    for c in range(rows // (kh * kw)):
-        for i in range(kh):
-            for j in range(kw):
-                off = j * dw - pl
-                lo, hi = _col_range(off, sw, wd, out_w)
-                if hi <= lo:
-                    lo = hi = 0
-                first, last = lo * sw + off, (hi - 1) * sw + off + 1  # input columns read
-                for t in range(t_):
-                    dst = cols[(c * kh + i) * kw + j, t]
-                    xplane = x[n0 + t, c0 + c]
-                    for r in range(n_rows):
-                        base = r * out_w
-                        ih = (r0 + r) * sh - pt + i * dh
-                        if ih < 0 or ih >= h:
-                            dst[base : base + out_w] = 0.0
-                            continue
-                        # Slice copies compile to memcpy-like loops, 3x faster than indexed ones here.
-                        dst[base : base + lo] = 0.0
-                        if hi > lo:
-                            dst[base + lo : base + hi] = xplane[ih, first:last:sw]
-                        dst[base + hi : base + out_w] = 0.0
+# -- col2im for the BLAS path (serial: each worker thread runs its own tile) --------------------
 
 
 @njit(**_SER)
@@ -241,8 +207,12 @@ def col2im_add(cols, gx, n0, c0, r0, ih_lo, ih_hi, kh, kw, sh, sw, pt, pl, dh, d
                         ih = (r0 + r) * sh - pt + i * dh
                         if ih < ih_lo or ih >= ih_hi:
                             continue
-                        base = r * out_w
-                        plane[ih, first:last:sw] += src[base + lo : base + hi]
+                        # A loop over the slices: `plane[ih, first:last:sw] += ...` costs a call and a temporary
+                        # per row and tap (g, 7x7 stride 2: 5.9 -> 1.0 ms an image, float32).
+                        dst = plane[ih, first:last:sw]
+                        part = src[r * out_w + lo : r * out_w + hi]
+                        for q in range(hi - lo):
+                            dst[q] += part[q]
 
 
 # -- small convs: im2col per (image, group) in a private buffer, then vectorised axpy/dot loops --
@@ -460,7 +430,43 @@ def relu_backward(gy, x, gx):
         gx[i] = 0.0 if x[i] <= 0.0 else gy[i]
 
 
-# -- stride-1 im2col on a padded-width grid (long contiguous copies instead of one per output row) --
+# -- im2col from padded phase planes (long contiguous copies instead of one per output row) ------
+
+
+@njit(cache=True, inline="always")
+def _wide_pad(x, n, c, pad, r0, sh, sw, pt, pl, wg):
+    """pad (sh*sw planes, each a whole number of rows wg wide) = x[n, c] from output row r0 on, with
+    its padding, in im2col_wide's layout (see there); pad is overwritten."""
+    h, wd = x.shape[2], x.shape[3]
+    plane = pad.shape[0] // (sh * sw)
+    prow = plane // wg
+    pad[:] = 0.0
+    for a in range(sh):
+        for b in range(sw):
+            base = (a * sw + b) * plane
+            u_lo = max(0, -((b - pl) // sw))  # grid columns whose input column is in [0, wd)
+            u_hi = min(wg, (wd - 1 + pl - b) // sw + 1) if wd - 1 + pl - b >= 0 else 0
+            if u_hi <= u_lo:
+                continue
+            for rr in range(prow):
+                ih = r0 * sh - pt + rr * sh + a
+                if ih < 0 or ih >= h:
+                    continue
+                dst_row = pad[base + rr * wg : base + (rr + 1) * wg]
+                src_row = x[n, c, ih]
+                if sw == 1:  # loops over slices: a slice assignment costs a call and an overlap check
+                    dst, src = dst_row[u_lo:u_hi], src_row[u_lo + b - pl : u_hi + b - pl]
+                    for u in range(u_hi - u_lo):
+                        dst[u] = src[u]
+                else:
+                    for u in range(u_lo, u_hi):
+                        dst_row[u] = src_row[u * sw + b - pl]
+
+
+@njit(cache=True, inline="always")
+def _wide_start(i, j, sh, sw, dh, dw, plane, wg):
+    """Where tap (i, j)'s run over the grid starts in a channel's padded planes (see im2col_wide)."""
+    return (((i * dh) % sh) * sw + (j * dw) % sw) * plane + ((i * dh) // sh) * wg + (j * dw) // sw
 
 
 @njit(**_SER)
@@ -475,40 +481,46 @@ def im2col_wide(x, xpad, cols, n0, c0, r0, kh, kw, sh, sw, pt, pl, dh, dw, wg, o
     weight gradient sums over them, and a NaN there would reach taps that never read it).
     cols and xpad are overwritten.
     """
+    _im2col_planes(x, xpad, cols, n0, c0, r0, kh, kw, sh, sw, pt, pl, dh, dw, wg, out_w, clean, wg)
+
+
+@njit(**_SER)
+def im2col_phased(x, xpad, cols, n0, c0, r0, kh, kw, sh, sw, pt, pl, dh, dw, wg, out_w):
+    """cols (C'*kh*kw, T, R*OW): im2col's block, copied from im2col_wide's padded phase planes.
+
+    Every tap of an output row is then one contiguous run of a plane (im2col gathered a strided,
+    clipped row per tap and row: g, 7x7 stride 2, 1.16 -> 0.44 ms an image, float32). cols and
+    xpad (C', span of R rows) are overwritten.
+    """
+    _im2col_planes(x, xpad, cols, n0, c0, r0, kh, kw, sh, sw, pt, pl, dh, dw, wg, out_w, False, out_w)
+
+
+@njit(cache=True, inline="always")
+def _im2col_planes(x, xpad, cols, n0, c0, r0, kh, kw, sh, sw, pt, pl, dh, dw, wg, out_w, clean, width):
+    """im2col_wide (``width`` wg: one run per tap) or im2col_phased (``width`` OW: one per tap and row)."""
     rows, t_, length = cols.shape
-    h, wd = x.shape[2], x.shape[3]
     plane = xpad.shape[1] // (sh * sw)
-    prow = plane // wg
     for t in range(t_):
         for c in range(rows // (kh * kw)):
             pad = xpad[c]
-            pad[:] = 0.0
-            for a in range(sh):
-                for b in range(sw):
-                    base = (a * sw + b) * plane
-                    u_lo = max(0, -((b - pl) // sw))  # grid columns whose input column is in [0, wd)
-                    u_hi = min(wg, (wd - 1 + pl - b) // sw + 1) if wd - 1 + pl - b >= 0 else 0
-                    if u_hi <= u_lo:
-                        continue
-                    for rr in range(prow):
-                        ih = r0 * sh - pt + rr * sh + a
-                        if ih < 0 or ih >= h:
-                            continue
-                        dst_row = pad[base + rr * wg : base + (rr + 1) * wg]
-                        src_row = x[n0 + t, c0 + c, ih]
-                        if sw == 1:
-                            dst_row[u_lo:u_hi] = src_row[u_lo + b - pl : u_hi + b - pl]
-                        else:
-                            for u in range(u_lo, u_hi):
-                                dst_row[u] = src_row[u * sw + b - pl]
+            _wide_pad(x, n0 + t, c0 + c, pad, r0, sh, sw, pt, pl, wg)
             for i in range(kh):
                 for j in range(kw):
-                    start = (((i * dh) % sh) * sw + (j * dw) % sw) * plane + ((i * dh) // sh) * wg + (j * dw) // sw
+                    start = _wide_start(i, j, sh, sw, dh, dw, plane, wg)
                     dst = cols[(c * kh + i) * kw + j, t]
-                    dst[:] = pad[start : start + length]
-                    if clean:
-                        for r in range(length // wg):
-                            dst[r * wg + out_w : (r + 1) * wg] = 0.0
+                    if width == wg:
+                        dst[:] = pad[start : start + length]
+                        if clean:
+                            for r in range(length // wg):
+                                dst[r * wg + out_w : (r + 1) * wg] = 0.0
+                        continue
+                    # Loops over slices: a slice assignment per row costs a call and an overlap check,
+                    # which made this copy twice as slow.
+                    for r in range(length // width):
+                        seg = dst[r * width : (r + 1) * width]
+                        src = pad[start + r * wg : start + r * wg + width]
+                        for q in range(width):
+                            seg[q] = src[q]
 
 
 @njit(**_SER)
@@ -544,3 +556,130 @@ def col2im_wide(cols, xpad, gx, n0, c0, kh, kw, pt, pl, dh, dw, wg):
                 row[:lo] = 0.0
                 row[lo:hi] = pad[rr * wg + lo + pl : rr * wg + hi + pl]
                 row[hi:] = 0.0
+
+
+# -- direct loops on im2col_wide's grid (few input channels: the GEMM would be memory-bound) -----
+
+
+@njit(cache=True)
+def wide_direct_taps(c_in, kh, kw, sh, sw, dh, dw, span, wg, taps):
+    """(taps,) int64: where each tap's run starts in an image's padded planes (C, span), tap
+    ``(c*kh + i)*kw + j``; the ones past C*kh*kw (padding to a multiple of 4, zero weights) start at 0."""
+    plane = span // (sh * sw)
+    offs = np.zeros(taps, dtype=np.int64)
+    for c in range(c_in):
+        for i in range(kh):
+            for j in range(kw):
+                offs[(c * kh + i) * kw + j] = c * span + _wide_start(i, j, sh, sw, dh, dw, plane, wg)
+    return offs
+
+
+@njit(**_PAR)
+def conv2d_wide_direct(x, wq, b, has_bias, y, offs, wg, span, chunks, sh, sw, pt, pl, stop):
+    """y (N, K, OH, OW) = conv2d(x, w) (+ b), one group, summed tap by tap over im2col_wide's grid.
+
+    wq (K', T') is w reshaped (K, C*kh*kw) with zero rows and columns up to an even K' and a T'
+    divisible by 4; offs holds its taps' starts (wide_direct_taps) in an image's padded planes
+    (C, span), wg wide. Each pass over the grid adds 4 taps into 2 output channels: 8
+    multiply-adds per 6 loads and 2 stores, where one tap into one channel (an axpy) waits on its
+    store. Iteration s of the parallel loop owns jobs (image, channel pair) s*J/chunks ..
+    (s+1)*J/chunks and pads an image only when it changes. y is overwritten.
+    """
+    n_, c_in = x.shape[0], x.shape[1]
+    kq, tq = wq.shape
+    c_out, out_h, out_w = y.shape[1], y.shape[2], y.shape[3]
+    length = out_h * wg
+    jobs = n_ * (kq // 2)
+    for s in prange(chunks):
+        pad = np.empty((c_in, span), dtype=x.dtype)
+        acc0 = np.empty(length, dtype=x.dtype)
+        acc1 = np.empty(length, dtype=x.dtype)
+        flat = pad.reshape(-1)
+        padded = -1
+        for job in range(s * jobs // chunks, (s + 1) * jobs // chunks):
+            if _stopped(stop):
+                break
+            n, k = job // (kq // 2), 2 * (job % (kq // 2))
+            if n != padded:
+                for c in range(c_in):
+                    _wide_pad(x, n, c, pad[c], 0, sh, sw, pt, pl, wg)
+                padded = n
+            acc0[:] = b[k] if has_bias else 0.0
+            acc1[:] = b[k + 1] if has_bias and k + 1 < c_out else 0.0
+            for t in range(0, tq, 4):
+                w0, w1, w2, w3 = wq[k, t], wq[k, t + 1], wq[k, t + 2], wq[k, t + 3]
+                v0, v1, v2, v3 = wq[k + 1, t], wq[k + 1, t + 1], wq[k + 1, t + 2], wq[k + 1, t + 3]
+                s0 = flat[offs[t] : offs[t] + length]
+                s1 = flat[offs[t + 1] : offs[t + 1] + length]
+                s2 = flat[offs[t + 2] : offs[t + 2] + length]
+                s3 = flat[offs[t + 3] : offs[t + 3] + length]
+                if k + 1 == c_out:  # an odd channel count's last one alone (c's input gradient: 3)
+                    for q in range(length):
+                        acc0[q] += w0 * s0[q] + w1 * s1[q] + w2 * s2[q] + w3 * s3[q]
+                    continue
+                for q in range(length):
+                    e0, e1, e2, e3 = s0[q], s1[q], s2[q], s3[q]
+                    acc0[q] += w0 * e0 + w1 * e1 + w2 * e2 + w3 * e3
+                    acc1[q] += v0 * e0 + v1 * e1 + v2 * e2 + v3 * e3
+            for oh in range(out_h):  # loops, not slice assignments (a call and an overlap check each)
+                row0, row1 = y[n, k, oh], y[n, min(k + 1, c_out - 1), oh]
+                src0, src1 = acc0[oh * wg : oh * wg + out_w], acc1[oh * wg : oh * wg + out_w]
+                for q in range(out_w):
+                    row0[q] = src0[q]
+                if k + 1 < c_out:
+                    for q in range(out_w):
+                        row1[q] = src1[q]
+
+
+@njit(**_PAR)
+def conv2d_weight_grad_wide_direct(x, gy, partial, offs, wg, span, sh, sw, pt, pl, stop):
+    """partial (chunks, K', T'): chunk s sums images s*N/chunks .. (s+1)*N/chunks of the weight gradient.
+
+    Laid out like conv2d_wide_direct's wq (zero past K and C*kh*kw); the caller sums the chunks.
+    gy is copied onto the grid with its overhang columns zero, and each pass takes 8 dot
+    products (2 channels x 4 taps) over the whole grid. The overhang multiplies padded-input values
+    of neighbouring rows by 0: a non-finite input there makes a NaN the direct sum would not
+    have, so the caller checks the result. partial is overwritten.
+    """
+    n_, c_in = x.shape[0], x.shape[1]
+    chunks, kq, tq = partial.shape
+    c_out, out_h, out_w = gy.shape[1], gy.shape[2], gy.shape[3]
+    length = out_h * wg
+    for s in prange(chunks):
+        part = partial[s]
+        part[:, :] = 0.0
+        pad = np.empty((c_in, span), dtype=x.dtype)
+        flat = pad.reshape(-1)
+        grid = np.zeros((kq, length), dtype=x.dtype)
+        for n in range(s * n_ // chunks, (s + 1) * n_ // chunks):
+            if _stopped(stop):
+                break
+            for c in range(c_in):
+                _wide_pad(x, n, c, pad[c], 0, sh, sw, pt, pl, wg)
+            for k in range(c_out):
+                for oh in range(out_h):
+                    dst, src = grid[k, oh * wg : oh * wg + out_w], gy[n, k, oh]
+                    for q in range(out_w):
+                        dst[q] = src[q]
+            for k in range(0, kq, 2):
+                g0, g1 = grid[k], grid[k + 1]
+                for t in range(0, tq, 4):
+                    s0 = flat[offs[t] : offs[t] + length]
+                    s1 = flat[offs[t + 1] : offs[t + 1] + length]
+                    s2 = flat[offs[t + 2] : offs[t + 2] + length]
+                    s3 = flat[offs[t + 3] : offs[t + 3] + length]
+                    # Start from part's entries, not 0.0 (a float64 literal would make float32 sums float64).
+                    a0, a1, a2, a3 = part[k, t], part[k, t + 1], part[k, t + 2], part[k, t + 3]
+                    b0, b1, b2, b3 = part[k + 1, t], part[k + 1, t + 1], part[k + 1, t + 2], part[k + 1, t + 3]
+                    for q in range(length):
+                        e0, e1, e2, e3 = s0[q], s1[q], s2[q], s3[q]
+                        a0 += g0[q] * e0
+                        a1 += g0[q] * e1
+                        a2 += g0[q] * e2
+                        a3 += g0[q] * e3
+                        b0 += g1[q] * e0
+                        b1 += g1[q] * e1
+                        b2 += g1[q] * e2
+                        b3 += g1[q] * e3
+                    part[k, t], part[k, t + 1], part[k, t + 2], part[k, t + 3] = a0, a1, a2, a3
+                    part[k + 1, t], part[k + 1, t + 1], part[k + 1, t + 2], part[k + 1, t + 3] = b0, b1, b2, b3

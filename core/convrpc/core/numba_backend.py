@@ -2,8 +2,9 @@
 
 Convolutions with enough channels go through im2col into a reused, size-capped workspace plus
 one BLAS matmul per tile, or, for stride-1 3x3 ones, Winograd F(2x2, 3x3) (fewer multiplications:
-batched BLAS matmuls between numba transforms; forward, input and weight gradient); small, grouped and
-depthwise ones run direct numba loops. An op stops part way when its caller's stop flag is set
+batched BLAS matmuls between numba transforms; forward, input and weight gradient); stride-1 ones with
+few taps sum them straight from the padded input; small, grouped and depthwise ones run direct numba
+loops. An op stops part way when its caller's stop flag is set
 (``convrpc.core.stopping``): the kernels read it per row, and no further tile is started. The algorithm is chosen once per geometry (:func:`conv_algorithm`) and can be forced. Pooling and
 relu are direct loops. Every parallel loop owns what it writes, so results do not depend on the
 thread count or on other requests.
@@ -290,19 +291,21 @@ class _Plan:
         """``wide``: tiles for im2col_wide, whose row also holds the padded input and the matmul output."""
         workers = 1 if serial else BLAS_WORKERS
         row_bytes = g.c_in * g.kh * g.kw * g.out_w * itemsize
-        budget = min(TILE_BYTES, _workspace_limit // workers)
+        # Both im2col paths copy from padded phase planes: a row of them per output row, and a halo.
+        wg, phases = _wide_width(g), g.stride_h * g.stride_w
+        halo = 0 if pointwise else g.c_in * _wide_span(g, 0) * itemsize
+        budget = min(TILE_BYTES, _workspace_limit // workers) - halo
         if wide:
-            wg, phases = _wide_width(g), g.stride_h * g.stride_w
             row_bytes = (g.c_in * g.kh * g.kw + g.c_out + g.c_in * phases) * wg * itemsize
-            halo = g.c_in * _wide_span(g, 0) * itemsize
-            budget -= halo
             if row_bytes > budget:
                 return None
+        elif not pointwise:
+            row_bytes += g.c_in * phases * wg * itemsize
         if pointwise:
             budget = TILE_BYTES  # no workspace: tiles only split the work
         elif row_bytes > budget:
             workers = 1
-            budget = _workspace_limit
+            budget = _workspace_limit - halo
             if row_bytes > budget:
                 return None
         image_bytes = row_bytes * g.out_h
@@ -338,8 +341,9 @@ def _use_wide(g: ConvGeometry) -> bool:
 
 #: Forward algorithms, each forceable (``force_conv_algorithm`` or ``CONVRPC_CONV_ALGORITHM``):
 #: Winograd F(2x2,3x3) / F(4x4,3x3), im2col onto the padded-width grid, plain im2col (pointwise:
-#: the input is the im2col matrix), im2col per (image, group) with axpy loops, direct row loops.
-CONV_ALGORITHMS = ("winograd-2x2", "winograd-4x4", "im2col-wide", "im2col", "small", "direct")
+#: the input is the im2col matrix), direct loops over the padded-width grid (no im2col, no GEMM),
+#: im2col per (image, group) with axpy loops, direct row loops.
+CONV_ALGORITHMS = ("winograd-2x2", "winograd-4x4", "im2col-wide", "im2col", "direct-wide", "small", "direct")
 #: Winograd tile per element size. F(2x2) for both: F(4x4) saves more multiplications, but its
 #: larger transforms ate the saving here (d forward, float32: 31 ms with 2x2, 39-41 with 4x4,
 #: im2col_wide 47-50; float64 51-53, 58-61, 89), and in float32 its error on d and e is 9e-6 of
@@ -351,6 +355,14 @@ WINOGRAD_TILE = {4: 2, 8: 2}
 WINOGRAD_MIN_CHANNELS = 16
 #: The weight gradient of such convs by Winograd F(2x2, 3x3) too (2.25x fewer multiplications).
 WINOGRAD_WEIGHT_GRAD = True
+#: Stride-1 BLAS convs with fewer taps (C*kh*kw) than this run "direct-wide": their GEMM, K =
+#: C*kh*kw deep, is bound by memory. c (32,3,32,32)x(16,3,3,3), K = 27, against im2col_wide + BLAS
+#: (best of 3 alternating runs, load 3.6-3.8): float64 forward 0.98 ms against 1.79, input gradient
+#: 1.46 against 3.02, weight gradient 1.17 against 2.87; float32 0.57 against 1.22, 0.68 against
+#: 1.85, 0.51 against 2.28. Strided and pointwise convs keep im2col (not measured).
+WIDE_DIRECT_MAX_TAPS = 64
+#: Largest scratch per thread for "direct-wide" (mostly the padded image: its taps' runs are re-read from L2).
+WIDE_DIRECT_BYTES = 512 * 1024
 _log = logging.getLogger(__name__)
 _forced: str | None = os.environ.get("CONVRPC_CONV_ALGORITHM") or None
 if _forced not in (None, *CONV_ALGORITHMS):
@@ -384,6 +396,9 @@ def _fits(name: str, g: ConvGeometry, itemsize: int, serial: bool) -> bool:
         return _Plan.make(g, itemsize, _is_pointwise(g), serial) is not None
     if name == "small":
         return _use_small(g, itemsize)
+    if name == "direct-wide":  # per thread: the padded image, two accumulators, the weight gradient's gy grid
+        scratch = (g.c_in * _wide_span(g, g.out_h) + (g.c_out + 3) * g.out_h * _wide_width(g)) * itemsize
+        return g.groups == 1 and scratch <= min(WIDE_DIRECT_BYTES, _workspace_limit // THREADS)
     return True
 
 
@@ -392,6 +407,8 @@ def _auto_algorithm(g: ConvGeometry, itemsize: int, serial: bool) -> str:
         m = WINOGRAD_TILE[itemsize]
         if min(g.c_in, g.c_out) >= WINOGRAD_MIN_CHANNELS and _fits(f"winograd-{m}x{m}", g, itemsize, serial):
             return f"winograd-{m}x{m}"
+        if _use_wide(g) and g.c_in * g.kh * g.kw < WIDE_DIRECT_MAX_TAPS and _fits("direct-wide", g, itemsize, serial):
+            return "direct-wide"
         if USE_WIDE and _use_wide(g) and _fits("im2col-wide", g, itemsize, serial):
             return "im2col-wide"
         if _fits("im2col", g, itemsize, serial):
@@ -439,6 +456,8 @@ def _conv2d(x, w, b, g: ConvGeometry, serial: bool = False):
         name = last_algorithm["forward"] = "im2col" if _fits("im2col", g, x.itemsize, serial) else "direct"
     if name == "im2col-wide":
         return _conv2d_wide(x, w, b, g, _Plan.make(g, x.itemsize, serial=serial, wide=True), y)
+    if name == "direct-wide":
+        return _conv2d_wide_direct(x, w, b, g, y)
     if name in ("small", "direct"):
         bias = b if b is not None else np.zeros(1, x.dtype)
         direct = _k.conv2d_small if name == "small" else _k.conv2d_direct
@@ -504,6 +523,36 @@ def _conv2d_wide(x, w, b, g: ConvGeometry, plan: _Plan, y):
 
     _run(plan.tiles, tile, plan.workers)
     return y
+
+
+def _wide_direct_weights(w, g: ConvGeometry):
+    """The weights as conv2d_wide_direct takes them: (K', T') padded with zeros, and the taps' starts."""
+    taps = g.c_in * g.kh * g.kw
+    wq = np.zeros((-(-g.c_out // 2) * 2, -(-taps // 4) * 4), dtype=w.dtype)
+    wq[: g.c_out, :taps] = w.reshape(g.c_out, taps)
+    wg, span = _wide_width(g), _wide_span(g, g.out_h)
+    offs = _k.wide_direct_taps(g.c_in, g.kh, g.kw, g.stride_h, g.stride_w, g.dil_h, g.dil_w, span, wg, wq.shape[1])
+    return wq, offs, wg, span
+
+
+def _conv2d_wide_direct(x, w, b, g: ConvGeometry, y):
+    """y = conv2d by direct loops over im2col_wide's grid (one group)."""
+    wq, offs, wg, span = _wide_direct_weights(w, g)
+    bias = b if b is not None else np.zeros(1, x.dtype)
+    chunks = max(1, min(THREADS, g.n * (wq.shape[0] // 2)))
+    _k.conv2d_wide_direct(x, wq, bias, b is not None, y, offs, wg, span, chunks, g.stride_h, g.stride_w,
+                          g.pad_top, g.pad_left, _stop)  # fmt: skip
+    return y
+
+
+def _weight_grad_wide_direct(x, gy, g: ConvGeometry):
+    """gw by conv2d_weight_grad_wide_direct; None when it is not finite (the exact path then decides)."""
+    wq, offs, wg, span = _wide_direct_weights(np.zeros(g.weight_shape, x.dtype), g)
+    partial = np.empty((max(1, min(THREADS, g.n)), *wq.shape), dtype=x.dtype)
+    _k.conv2d_weight_grad_wide_direct(x, gy, partial, offs, wg, span, g.stride_h, g.stride_w, g.pad_top,
+                                      g.pad_left, _stop)  # fmt: skip
+    gw = partial.sum(axis=0)[: g.c_out, : g.c_in * g.kh * g.kw].reshape(g.weight_shape)
+    return gw if np.isfinite(gw).all() else None
 
 
 def _winograd_sizes(g: ConvGeometry, m: int, tn: int, nth: int, tiles_w: int) -> tuple[int, ...]:
@@ -615,10 +664,14 @@ def _adjoint_as_forward(w, g: ConvGeometry):
 
 
 def _im2col_block(worker, x, g, tile):
-    """The im2col block (C*kh*kw, images, rows*OW) of a tile, in the worker's buffer."""
+    """The im2col block (C*kh*kw, images, rows*OW) of a tile, in the worker's buffer (followed by
+    the padded phase planes it is copied from)."""
     n0, tn, r0, nr = tile
-    cols = _buffer(worker, (g.c_in * g.kh * g.kw, tn, nr * g.out_w), x.dtype)
-    _k.im2col(x, cols, n0, 0, r0, g.kh, g.kw, *_conv_args(g), g.out_w)
+    size, wg = g.c_in * g.kh * g.kw * tn * nr * g.out_w, _wide_width(g)
+    flat = _buffer(worker, (size + g.c_in * _wide_span(g, nr),), x.dtype)
+    cols = flat[:size].reshape(g.c_in * g.kh * g.kw, tn, nr * g.out_w)
+    xpad = flat[size:].reshape(g.c_in, -1)
+    _k.im2col_phased(x, xpad, cols, n0, 0, r0, g.kh, g.kw, *_conv_args(g), wg, g.out_w)
     return cols
 
 
@@ -655,6 +708,10 @@ def conv2d_input_grad(gy, w, g: ConvGeometry):
 def _conv2d_input_grad(gy, w, g: ConvGeometry, serial: bool):
     """(gx, the algorithm that ran); the caller holds the lane."""
     forced_winograd = _forced is not None and _forced.startswith("winograd") and _winograd_fits(g)
+    if g.stride_h == g.stride_w == 1 and conv_algorithm(g, gy.itemsize, serial) == "direct-wide":
+        wt, gt = _adjoint_as_forward(w, g)  # few input channels: the flipped conv has few outputs
+        if _fits("direct-wide", gt, gy.itemsize, serial):
+            return _conv2d_wide_direct(gy, wt, None, gt, placed_empty(g.input_shape, gy.dtype)), "flipped direct-wide"
     if g.stride_h == g.stride_w == 1 and not _is_pointwise(g) and (
         forced_winograd or _use_blas(dataclasses.replace(g, c_in=g.c_out, c_out=g.c_in))
     ):
@@ -750,6 +807,11 @@ def conv2d_weight_grad(x, gy, g: ConvGeometry):
     """gw (K, C/groups, kh, kw): the weight gradient of conv2d for input x and output gradient gy."""
     kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
     with _Compute(g.flops) as run:
+        if conv_algorithm(g, x.itemsize, run.serial) == "direct-wide":
+            gw = _weight_grad_wide_direct(x, gy, g)
+            if gw is not None:
+                last_algorithm["grad-weight"] = "direct-wide"
+                return gw
         if _weight_grad_by_winograd(g, x.itemsize, run.serial):
             gw = _weight_grad_winograd(x, gy, g, run.serial)
             if gw is not None:
@@ -891,9 +953,9 @@ def relu_backward(gy, x):
 _WARM_UP_CONVS = (
     ((2, 2, 6, 7), (2, 1, 3, 3), dict(stride=2, padding=1, groups=2)),  # row kernels (few weights)
     ((2, 4, 6, 7), (6, 2, 3, 3), dict(stride=2, padding=1, groups=2)),  # small im2col kernels
-    ((1, 4, 6, 6), (16, 4, 3, 3), dict(padding=1)),  # im2col_wide + BLAS (stride 1)
+    ((2, 4, 6, 6), (16, 4, 5, 5), dict(padding=2)),  # im2col_wide, col2im_wide + BLAS (stride 1)
     ((1, 4, 7, 7), (16, 4, 3, 3), dict(stride=2, padding=1)),  # im2col, col2im + BLAS
-    ((2, 3, 6, 6), (16, 3, 3, 3), dict(padding=1)),  # col2im_wide + BLAS (few input channels)
+    ((2, 3, 6, 6), (16, 3, 3, 3), dict(padding=1)),  # direct loops on the wide grid (few taps)
     ((1, 16, 3, 3), (16, 16, 1, 1), {}),  # pointwise
 )
 
@@ -928,8 +990,6 @@ def warm_up(progress: Callable[[int, int], None] | None = None) -> None:
             # The row kernels serve only convs too big for the small ones; compile them too.
             _k.conv2d_direct(x, w, b, True, y, g.groups, *_conv_args(g), _NEVER)
             _k.conv2d_weight_grad_direct(x, y, np.empty_like(w), g.groups, *_conv_args(g), _NEVER)
-            # Plain im2col serves BLAS convs whose padded-width tiles overrun a small workspace cap.
-            _k.im2col(x, np.empty((g.c_in * g.kh * g.kw, 1, g.out_w), dtype), 0, 0, 0, g.kh, g.kw, *_conv_args(g), g.out_w)
             advance()
         x = rng.standard_normal((1, 2, 5, 6)).astype(dtype)
         w = rng.standard_normal((3, 2, 3, 3)).astype(dtype)

@@ -129,7 +129,9 @@ def _pad_rows(x, n, c, xp, row0, col0):
             xp[rr, :] = 0.0
             continue
         xp[rr, :lo] = 0.0
-        xp[rr, lo:hi] = x[n, c, ih, lo + col0 : hi + col0]
+        dst, src = xp[rr, lo:hi], x[n, c, ih, lo + col0 : hi + col0]
+        for q in range(hi - lo):  # not a slice assignment: its call and overlap check cost 2x here
+            dst[q] = src[q]
         xp[rr, hi:] = 0.0
 
 
@@ -236,7 +238,9 @@ def grad_output_transform(gy, wv, gp, ct, n0, tn, th0, nth, tiles_w):
         for kk in range(c_out):
             gp[:, :] = 0.0
             for rr in range(rows):
-                gp[rr, :cols] = gy[n0 + t, kk, th0 * 2 + rr, :cols]
+                dst, src = gp[rr, :cols], gy[n0 + t, kk, th0 * 2 + rr, :cols]
+                for q in range(cols):  # as in _pad_rows
+                    dst[q] = src[q]
             for r in range(nth):
                 p0, y0 = (t * nth + r) * tiles_w, r * 2
                 for i in range(2):  # A along each row of the tile
