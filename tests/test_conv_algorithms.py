@@ -171,3 +171,55 @@ def test_winograd_splits_images_into_tile_rows_under_a_small_workspace(nb, ref, 
         assert_close(got, ref.conv2d_backward(gy, x, w, b, padding=1).weight, "conv2d weight gradient")
     finally:
         numba_backend.set_workspace_limit(old)
+
+
+def test_direct_wide_is_chosen_for_few_channel_stride_1_convs_only(force):
+    """a and b of bench/core.py, a grouped one; not strided convs (their reads are no contiguous runs)."""
+    force(None)
+    few = [params.conv2d_geometry((1, 1, 80, 80), (1, 1, 3, 3)), params.conv2d_geometry((3, 3, 28, 28), (4, 3, 3, 3)),
+           params.conv2d_geometry((2, 8, 9, 9), (8, 2, 3, 3), padding=1, groups=4)]  # fmt: skip
+    strided = params.conv2d_geometry((3, 3, 28, 28), (4, 3, 3, 3), stride=2)
+    for itemsize in (4, 8):
+        for g in few:
+            assert numba_backend.conv_algorithm(g, itemsize, serial=True) == "direct-wide"
+            assert numba_backend.conv_algorithm(g, itemsize, serial=False) == "direct-wide"
+        assert numba_backend.conv_algorithm(strided, itemsize) != "direct-wide"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_direct_wide_splits_images_into_row_blocks(nb, ref, force, monkeypatch, parallel, dtype):
+    """Blocks of output rows (a small workspace, or threads to keep busy) read their halo rows, and the
+    parallel kernels sum one partial weight gradient per thread."""
+    if parallel:
+        monkeypatch.setattr(numba_backend, "SERIAL_WORK", 0)
+    x, w, b = _arrays((2, 6, 11, 9), (4, 3, 3, 2), dtype, 8)
+    opts = dict(padding=(2, 1), dilation=(2, 1), groups=2)
+    g = params.conv2d_geometry(x.shape, w.shape, b.shape, **opts)
+    old = numba_backend.workspace_limit()
+    numba_backend.set_workspace_limit(300 * x.itemsize * numba_backend.THREADS)  # 3 output rows a block
+    try:
+        assert numba_backend._direct_wide_rows(g, x.itemsize, serial=not parallel) < g.out_h
+        force("direct-wide")
+        assert_close(nb.conv2d(x, w, b, **opts), ref.conv2d(x, w, b, **opts), "conv2d")
+        assert numba_backend.last_algorithm["forward"] == "direct-wide"
+        gy = np.random.default_rng(9).standard_normal(g.output_shape).astype(dtype)
+        got, want = nb.conv2d_backward(gy, x, w, b, **opts), ref.conv2d_backward(gy, x, w, b, **opts)
+        assert numba_backend.last_algorithm["grad-input"] == "flipped direct-wide"
+        assert numba_backend.last_algorithm["grad-weight"] == "direct-wide"
+        assert_close(got.input, want.input, "grad input")
+        assert_close(got.weight, want.weight, "grad weight")
+    finally:
+        numba_backend.set_workspace_limit(old)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_direct_wide_weight_gradient_keeps_non_finite_values_where_the_direct_sum_puts_them(nb, ref, value):
+    """The grid's overhang multiplies gy's zeros with inputs its taps never read: a NaN or inf in the corner
+    (read by one tap only) must reach that tap's gradient and no other."""
+    x, w, b = _arrays((2, 3, 7, 9), (4, 3, 3, 3), np.float64)
+    x[1, 2, 0, 8] = value
+    gy = np.random.default_rng(5).standard_normal((2, 4, 5, 7))
+    want = ref.conv2d_backward(gy, x, w, b).weight
+    assert np.isfinite(want).sum() == want.size - 4  # tap (2, 0, 2) of each output channel
+    conftest.assert_close(nb.conv2d_backward(gy, x, w, b).weight, want, what="conv2d weight gradient")

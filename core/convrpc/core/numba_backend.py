@@ -19,6 +19,7 @@ rather than oversubscribe the cores. Compiled kernels are cached on disk (``cach
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -182,12 +183,22 @@ def _buffer(worker: int, shape, dtype) -> np.ndarray:
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
+class _NumbaThreads(threading.local):
+    #: The numba thread count _Compute last set on this thread (numba keeps one per thread).
+    count = THREADS
+
+
+_numba_threads = _NumbaThreads()
+
+
 class _Compute:
     """Holds the lane for one op; below SERIAL_WORK its numba kernels and BLAS tiles stay on this thread.
 
-    The op stops early when the calling thread's stop flag (``stopping.current()``) is set."""
+    The op stops early when the calling thread's stop flag (``stopping.current()``) is set. A serial op
+    leaves the thread's numba thread count at 1 for the next one (convrpc's kernels are the only
+    parallel code here): setting and restoring it cost 4 us a call, a tenth of a tiny conv's time."""
 
-    __slots__ = ("serial", "_saved")
+    __slots__ = ("serial",)
 
     def __init__(self, work: float):
         self.serial = work < SERIAL_WORK
@@ -197,15 +208,14 @@ class _Compute:
         _lane.acquire()
         flag = stopping.current()
         _stop = _NEVER if flag is None else flag.array
-        if self.serial:
-            self._saved = numba.get_num_threads()
-            numba.set_num_threads(1)  # thread-local: other threads keep theirs
+        threads = 1 if self.serial else THREADS
+        if _numba_threads.count != threads:
+            numba.set_num_threads(threads)
+            _numba_threads.count = threads
         return self
 
     def __exit__(self, *exc):
         global _stop
-        if self.serial:
-            numba.set_num_threads(self._saved)
         _stop = _NEVER
         _lane.release()
 
@@ -338,8 +348,9 @@ def _use_wide(g: ConvGeometry) -> bool:
 
 #: Forward algorithms, each forceable (``force_conv_algorithm`` or ``CONVRPC_CONV_ALGORITHM``):
 #: Winograd F(2x2,3x3) / F(4x4,3x3), im2col onto the padded-width grid, plain im2col (pointwise:
-#: the input is the im2col matrix), im2col per (image, group) with axpy loops, direct row loops.
-CONV_ALGORITHMS = ("winograd-2x2", "winograd-4x4", "im2col-wide", "im2col", "small", "direct")
+#: the input is the im2col matrix), stride-1 direct runs on the padded-width grid, im2col per
+#: (image, group) with axpy loops, direct row loops.
+CONV_ALGORITHMS = ("winograd-2x2", "winograd-4x4", "im2col-wide", "im2col", "direct-wide", "small", "direct")
 #: Winograd tile per element size. F(2x2) for both: F(4x4) saves more multiplications, but its
 #: larger transforms ate the saving here (d forward, float32: 31 ms with 2x2, 39-41 with 4x4,
 #: im2col_wide 47-50; float64 51-53, 58-61, 89), and in float32 its error on d and e is 9e-6 of
@@ -384,6 +395,8 @@ def _fits(name: str, g: ConvGeometry, itemsize: int, serial: bool) -> bool:
         return _Plan.make(g, itemsize, _is_pointwise(g), serial) is not None
     if name == "small":
         return _use_small(g, itemsize)
+    if name == "direct-wide":
+        return _direct_wide_rows(g, itemsize, serial) is not None
     return True
 
 
@@ -396,7 +409,40 @@ def _auto_algorithm(g: ConvGeometry, itemsize: int, serial: bool) -> str:
             return "im2col-wide"
         if _fits("im2col", g, itemsize, serial):
             return "im2col"
+    if _fits("direct-wide", g, itemsize, serial):
+        return "direct-wide"
     return "small" if _use_small(g, itemsize) and not _few_weights(g) else "direct"
+
+
+def _direct_wide_rows(g: ConvGeometry, itemsize: int, serial: bool) -> int | None:
+    """Output rows per block of the direct-wide kernels, or None where they do not apply (stride > 1).
+
+    A block's padded input rows and accumulator fit a thread's share of the workspace cap (like the
+    small kernels' im2col block); a parallel call cuts images into enough blocks for every thread.
+    """
+    if g.stride_h != 1 or g.stride_w != 1:
+        return None
+    wp, cg = g.out_w + g.dil_w * (g.kw - 1), g.c_in // g.groups
+    row_bytes = (cg + 1) * wp * itemsize
+    budget = min(SMALL_COLS_BYTES, _workspace_limit // THREADS) - cg * g.dil_h * (g.kh - 1) * wp * itemsize
+    if row_bytes > budget:
+        return None
+    rows = min(g.out_h, budget // row_bytes)
+    if not serial and g.n * g.groups < 2 * THREADS:
+        rows = min(rows, -(-g.out_h // -(-2 * THREADS // (g.n * g.groups))))
+    return -(-g.out_h // -(-g.out_h // rows))  # even blocks
+
+
+#: The bias of a conv without one, per dtype: the kernels' signature takes an array either way.
+_NO_BIAS = {np.dtype(t): np.zeros(1, t) for t in (np.float32, np.float64)}
+
+
+def _direct_wide(x, w, b, y, g: ConvGeometry, rows: int, serial: bool, flip: bool = False) -> None:
+    """y = conv2d(x, w) (+ b) by the direct-wide kernel, ``rows`` output rows a block; with ``flip``, the input
+    gradient of the conv whose adjoint geometry is ``g``: x is then gy and w the forward weight, never copied flipped."""
+    kernel = _k.conv2d_direct_wide_serial if serial else _k.conv2d_direct_wide
+    bias = _NO_BIAS[x.dtype] if b is None else b
+    kernel(x, w, bias, b is not None, flip, y, g.groups, g.pad_top, g.pad_left, g.dil_h, g.dil_w, rows, _stop)
 
 
 def _weight_grad_by_winograd(g: ConvGeometry, itemsize: int, serial: bool) -> bool:
@@ -409,16 +455,21 @@ def _weight_grad_by_winograd(g: ConvGeometry, itemsize: int, serial: bool) -> bo
 
 def conv_algorithm(g: ConvGeometry, itemsize: int, serial: bool = False) -> str:
     """The forward algorithm for geometry ``g`` and element size ``itemsize``: chosen once per shape, then cached."""
+    return _choice(g, itemsize, serial)[0]
+
+
+def _choice(g: ConvGeometry, itemsize: int, serial: bool) -> tuple[str, int | None]:
+    """(conv_algorithm's answer, direct-wide's rows per block where it is that), cached per shape."""
     key = (g, itemsize, serial)
-    name = _choices.get(key)
-    if name is None:
+    choice = _choices.get(key)
+    if choice is None:
         forced = _forced
         name = forced if forced is not None and _fits(forced, g, itemsize, serial) else _auto_algorithm(g, itemsize, serial)
         if len(_choices) >= 4096:
             _choices.clear()
-        _choices[key] = name
+        choice = _choices[key] = (name, _direct_wide_rows(g, itemsize, serial) if name == "direct-wide" else None)
         _log.debug("conv2d %s itemsize %d%s: %s", g, itemsize, " serial" if serial else "", name)
-    return name
+    return choice
 
 
 def conv2d(x, w, b, g: ConvGeometry):
@@ -430,7 +481,7 @@ def conv2d(x, w, b, g: ConvGeometry):
 def _conv2d(x, w, b, g: ConvGeometry, serial: bool = False):
     """conv2d's body; the caller holds the lane. Padding may be negative (a crop): the kernels clip."""
     y = placed_empty(g.output_shape, x.dtype)  # the op's result (conv2d's, or the flipped input gradient's)
-    name = conv_algorithm(g, x.itemsize, serial)
+    name, rows = _choice(g, x.itemsize, serial)
     last_algorithm["forward"] = "pointwise" if name == "im2col" and _is_pointwise(g) else name
     if name.startswith("winograd"):
         if _conv2d_winograd(x, w, b, g, int(name[-1]), serial, y):
@@ -439,8 +490,11 @@ def _conv2d(x, w, b, g: ConvGeometry, serial: bool = False):
         name = last_algorithm["forward"] = "im2col" if _fits("im2col", g, x.itemsize, serial) else "direct"
     if name == "im2col-wide":
         return _conv2d_wide(x, w, b, g, _Plan.make(g, x.itemsize, serial=serial, wide=True), y)
+    if name == "direct-wide":
+        _direct_wide(x, w, b, y, g, rows, serial)
+        return y
     if name in ("small", "direct"):
-        bias = b if b is not None else np.zeros(1, x.dtype)
+        bias = b if b is not None else _NO_BIAS[x.dtype]
         direct = _k.conv2d_small if name == "small" else _k.conv2d_direct
         direct(x, w, bias, b is not None, y, g.groups, *_conv_args(g), _stop)
         return y
@@ -603,15 +657,21 @@ def _adjoint_as_forward(w, g: ConvGeometry):
     kg, cg = g.c_out // g.groups, g.c_in // g.groups
     wt = w.reshape(g.groups, kg, cg, g.kh, g.kw)[:, :, :, ::-1, ::-1].transpose(0, 2, 1, 3, 4)
     wt = np.ascontiguousarray(wt).reshape(g.c_in, kg, g.kh, g.kw)
+    return wt, _adjoint_geometry(g)
+
+
+@functools.lru_cache(maxsize=4096)
+def _adjoint_geometry(g: ConvGeometry) -> ConvGeometry:
+    """The geometry of :func:`_adjoint_as_forward`'s conv, made once per geometry (dataclasses.replace
+    of ConvGeometry's 19 fields takes longer than a tiny conv's kernel)."""
     pt, pl = g.dil_h * (g.kh - 1) - g.pad_top, g.dil_w * (g.kw - 1) - g.pad_left
-    gt = dataclasses.replace(
+    return dataclasses.replace(
         g, c_in=g.c_out, h=g.out_h, w=g.out_w, c_out=g.c_in,
         pad_top=pt, pad_left=pl,
         pad_bottom=g.h - 1 + g.dil_h * (g.kh - 1) - pt - (g.out_h - 1),
         pad_right=g.w - 1 + g.dil_w * (g.kw - 1) - pl - (g.out_w - 1),
         out_h=g.h, out_w=g.w,
     )
-    return wt, gt
 
 
 def _im2col_block(worker, x, g, tile):
@@ -655,14 +715,21 @@ def conv2d_input_grad(gy, w, g: ConvGeometry):
 def _conv2d_input_grad(gy, w, g: ConvGeometry, serial: bool):
     """(gx, the algorithm that ran); the caller holds the lane."""
     forced_winograd = _forced is not None and _forced.startswith("winograd") and _winograd_fits(g)
-    if g.stride_h == g.stride_w == 1 and not _is_pointwise(g) and (
-        forced_winograd or _use_blas(dataclasses.replace(g, c_in=g.c_out, c_out=g.c_in))
-    ):
+    stride_1 = g.stride_h == g.stride_w == 1
+    if stride_1 and not _is_pointwise(g) and (forced_winograd or _use_blas(_adjoint_geometry(g))):
         # A forward conv runs im2col + one matmul per tile (or Winograd), no zero-fill and no
         # scatter-add: about twice the rate of col2im here.
         wt, gt = _adjoint_as_forward(w, g)
         gx = _conv2d(gy, wt, None, gt, serial)
         return gx, "flipped " + last_algorithm["forward"]
+    if stride_1 and not _use_blas(g):
+        gt = _adjoint_geometry(g)
+        name, rows = _choice(gt, gy.itemsize, serial)
+        if name == "direct-wide":
+            # b: 0.13 -> 0.04 ms against the flipped small kernel; a: 0.03 -> 0.01 against the row gather.
+            gx = placed_empty(g.input_shape, gy.dtype)
+            _direct_wide(gy, w, None, gx, gt, rows, serial, flip=True)
+            return gx, "flipped direct-wide"
     plan = _Plan.make(g, gy.itemsize, _is_pointwise(g), serial) if _use_blas(g) else None
     if plan is not None and not _is_pointwise(g):
         tiles = _input_row_tiles(g, plan)
@@ -755,6 +822,10 @@ def conv2d_weight_grad(x, gy, g: ConvGeometry):
             if gw is not None:
                 last_algorithm["grad-weight"] = "winograd-2x2"
                 return gw
+        name, rows = _choice(g, x.itemsize, run.serial)
+        if name == "direct-wide":  # where the forward runs it
+            gw, last_algorithm["grad-weight"] = _weight_grad_direct_wide(x, gy, g, rows, run.serial)
+            return gw
         pointwise = _is_pointwise(g)
         plan = _Plan.make(g, x.itemsize, pointwise, run.serial) if _use_blas(g) else None
         if plan is None and _use_small(g, x.itemsize) and not _few_weights(g):
@@ -795,6 +866,23 @@ def conv2d_weight_grad(x, gy, g: ConvGeometry):
 
         _run(plan.tiles, tile, plan.workers)
     return partial.sum(axis=0).reshape(g.weight_shape)
+
+
+def _weight_grad_direct_wide(x, gy, g: ConvGeometry, rows: int, serial: bool):
+    """(gw, the algorithm that ran) by the direct-wide kernel: one partial sum per thread, summed here
+    (a serial call writes gw directly). A non-finite input where the grid overhangs spoils the sums
+    (see the kernel), so a non-finite gw is recomputed exactly by the row kernel."""
+    chunks = 1 if serial else min(THREADS, g.n * g.groups * -(-g.out_h // rows))
+    gw = placed_empty(g.weight_shape, x.dtype) if chunks == 1 else None
+    partial = gw.reshape(1, *g.weight_shape) if chunks == 1 else np.empty((chunks, *g.weight_shape), x.dtype)
+    kernel = _k.conv2d_weight_grad_direct_wide_serial if serial else _k.conv2d_weight_grad_direct_wide
+    finite = kernel(x, gy, partial, g.groups, g.pad_top, g.pad_left, g.dil_h, g.dil_w, rows, _stop)
+    if gw is None:
+        gw = partial.sum(axis=0)
+    if not finite:
+        _k.conv2d_weight_grad_direct(x, gy, gw, g.groups, *_conv_args(g), _stop)
+        return gw, "direct"
+    return gw, "direct-wide"
 
 
 def _weight_grad_wide(x, gy, g: ConvGeometry, plan: _Plan):
@@ -906,7 +994,7 @@ def warm_up(progress: Callable[[int, int], None] | None = None) -> None:
     """
     from . import params
 
-    total, done = 2 * (len(_WARM_UP_CONVS) + 3), 0  # per dtype: the convs, two Winograd sizes, pools + relu
+    total, done = 2 * (len(_WARM_UP_CONVS) + 4), 0  # per dtype: the convs, two Winograd sizes, direct-wide, pools + relu
 
     def advance() -> None:
         nonlocal done
@@ -940,6 +1028,12 @@ def warm_up(progress: Callable[[int, int], None] | None = None) -> None:
                 if m == 2:  # and the weight gradient's
                     _weight_grad_winograd(x, np.ones(g.output_shape, dtype), g, True)
             advance()
+        y = np.empty(g.output_shape, dtype)
+        for conv, weight_grad in ((_k.conv2d_direct_wide, _k.conv2d_weight_grad_direct_wide),
+                                  (_k.conv2d_direct_wide_serial, _k.conv2d_weight_grad_direct_wide_serial)):  # fmt: skip
+            conv(x, w, w[:, 0, 0, 0].copy(), True, False, y, 1, 1, 1, 1, 1, g.out_h, _NEVER)
+            weight_grad(x, y, np.empty((1, *w.shape), dtype), 1, 1, 1, 1, 1, g.out_h, _NEVER)
+        advance()
         pg = params.pool2d_geometry(x.shape, 2, 1, 1)
         y, _ = max_pool2d(x, pg)
         max_pool2d_backward(y, x, pg)
