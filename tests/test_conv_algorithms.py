@@ -177,6 +177,7 @@ def test_winograd_splits_images_into_tile_rows_under_a_small_workspace(nb, ref, 
         numba_backend.set_workspace_limit(old)
 
 
+@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     "x_shape, w_shape, opts",
@@ -187,8 +188,11 @@ def test_winograd_splits_images_into_tile_rows_under_a_small_workspace(nb, ref, 
         ((2, 5, 7, 9), (3, 5, 3, 3), dict(stride=3, padding=2, dilation=2)),
     ],
 )
-def test_direct_wide_runs_strided_and_dilated_convs(nb, ref, force, x_shape, w_shape, opts, dtype):
-    """Odd channel counts and tap counts (padded to pairs and fours inside the kernels), stride and dilation phases."""
+def test_direct_wide_runs_strided_and_dilated_convs(nb, ref, force, monkeypatch, x_shape, w_shape, opts, dtype, parallel):
+    """Odd channel counts and tap counts (padded to pairs and fours inside the kernels), stride and dilation
+    phases; tiny calls run the kernels' serial twins, so ``parallel`` runs the parallel ones on the same shapes."""
+    if parallel:
+        monkeypatch.setattr(numba_backend, "SERIAL_WORK", 0)
     x, w, b = _arrays(x_shape, w_shape, dtype, 8)
     force("direct-wide")
     got = nb.conv2d(x, w, b, **opts)
@@ -215,3 +219,29 @@ def test_direct_wide_is_chosen_for_few_taps_within_the_workspace_cap(force):
         assert numba_backend.conv_algorithm(few_taps, 8) != "direct-wide"
     finally:
         numba_backend.set_workspace_limit(old)
+
+
+def test_direct_wide_is_chosen_for_few_channel_stride_1_convs_only(force):
+    """a and b of bench/core.py (too few channels for BLAS); not strided or grouped ones."""
+    force(None)
+    few = [params.conv2d_geometry((1, 1, 80, 80), (1, 1, 3, 3)), params.conv2d_geometry((3, 3, 28, 28), (4, 3, 3, 3))]
+    others = [params.conv2d_geometry((3, 3, 28, 28), (4, 3, 3, 3), stride=2),
+              params.conv2d_geometry((2, 8, 9, 9), (8, 2, 3, 3), padding=1, groups=4)]  # fmt: skip
+    for itemsize in (4, 8):
+        for g in few:
+            assert numba_backend.conv_algorithm(g, itemsize, serial=True) == "direct-wide"
+            assert numba_backend.conv_algorithm(g, itemsize, serial=False) == "direct-wide"
+        for g in others:
+            assert numba_backend.conv_algorithm(g, itemsize) != "direct-wide"
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_direct_wide_weight_gradient_keeps_non_finite_values_where_the_direct_sum_puts_them(nb, ref, value):
+    """The grid's overhang multiplies gy's zeros with inputs its taps never read: a NaN or inf in the corner
+    (read by one tap only) must reach that tap's gradient and no other."""
+    x, w, b = _arrays((2, 3, 7, 9), (4, 3, 3, 3), np.float64)
+    x[1, 2, 0, 8] = value
+    gy = np.random.default_rng(5).standard_normal((2, 4, 5, 7))
+    want = ref.conv2d_backward(gy, x, w, b).weight
+    assert np.isfinite(want).sum() == want.size - 4  # tap (2, 0, 2) of each output channel
+    conftest.assert_close(nb.conv2d_backward(gy, x, w, b).weight, want, what="conv2d weight gradient")

@@ -20,6 +20,7 @@ rather than oversubscribe the cores. Compiled kernels are cached on disk (``cach
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -183,12 +184,22 @@ def _buffer(worker: int, shape, dtype) -> np.ndarray:
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
+class _NumbaThreads(threading.local):
+    #: The numba thread count _Compute last set on this thread (numba keeps one per thread).
+    count = THREADS
+
+
+_numba_threads = _NumbaThreads()
+
+
 class _Compute:
     """Holds the lane for one op; below SERIAL_WORK its numba kernels and BLAS tiles stay on this thread.
 
-    The op stops early when the calling thread's stop flag (``stopping.current()``) is set."""
+    The op stops early when the calling thread's stop flag (``stopping.current()``) is set. A serial op
+    leaves the thread's numba thread count at 1 for the next one (convrpc's kernels are the only
+    parallel code here): setting and restoring it cost 4 us a call, a tenth of a tiny conv's time."""
 
-    __slots__ = ("serial", "_saved")
+    __slots__ = ("serial",)
 
     def __init__(self, work: float):
         self.serial = work < SERIAL_WORK
@@ -198,15 +209,14 @@ class _Compute:
         _lane.acquire()
         flag = stopping.current()
         _stop = _NEVER if flag is None else flag.array
-        if self.serial:
-            self._saved = numba.get_num_threads()
-            numba.set_num_threads(1)  # thread-local: other threads keep theirs
+        threads = 1 if self.serial else THREADS
+        if _numba_threads.count != threads:
+            numba.set_num_threads(threads)
+            _numba_threads.count = threads
         return self
 
     def __exit__(self, *exc):
         global _stop
-        if self.serial:
-            numba.set_num_threads(self._saved)
         _stop = _NEVER
         _lane.release()
 
@@ -413,7 +423,13 @@ def _auto_algorithm(g: ConvGeometry, itemsize: int, serial: bool) -> str:
             return "im2col-wide"
         if _fits("im2col", g, itemsize, serial):
             return "im2col"
+    if _use_wide(g) and _fits("direct-wide", g, itemsize, serial):  # few channels or weights (a, b)
+        return "direct-wide"
     return "small" if _use_small(g, itemsize) and not _few_weights(g) else "direct"
+
+
+#: The bias of a conv without one, per dtype: the kernels' signature takes an array either way.
+_NO_BIAS = {np.dtype(t): np.zeros(1, t) for t in (np.float32, np.float64)}
 
 
 def _weight_grad_by_winograd(g: ConvGeometry, itemsize: int, serial: bool) -> bool:
@@ -457,9 +473,9 @@ def _conv2d(x, w, b, g: ConvGeometry, serial: bool = False):
     if name == "im2col-wide":
         return _conv2d_wide(x, w, b, g, _Plan.make(g, x.itemsize, serial=serial, wide=True), y)
     if name == "direct-wide":
-        return _conv2d_wide_direct(x, w, b, g, y)
+        return _conv2d_wide_direct(x, w, b, g, y, serial)
     if name in ("small", "direct"):
-        bias = b if b is not None else np.zeros(1, x.dtype)
+        bias = b if b is not None else _NO_BIAS[x.dtype]
         direct = _k.conv2d_small if name == "small" else _k.conv2d_direct
         direct(x, w, bias, b is not None, y, g.groups, *_conv_args(g), _stop)
         return y
@@ -530,28 +546,38 @@ def _wide_direct_weights(w, g: ConvGeometry):
     taps = g.c_in * g.kh * g.kw
     wq = np.zeros((-(-g.c_out // 2) * 2, -(-taps // 4) * 4), dtype=w.dtype)
     wq[: g.c_out, :taps] = w.reshape(g.c_out, taps)
+    return (wq, *_wide_direct_taps(g))
+
+
+@functools.lru_cache(maxsize=4096)
+def _wide_direct_taps(g: ConvGeometry):
+    """(each tap's start in an image's padded planes, grid width, span): made once per geometry."""
     wg, span = _wide_width(g), _wide_span(g, g.out_h)
-    offs = _k.wide_direct_taps(g.c_in, g.kh, g.kw, g.stride_h, g.stride_w, g.dil_h, g.dil_w, span, wg, wq.shape[1])
-    return wq, offs, wg, span
+    taps = -(-(g.c_in * g.kh * g.kw) // 4) * 4
+    offs = _k.wide_direct_taps(g.c_in, g.kh, g.kw, g.stride_h, g.stride_w, g.dil_h, g.dil_w, span, wg, taps)
+    offs.flags.writeable = False
+    return offs, wg, span
 
 
-def _conv2d_wide_direct(x, w, b, g: ConvGeometry, y):
-    """y = conv2d by direct loops over im2col_wide's grid (one group)."""
+def _conv2d_wide_direct(x, w, b, g: ConvGeometry, y, serial: bool):
+    """y = conv2d by direct loops over im2col_wide's grid (one group); a serial call runs the kernel's
+    serial twin on this thread (no parallel launch)."""
     wq, offs, wg, span = _wide_direct_weights(w, g)
-    bias = b if b is not None else np.zeros(1, x.dtype)
-    chunks = max(1, min(THREADS, g.n * (wq.shape[0] // 2)))
-    _k.conv2d_wide_direct(x, wq, bias, b is not None, y, offs, wg, span, chunks, g.stride_h, g.stride_w,
-                          g.pad_top, g.pad_left, _stop)  # fmt: skip
+    bias = b if b is not None else _NO_BIAS[x.dtype]
+    kernel = _k.conv2d_wide_direct_serial if serial else _k.conv2d_wide_direct
+    chunks = 1 if serial else max(1, min(THREADS, g.n * (wq.shape[0] // 2)))
+    kernel(x, wq, bias, b is not None, y, offs, wg, span, chunks, g.stride_h, g.stride_w, g.pad_top, g.pad_left, _stop)
     return y
 
 
-def _weight_grad_wide_direct(x, gy, g: ConvGeometry):
+def _weight_grad_wide_direct(x, gy, g: ConvGeometry, serial: bool):
     """gw by conv2d_weight_grad_wide_direct; None when it is not finite (the exact path then decides)."""
-    wq, offs, wg, span = _wide_direct_weights(np.zeros(g.weight_shape, x.dtype), g)
-    partial = np.empty((max(1, min(THREADS, g.n)), *wq.shape), dtype=x.dtype)
-    _k.conv2d_weight_grad_wide_direct(x, gy, partial, offs, wg, span, g.stride_h, g.stride_w, g.pad_top,
-                                      g.pad_left, _stop)  # fmt: skip
-    gw = partial.sum(axis=0)[: g.c_out, : g.c_in * g.kh * g.kw].reshape(g.weight_shape)
+    offs, wg, span = _wide_direct_taps(g)
+    kq, tq = -(-g.c_out // 2) * 2, offs.shape[0]
+    partial = np.empty((1 if serial else max(1, min(THREADS, g.n)), kq, tq), dtype=x.dtype)
+    kernel = _k.conv2d_weight_grad_wide_direct_serial if serial else _k.conv2d_weight_grad_wide_direct
+    kernel(x, gy, partial, offs, wg, span, g.stride_h, g.stride_w, g.pad_top, g.pad_left, _stop)
+    gw = (partial[0] if serial else partial.sum(axis=0))[: g.c_out, : g.c_in * g.kh * g.kw].reshape(g.weight_shape)
     return gw if np.isfinite(gw).all() else None
 
 
@@ -652,15 +678,21 @@ def _adjoint_as_forward(w, g: ConvGeometry):
     kg, cg = g.c_out // g.groups, g.c_in // g.groups
     wt = w.reshape(g.groups, kg, cg, g.kh, g.kw)[:, :, :, ::-1, ::-1].transpose(0, 2, 1, 3, 4)
     wt = np.ascontiguousarray(wt).reshape(g.c_in, kg, g.kh, g.kw)
+    return wt, _adjoint_geometry(g)
+
+
+@functools.lru_cache(maxsize=4096)
+def _adjoint_geometry(g: ConvGeometry) -> ConvGeometry:
+    """The geometry of :func:`_adjoint_as_forward`'s conv, made once per geometry (dataclasses.replace
+    of ConvGeometry's 19 fields takes longer than a tiny conv's kernel)."""
     pt, pl = g.dil_h * (g.kh - 1) - g.pad_top, g.dil_w * (g.kw - 1) - g.pad_left
-    gt = dataclasses.replace(
+    return dataclasses.replace(
         g, c_in=g.c_out, h=g.out_h, w=g.out_w, c_out=g.c_in,
         pad_top=pt, pad_left=pl,
         pad_bottom=g.h - 1 + g.dil_h * (g.kh - 1) - pt - (g.out_h - 1),
         pad_right=g.w - 1 + g.dil_w * (g.kw - 1) - pl - (g.out_w - 1),
         out_h=g.h, out_w=g.w,
     )
-    return wt, gt
 
 
 def _im2col_block(worker, x, g, tile):
@@ -711,9 +743,9 @@ def _conv2d_input_grad(gy, w, g: ConvGeometry, serial: bool):
     if g.stride_h == g.stride_w == 1 and conv_algorithm(g, gy.itemsize, serial) == "direct-wide":
         wt, gt = _adjoint_as_forward(w, g)  # few input channels: the flipped conv has few outputs
         if _fits("direct-wide", gt, gy.itemsize, serial):
-            return _conv2d_wide_direct(gy, wt, None, gt, placed_empty(g.input_shape, gy.dtype)), "flipped direct-wide"
+            return _conv2d_wide_direct(gy, wt, None, gt, placed_empty(g.input_shape, gy.dtype), serial), "flipped direct-wide"
     if g.stride_h == g.stride_w == 1 and not _is_pointwise(g) and (
-        forced_winograd or _use_blas(dataclasses.replace(g, c_in=g.c_out, c_out=g.c_in))
+        forced_winograd or _use_blas(_adjoint_geometry(g))
     ):
         # A forward conv runs im2col + one matmul per tile (or Winograd), no zero-fill and no
         # scatter-add: about twice the rate of col2im here.
@@ -808,7 +840,7 @@ def conv2d_weight_grad(x, gy, g: ConvGeometry):
     kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
     with _Compute(g.flops) as run:
         if conv_algorithm(g, x.itemsize, run.serial) == "direct-wide":
-            gw = _weight_grad_wide_direct(x, gy, g)
+            gw = _weight_grad_wide_direct(x, gy, g, run.serial)
             if gw is not None:
                 last_algorithm["grad-weight"] = "direct-wide"
                 return gw
@@ -968,7 +1000,7 @@ def warm_up(progress: Callable[[int, int], None] | None = None) -> None:
     """
     from . import params
 
-    total, done = 2 * (len(_WARM_UP_CONVS) + 3), 0  # per dtype: the convs, two Winograd sizes, pools + relu
+    total, done = 2 * (len(_WARM_UP_CONVS) + 3), 0  # per dtype: the convs, two Winograd sizes, direct-wide + pools + relu
 
     def advance() -> None:
         nonlocal done
@@ -1000,6 +1032,10 @@ def warm_up(progress: Callable[[int, int], None] | None = None) -> None:
                 if m == 2:  # and the weight gradient's
                     _weight_grad_winograd(x, np.ones(g.output_shape, dtype), g, True)
             advance()
+        with _lane:  # direct-wide, parallel and its serial twin (tiny calls)
+            for serial in (False, True):
+                _conv2d_wide_direct(x, w, w[:, 0, 0, 0].copy(), g, np.empty(g.output_shape, dtype), serial)
+                _weight_grad_wide_direct(x, np.ones(g.output_shape, dtype), g, serial)
         pg = params.pool2d_geometry(x.shape, 2, 1, 1)
         y, _ = max_pool2d(x, pg)
         max_pool2d_backward(y, x, pg)

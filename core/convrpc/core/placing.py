@@ -49,14 +49,20 @@ class Placement:
         return view
 
 
-_local = threading.local()
+class _Local(threading.local):
+    #: A class default, so a thread that never set it reads None without the AttributeError that
+    #: getattr(local, name, None) raises and catches (1 us, a tenth of a tiny conv's call).
+    plan: Placement | None = None
+
+
+_local = _Local()
 
 
 @contextlib.contextmanager
 def placing(views: Sequence[np.ndarray]) -> Iterator[Placement]:
     """Ops this thread runs in the block compute their final results into ``views`` (writable, C-contiguous,
     in result order) where shape and dtype match. Run one op per block: the views are used once."""
-    outer = getattr(_local, "plan", None)
+    outer = _local.plan
     _local.plan = plan = Placement(views)
     try:
         yield plan
@@ -65,7 +71,7 @@ def placing(views: Sequence[np.ndarray]) -> Iterator[Placement]:
 
 
 def _planned(shape, dtype) -> np.ndarray | None:
-    plan = getattr(_local, "plan", None)
+    plan = _local.plan
     return None if plan is None else plan.take(tuple(shape), np.dtype(dtype))
 
 

@@ -55,12 +55,17 @@ class StopFlag:
             raise DeadlineExceeded()
 
 
-_local = threading.local()
+class _Local(threading.local):
+    #: None on a thread outside any stopping() block, read as a class default (see placing._Local).
+    flag: StopFlag | None = None
+
+
+_local = _Local()
 
 
 def current() -> StopFlag | None:
     """The flag of the calling thread's :func:`stopping` block, if any (kernel tables read it)."""
-    return getattr(_local, "flag", None)
+    return _local.flag
 
 
 @contextlib.contextmanager
