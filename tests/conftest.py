@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import zlib
 
 import ml_dtypes
@@ -105,3 +106,15 @@ def pytest_collection_modifyitems(config, items):
 # ================================================================================================
 
 from server_fixtures import client, server  # noqa: E402,F401 - fixtures for the end-to-end tests
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """Undo what a test's in-process ``convrpc serve`` (configure_logging) does to the root logger: its handler
+    writes to that test's captured stderr, which pytest closes, so servers of later tests logging their calls
+    would print "--- Logging error --- ValueError: I/O operation on closed file"."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
