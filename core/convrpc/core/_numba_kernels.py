@@ -672,6 +672,15 @@ def conv2d_weight_grad_wide_direct(x, gy, partial, offs, wg, span, sh, sw, pt, p
                     s3 = flat[offs[t + 3] : offs[t + 3] + length]
                     # Start from part's entries, not 0.0 (a float64 literal would make float32 sums float64).
                     a0, a1, a2, a3 = part[k, t], part[k, t + 1], part[k, t + 2], part[k, t + 3]
+                    if k + 1 == c_out:  # an odd channel count's last one alone: its pair is the zero row
+                        for q in range(length):
+                            e = g0[q]
+                            a0 += e * s0[q]
+                            a1 += e * s1[q]
+                            a2 += e * s2[q]
+                            a3 += e * s3[q]
+                        part[k, t], part[k, t + 1], part[k, t + 2], part[k, t + 3] = a0, a1, a2, a3
+                        continue
                     b0, b1, b2, b3 = part[k + 1, t], part[k + 1, t + 1], part[k + 1, t + 2], part[k + 1, t + 3]
                     for q in range(length):
                         e0, e1, e2, e3 = s0[q], s1[q], s2[q], s3[q]
