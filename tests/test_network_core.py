@@ -340,6 +340,16 @@ def test_time_limit_and_report_every():
     assert [p.step for p in progress] == list(range(2, result.steps + 1, 2))
 
 
+def test_report_interval_holds_progress_back():
+    x, t = data(), labels()
+    ticks = itertools.count()  # one second per look at the clock
+    *progress, result = fit_network(NUMPY, LENET, x, t, None,
+                                    NetworkTrainConfig(loss="cross_entropy", max_steps=9, report_interval=2.5, seed=0),
+                                    clock=lambda: float(next(ticks)))  # fmt: skip
+    # Reports look at the clock at 1, 2, 3, ... after the start (0): sent at 1, 4 and 7.
+    assert result.steps == 9 and [p.step for p in progress] == [1, 4, 7]
+
+
 def test_mini_batches_visit_every_sample_once_an_epoch():
     x, t = data((5, 1, 8, 8)), labels(5)
     progress, result = fit(LENET, x, t, loss="cross_entropy", batch_size=2, max_steps=6, seed=3)

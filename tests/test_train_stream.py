@@ -31,7 +31,7 @@ def fit(events, finished: threading.Event, stop: threading.Event | None = None):
 
 def test_the_fit_runs_to_the_end_while_nobody_reads_and_the_reader_gets_the_latest_state():
     finished = threading.Event()
-    stream = iter(TrainStream(fit(map(progress, range(1, 10_001)), finished), threading.Event(), min_interval=0.0))
+    stream = iter(TrainStream(fit(map(progress, range(1, 10_001)), finished), threading.Event()))
     first = next(stream)
     assert finished.wait(10), "the fit waited for the reader"
     rest = list(stream)
@@ -40,20 +40,10 @@ def test_the_fit_runs_to_the_end_while_nobody_reads_and_the_reader_gets_the_late
     assert len(rest) < 10_000 - first.step
 
 
-def test_the_min_interval_lets_one_plain_progress_through_per_interval():
-    clock = itertools.count(0.0, 0.03).__next__  # each look at the clock is 30 ms later
-    events = fit(map(progress, range(1, 11)), threading.Event())
-    sent = list(TrainStream(events, threading.Event(), min_interval=0.1, clock=clock))
-    # Published at clock 0, 0.12, 0.24: the 1st, 5th and 9th events (a slow reader may miss the
-    # first two, replaced by the newer ones before it looked); the last one published always gets out.
-    steps = [e.step for e in sent[:-1]]
-    assert set(steps) <= {1, 5, 9} and steps[-1] == 9 and sent[-1] is RESULT
-
-
 def test_snapshots_are_never_dropped_nor_reordered():
     finished = threading.Event()
     events = [progress(s, snapshot=s % 10 == 0) for s in range(1, 101)]
-    stream = iter(TrainStream(fit(events, finished), threading.Event(), min_interval=0.0))
+    stream = iter(TrainStream(fit(events, finished), threading.Event()))
     next(stream)
     assert finished.wait(10)
     sent = [e for e in stream if e is not RESULT]
@@ -68,7 +58,7 @@ def test_queued_snapshots_over_the_byte_budget_hold_the_fit_until_read_or_stoppe
     finished, stop = threading.Event(), threading.Event()
     events = (progress(s, snapshot=True) for s in range(1, 1_000_001))
     nbytes = progress(1, snapshot=True).weight.nbytes
-    stream = iter(TrainStream(fit(events, finished, stop), stop, min_interval=0.0, max_pending_bytes=3 * nbytes))
+    stream = iter(TrainStream(fit(events, finished, stop), stop, max_pending_bytes=3 * nbytes))
     assert next(stream).step == 1
     assert not finished.wait(0.3), "the snapshots were not bounded"
     assert [next(stream).step for _ in range(3)] == [2, 3, 4]  # reading makes room, nothing was dropped
@@ -82,7 +72,7 @@ def test_an_error_in_the_fit_reaches_the_reader_after_what_came_before():
         yield progress(1)
         raise MemoryError("out of memory")
 
-    stream = iter(TrainStream(failing(), threading.Event(), min_interval=0.0))
+    stream = iter(TrainStream(failing(), threading.Event()))
     assert next(stream).step == 1
     with pytest.raises(MemoryError, match="out of memory"):
         next(stream)
@@ -90,7 +80,7 @@ def test_an_error_in_the_fit_reaches_the_reader_after_what_came_before():
 
 def test_closing_the_stream_early_stops_the_fit_and_waits_for_it():
     finished, stop = threading.Event(), threading.Event()
-    stream = iter(TrainStream(fit(map(progress, itertools.count(1)), finished, stop), stop, min_interval=0.0))
+    stream = iter(TrainStream(fit(map(progress, itertools.count(1)), finished, stop), stop))
     next(stream)
     stream.close()  # what gRPC does when the client has gone away
     assert stop.is_set() and finished.is_set()

@@ -157,6 +157,22 @@ def test_reports_loss_before_each_update_and_snapshots_after_it():
     assert elapsed == sorted(elapsed) and elapsed[0] >= 0
 
 
+def test_report_interval_lets_one_plain_progress_through_per_interval_and_every_snapshot():
+    backend = get_backend("numpy")
+    x, y, w0 = small_problem()
+    clock = itertools.count(0.0, 0.03).__next__  # each look at the clock is 30 ms later
+    *progress, result = fit_kernel(backend, x, y, TrainConfig(init_weight=w0, max_steps=10, report_interval=0.1),
+                                   clock=clock)  # fmt: skip
+    # The clock is read at the start (0) and at each report: 0.03 (sent), 0.06 ... 0.12 (0.09 after
+    # the last: held back), 0.15 (sent), and so on.
+    assert [p.step for p in progress] == [1, 5, 9] and result.steps == 10
+    *progress, result = fit_kernel(backend, x, y, TrainConfig(init_weight=w0, max_steps=10, report_interval=1e9,
+                                                              snapshot_every=3), clock=clock)  # fmt: skip
+    assert [(p.step, p.weight is not None) for p in progress] == [(1, False), (3, True), (6, True), (9, True)]
+    with pytest.raises(InvalidArgumentError, match="report_interval"):
+        fit_kernel(backend, x, y, TrainConfig(init_weight=w0, report_interval=-1.0))
+
+
 def test_float32_stays_float32():
     backend = get_backend("numpy")
     x, y, w0 = small_problem(np.float32)

@@ -245,7 +245,8 @@ class NetworkTrainConfig:
 
     ``batch_size`` 0/None means full batch, else each epoch visits a permutation of the samples
     drawn from ``seed`` in batches of that size; ``max_seconds`` 0/None means no limit;
-    ``report_every`` 0 means 1. ``seed`` also draws the parameters when fit_network gets none.
+    ``report_every`` 0 means 1; ``report_interval`` s > 0 lets at most one progress event through every s
+    seconds. ``seed`` also draws the parameters when fit_network gets none.
     """
 
     loss: str = "mse"
@@ -256,6 +257,7 @@ class NetworkTrainConfig:
     seed: int | None = None
     max_seconds: float | None = None
     report_every: int = 1
+    report_interval: float = 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -443,8 +445,8 @@ class _NetworkRun:
             yield (self.x, self.y) if idx is None else (self.x[idx], self.y[idx])
 
     def events(self, stop_event, clock) -> Iterator[NetworkProgress | NetworkResult]:
-        def progress(step, loss, elapsed, grad_norm, info, flat):
-            return NetworkProgress(step, loss, elapsed, grad_norm, info.accuracy)
+        def progress(step, loss, elapsed, grad_norm, info, flat, due):
+            return NetworkProgress(step, loss, elapsed, grad_norm, info.accuracy) if due else None
 
         def result(flat, loss, info, steps, reason, elapsed, history):
             host = self._layers([self._host(a) for a in flat])

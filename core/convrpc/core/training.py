@@ -82,8 +82,9 @@ class TrainConfig:
     the target's channel count) gives the starting weight. ``batch_size`` 0/None means full
     batch; otherwise each epoch visits a permutation of the samples drawn from ``seed`` in
     batches of that size (the last one may be smaller). ``max_seconds`` 0/None means no limit.
-    ``report_every`` 0 means 1. ``snapshot_every`` k > 0 puts a copy of the weight in every k-th
-    progress event.
+    ``report_every`` 0 means 1; ``report_interval`` s > 0 lets at most one progress event through
+    every s seconds (the others are never built; one with a snapshot always comes). ``snapshot_every``
+    k > 0 puts a copy of the weight in every k-th report (every ``k * report_every`` steps).
     """
 
     kernel_size: Any = None
@@ -102,6 +103,7 @@ class TrainConfig:
     seed: int | None = None
     max_seconds: float | None = None
     report_every: int = 1
+    report_interval: float = 0.0
     snapshot_every: int = 0
 
 
@@ -300,10 +302,12 @@ class _Run:
 
         reports = 0
 
-        def progress(step, loss, elapsed, grad_norm, r, p):
+        def progress(step, loss, elapsed, grad_norm, r, p, due):
             nonlocal reports
             reports += 1
             snap = self.snapshot_every and reports % self.snapshot_every == 0
+            if not (due or snap):
+                return None
             return TrainProgress(step, loss, elapsed, grad_norm, self._host(p[0], copy=True) if snap else None)
 
         def result(p, loss, r, steps, reason, elapsed, history):
@@ -327,10 +331,11 @@ class RunRules(NamedTuple):
     tol: float
     max_seconds: float  #: 0 means no limit
     seed: int | None
+    report_interval: float  #: seconds; 0 means every report
 
 
 def run_rules(c) -> RunRules:
-    """``c``'s max_steps, report_every, batch_size, tol, max_seconds and seed, checked (errors name the field)."""
+    """``c``'s max_steps, report_every, batch_size, tol, max_seconds, seed and report_interval, checked (errors name the field)."""
     return RunRules(
         check_int(c.max_steps, "max_steps", minimum=1),
         check_int(c.report_every, "report_every", minimum=0) or 1,
@@ -338,6 +343,7 @@ def run_rules(c) -> RunRules:
         check_float(c.tol, "tol"),
         check_float(c.max_seconds or 0.0, "max_seconds"),
         None if c.seed is None else check_int(c.seed, "seed", minimum=0),
+        check_float(c.report_interval, "report_interval"),
     )
 
 
@@ -379,11 +385,14 @@ def descend(
     else calls ``gradients(batch, info, params) -> (grads, grad_norm)`` and lets the optimizer update.
     ``stop_event`` is checked before every step ("cancelled": the parameters reached are returned)
     and so is ``rules.max_seconds`` (0: no limit; "time_limit"). ``progress(step, loss, elapsed,
-    grad_norm, info, params)`` and ``result(params, loss, info, steps, reason, elapsed, history)``
+    grad_norm, info, params, due)`` and ``result(params, loss, info, steps, reason, elapsed, history)``
     build the events; the result's loss (and info) is the full-data one of exactly its parameters.
+    ``due`` is whether ``rules.report_interval`` has passed since the last event; ``progress`` returns
+    None for an event not wanted (a streaming server's ten thousand steps a second then build none).
     """  # fmt: skip
-    max_seconds, tol = rules.max_seconds, rules.tol
+    max_seconds, tol, interval = rules.max_seconds, rules.tol, rules.report_interval
     t0 = clock()
+    last_report = -math.inf
     # The parameters before the last update, to fall back on if it diverges. Only the parameters: a
     # measurement's info (a residual, a network's activations) would double what a step holds.
     prev = None
@@ -424,7 +433,11 @@ def descend(
         known = None
         steps += 1
         if steps % rules.report_every == 0:
-            yield progress(steps, loss, clock() - t0, grad_norm, info, params)
+            elapsed = clock() - t0
+            event = progress(steps, loss, elapsed, grad_norm, info, params, elapsed - last_report >= interval)
+            if event is not None:
+                last_report = elapsed
+                yield event
     if known is None:
         known = full(params)
         if not math.isfinite(known[0]) and prev is not None:

@@ -469,8 +469,7 @@ class ConvService:
         limit = max_seconds + self.settings.stream_idle_timeout  # a reader that stops reading loses it
         try:
             with self.slots.held(), self.streams.watch(context, rpc, limit) as watched:
-                events = TrainStream(run, cancelled, min_interval=self.settings.report_interval,
-                                     max_seconds=max_seconds, result_type=result_type)  # fmt: skip
+                events = TrainStream(run, cancelled, max_seconds=max_seconds, result_type=result_type)
                 for event in watched.sending(events):
                     yield event
                     if isinstance(event, result_type):
@@ -489,7 +488,7 @@ class ConvService:
 
     def _run_options(self, request) -> dict:
         """The options TrainKernel and TrainNetwork share, checked against the server's caps: optimizer,
-        loss, max_steps and max_seconds (0: the server's cap)."""
+        loss, max_steps, max_seconds (0: the server's cap) and the server's progress interval."""
         s = self.settings
         max_steps = request.max_steps
         if max_steps <= 0:
@@ -520,7 +519,7 @@ class ConvService:
         if request.loss not in wire.LOSS_NAMES:
             raise InvalidArgumentError("loss", f"unknown loss enum value {request.loss}")
         return dict(optimizer=optimizer, loss=wire.LOSS_NAMES[request.loss], max_steps=max_steps,
-                    max_seconds=max_seconds)  # fmt: skip
+                    max_seconds=max_seconds, report_interval=s.report_interval)  # fmt: skip
 
     def _train_config(self, request: pb.TrainKernelRequest) -> TrainConfig:
         return TrainConfig(

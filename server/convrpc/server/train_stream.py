@@ -5,9 +5,9 @@ control holds it back while the client is slow to read (a notebook that started 
 not iterated it yet). A fit run on the RPC thread would wait for the network. So the fit runs on
 its own thread and only publishes events; the RPC thread sends what this policy lets through:
 
-- a plain progress event is published only when ``min_interval`` seconds have passed since the
-  last one, and one not yet sent is replaced by a newer one: a slow reader gets the freshest
-  state, never a backlog, and the fit never waits;
+- a plain progress event not yet sent is replaced by a newer one: a slow reader gets the freshest
+  state, never a backlog, and the fit never waits (the fit itself builds at most one plain event per
+  ``report_interval`` of its config: the servicer sets the server's, so the loop pays nothing per step);
 - a progress event carrying a weight snapshot is never dropped; snapshots queue, and the fit waits
   for the reader only while snapshots worth ``max_pending_bytes`` are already queued;
 - the result (or the fit's exception) always comes last, after everything queued before it.
@@ -47,7 +47,6 @@ class TrainStream:
         events: Iterable[TrainProgress | TrainResult],
         stop: threading.Event,
         *,
-        min_interval: float,
         max_seconds: float | None = None,
         max_pending_bytes: int = MAX_PENDING_SNAPSHOT_BYTES,
         clock: Callable[[], float] = time.monotonic,
@@ -56,7 +55,6 @@ class TrainStream:
         self._events = events
         self._result_type = result_type
         self._stop = stop
-        self._min_interval = min_interval
         self._max_seconds = max_seconds or float("inf")
         self._started = 0.0
         self._max_pending_bytes = max_pending_bytes
@@ -71,7 +69,6 @@ class TrainStream:
 
     def _produce(self) -> None:
         end: TrainResult | BaseException = RuntimeError("the fit ended without a result")
-        last_published = -float("inf")
         try:
             for event in self._events:
                 if isinstance(event, self._result_type):
@@ -79,11 +76,7 @@ class TrainStream:
                     break
                 if getattr(event, "weight", None) is not None:
                     self._publish_snapshot(event)
-                    last_published = self._clock()
-                    continue
-                now = self._clock()
-                if now - last_published >= self._min_interval:
-                    last_published = now
+                else:
                     self._publish(event)
         except BaseException as exc:  # noqa: BLE001 - handed to the RPC thread, which maps it to a status
             end = exc
