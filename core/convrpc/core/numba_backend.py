@@ -360,8 +360,9 @@ CONV_ALGORITHMS = ("winograd-2x2", "winograd-3x3", "winograd-4x4", "im2col-wide"
 #: 25.6 / 21.9 / 22.7 / 34.2 ms, float64 38.2 / 35.6 / 40.1 / 79.8; e float32 11.5 / 10.8 / 12.9 /
 #: 17.7, float64 20.4 / 21.6 / 20.4 / 34.4 (e float64 over 12 rounds: 21.0 / 20.6, 17.5 / 17.7: a
 #: tie; e's 28 rows are 10 tiles of 3, 30 rows of work). Float32 error on d and e, as a share of the
-#: output's max: F(2x2) 4-6e-7, F(3x3) 3-4e-6, F(4x4) 8-11e-6 (the parity tolerance is 1e-4 and the
-#: error grows with the channel count). Force "winograd-2x2" or "winograd-4x4" to use the others.
+#: output's max: F(2x2) 4-6e-7, F(3x3) 3-4e-6, F(4x4) 8-11e-6, and with 256-1024 channels (14 x 14)
+#: 6e-7, 4-5e-6, 1.0-1.2e-5 (im2col 3-4e-7; the parity tolerance is 1e-4). Force "winograd-2x2" or
+#: "winograd-4x4" to use the others.
 WINOGRAD_TILE = {4: 3, 8: 3}
 #: Fewest input and output channels for an automatic Winograd choice: below, the transforms cost
 #: more than the GEMM flops they save.
