@@ -98,7 +98,7 @@ def test_a_numba_server_reports_its_warm_up_progress(server, caplog):
 
     if server.backend.name != "numba":
         pytest.skip("only the numba backend compiles kernels")
-    assert server.warm_up_progress == (18, 18)
+    assert server.warm_up_progress == (20, 20)
 
 
 def test_health_and_info_help_show_their_defaults(capsys):

@@ -1,10 +1,10 @@
 """The numba backend: the server's default kernel table, parallel on the CPUs this process may use.
 
 Convolutions with enough channels go through im2col into a reused, size-capped workspace plus
-one BLAS matmul per tile, or, for stride-1 3x3 ones, Winograd F(2x2, 3x3) (fewer multiplications:
-batched BLAS matmuls between numba transforms; forward, input and weight gradient); stride-1 ones with
-few taps sum them straight from the padded input; small, grouped and depthwise ones run direct numba
-loops. An op stops part way when its caller's stop flag is set
+one BLAS matmul per tile, or, for stride-1 3x3 ones, Winograd (fewer multiplications: batched BLAS
+matmuls between numba transforms; F(3x3, 3x3) forward and input gradient, F(2x2, 3x3) weight
+gradient); stride-1 ones with few taps sum them straight from the padded input; small, grouped and
+depthwise ones run direct numba loops. An op stops part way when its caller's stop flag is set
 (``convrpc.core.stopping``): the kernels read it per row, and no further tile is started. The algorithm is chosen once per geometry (:func:`conv_algorithm`) and can be forced. Pooling and
 relu are direct loops. Every parallel loop owns what it writes, so results do not depend on the
 thread count or on other requests.
@@ -350,16 +350,20 @@ def _use_wide(g: ConvGeometry) -> bool:
 
 
 #: Forward algorithms, each forceable (``force_conv_algorithm`` or ``CONVRPC_CONV_ALGORITHM``):
-#: Winograd F(2x2,3x3) / F(4x4,3x3), im2col onto the padded-width grid, plain im2col (pointwise:
-#: the input is the im2col matrix), direct loops over the padded-width grid (no im2col, no GEMM),
-#: im2col per (image, group) with axpy loops, direct row loops.
-CONV_ALGORITHMS = ("winograd-2x2", "winograd-4x4", "im2col-wide", "im2col", "direct-wide", "small", "direct")
-#: Winograd tile per element size. F(2x2) for both: F(4x4) saves more multiplications, but its
-#: larger transforms ate the saving here (d forward, float32: 31 ms with 2x2, 39-41 with 4x4,
-#: im2col_wide 47-50; float64 51-53, 58-61, 89), and in float32 its error on d and e is 9e-6 of
-#: the output's max against 2x2's 4e-7 (the parity tolerance is 1e-4 and the error grows with the
-#: channel count). Force "winograd-4x4" to use it anyway.
-WINOGRAD_TILE = {4: 2, 8: 2}
+#: Winograd F(2x2,3x3) / F(3x3,3x3) / F(4x4,3x3), im2col onto the padded-width grid, plain im2col
+#: (pointwise: the input is the im2col matrix), direct loops over the padded-width grid (no im2col,
+#: no GEMM), im2col per (image, group) with axpy loops, direct row loops.
+CONV_ALGORITHMS = ("winograd-2x2", "winograd-3x3", "winograd-4x4", "im2col-wide", "im2col", "direct-wide", "small",
+                   "direct")  # fmt: skip
+#: Winograd tile per element size: F(3x3) for both. Forced side by side in one process (best of 6
+#: alternating rounds, load 1.0-1.2), forward, F(2x2) / F(3x3) / F(4x4) / im2col_wide: d float32
+#: 25.6 / 21.9 / 22.7 / 34.2 ms, float64 38.2 / 35.6 / 40.1 / 79.8; e float32 11.5 / 10.8 / 12.9 /
+#: 17.7, float64 20.4 / 21.6 / 20.4 / 34.4 (e float64 over 12 rounds: 21.0 / 20.6, 17.5 / 17.7: a
+#: tie; e's 28 rows are 10 tiles of 3, 30 rows of work). Float32 error on d and e, as a share of the
+#: output's max: F(2x2) 4-6e-7, F(3x3) 3-4e-6, F(4x4) 8-11e-6, and with 256-1024 channels (14 x 14)
+#: 6e-7, 4-5e-6, 1.0-1.2e-5 (im2col 3-4e-7; the parity tolerance is 1e-4). Force "winograd-2x2" or
+#: "winograd-4x4" to use the others.
+WINOGRAD_TILE = {4: 3, 8: 3}
 #: Fewest input and output channels for an automatic Winograd choice: below, the transforms cost
 #: more than the GEMM flops they save.
 WINOGRAD_MIN_CHANNELS = 16
@@ -1000,7 +1004,7 @@ def warm_up(progress: Callable[[int, int], None] | None = None) -> None:
     """
     from . import params
 
-    total, done = 2 * (len(_WARM_UP_CONVS) + 3), 0  # per dtype: the convs, two Winograd sizes, direct-wide + pools + relu
+    total, done = 2 * (len(_WARM_UP_CONVS) + 4), 0  # per dtype: convs, 3 Winograd tiles, direct-wide + pools + relu
 
     def advance() -> None:
         nonlocal done
@@ -1026,7 +1030,7 @@ def warm_up(progress: Callable[[int, int], None] | None = None) -> None:
         x = rng.standard_normal((1, 2, 5, 6)).astype(dtype)
         w = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
         g = params.conv2d_geometry(x.shape, w.shape, None, padding=1)
-        for m in (2, 4):  # the Winograd transforms (only 2x2 is chosen by default; 4x4 may be forced)
+        for m in winograd.TRANSFORMS:  # every Winograd tile: WINOGRAD_TILE chooses some, the others may be forced
             with _lane:
                 _conv2d_winograd(x, w, w[:, 0, 0, 0].copy(), g, m, True, np.empty(g.output_shape, dtype))
                 if m == 2:  # and the weight gradient's

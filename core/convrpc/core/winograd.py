@@ -6,12 +6,19 @@ tile and (input, output) channel pair, a*a products (a = m+2) instead of 9*m*m. 
 channels, the a*a element-wise products become a*a matmuls (K x C) @ (C x tiles), which BLAS runs.
 
 - F(2x2, 3x3): 16 products per 4 outputs, 2.25x fewer multiplications. The transforms use only 0
-  and ±1, so rounding stays at the direct sum's level (4e-7 of the output's max on shapes d, e).
+  and ±1, so rounding stays at the direct sum's level (4-6e-7 of the output's max on shapes d, e).
+- F(3x3, 3x3): 25 products per 9 outputs, 3.24x fewer; the default (``WINOGRAD_TILE`` of the numba
+  backend). Points 0, ±1, 2 and infinity: B^T and A^T carry only 2, 3 and 4, and G's 1/6 and 1/3
+  are applied in float64 to the filter. Float32 error 3-4e-6 of the max on d and e. Points 1/2
+  instead of 2 give the mirror image (x -> 1/x reverses the tile) and measured the same (largest
+  error 3.8-4.6e-6 against 3.2-4.0e-6, rms 2.40-2.48e-7 against 2.34-2.41e-7, three seeds of e),
+  so the integer set was kept.
 - F(4x4, 3x3): 36 products per 16 outputs, 4x fewer; its transforms carry 2, 4, 5 and 8 (1/24 in
-  the filter's), which raised float32 errors to 9e-6 of the max on d and e.
+  the filter's), which raised float32 errors to 8-11e-6 of the max on d and e.
 
 The transforms run in numba, vectorised across a row of tiles; each call handles one chunk of
-images x tile rows so a worker's V and M blocks stay near its cache.
+images x tile rows so a worker's V and M blocks stay near its cache. The weight gradient
+(``grad_output_transform``, ``filter_gradient``) is F(2x2, 3x3)'s adjoint.
 """
 
 from __future__ import annotations
@@ -31,6 +38,17 @@ TRANSFORMS = {
         np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64),
         np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64),
         np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64),
+    ),
+    3: (  # points 0, 1, -1, 2, infinity (the 1/6 and 1/3 stay in G, applied in float64)
+        np.array(
+            [[2, -1, -2, 1, 0], [0, -2, -1, 1, 0], [0, 2, -3, 1, 0], [0, -1, 0, 1, 0], [0, 2, -1, -2, 1]],
+            dtype=np.float64,
+        ),
+        np.array(
+            [[1 / 2, 0, 0], [-1 / 2, -1 / 2, -1 / 2], [-1 / 6, 1 / 6, -1 / 6], [1 / 6, 1 / 3, 2 / 3], [0, 0, 1]],
+            dtype=np.float64,
+        ),
+        np.array([[1, 1, 1, 1, 0], [0, 1, -1, 2, 0], [0, 1, 1, 4, 1]], dtype=np.float64),
     ),
     4: (
         np.array(
@@ -78,21 +96,33 @@ def filter_gradient(du: np.ndarray, m: int, dtype) -> np.ndarray:
 
 
 # The filter transforms are loops over the filters, not einsum: np.einsum took 3-9 ms for e's
-# 128 x 128 filters (a fifth of the conv), these 0.5-0.6 ms on 2 threads.
+# 128 x 128 filters (a fifth of the conv). Loops over the taps of one filter at a time took
+# 0.54 ms (F(2x2)) and 0.83 ms (F(3x3)); with the taps copied channels-last first, so that every
+# loop runs along the input channels, 0.09 and 0.12 ms (best of 30 on 2 threads, load 1.5).
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _filter_transform(w, g_mat, u):
     a = g_mat.shape[0]
+    n_c = w.shape[1]
     for k in prange(w.shape[0]):
-        t = np.empty((a, 3))  # float64: G w, then (G w) G^T
-        for c in range(w.shape[1]):
-            for p in range(a):
+        wt = np.empty((3, 3, n_c))  # float64, channels last: every loop below runs along c
+        for c in range(n_c):
+            for i in range(3):
                 for j in range(3):
-                    t[p, j] = g_mat[p, 0] * w[k, c, 0, j] + g_mat[p, 1] * w[k, c, 1, j] + g_mat[p, 2] * w[k, c, 2, j]
-            for p in range(a):
-                for q in range(a):
-                    u[p * a + q, k, c] = t[p, 0] * g_mat[q, 0] + t[p, 1] * g_mat[q, 1] + t[p, 2] * g_mat[q, 2]
+                    wt[i, j, c] = w[k, c, i, j]
+        t = np.empty((a, 3, n_c))  # G w
+        for p in range(a):
+            g0, g1, g2 = g_mat[p, 0], g_mat[p, 1], g_mat[p, 2]
+            for j in range(3):
+                for c in range(n_c):
+                    t[p, j, c] = g0 * wt[0, j, c] + g1 * wt[1, j, c] + g2 * wt[2, j, c]
+        for p in range(a):  # then (G w) G^T
+            for q in range(a):
+                h0, h1, h2 = g_mat[q, 0], g_mat[q, 1], g_mat[q, 2]
+                dst = u[p * a + q, k]
+                for c in range(n_c):
+                    dst[c] = t[p, 0, c] * h0 + t[p, 1, c] * h1 + t[p, 2, c] * h2
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -126,6 +156,13 @@ def _bt2(d0, d1, d2, d3, k):
 
 
 @njit(cache=True, inline="always")
+def _bt3(d0, d1, d2, d3, d4, k):
+    two = k[0]
+    s32, d31 = d3 - d2, d3 - d1
+    return two * (d0 - d2) + d31, s32 - two * d1, s32 + two * (d1 - d2), d31, d4 - d2 - two * d31
+
+
+@njit(cache=True, inline="always")
 def _bt4(d0, d1, d2, d3, d4, d5, k):
     four, five = k[1], k[2]
     two = k[0]
@@ -142,6 +179,12 @@ def _bt4(d0, d1, d2, d3, d4, d5, k):
 @njit(cache=True, inline="always")
 def _at2(m0, m1, m2, m3, k):
     return m0 + m1 + m2, m1 - m2 - m3
+
+
+@njit(cache=True, inline="always")
+def _at3(m0, m1, m2, m3, m4, k):
+    s12, d12 = m1 + m2, m1 - m2
+    return m0 + s12 + m3, d12 + k[0] * m3, s12 + k[1] * m3 + m4
 
 
 @njit(cache=True, inline="always")
@@ -196,6 +239,10 @@ def input_transform(x, v, xp, rt, k, n0, tn, th0, nth, tiles_w, pt, pl, m):
                         e2 = _bt2(xp[rr, x0], xp[rr, x0 + 1], xp[rr, x0 + 2], xp[rr, x0 + 3], k)
                         for j in range(4):
                             rt[rr, j, q] = e2[j]
+                    elif m == 3:
+                        e3 = _bt3(xp[rr, x0], xp[rr, x0 + 1], xp[rr, x0 + 2], xp[rr, x0 + 3], xp[rr, x0 + 4], k)
+                        for j in range(5):
+                            rt[rr, j, q] = e3[j]
                     else:
                         e4 = _bt4(xp[rr, x0], xp[rr, x0 + 1], xp[rr, x0 + 2], xp[rr, x0 + 3], xp[rr, x0 + 4],
                                   xp[rr, x0 + 5], k)  # fmt: skip
@@ -209,6 +256,11 @@ def input_transform(x, v, xp, rt, k, n0, tn, th0, nth, tiles_w, pt, pl, m):
                             e2 = _bt2(rt[y0, j, q], rt[y0 + 1, j, q], rt[y0 + 2, j, q], rt[y0 + 3, j, q], k)
                             for i in range(4):
                                 v[i * 4 + j, c, p0 + q] = e2[i]
+                        elif m == 3:
+                            e3 = _bt3(rt[y0, j, q], rt[y0 + 1, j, q], rt[y0 + 2, j, q], rt[y0 + 3, j, q],
+                                      rt[y0 + 4, j, q], k)  # fmt: skip
+                            for i in range(5):
+                                v[i * 5 + j, c, p0 + q] = e3[i]
                         else:
                             e4 = _bt4(rt[y0, j, q], rt[y0 + 1, j, q], rt[y0 + 2, j, q], rt[y0 + 3, j, q],
                                       rt[y0 + 4, j, q], rt[y0 + 5, j, q], k)  # fmt: skip
@@ -240,6 +292,11 @@ def output_transform(mm, b, has_bias, y, yp, ct, k, n0, tn, th0, nth, tiles_w, m
                             f2 = _at2(mm[j, kk, p], mm[a + j, kk, p], mm[2 * a + j, kk, p], mm[3 * a + j, kk, p], k)
                             for i in range(2):
                                 ct[i, j, q] = f2[i]
+                        elif m == 3:
+                            f3 = _at3(mm[j, kk, p], mm[a + j, kk, p], mm[2 * a + j, kk, p], mm[3 * a + j, kk, p],
+                                      mm[4 * a + j, kk, p], k)  # fmt: skip
+                            for i in range(3):
+                                ct[i, j, q] = f3[i]
                         else:
                             f4 = _at4(mm[j, kk, p], mm[a + j, kk, p], mm[2 * a + j, kk, p], mm[3 * a + j, kk, p],
                                       mm[4 * a + j, kk, p], mm[5 * a + j, kk, p], k)  # fmt: skip
@@ -251,6 +308,10 @@ def output_transform(mm, b, has_bias, y, yp, ct, k, n0, tn, th0, nth, tiles_w, m
                             g2 = _at2(ct[i, 0, q], ct[i, 1, q], ct[i, 2, q], ct[i, 3, q], k)
                             for j in range(2):
                                 yp[y0 + i, q * 2 + j] = g2[j] + init
+                        elif m == 3:
+                            g3 = _at3(ct[i, 0, q], ct[i, 1, q], ct[i, 2, q], ct[i, 3, q], ct[i, 4, q], k)
+                            for j in range(3):
+                                yp[y0 + i, q * 3 + j] = g3[j] + init
                         else:
                             g4 = _at4(ct[i, 0, q], ct[i, 1, q], ct[i, 2, q], ct[i, 3, q], ct[i, 4, q], ct[i, 5, q], k)
                             for j in range(4):
