@@ -6,7 +6,8 @@ For each case, in one run of this script:
 - SDK: ``ConvClient.train_kernel(...).result()`` against a server in a child process, with
   streaming on (``report_every=1``, the server's 50 ms rate limit) and off (one report per run);
   "server" is the loop rate the server measured itself, "wall" includes the request and result
-  transfer as the client sees it;
+  transfer as the client sees it; a third, streaming-off run beside each pair gives "off / off",
+  how far two identical runs differ on this machine (the noise of the on / off figure);
 - torch: the same loop in PyTorch (same data, initial weight, optimizer, loss, stop test and
   thread count), timed in a child process: two OpenMP runtimes in one process slow each other down.
 
@@ -362,18 +363,21 @@ def kernel_rows(backend, cases, args, threads: int, tmp: str) -> list:
                 # Warm-up runs, then interleaved timed ones.
                 core_rate(backend, x, y, w0, case, 20)
                 sdk_rates(client, x, y, w0, case, 20, 1)
-                core, on_wall, on_server, off_wall, off_server = ([] for _ in range(5))
+                core, on_wall, on_server, off_wall, off_server, control = ([] for _ in range(6))
                 for i in range(args.repeat):
                     core.append(core_rate(backend, x, y, w0, case, args.steps))
                     for streaming in (True, False) if i % 2 == 0 else (False, True):
                         wall, loop = sdk_rates(client, x, y, w0, case, args.steps, 1 if streaming else 10**9)
                         (on_wall if streaming else off_wall).append(wall)
                         (on_server if streaming else off_server).append(loop)
+                    # A second streaming-off run: off / off shows how far two identical runs differ here.
+                    control.append(sdk_rates(client, x, y, w0, case, args.steps, 10**9)[1] / off_server[-1])
                 med = {k: statistics.median(v) for k, v in dict(core=core, on_wall=on_wall, on_server=on_server,
                                                                 off_wall=off_wall, off_server=off_server).items()}  # fmt: skip
                 # On/off from back-to-back pairs: load that drifts over the run cancels out.
                 med["wall_ratio"] = statistics.median(a / b for a, b in zip(on_wall, off_wall))
                 med["loop_ratio"] = statistics.median(a / b for a, b in zip(on_server, off_server))
+                med["control"] = statistics.median(control)
                 rows.append((name, case, med, torch))
     finally:
         server.close()
@@ -382,17 +386,18 @@ def kernel_rows(backend, cases, args, threads: int, tmp: str) -> list:
 
 def print_kernel_rows(rows) -> None:
     print("| case | core | SDK, streaming on (wall / server loop) | SDK, streaming off (wall / server loop) "
-          "| torch | core / torch | SDK / torch | streaming on / off | target |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| torch | core / torch | SDK / torch | streaming on / off | off / off | target |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, case, m, torch in rows:
         t = torch["steps_per_s"] if torch else float("nan")
         print(
             f"| {case.title} | {m['core']:.0f} | {m['on_wall']:.0f} / {m['on_server']:.0f} "
             f"| {m['off_wall']:.0f} / {m['off_server']:.0f} | {t:.0f} | {m['core'] / t:.2f}x | {m['on_wall'] / t:.2f}x "
-            f"| {m['wall_ratio']:.1%} / {m['loop_ratio']:.1%} | >= {TARGETS[name]:.0f}x |"
+            f"| {m['wall_ratio']:.1%} / {m['loop_ratio']:.1%} | {m['control']:.1%} | >= {TARGETS[name]:.0f}x |"
         )
     print("\nsteps/s; 'SDK' wall rates include sending the request and receiving the result;"
-          " 'streaming on / off' is the median ratio of back-to-back runs, wall / server loop.\n")  # fmt: skip
+          " 'streaming on / off' is the median ratio of back-to-back runs, wall / server loop;"
+          " 'off / off' the same for two streaming-off runs (server loop): the noise of the on / off figure.\n")  # fmt: skip
 
 
 if __name__ == "__main__":
