@@ -1004,7 +1004,7 @@ def warm_up(progress: Callable[[int, int], None] | None = None) -> None:
     """
     from . import params
 
-    total, done = 2 * (len(_WARM_UP_CONVS) + 4), 0  # per dtype: convs, 3 Winograd tiles, direct-wide + pools + relu
+    total, done = 2 * (len(_WARM_UP_CONVS) + len(winograd.TRANSFORMS) + 1), 0  # per dtype: convs, Winograd tiles, the rest
 
     def advance() -> None:
         nonlocal done
