@@ -623,7 +623,8 @@ class OpMethods(NetworkMethods):
         max_seconds : float, optional
             Stop as "time_limit" after this long (None: the server's cap).
         snapshot_every : int, default 0
-            Attach the weight to every this-many-th progress update (0: never).
+            Attach the weight to the progress update every ``snapshot_every * report_every`` steps
+            (0: never); those updates always come, whatever the 50 ms limit.
         progress : bool, default False
             Show a tqdm bar (terminal or notebook) while the run is consumed.
         timeout : float, optional
