@@ -624,13 +624,13 @@ def conv2d_wide_direct(x, wq, b, has_bias, y, offs, wg, span, chunks, sh, sw, pt
                     acc0[q] += w0 * e0 + w1 * e1 + w2 * e2 + w3 * e3
                     acc1[q] += v0 * e0 + v1 * e1 + v2 * e2 + v3 * e3
             for oh in range(out_h):  # loops, not slice assignments (a call and an overlap check each)
-                row0, row1 = y[n, k, oh], y[n, min(k + 1, c_out - 1), oh]
-                src0, src1 = acc0[oh * wg : oh * wg + out_w], acc1[oh * wg : oh * wg + out_w]
+                row, src = y[n, k, oh], acc0[oh * wg : oh * wg + out_w]
                 for q in range(out_w):
-                    row0[q] = src0[q]
+                    row[q] = src[q]
                 if k + 1 < c_out:
+                    row, src = y[n, k + 1, oh], acc1[oh * wg : oh * wg + out_w]
                     for q in range(out_w):
-                        row1[q] = src1[q]
+                        row[q] = src[q]
 
 
 @njit(**_PAR)

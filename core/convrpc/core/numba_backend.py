@@ -545,10 +545,15 @@ def _conv2d_wide(x, w, b, g: ConvGeometry, plan: _Plan, y):
     return y
 
 
+def _wide_direct_shape(g: ConvGeometry) -> tuple[int, int]:
+    """(K', T'): the output channels rounded up to pairs and the taps to fours, as the direct-wide kernels take them."""
+    return -(-g.c_out // 2) * 2, -(-(g.c_in * g.kh * g.kw) // 4) * 4
+
+
 def _wide_direct_weights(w, g: ConvGeometry):
     """The weights as conv2d_wide_direct takes them: (K', T') padded with zeros, and the taps' starts."""
     taps = g.c_in * g.kh * g.kw
-    wq = np.zeros((-(-g.c_out // 2) * 2, -(-taps // 4) * 4), dtype=w.dtype)
+    wq = np.zeros(_wide_direct_shape(g), dtype=w.dtype)
     wq[: g.c_out, :taps] = w.reshape(g.c_out, taps)
     return (wq, *_wide_direct_taps(g))
 
@@ -557,7 +562,7 @@ def _wide_direct_weights(w, g: ConvGeometry):
 def _wide_direct_taps(g: ConvGeometry):
     """(each tap's start in an image's padded planes, grid width, span): made once per geometry."""
     wg, span = _wide_width(g), _wide_span(g, g.out_h)
-    taps = -(-(g.c_in * g.kh * g.kw) // 4) * 4
+    taps = _wide_direct_shape(g)[1]
     offs = _k.wide_direct_taps(g.c_in, g.kh, g.kw, g.stride_h, g.stride_w, g.dil_h, g.dil_w, span, wg, taps)
     offs.flags.writeable = False
     return offs, wg, span
@@ -577,8 +582,7 @@ def _conv2d_wide_direct(x, w, b, g: ConvGeometry, y, serial: bool):
 def _weight_grad_wide_direct(x, gy, g: ConvGeometry, serial: bool):
     """gw by conv2d_weight_grad_wide_direct; None when it is not finite (the exact path then decides)."""
     offs, wg, span = _wide_direct_taps(g)
-    kq, tq = -(-g.c_out // 2) * 2, offs.shape[0]
-    partial = np.empty((1 if serial else max(1, min(THREADS, g.n)), kq, tq), dtype=x.dtype)
+    partial = np.empty((1 if serial else max(1, min(THREADS, g.n)), *_wide_direct_shape(g)), dtype=x.dtype)
     kernel = _k.conv2d_weight_grad_wide_direct_serial if serial else _k.conv2d_weight_grad_wide_direct
     kernel(x, gy, partial, offs, wg, span, g.stride_h, g.stride_w, g.pad_top, g.pad_left, _stop)
     gw = (partial[0] if serial else partial.sum(axis=0))[: g.c_out, : g.c_in * g.kh * g.kw].reshape(g.weight_shape)
