@@ -186,11 +186,17 @@ def test_winograd_splits_images_into_tile_rows_under_a_small_workspace(nb, ref, 
         ((3, 4, 12, 13), (4, 4, 3, 2), dict(dilation=2)),
         ((2, 3, 15, 15), (16, 3, 7, 7), dict(stride=2, padding=3)),
         ((2, 5, 7, 9), (3, 5, 3, 3), dict(stride=3, padding=2, dilation=2)),
+        # Rows of 2 vectors or more, blocked along the row (the last block shifted back), 1-13 channels.
+        ((1, 3, 20, 45), (7, 3, 5, 5), dict(stride=2, padding=2)),
+        ((2, 2, 9, 40), (13, 2, 3, 3), dict(padding=1, dilation=(1, 2))),
+        ((1, 1, 4, 18), (1, 1, 3, 3), {}),
+        ((2, 3, 13, 20), (4, 3, 3, 3), dict(padding=1)),  # blocks of 6 rows of one channel, the last one short
     ],
 )
 def test_direct_wide_runs_strided_and_dilated_convs(nb, ref, force, monkeypatch, x_shape, w_shape, opts, dtype, parallel):
-    """Odd channel counts and tap counts (padded to pairs and fours inside the kernels), stride and dilation
-    phases; tiny calls run the kernels' serial twins, so ``parallel`` runs the parallel ones on the same shapes."""
+    """Odd channel counts and tap counts (a last block of fewer than 6 channels, taps padded to fours for
+    the weight gradient), stride and dilation phases, outputs narrower and wider than two vectors; tiny
+    calls run the kernels' serial twins, so ``parallel`` runs the parallel ones on the same shapes."""
     if parallel:
         monkeypatch.setattr(numba_backend, "SERIAL_WORK", 0)
     x, w, b = _arrays(x_shape, w_shape, dtype, 8)
@@ -210,15 +216,32 @@ def test_direct_wide_runs_strided_and_dilated_convs(nb, ref, force, monkeypatch,
 def test_direct_wide_is_chosen_for_few_taps_within_the_workspace_cap(force):
     force(None)
     few_taps = params.conv2d_geometry((32, 3, 32, 32), (16, 3, 3, 3), None, padding=1)  # 27 taps
-    many_taps = params.conv2d_geometry((8, 8, 32, 32), (16, 8, 3, 3), None, padding=1)  # 72
+    strided = params.conv2d_geometry((1, 3, 224, 224), (64, 3, 7, 7), None, stride=2, padding=3)  # g: 147
+    many_taps = params.conv2d_geometry((2, 24, 40, 40), (48, 24, 5, 5), None, padding=2)  # 600
     assert numba_backend.conv_algorithm(few_taps, 8) == "direct-wide"
+    assert numba_backend.conv_algorithm(strided, 4) == "direct-wide"
     assert numba_backend.conv_algorithm(many_taps, 8) != "direct-wide"
     old = numba_backend.workspace_limit()
-    numba_backend.set_workspace_limit(64 * 1024)  # 32 KB a thread: not the padded image and its grids
+    numba_backend.set_workspace_limit(16 * 1024)  # not one padded image (3 x 35 x 34 float64)
     try:
         assert numba_backend.conv_algorithm(few_taps, 8) != "direct-wide"
     finally:
         numba_backend.set_workspace_limit(old)
+
+
+def test_direct_wide_weight_gradient_only_where_it_was_measured(nb, force):
+    """The forward of g (7x7 stride 2, 147 taps) is direct-wide, its weight gradient stays im2col + BLAS;
+    c's (27 taps, stride 1) is direct-wide."""
+    force(None)
+    for x_shape, w_shape, opts, want in [
+        ((1, 3, 64, 64), (64, 3, 7, 7), dict(stride=2, padding=3), "im2col"),
+        ((32, 3, 32, 32), (16, 3, 3, 3), dict(padding=1), "direct-wide"),
+    ]:
+        x, w, b = _arrays(x_shape, w_shape, np.float32)
+        y = nb.conv2d(x, w, b, **opts)
+        assert numba_backend.last_algorithm["forward"] == "direct-wide"
+        nb.conv2d_backward(np.ones_like(y), x, w, b, **opts)
+        assert numba_backend.last_algorithm["grad-weight"] == want
 
 
 def test_direct_wide_is_chosen_for_few_channel_stride_1_convs_only(force):

@@ -21,6 +21,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from convrpc.core import _simd
+
 # Reassociation lets LLVM vectorise dot products; no nnan/ninf, so NaN and inf stay IEEE.
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 _PAR = dict(parallel=True, cache=True, nogil=True, fastmath=_FAST)
@@ -439,30 +441,36 @@ def relu_backward(gy, x, gx):
 def _wide_pad(x, n, c, pad, r0, sh, sw, pt, pl, wg):
     """pad (sh*sw planes, each a whole number of rows wg wide) = x[n, c] from output row r0 on, with
     its padding, in im2col_wide's layout (see there); pad is overwritten."""
+    _wide_pad_planes(x, n, c, pad, r0, sh, sw, pt, pl, wg, 0, sh * sw)
+
+
+@njit(cache=True, inline="always")
+def _wide_pad_planes(x, n, c, pad, r0, sh, sw, pt, pl, wg, lo, hi):
+    """_wide_pad's planes lo .. hi only (plane a*sw + b: rows a, a+sh, ..., columns b, b+sw, ...)."""
     h, wd = x.shape[2], x.shape[3]
     plane = pad.shape[0] // (sh * sw)
     prow = plane // wg
-    pad[:] = 0.0
-    for a in range(sh):
-        for b in range(sw):
-            base = (a * sw + b) * plane
-            u_lo = max(0, -((b - pl) // sw))  # grid columns whose input column is in [0, wd)
-            u_hi = min(wg, (wd - 1 + pl - b) // sw + 1) if wd - 1 + pl - b >= 0 else 0
-            if u_hi <= u_lo:
+    pad[lo * plane : hi * plane] = 0.0
+    for ab in range(lo, hi):
+        a, b = ab // sw, ab % sw
+        base = ab * plane
+        u_lo = max(0, -((b - pl) // sw))  # grid columns whose input column is in [0, wd)
+        u_hi = min(wg, (wd - 1 + pl - b) // sw + 1) if wd - 1 + pl - b >= 0 else 0
+        if u_hi <= u_lo:
+            continue
+        for rr in range(prow):
+            ih = r0 * sh - pt + rr * sh + a
+            if ih < 0 or ih >= h:
                 continue
-            for rr in range(prow):
-                ih = r0 * sh - pt + rr * sh + a
-                if ih < 0 or ih >= h:
-                    continue
-                dst_row = pad[base + rr * wg : base + (rr + 1) * wg]
-                src_row = x[n, c, ih]
-                if sw == 1:  # loops over slices: a slice assignment costs a call and an overlap check
-                    dst, src = dst_row[u_lo:u_hi], src_row[u_lo + b - pl : u_hi + b - pl]
-                    for u in range(u_hi - u_lo):
-                        dst[u] = src[u]
-                else:
-                    for u in range(u_lo, u_hi):
-                        dst_row[u] = src_row[u * sw + b - pl]
+            dst_row = pad[base + rr * wg : base + (rr + 1) * wg]
+            src_row = x[n, c, ih]
+            if sw == 1:  # loops over slices: a slice assignment costs a call and an overlap check
+                dst, src = dst_row[u_lo:u_hi], src_row[u_lo + b - pl : u_hi + b - pl]
+                for u in range(u_hi - u_lo):
+                    dst[u] = src[u]
+            else:
+                for u in range(u_lo, u_hi):
+                    dst_row[u] = src_row[u * sw + b - pl]
 
 
 @njit(cache=True, inline="always")
@@ -576,61 +584,182 @@ def wide_direct_taps(c_in, kh, kw, sh, sw, dh, dw, span, wg, taps):
     return offs
 
 
-@njit(**_PAR)
-def conv2d_wide_direct(x, wq, b, has_bias, y, offs, wg, span, chunks, sh, sw, pt, pl, stop):
-    """y (N, K, OH, OW) = conv2d(x, w) (+ b), one group, summed tap by tap over im2col_wide's grid.
+#: conv2d_wide_direct's blocks: 6 channels of one output row; 6 rows of one channel (at most
+#: WIDE_DIRECT_THIN output channels: a's one channel filled 1 of the 6 slots); 6 channels along the
+#: whole grid (outputs narrower than 2 vectors).
+_CHANNELS, _ROWS, _GRID = 0, 1, 2
+WIDE_DIRECT_THIN = 4
 
-    wq (K', T') is w reshaped (K, C*kh*kw) with zero rows and columns up to an even K' and a T'
-    divisible by 4; offs holds its taps' starts (wide_direct_taps) in an image's padded planes
-    (C, span), wg wide. Each pass over the grid adds 4 taps into 2 output channels: 8
-    multiply-adds per 6 loads and 2 stores, where one tap into one channel (an axpy) waits on its
-    store. Iteration s of the parallel loop owns jobs (image, channel pair) s*J/chunks ..
-    (s+1)*J/chunks and pads an image only when it changes. y is overwritten.
-    """
-    n_, c_in = x.shape[0], x.shape[1]
-    kq, tq = wq.shape
+
+@njit(cache=True, inline="always")
+def _wide_direct_blocks(y, wg):
+    """(kind of block, blocks per image and channel block, blocks along a row, channel blocks) of conv2d_wide_direct."""
+    v = _simd.lanes(y)
     c_out, out_h, out_w = y.shape[1], y.shape[2], y.shape[3]
-    length = out_h * wg
-    jobs = n_ * (kq // 2)
+    if out_w < 2 * v:
+        return _GRID, (out_h * wg + 2 * v - 1) // (2 * v), 1, (c_out + 5) // 6
+    if c_out <= WIDE_DIRECT_THIN:
+        return _ROWS, (out_h + 5) // 6, (out_w + 2 * v - 1) // (2 * v), c_out
+    return _CHANNELS, out_h, (out_w + 2 * v - 1) // (2 * v), (c_out + 5) // 6
+
+
+@njit(**_PAR)
+def conv2d_wide_direct(x, w, b, has_bias, y, xpad, offs, wg, span, chunks, sh, sw, pt, pl, stop):
+    """y (N, K, OH, OW) = conv2d(x, w) (+ b), one group, register-blocked over im2col_wide's grid.
+
+    w is (K, T = C*kh*kw); offs holds each tap's start in an image's padded planes (C, span), wg
+    wide; xpad (chunks, C*span + 2 vectors) is each iteration's padded image. A block of 6 slots x
+    2 vectors of grid positions stays in 12 registers while all T taps are added into it, then is
+    stored once (_wide_direct_block). The slots are 6 output channels of one row (12 fused
+    multiply-adds per 2 loads and 6 broadcasts), or, with at most WIDE_DIRECT_THIN channels, 6
+    output rows of one channel (12 per 12 loads and 1 broadcast). Rows at least 2 vectors wide are
+    cut into blocks along the row, the last one shifted back to end at OW (the overlap is written
+    twice, with the same values), so every store is a whole vector into y; narrower outputs run
+    blocks along the whole grid into a scratch block, whose columns < OW are copied to y. Spare
+    slots (past K, or past OH) repeat the last channel or row and are not stored. Iteration s of
+    the parallel loop runs jobs (image, output row or block, channel or channel block) s*J/chunks
+    .. (s+1)*J/chunks and pads an image only when it changes. y and xpad are overwritten.
+    """
+    _, per_image, _, kb = _wide_direct_blocks(y, wg)
+    jobs = x.shape[0] * per_image * kb
     for s in prange(chunks):
-        pad = np.empty((c_in, span), dtype=x.dtype)
-        acc0 = np.empty(length, dtype=x.dtype)
-        acc1 = np.empty(length, dtype=x.dtype)
-        flat = pad.reshape(-1)
-        padded = -1
-        for job in range(s * jobs // chunks, (s + 1) * jobs // chunks):
-            if _stopped(stop):
-                break
-            n, k = job // (kq // 2), 2 * (job % (kq // 2))
-            if n != padded:
-                for c in range(c_in):
-                    _wide_pad(x, n, c, pad[c], 0, sh, sw, pt, pl, wg)
-                padded = n
-            acc0[:] = b[k] if has_bias else 0.0
-            acc1[:] = b[k + 1] if has_bias and k + 1 < c_out else 0.0
-            for t in range(0, tq, 4):
-                w0, w1, w2, w3 = wq[k, t], wq[k, t + 1], wq[k, t + 2], wq[k, t + 3]
-                v0, v1, v2, v3 = wq[k + 1, t], wq[k + 1, t + 1], wq[k + 1, t + 2], wq[k + 1, t + 3]
-                s0 = flat[offs[t] : offs[t] + length]
-                s1 = flat[offs[t + 1] : offs[t + 1] + length]
-                s2 = flat[offs[t + 2] : offs[t + 2] + length]
-                s3 = flat[offs[t + 3] : offs[t + 3] + length]
-                if k + 1 == c_out:  # an odd channel count's last one alone (c's input gradient: 3)
-                    for q in range(length):
-                        acc0[q] += w0 * s0[q] + w1 * s1[q] + w2 * s2[q] + w3 * s3[q]
-                    continue
-                for q in range(length):
-                    e0, e1, e2, e3 = s0[q], s1[q], s2[q], s3[q]
-                    acc0[q] += w0 * e0 + w1 * e1 + w2 * e2 + w3 * e3
-                    acc1[q] += v0 * e0 + v1 * e1 + v2 * e2 + v3 * e3
-            for oh in range(out_h):  # loops, not slice assignments (a call and an overlap check each)
-                row, src = y[n, k, oh], acc0[oh * wg : oh * wg + out_w]
-                for q in range(out_w):
-                    row[q] = src[q]
-                if k + 1 < c_out:
-                    row, src = y[n, k + 1, oh], acc1[oh * wg : oh * wg + out_w]
-                    for q in range(out_w):
-                        row[q] = src[q]
+        lo, hi = s * jobs // chunks, (s + 1) * jobs // chunks
+        _wide_direct_jobs(x, w, b, has_bias, y, xpad[s], offs, wg, span, sh, sw, pt, pl, lo, hi, stop)
+
+
+@njit(**_SER)
+def conv2d_wide_direct_serial(x, w, b, has_bias, y, xpad, offs, wg, span, chunks, sh, sw, pt, pl, stop):
+    """conv2d_wide_direct on this thread (a tiny op: no parallel launch); ``chunks`` is ignored."""
+    _, per_image, _, kb = _wide_direct_blocks(y, wg)
+    jobs = x.shape[0] * per_image * kb
+    _wide_direct_jobs(x, w, b, has_bias, y, xpad[0], offs, wg, span, sh, sw, pt, pl, 0, jobs, stop)
+
+
+@njit(cache=True, inline="always")
+def _bias_vectors(like, b, has_bias, r0, r1, r2, r3, r4, r5):
+    """Six vectors of b[r_i] each (or zeros), of ``like``'s dtype: a block's starting accumulators."""
+    if has_bias:
+        s0, s1, s2 = _simd.splat(b[r0]), _simd.splat(b[r1]), _simd.splat(b[r2])
+        return s0, s1, s2, _simd.splat(b[r3]), _simd.splat(b[r4]), _simd.splat(b[r5])
+    z = _simd.zeros(like)
+    return z, z, z, z, z, z
+
+
+@njit(cache=True, inline="always")
+def _wide_direct_block(pad, w, offs, p0, p1, p2, p3, p4, p5, r0, r1, r2, r3, r4, r5, b, has_bias):
+    """The 12 accumulators (slot 0's 2 vectors, slot 1's, ...) of a block whose slot i reads the taps
+    from grid position p_i with the weights of channel r_i, starting from b[r_i] (or 0).
+
+    Inlined where it is called: where the r_i are one value, LLVM broadcasts it once for all slots."""
+    v = _simd.lanes(pad)
+    a0, a1, a2, a3, a4, a5 = _bias_vectors(pad, b, has_bias, r0, r1, r2, r3, r4, r5)
+    b0, b1, b2, b3, b4, b5 = a0, a1, a2, a3, a4, a5
+    for t in range(w.shape[1]):
+        o = offs[t]
+        e = _simd.splat(w[r0, t])
+        a0, b0 = _simd.fma(_simd.load(pad, o + p0), e, a0), _simd.fma(_simd.load(pad, o + p0 + v), e, b0)
+        e = _simd.splat(w[r1, t])
+        a1, b1 = _simd.fma(_simd.load(pad, o + p1), e, a1), _simd.fma(_simd.load(pad, o + p1 + v), e, b1)
+        e = _simd.splat(w[r2, t])
+        a2, b2 = _simd.fma(_simd.load(pad, o + p2), e, a2), _simd.fma(_simd.load(pad, o + p2 + v), e, b2)
+        e = _simd.splat(w[r3, t])
+        a3, b3 = _simd.fma(_simd.load(pad, o + p3), e, a3), _simd.fma(_simd.load(pad, o + p3 + v), e, b3)
+        e = _simd.splat(w[r4, t])
+        a4, b4 = _simd.fma(_simd.load(pad, o + p4), e, a4), _simd.fma(_simd.load(pad, o + p4 + v), e, b4)
+        e = _simd.splat(w[r5, t])
+        a5, b5 = _simd.fma(_simd.load(pad, o + p5), e, a5), _simd.fma(_simd.load(pad, o + p5 + v), e, b5)
+    return a0, b0, a1, b1, a2, b2, a3, b3, a4, b4, a5, b5
+
+
+@njit(cache=True, inline="always")
+def _store_slots(y, o, step, slots, acc):
+    """y.flat[o + i*step ...] = slot i's 2 vectors of acc, for the first ``slots`` slots."""
+    v = _simd.lanes(y)
+    a0, b0, a1, b1, a2, b2, a3, b3, a4, b4, a5, b5 = acc
+    _simd.store(y, o, a0)
+    _simd.store(y, o + v, b0)
+    if slots > 1:
+        _simd.store(y, o + step, a1)
+        _simd.store(y, o + step + v, b1)
+    if slots > 2:
+        _simd.store(y, o + 2 * step, a2)
+        _simd.store(y, o + 2 * step + v, b2)
+    if slots > 3:
+        _simd.store(y, o + 3 * step, a3)
+        _simd.store(y, o + 3 * step + v, b3)
+    if slots > 4:
+        _simd.store(y, o + 4 * step, a4)
+        _simd.store(y, o + 4 * step + v, b4)
+    if slots > 5:
+        _simd.store(y, o + 5 * step, a5)
+        _simd.store(y, o + 5 * step + v, b5)
+
+
+@njit(**_SER)
+def _wide_direct_jobs(x, w, b, has_bias, y, pad, offs, wg, span, sh, sw, pt, pl, lo, hi, stop):
+    """conv2d_wide_direct's jobs lo .. hi, in a function of their own: compiled outside the parallel
+    loop, the vector width and the block's offsets are constants (inside, they were arguments of
+    the loop's body and the kernel ran 25-40% slower on g, one thread)."""
+    c_in, c_out, out_h, out_w = x.shape[1], y.shape[1], y.shape[2], y.shape[3]
+    v = _simd.lanes(y)
+    ohw, last = out_h * out_w, c_out - 1
+    kind, per_image, per_row, kb = _wide_direct_blocks(y, wg)
+    block = np.zeros((6, 2 * v), dtype=y.dtype)
+    pad[c_in * span :] = 0.0  # the slack a narrow output's last block reads
+    padded = -1
+    for job in range(lo, hi):
+        if _stopped(stop):
+            break
+        n, u, k = job // (per_image * kb), (job // kb) % per_image, job % kb
+        if n != padded:
+            for c in range(c_in):
+                _wide_pad(x, n, c, pad[c * span : (c + 1) * span], 0, sh, sw, pt, pl, wg)
+            padded = n
+        if kind == _ROWS:  # channel k, output rows 6u .. 6u+5 (the spare ones repeat row OH-1)
+            u0 = 6 * u
+            g0, g1, g2 = u0 * wg, min(u0 + 1, out_h - 1) * wg, min(u0 + 2, out_h - 1) * wg
+            g3, g4, g5 = min(u0 + 3, out_h - 1) * wg, min(u0 + 4, out_h - 1) * wg, min(u0 + 5, out_h - 1) * wg
+            for j in range(per_row):
+                ow0 = min(j * 2 * v, out_w - 2 * v)
+                acc = _wide_direct_block(pad, w, offs, g0 + ow0, g1 + ow0, g2 + ow0, g3 + ow0, g4 + ow0, g5 + ow0,
+                                         k, k, k, k, k, k, b, has_bias)  # fmt: skip
+                _store_slots(y, (n * c_out + k) * ohw + u0 * out_w + ow0, out_w, min(6, out_h - u0), acc)
+            continue
+        # Channels 6k .. 6k+5 (the spare ones repeat channel K-1), spelled out: through
+        # _wide_direct_block (one load for the six slots' equal positions) c's forward took 12-20% longer.
+        k0 = 6 * k
+        r0, r1, r2, r3 = k0, min(k0 + 1, last), min(k0 + 2, last), min(k0 + 3, last)
+        r4, r5 = min(k0 + 4, last), min(k0 + 5, last)
+        for j in range(per_row):
+            ow0 = min(j * 2 * v, out_w - 2 * v)
+            q = u * wg + ow0 if kind == _CHANNELS else u * 2 * v
+            a0, a1, a2, a3, a4, a5 = _bias_vectors(y, b, has_bias, r0, r1, r2, r3, r4, r5)
+            b0, b1, b2, b3, b4, b5 = a0, a1, a2, a3, a4, a5
+            for t in range(w.shape[1]):
+                p = offs[t] + q
+                x0, x1 = _simd.load(pad, p), _simd.load(pad, p + v)
+                e = _simd.splat(w[r0, t])
+                a0, b0 = _simd.fma(x0, e, a0), _simd.fma(x1, e, b0)
+                e = _simd.splat(w[r1, t])
+                a1, b1 = _simd.fma(x0, e, a1), _simd.fma(x1, e, b1)
+                e = _simd.splat(w[r2, t])
+                a2, b2 = _simd.fma(x0, e, a2), _simd.fma(x1, e, b2)
+                e = _simd.splat(w[r3, t])
+                a3, b3 = _simd.fma(x0, e, a3), _simd.fma(x1, e, b3)
+                e = _simd.splat(w[r4, t])
+                a4, b4 = _simd.fma(x0, e, a4), _simd.fma(x1, e, b4)
+                e = _simd.splat(w[r5, t])
+                a5, b5 = _simd.fma(x0, e, a5), _simd.fma(x1, e, b5)
+            acc = (a0, b0, a1, b1, a2, b2, a3, b3, a4, b4, a5, b5)
+            if kind == _CHANNELS:
+                _store_slots(y, (n * c_out + k0) * ohw + u * out_w + ow0, ohw, min(6, c_out - k0), acc)
+                continue
+            _store_slots(block, 0, 2 * v, 6, acc)
+            for i in range(2 * v):
+                oh, ow = (q + i) // wg, (q + i) % wg
+                if oh < out_h and ow < out_w:
+                    for r in range(min(6, c_out - k0)):
+                        y[n, k0 + r, oh, ow] = block[r, i]
 
 
 @njit(**_PAR)
@@ -707,5 +836,4 @@ def _serial_twin(kernel):
     return njit(**_SER)(twin)
 
 
-conv2d_wide_direct_serial = _serial_twin(conv2d_wide_direct)
 conv2d_weight_grad_wide_direct_serial = _serial_twin(conv2d_weight_grad_wide_direct)

@@ -369,14 +369,22 @@ WINOGRAD_TILE = {4: 3, 8: 3}
 WINOGRAD_MIN_CHANNELS = 16
 #: The weight gradient of such convs by Winograd F(2x2, 3x3) too (2.25x fewer multiplications).
 WINOGRAD_WEIGHT_GRAD = True
-#: Stride-1 BLAS convs with fewer taps (C*kh*kw) than this run "direct-wide": their GEMM, K =
-#: C*kh*kw deep, is bound by memory. c (32,3,32,32)x(16,3,3,3), K = 27, against im2col_wide + BLAS
-#: (best of 3 alternating runs, load 3.6-3.8): float64 forward 0.98 ms against 1.79, input gradient
-#: 1.46 against 3.02, weight gradient 1.17 against 2.87; float32 0.57 against 1.22, 0.68 against
-#: 1.85, 0.51 against 2.28. Strided and pointwise convs keep im2col (not measured).
-WIDE_DIRECT_MAX_TAPS = 64
-#: Largest scratch per thread for "direct-wide" (mostly the padded image: its taps' runs are re-read from L2).
-WIDE_DIRECT_BYTES = 512 * 1024
+#: BLAS convs (not pointwise, not Winograd) with at most this many taps (C*kh*kw) run "direct-wide":
+#: a register-blocked kernel reads the padded input in place, where im2col copies it kh*kw times
+#: over. Forced side by side (best of 7, load 0.8), forward float32 / float64, direct-wide against the
+#: better of im2col and im2col_wide: (8,8,32,32)x(16,8,3,3) p1, 72 taps: 0.52 / 0.42 ms against 0.57 /
+#: 0.84; (4,8,32,32)x(32,8,5,5) p2, 200: 0.51 / 0.98 against 0.83 / 1.32; (8,32,28,28)x(64,32,3,3) s2,
+#: 288: 1.09 / 2.19 against 1.27 / 2.51; (4,16,32,32)x(32,16,5,5) p2, 400: 0.93 / 2.02 against 1.52 /
+#: 2.80; (8,64,28,28)x(128,64,3,3) s2, 576: 3.63 / 6.26 against 3.24 / 7.42 (float32 slower).
+WIDE_DIRECT_MAX_TAPS = 512
+#: Largest padded image (each thread pads the one it works on) for the "direct-wide" forward: its rows
+#: are read where they are used, so this bounds memory, not cache misses.
+WIDE_DIRECT_BYTES = 8 << 20
+#: The direct-wide weight gradient (dot products over the whole grid, 2 channels x 4 taps a pass)
+#: for convs with fewer taps than this, and its largest scratch per thread (the padded image and the
+#: gy grid, re-read from L2 every pass).
+WIDE_DIRECT_GRAD_MAX_TAPS = 64
+WIDE_DIRECT_GRAD_BYTES = 512 * 1024
 _log = logging.getLogger(__name__)
 _forced: str | None = os.environ.get("CONVRPC_CONV_ALGORITHM") or None
 if _forced not in (None, *CONV_ALGORITHMS):
@@ -410,10 +418,21 @@ def _fits(name: str, g: ConvGeometry, itemsize: int, serial: bool) -> bool:
         return _Plan.make(g, itemsize, _is_pointwise(g), serial) is not None
     if name == "small":
         return _use_small(g, itemsize)
-    if name == "direct-wide":  # per thread: the padded image, two accumulators, the weight gradient's gy grid
-        scratch = (g.c_in * _wide_span(g, g.out_h) + (g.c_out + 3) * g.out_h * _wide_width(g)) * itemsize
-        return g.groups == 1 and scratch <= min(WIDE_DIRECT_BYTES, _workspace_limit // THREADS)
+    if name == "direct-wide":  # per thread: an image's padded planes and a vector of slack
+        scratch = (g.c_in * _wide_span(g, g.out_h) + 8) * itemsize
+        return g.groups == 1 and scratch <= min(WIDE_DIRECT_BYTES, _workspace_limit // (1 if serial else THREADS))
     return True
+
+
+def _weight_grad_wide_direct_fits(g: ConvGeometry, itemsize: int) -> bool:
+    """Whether a direct-wide conv's weight gradient runs direct-wide too: forced, or stride 1 with few
+    taps or little work (where it was measured), and its scratch (the padded image, the gy grid)
+    within WIDE_DIRECT_GRAD_BYTES."""
+    few = g.c_in * g.kh * g.kw < WIDE_DIRECT_GRAD_MAX_TAPS or not _use_blas(g)
+    if not (_forced == "direct-wide" or (_use_wide(g) and few)):
+        return False
+    scratch = (g.c_in * _wide_span(g, g.out_h) + (g.c_out + 3) * g.out_h * _wide_width(g)) * itemsize
+    return scratch <= min(WIDE_DIRECT_GRAD_BYTES, _workspace_limit // THREADS)
 
 
 def _auto_algorithm(g: ConvGeometry, itemsize: int, serial: bool) -> str:
@@ -421,7 +440,8 @@ def _auto_algorithm(g: ConvGeometry, itemsize: int, serial: bool) -> str:
         m = WINOGRAD_TILE[itemsize]
         if min(g.c_in, g.c_out) >= WINOGRAD_MIN_CHANNELS and _fits(f"winograd-{m}x{m}", g, itemsize, serial):
             return f"winograd-{m}x{m}"
-        if _use_wide(g) and g.c_in * g.kh * g.kw < WIDE_DIRECT_MAX_TAPS and _fits("direct-wide", g, itemsize, serial):
+        few_taps = g.c_in * g.kh * g.kw <= WIDE_DIRECT_MAX_TAPS
+        if few_taps and not _is_pointwise(g) and _fits("direct-wide", g, itemsize, serial):
             return "direct-wide"
         if USE_WIDE and _use_wide(g) and _fits("im2col-wide", g, itemsize, serial):
             return "im2col-wide"
@@ -546,16 +566,8 @@ def _conv2d_wide(x, w, b, g: ConvGeometry, plan: _Plan, y):
 
 
 def _wide_direct_shape(g: ConvGeometry) -> tuple[int, int]:
-    """(K', T'): the output channels rounded up to pairs and the taps to fours, as the direct-wide kernels take them."""
+    """(K', T'): the channels rounded up to pairs and the taps to fours (the direct-wide weight gradient's layout)."""
     return -(-g.c_out // 2) * 2, -(-(g.c_in * g.kh * g.kw) // 4) * 4
-
-
-def _wide_direct_weights(w, g: ConvGeometry):
-    """The weights as conv2d_wide_direct takes them: (K', T') padded with zeros, and the taps' starts."""
-    taps = g.c_in * g.kh * g.kw
-    wq = np.zeros(_wide_direct_shape(g), dtype=w.dtype)
-    wq[: g.c_out, :taps] = w.reshape(g.c_out, taps)
-    return (wq, *_wide_direct_taps(g))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -569,13 +581,17 @@ def _wide_direct_taps(g: ConvGeometry):
 
 
 def _conv2d_wide_direct(x, w, b, g: ConvGeometry, y, serial: bool):
-    """y = conv2d by direct loops over im2col_wide's grid (one group); a serial call runs the kernel's
+    """y = conv2d by register-blocked loops over im2col_wide's grid (one group); each of the kernel's
+    threads pads its images into a reused scratch, one at a time. A serial call runs the kernel's
     serial twin on this thread (no parallel launch)."""
-    wq, offs, wg, span = _wide_direct_weights(w, g)
+    offs, wg, span = _wide_direct_taps(g)
+    w2 = np.ascontiguousarray(w.reshape(g.c_out, g.c_in * g.kh * g.kw))
     bias = b if b is not None else _NO_BIAS[x.dtype]
     kernel = _k.conv2d_wide_direct_serial if serial else _k.conv2d_wide_direct
-    chunks = 1 if serial else max(1, min(THREADS, g.n * (wq.shape[0] // 2)))
-    kernel(x, wq, bias, b is not None, y, offs, wg, span, chunks, g.stride_h, g.stride_w, g.pad_top, g.pad_left, _stop)
+    chunks = 1 if serial else THREADS
+    xpad = _buffer(0, (chunks, g.c_in * span + 8), x.dtype)  # per chunk: an image's padded planes, a vector's slack
+    args = (offs, wg, span, chunks, g.stride_h, g.stride_w, g.pad_top, g.pad_left, _stop)
+    kernel(x, w2, bias, b is not None, y, xpad, *args)
     return y
 
 
@@ -847,7 +863,7 @@ def conv2d_weight_grad(x, gy, g: ConvGeometry):
     """gw (K, C/groups, kh, kw): the weight gradient of conv2d for input x and output gradient gy."""
     kg, ckk = g.c_out // g.groups, (g.c_in // g.groups) * g.kh * g.kw
     with _Compute(g.flops) as run:
-        if conv_algorithm(g, x.itemsize, run.serial) == "direct-wide":
+        if conv_algorithm(g, x.itemsize, run.serial) == "direct-wide" and _weight_grad_wide_direct_fits(g, x.itemsize):
             gw = _weight_grad_wide_direct(x, gy, g, run.serial)
             if gw is not None:
                 last_algorithm["grad-weight"] = "direct-wide"

@@ -1,0 +1,133 @@
+"""256-bit SIMD registers for numba kernels: a vector type and the handful of operations a
+register-blocked kernel needs (load, store, broadcast, fused multiply-add).
+
+LLVM's loop vectoriser keeps an accumulator in memory when it cannot prove the loop's arrays
+apart, and numba has no stack arrays: a kernel that wants a block of outputs to stay in registers
+across a long reduction spells its accumulators as ``Vec`` locals, which LLVM keeps in registers
+(a 6 x 16 float32 block is 12 of the 16 AVX registers). A ``Vec`` holds 8 float32 or 4 float64,
+one AVX register; on a machine without AVX, LLVM splits it into narrower ones.
+
+Every operation takes the element type from an array or scalar argument, so one kernel compiles for
+both dtypes; ``lanes(a)`` is the vector width for ``a``'s dtype, a compile-time constant. Loads
+and stores take a C-contiguous array of any rank and an offset into its elements in memory order
+(no view to make); they are unaligned and unchecked: the caller keeps ``i .. i + lanes`` inside
+the array.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+
+class Vec(types.Type):
+    """One 256-bit register of ``dtype`` (float32 or float64)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        super().__init__(name=f"Vec({dtype})")
+
+
+_VEC = {types.float32: Vec(types.float32), types.float64: Vec(types.float64)}
+
+
+def _llvm(dtype) -> ir.VectorType:
+    return ir.VectorType(ir.FloatType(), 8) if dtype == types.float32 else ir.VectorType(ir.DoubleType(), 4)
+
+
+@register_model(Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _llvm(fe_type.dtype))
+
+
+def _is_float_array(a) -> bool:
+    return isinstance(a, types.Array) and a.dtype in _VEC and a.layout == "C"
+
+
+def _pointer(context, builder, sig, args):
+    data = context.make_array(sig.args[0])(context, builder, args[0]).data
+    index = context.cast(builder, args[1], sig.args[1], types.intp)
+    return builder.bitcast(builder.gep(data, [index]), _llvm(sig.args[0].dtype).as_pointer())
+
+
+@intrinsic
+def load(typingctx, a, i):
+    """a.flat[i : i + lanes(a)] as a Vec (a: a C-contiguous float array)."""
+    if not (_is_float_array(a) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_pointer(context, builder, sig, args), align=a.dtype.bitwidth // 8)
+
+    return _VEC[a.dtype](a, i), codegen
+
+
+@intrinsic
+def store(typingctx, a, i, v):
+    """a.flat[i : i + lanes(a)] = v."""
+    if not (_is_float_array(a) and isinstance(i, types.Integer) and v == _VEC[a.dtype]):
+        return None
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _pointer(context, builder, sig, args), align=a.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.none(a, i, v), codegen
+
+
+@intrinsic
+def splat(typingctx, x):
+    """A Vec with every lane x (a float32 or float64 scalar)."""
+    if x not in _VEC:
+        return None
+
+    def codegen(context, builder, sig, args):
+        vty = _llvm(x)
+        one = builder.insert_element(ir.Constant(vty, ir.Undefined), args[0], ir.Constant(ir.IntType(32), 0))
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), vty.count), [0] * vty.count)
+        return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), zeros)
+
+    return _VEC[x](x), codegen
+
+
+@intrinsic
+def zeros(typingctx, a):
+    """A Vec of zeros of ``a``'s dtype."""
+    if not _is_float_array(a):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_llvm(a.dtype), None)
+
+    return _VEC[a.dtype](a), codegen
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c lane by lane, rounded once (llvm.fma)."""
+    if not (isinstance(a, Vec) and a == b == c):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vty = _llvm(a.dtype)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty] * 3), f"llvm.fma.v{vty.count}f{a.dtype.bitwidth}"
+        )
+        return builder.call(fn, args)
+
+    return a(a, b, c), codegen
+
+
+@intrinsic
+def lanes(typingctx, a):
+    """Elements of ``a``'s dtype in one Vec: 8 for float32, 4 for float64 (a constant)."""
+    if not _is_float_array(a):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(ir.IntType(64), _llvm(a.dtype).count)
+
+    return types.int64(a), codegen
