@@ -589,6 +589,9 @@ def wide_direct_taps(c_in, kh, kw, sh, sw, dh, dw, span, wg, taps):
 #: whole grid (outputs narrower than 2 vectors).
 _CHANNELS, _ROWS, _GRID = 0, 1, 2
 WIDE_DIRECT_THIN = 4
+#: Elements of zeros after an image's padded planes in conv2d_wide_direct's scratch: two float32
+#: vectors (a narrow output's last grid block reads up to 2 vectors - 2 elements past the planes).
+WIDE_DIRECT_SLACK = 16
 
 
 @njit(cache=True, inline="always")
@@ -608,7 +611,7 @@ def conv2d_wide_direct(x, w, b, has_bias, y, xpad, offs, wg, span, chunks, sh, s
     """y (N, K, OH, OW) = conv2d(x, w) (+ b), one group, register-blocked over im2col_wide's grid.
 
     w is (K, T = C*kh*kw); offs holds each tap's start in an image's padded planes (C, span), wg
-    wide; xpad (chunks, C*span + 2 vectors) is each iteration's padded image. A block of 6 slots x
+    wide; xpad (chunks, C*span + WIDE_DIRECT_SLACK) is each iteration's padded image. A block of 6 slots x
     2 vectors of grid positions stays in 12 registers while all T taps are added into it, then is
     stored once (_wide_direct_block). The slots are 6 output channels of one row (12 fused
     multiply-adds per 2 loads and 6 broadcasts), or, with at most WIDE_DIRECT_THIN channels, 6
@@ -705,6 +708,8 @@ def _wide_direct_jobs(x, w, b, has_bias, y, pad, offs, wg, span, sh, sw, pt, pl,
     ohw, last = out_h * out_w, c_out - 1
     kind, per_image, per_row, kb = _wide_direct_blocks(y, wg)
     block = np.zeros((6, 2 * v), dtype=y.dtype)
+    if pad.shape[0] < c_in * span + 2 * v:
+        raise ValueError("conv2d_wide_direct: the scratch lacks its slack")
     pad[c_in * span :] = 0.0  # the slack a narrow output's last block reads
     padded = -1
     for job in range(lo, hi):

@@ -418,8 +418,8 @@ def _fits(name: str, g: ConvGeometry, itemsize: int, serial: bool) -> bool:
         return _Plan.make(g, itemsize, _is_pointwise(g), serial) is not None
     if name == "small":
         return _use_small(g, itemsize)
-    if name == "direct-wide":  # per thread: an image's padded planes and a vector of slack
-        scratch = (g.c_in * _wide_span(g, g.out_h) + 8) * itemsize
+    if name == "direct-wide":  # per thread: an image's padded planes and their slack
+        scratch = (g.c_in * _wide_span(g, g.out_h) + _k.WIDE_DIRECT_SLACK) * itemsize
         return g.groups == 1 and scratch <= min(WIDE_DIRECT_BYTES, _workspace_limit // (1 if serial else THREADS))
     return True
 
@@ -589,7 +589,7 @@ def _conv2d_wide_direct(x, w, b, g: ConvGeometry, y, serial: bool):
     bias = b if b is not None else _NO_BIAS[x.dtype]
     kernel = _k.conv2d_wide_direct_serial if serial else _k.conv2d_wide_direct
     chunks = 1 if serial else THREADS
-    xpad = _buffer(0, (chunks, g.c_in * span + 8), x.dtype)  # per chunk: an image's padded planes, a vector's slack
+    xpad = _buffer(0, (chunks, g.c_in * span + _k.WIDE_DIRECT_SLACK), x.dtype)  # per chunk: a padded image
     args = (offs, wg, span, chunks, g.stride_h, g.stride_w, g.pad_top, g.pad_left, _stop)
     kernel(x, w2, bias, b is not None, y, xpad, *args)
     return y
