@@ -95,9 +95,11 @@ def test_winograd_matches_torch_on_many_channels(nb, force, algorithm, dtype):
     assert_close(grads.weight, wt.grad.numpy(), f"{algorithm} grad weight")
 
 
-@pytest.mark.parametrize("algorithm", WINOGRAD)
+@pytest.mark.parametrize("algorithm", [*WINOGRAD, "direct-wide"])
 @pytest.mark.parametrize("i", range(0, N_CONFIGS, 2))
 def test_sweep_with_winograd_forced(nb, ref, force, algorithm, i):
+    """Winograd where it fits (3x3 stride 1); direct-wide on every one-group config (strides, dilations,
+    crops, 1-16 channels): the automatic choice runs it only on some."""
     force(algorithm)
     check_conv2d_config(nb, ref, i)
 
