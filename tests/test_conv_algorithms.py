@@ -231,6 +231,27 @@ def test_direct_wide_is_chosen_for_few_taps_within_the_workspace_cap(force):
         numba_backend.set_workspace_limit(old)
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize(
+    "x_shape, w_shape, opts",
+    [
+        ((3, 3, 40, 36), (10, 3, 7, 7), dict(stride=2, padding=3)),  # blocks of 6 channels
+        ((3, 2, 31, 20), (3, 2, 3, 5), dict(padding=(2, 1), dilation=(2, 1))),  # blocks of 6 rows
+        ((3, 2, 9, 6), (5, 2, 3, 3), dict(padding=1)),  # narrow: blocks along the grid
+    ],
+)
+def test_direct_wide_reads_no_stale_scratch(nb, ref, force, monkeypatch, x_shape, w_shape, opts, parallel):
+    """Each thread pads only the rows its jobs read into a reused scratch: a call after one on a NaN
+    input must not see any of it (parallel: the second thread starts in the middle of an image)."""
+    if parallel:
+        monkeypatch.setattr(numba_backend, "SERIAL_WORK", 0)
+    force("direct-wide")
+    x, w, b = _arrays(x_shape, w_shape, np.float32, 11)
+    assert np.isnan(nb.conv2d(np.full_like(x, np.nan), w, b, **opts)).all()
+    assert numba_backend.last_algorithm["forward"] == "direct-wide"
+    assert_close(nb.conv2d(x, w, b, **opts), ref.conv2d(x, w, b, **opts), "direct-wide after a NaN input")
+
+
 def test_direct_wide_weight_gradient_only_where_it_was_measured(nb, force):
     """The forward of g (7x7 stride 2, 147 taps) is direct-wide, its weight gradient stays im2col + BLAS;
     c's (27 taps, stride 1) is direct-wide."""

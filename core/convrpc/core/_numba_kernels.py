@@ -441,24 +441,24 @@ def relu_backward(gy, x, gx):
 def _wide_pad(x, n, c, pad, r0, sh, sw, pt, pl, wg):
     """pad (sh*sw planes, each a whole number of rows wg wide) = x[n, c] from output row r0 on, with
     its padding, in im2col_wide's layout (see there); pad is overwritten."""
-    _wide_pad_planes(x, n, c, pad, r0, sh, sw, pt, pl, wg, 0, sh * sw)
+    plane = pad.shape[0] // (sh * sw)
+    _wide_pad_rows(x, n, c, pad, r0, sh, sw, pt, pl, wg, 0, plane // wg)
 
 
 @njit(cache=True, inline="always")
-def _wide_pad_planes(x, n, c, pad, r0, sh, sw, pt, pl, wg, lo, hi):
-    """_wide_pad's planes lo .. hi only (plane a*sw + b: rows a, a+sh, ..., columns b, b+sw, ...)."""
+def _wide_pad_rows(x, n, c, pad, r0, sh, sw, pt, pl, wg, lo, hi):
+    """_wide_pad's rows lo .. hi of every plane only (plane a*sw + b: rows a, a+sh, ..., columns b, b+sw, ...)."""
     h, wd = x.shape[2], x.shape[3]
     plane = pad.shape[0] // (sh * sw)
-    prow = plane // wg
-    pad[lo * plane : hi * plane] = 0.0
-    for ab in range(lo, hi):
+    for ab in range(sh * sw):
         a, b = ab // sw, ab % sw
         base = ab * plane
+        pad[base + lo * wg : base + hi * wg] = 0.0
         u_lo = max(0, -((b - pl) // sw))  # grid columns whose input column is in [0, wd)
         u_hi = min(wg, (wd - 1 + pl - b) // sw + 1) if wd - 1 + pl - b >= 0 else 0
         if u_hi <= u_lo:
             continue
-        for rr in range(prow):
+        for rr in range(lo, hi):
             ih = r0 * sh - pt + rr * sh + a
             if ih < 0 or ih >= h:
                 continue
@@ -711,14 +711,23 @@ def _wide_direct_jobs(x, w, b, has_bias, y, pad, offs, wg, span, sh, sw, pt, pl,
     if pad.shape[0] < c_in * span + 2 * v:
         raise ValueError("conv2d_wide_direct: the scratch lacks its slack")
     pad[c_in * span :] = 0.0  # the slack a narrow output's last block reads
+    prow = span // (sh * sw) // wg
+    reach = prow - out_h - 1  # plane rows past a block's output row that its taps read
     padded = -1
     for job in range(lo, hi):
         if _stopped(stop):
             break
         n, u, k = job // (per_image * kb), (job // kb) % per_image, job % kb
-        if n != padded:
+        if n != padded:  # the plane rows this call's jobs on image n read (all of them for a narrow output)
+            base = n * per_image * kb
+            first, end = max(lo, base) - base, min(hi, base + per_image * kb) - base
+            rr_lo, rr_hi = 0, prow
+            if kind == _CHANNELS:
+                rr_lo, rr_hi = first // kb, (end - 1) // kb + reach + 1
+            elif kind == _ROWS:
+                rr_lo, rr_hi = 6 * (first // kb), min(6 * ((end - 1) // kb) + 6, out_h) + reach
             for c in range(c_in):
-                _wide_pad(x, n, c, pad[c * span : (c + 1) * span], 0, sh, sw, pt, pl, wg)
+                _wide_pad_rows(x, n, c, pad[c * span : (c + 1) * span], 0, sh, sw, pt, pl, wg, rr_lo, rr_hi)
             padded = n
         if kind == _ROWS:  # channel k, output rows 6u .. 6u+5 (the spare ones repeat row OH-1)
             u0 = 6 * u
