@@ -630,14 +630,6 @@ def conv2d_wide_direct(x, w, b, has_bias, y, xpad, offs, wg, span, chunks, sh, s
         _wide_direct_jobs(x, w, b, has_bias, y, xpad[s], offs, wg, span, sh, sw, pt, pl, lo, hi, stop)
 
 
-@njit(**_SER)
-def conv2d_wide_direct_serial(x, w, b, has_bias, y, xpad, offs, wg, span, chunks, sh, sw, pt, pl, stop):
-    """conv2d_wide_direct on this thread (a tiny op: no parallel launch); ``chunks`` is ignored."""
-    _, per_image, _, kb = _wide_direct_blocks(y, wg)
-    jobs = x.shape[0] * per_image * kb
-    _wide_direct_jobs(x, w, b, has_bias, y, xpad[0], offs, wg, span, sh, sw, pt, pl, 0, jobs, stop)
-
-
 @njit(cache=True, inline="always")
 def _bias_vectors(like, b, has_bias, r0, r1, r2, r3, r4, r5):
     """Six vectors of b[r_i] each (or zeros), of ``like``'s dtype: a block's starting accumulators."""
@@ -850,4 +842,5 @@ def _serial_twin(kernel):
     return njit(**_SER)(twin)
 
 
+conv2d_wide_direct_serial = _serial_twin(conv2d_wide_direct)
 conv2d_weight_grad_wide_direct_serial = _serial_twin(conv2d_weight_grad_wide_direct)
