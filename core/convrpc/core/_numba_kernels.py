@@ -586,11 +586,11 @@ def wide_direct_taps(c_in, kh, kw, sh, sw, dh, dw, span, wg, taps):
 
 #: conv2d_wide_direct's blocks: 6 channels of one output row; 6 rows of one channel (at most
 #: WIDE_DIRECT_THIN output channels: a's one channel filled 1 of the 6 slots); 6 channels along the
-#: whole grid (outputs narrower than 2 vectors).
+#: whole grid (outputs narrower than a vector).
 _CHANNELS, _ROWS, _GRID = 0, 1, 2
 WIDE_DIRECT_THIN = 4
-#: Elements of zeros after an image's padded planes in conv2d_wide_direct's scratch: two float32
-#: vectors (a narrow output's last grid block reads up to 2 vectors - 2 elements past the planes).
+#: Elements of zeros after an image's padded planes in conv2d_wide_direct's scratch: a float32
+#: vector (a narrow output's last grid block reads up to a vector - 2 elements past the planes).
 WIDE_DIRECT_SLACK = 16
 
 
@@ -599,11 +599,11 @@ def _wide_direct_blocks(y, wg):
     """(kind of block, blocks per image and channel block, blocks along a row, channel blocks) of conv2d_wide_direct."""
     v = _simd.lanes(y)
     c_out, out_h, out_w = y.shape[1], y.shape[2], y.shape[3]
-    if out_w < 2 * v:
-        return _GRID, (out_h * wg + 2 * v - 1) // (2 * v), 1, (c_out + 5) // 6
+    if out_w < v:
+        return _GRID, (out_h * wg + v - 1) // v, 1, (c_out + 5) // 6
     if c_out <= WIDE_DIRECT_THIN:
-        return _ROWS, (out_h + 5) // 6, (out_w + 2 * v - 1) // (2 * v), c_out
-    return _CHANNELS, out_h, (out_w + 2 * v - 1) // (2 * v), (c_out + 5) // 6
+        return _ROWS, (out_h + 5) // 6, (out_w + v - 1) // v, c_out
+    return _CHANNELS, out_h, (out_w + v - 1) // v, (c_out + 5) // 6
 
 
 @njit(**_PAR)
@@ -611,11 +611,11 @@ def conv2d_wide_direct(x, w, b, has_bias, y, xpad, offs, wg, span, chunks, sh, s
     """y (N, K, OH, OW) = conv2d(x, w) (+ b), one group, register-blocked over im2col_wide's grid.
 
     w is (K, T = C*kh*kw); offs holds each tap's start in an image's padded planes (C, span), wg
-    wide; xpad (chunks, C*span + WIDE_DIRECT_SLACK) is each iteration's padded image. A block of 6 slots x
-    2 vectors of grid positions stays in 12 registers while all T taps are added into it, then is
-    stored once (_wide_direct_block). The slots are 6 output channels of one row (12 fused
-    multiply-adds per 2 loads and 6 broadcasts), or, with at most WIDE_DIRECT_THIN channels, 6
-    output rows of one channel (12 per 12 loads and 1 broadcast). Rows at least 2 vectors wide are
+    wide; xpad (chunks, C*span + WIDE_DIRECT_SLACK) is each iteration's padded image. A block of 6
+    slots x a vector (_simd.Vec: 16 float32, 8 float64) of grid positions stays in registers while
+    all T taps are added into it, then is stored once. The slots are 6 output channels of one row
+    (6 fused multiply-adds per load and 6 broadcasts), or, with at most WIDE_DIRECT_THIN channels, 6
+    output rows of one channel (6 per 6 loads and 1 broadcast). Rows at least a vector wide are
     cut into blocks along the row, the last one shifted back to end at OW (the overlap is written
     twice, with the same values), so every store is a whole vector into y; narrower outputs run
     blocks along the whole grid into a scratch block, whose columns < OW are copied to y. Spare
@@ -641,53 +641,20 @@ def _bias_vectors(like, b, has_bias, r0, r1, r2, r3, r4, r5):
 
 
 @njit(cache=True, inline="always")
-def _wide_direct_block(pad, w, offs, p0, p1, p2, p3, p4, p5, r0, r1, r2, r3, r4, r5, b, has_bias):
-    """The 12 accumulators (slot 0's 2 vectors, slot 1's, ...) of a block whose slot i reads the taps
-    from grid position p_i with the weights of channel r_i, starting from b[r_i] (or 0).
-
-    Inlined where it is called: where the r_i are one value, LLVM broadcasts it once for all slots."""
-    v = _simd.lanes(pad)
-    a0, a1, a2, a3, a4, a5 = _bias_vectors(pad, b, has_bias, r0, r1, r2, r3, r4, r5)
-    b0, b1, b2, b3, b4, b5 = a0, a1, a2, a3, a4, a5
-    for t in range(w.shape[1]):
-        o = offs[t]
-        e = _simd.splat(w[r0, t])
-        a0, b0 = _simd.fma(_simd.load(pad, o + p0), e, a0), _simd.fma(_simd.load(pad, o + p0 + v), e, b0)
-        e = _simd.splat(w[r1, t])
-        a1, b1 = _simd.fma(_simd.load(pad, o + p1), e, a1), _simd.fma(_simd.load(pad, o + p1 + v), e, b1)
-        e = _simd.splat(w[r2, t])
-        a2, b2 = _simd.fma(_simd.load(pad, o + p2), e, a2), _simd.fma(_simd.load(pad, o + p2 + v), e, b2)
-        e = _simd.splat(w[r3, t])
-        a3, b3 = _simd.fma(_simd.load(pad, o + p3), e, a3), _simd.fma(_simd.load(pad, o + p3 + v), e, b3)
-        e = _simd.splat(w[r4, t])
-        a4, b4 = _simd.fma(_simd.load(pad, o + p4), e, a4), _simd.fma(_simd.load(pad, o + p4 + v), e, b4)
-        e = _simd.splat(w[r5, t])
-        a5, b5 = _simd.fma(_simd.load(pad, o + p5), e, a5), _simd.fma(_simd.load(pad, o + p5 + v), e, b5)
-    return a0, b0, a1, b1, a2, b2, a3, b3, a4, b4, a5, b5
-
-
-@njit(cache=True, inline="always")
 def _store_slots(y, o, step, slots, acc):
-    """y.flat[o + i*step ...] = slot i's 2 vectors of acc, for the first ``slots`` slots."""
-    v = _simd.lanes(y)
-    a0, b0, a1, b1, a2, b2, a3, b3, a4, b4, a5, b5 = acc
+    """y.flat[o + i*step ...] = slot i's vector of acc, for the first ``slots`` slots."""
+    a0, a1, a2, a3, a4, a5 = acc
     _simd.store(y, o, a0)
-    _simd.store(y, o + v, b0)
     if slots > 1:
         _simd.store(y, o + step, a1)
-        _simd.store(y, o + step + v, b1)
     if slots > 2:
         _simd.store(y, o + 2 * step, a2)
-        _simd.store(y, o + 2 * step + v, b2)
     if slots > 3:
         _simd.store(y, o + 3 * step, a3)
-        _simd.store(y, o + 3 * step + v, b3)
     if slots > 4:
         _simd.store(y, o + 4 * step, a4)
-        _simd.store(y, o + 4 * step + v, b4)
     if slots > 5:
         _simd.store(y, o + 5 * step, a5)
-        _simd.store(y, o + 5 * step + v, b5)
 
 
 @njit(**_SER)
@@ -699,8 +666,8 @@ def _wide_direct_jobs(x, w, b, has_bias, y, pad, offs, wg, span, sh, sw, pt, pl,
     v = _simd.lanes(y)
     ohw, last = out_h * out_w, c_out - 1
     kind, per_image, per_row, kb = _wide_direct_blocks(y, wg)
-    block = np.zeros((6, 2 * v), dtype=y.dtype)
-    if pad.shape[0] < c_in * span + 2 * v:
+    block = np.zeros((6, v), dtype=y.dtype)
+    if pad.shape[0] < c_in * span + v:
         raise ValueError("conv2d_wide_direct: the scratch lacks its slack")
     pad[c_in * span :] = 0.0  # the slack a narrow output's last block reads
     prow = span // (sh * sw) // wg
@@ -726,42 +693,42 @@ def _wide_direct_jobs(x, w, b, has_bias, y, pad, offs, wg, span, sh, sw, pt, pl,
             g0, g1, g2 = u0 * wg, min(u0 + 1, out_h - 1) * wg, min(u0 + 2, out_h - 1) * wg
             g3, g4, g5 = min(u0 + 3, out_h - 1) * wg, min(u0 + 4, out_h - 1) * wg, min(u0 + 5, out_h - 1) * wg
             for j in range(per_row):
-                ow0 = min(j * 2 * v, out_w - 2 * v)
-                acc = _wide_direct_block(pad, w, offs, g0 + ow0, g1 + ow0, g2 + ow0, g3 + ow0, g4 + ow0, g5 + ow0,
-                                         k, k, k, k, k, k, b, has_bias)  # fmt: skip
+                ow0 = min(j * v, out_w - v)
+                p0, p1, p2, p3, p4, p5 = g0 + ow0, g1 + ow0, g2 + ow0, g3 + ow0, g4 + ow0, g5 + ow0
+                a0, a1, a2, a3, a4, a5 = _bias_vectors(y, b, has_bias, k, k, k, k, k, k)
+                for t in range(w.shape[1]):
+                    o, e = offs[t], _simd.splat(w[k, t])
+                    a0 = _simd.fma(_simd.load(pad, o + p0), e, a0)
+                    a1 = _simd.fma(_simd.load(pad, o + p1), e, a1)
+                    a2 = _simd.fma(_simd.load(pad, o + p2), e, a2)
+                    a3 = _simd.fma(_simd.load(pad, o + p3), e, a3)
+                    a4 = _simd.fma(_simd.load(pad, o + p4), e, a4)
+                    a5 = _simd.fma(_simd.load(pad, o + p5), e, a5)
+                acc = (a0, a1, a2, a3, a4, a5)
                 _store_slots(y, (n * c_out + k) * ohw + u0 * out_w + ow0, out_w, min(6, out_h - u0), acc)
             continue
-        # Channels 6k .. 6k+5 (the spare ones repeat channel K-1), spelled out: through
-        # _wide_direct_block (one load for the six slots' equal positions) c's forward took 12-20% longer.
+        # Channels 6k .. 6k+5 (the spare ones repeat channel K-1): one load for the six slots.
         k0 = 6 * k
         r0, r1, r2, r3 = k0, min(k0 + 1, last), min(k0 + 2, last), min(k0 + 3, last)
         r4, r5 = min(k0 + 4, last), min(k0 + 5, last)
         for j in range(per_row):
-            ow0 = min(j * 2 * v, out_w - 2 * v)
-            q = u * wg + ow0 if kind == _CHANNELS else u * 2 * v
+            ow0 = min(j * v, out_w - v)
+            q = u * wg + ow0 if kind == _CHANNELS else u * v
             a0, a1, a2, a3, a4, a5 = _bias_vectors(y, b, has_bias, r0, r1, r2, r3, r4, r5)
-            b0, b1, b2, b3, b4, b5 = a0, a1, a2, a3, a4, a5
             for t in range(w.shape[1]):
-                p = offs[t] + q
-                x0, x1 = _simd.load(pad, p), _simd.load(pad, p + v)
-                e = _simd.splat(w[r0, t])
-                a0, b0 = _simd.fma(x0, e, a0), _simd.fma(x1, e, b0)
-                e = _simd.splat(w[r1, t])
-                a1, b1 = _simd.fma(x0, e, a1), _simd.fma(x1, e, b1)
-                e = _simd.splat(w[r2, t])
-                a2, b2 = _simd.fma(x0, e, a2), _simd.fma(x1, e, b2)
-                e = _simd.splat(w[r3, t])
-                a3, b3 = _simd.fma(x0, e, a3), _simd.fma(x1, e, b3)
-                e = _simd.splat(w[r4, t])
-                a4, b4 = _simd.fma(x0, e, a4), _simd.fma(x1, e, b4)
-                e = _simd.splat(w[r5, t])
-                a5, b5 = _simd.fma(x0, e, a5), _simd.fma(x1, e, b5)
-            acc = (a0, b0, a1, b1, a2, b2, a3, b3, a4, b4, a5, b5)
+                x0 = _simd.load(pad, offs[t] + q)
+                a0 = _simd.fma(x0, _simd.splat(w[r0, t]), a0)
+                a1 = _simd.fma(x0, _simd.splat(w[r1, t]), a1)
+                a2 = _simd.fma(x0, _simd.splat(w[r2, t]), a2)
+                a3 = _simd.fma(x0, _simd.splat(w[r3, t]), a3)
+                a4 = _simd.fma(x0, _simd.splat(w[r4, t]), a4)
+                a5 = _simd.fma(x0, _simd.splat(w[r5, t]), a5)
+            acc = (a0, a1, a2, a3, a4, a5)
             if kind == _CHANNELS:
                 _store_slots(y, (n * c_out + k0) * ohw + u * out_w + ow0, ohw, min(6, c_out - k0), acc)
                 continue
-            _store_slots(block, 0, 2 * v, 6, acc)
-            for i in range(2 * v):
+            _store_slots(block, 0, v, 6, acc)
+            for i in range(v):
                 oh, ow = (q + i) // wg, (q + i) % wg
                 if oh < out_h and ow < out_w:
                     for r in range(min(6, c_out - k0)):
