@@ -451,26 +451,51 @@ def _wide_pad_rows(x, n, c, pad, r0, sh, sw, pt, pl, wg, lo, hi):
     h, wd = x.shape[2], x.shape[3]
     plane = pad.shape[0] // (sh * sw)
     for ab in range(sh * sw):
-        a, b = ab // sw, ab % sw
-        base = ab * plane
-        pad[base + lo * wg : base + hi * wg] = 0.0
-        u_lo = max(0, -((b - pl) // sw))  # grid columns whose input column is in [0, wd)
-        u_hi = min(wg, (wd - 1 + pl - b) // sw + 1) if wd - 1 + pl - b >= 0 else 0
-        if u_hi <= u_lo:
-            continue
+        pad[ab * plane + lo * wg : ab * plane + hi * wg] = 0.0
+    for a in range(sh):
         for rr in range(lo, hi):
             ih = r0 * sh - pt + rr * sh + a
             if ih < 0 or ih >= h:
                 continue
-            dst_row = pad[base + rr * wg : base + (rr + 1) * wg]
             src_row = x[n, c, ih]
-            if sw == 1:  # loops over slices: a slice assignment costs a call and an overlap check
-                dst, src = dst_row[u_lo:u_hi], src_row[u_lo + b - pl : u_hi + b - pl]
-                for u in range(u_hi - u_lo):
-                    dst[u] = src[u]
-            else:
-                for u in range(u_lo, u_hi):
-                    dst_row[u] = src_row[u * sw + b - pl]
+            if sw == 2:  # both column phases in one pass over the row: g's padding 118 -> 29 us
+                d0 = pad[2 * a * plane + rr * wg : 2 * a * plane + (rr + 1) * wg]
+                d1 = pad[(2 * a + 1) * plane + rr * wg : (2 * a + 1) * plane + (rr + 1) * wg]
+                _pad_row_phases(src_row, d0, d1, pl, wg)
+                continue
+            for b in range(sw):
+                base = (a * sw + b) * plane
+                u_lo = max(0, -((b - pl) // sw))  # grid columns whose input column is in [0, wd)
+                u_hi = min(wg, (wd - 1 + pl - b) // sw + 1) if wd - 1 + pl - b >= 0 else 0
+                if u_hi <= u_lo:
+                    continue
+                dst_row = pad[base + rr * wg : base + (rr + 1) * wg]
+                if sw == 1:  # loops over slices: a slice assignment costs a call and an overlap check
+                    dst, src = dst_row[u_lo:u_hi], src_row[u_lo + b - pl : u_hi + b - pl]
+                    for u in range(u_hi - u_lo):
+                        dst[u] = src[u]
+                else:
+                    for u in range(u_lo, u_hi):
+                        dst_row[u] = src_row[u * sw + b - pl]
+
+
+@njit(cache=True, inline="always")
+def _pad_row_phases(src, d0, d1, pl, wg):
+    """d_b[u] = src[2u + b - pl] where that column is in src, for b = 0, 1 (stride-2 phase planes'
+    row): pairs of input columns go to both planes at once, so the copy vectorises."""
+    ix_lo, ix_hi = max(0, -pl), min(src.shape[0], 2 * wg - pl)
+    if ix_hi <= ix_lo:
+        return
+    first = ix_lo + (ix_lo + pl) % 2  # the first column of plane 0
+    if first > ix_lo:  # one column of plane 1 before it
+        d1[(ix_lo + pl) // 2] = src[ix_lo]
+    pairs, u0 = max(0, ix_hi - first) // 2, (first + pl) // 2
+    for t in range(pairs):
+        d0[u0 + t] = src[first + 2 * t]
+        d1[u0 + t] = src[first + 2 * t + 1]
+    end = first + 2 * pairs
+    if end < ix_hi:  # one column of plane 0 after them
+        d0[(end + pl) // 2] = src[end]
 
 
 @njit(cache=True, inline="always")
