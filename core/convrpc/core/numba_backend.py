@@ -11,8 +11,8 @@ thread count or on other requests.
 
 Threads: numba's ``workqueue`` layer aborts the process when two threads call parallel code at
 once (the gRPC pool does), so an OpenMP/TBB layer is chosen before numba starts its pool, with
-``OMP_WAIT_POLICY=passive`` so idle OpenMP workers sleep instead of spinning against OpenBLAS's
-threads. Compute runs in a bounded number of lanes (one by default): concurrent requests queue
+idle OpenMP workers polling for about 0.25 ms before they sleep (``GOMP_SPINCOUNT``; not the
+runtimes' long spins, which would take the cores from the BLAS tiles' threads). Compute runs in a bounded number of lanes (one by default): concurrent requests queue
 rather than oversubscribe the cores. Compiled kernels are cached on disk (``cache=True``); set
 ``NUMBA_CACHE_DIR`` to choose where (containers mount it). Call :func:`warm_up` at start-up.
 """
@@ -28,8 +28,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-# Both must be in the environment before numba's OpenMP runtime loads (at its first parallel call).
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# These must be in the environment before numba's OpenMP runtime loads (at its first parallel call).
+# An idle OpenMP worker polls a little before it sleeps (GNU libgomp: 10,000 polls, about 0.25 ms
+# here), so back-to-back kernels find it awake: waking a sleeping one cost 30-60 us a kernel (c's
+# forward 0.31-0.35 -> 0.27-0.28 ms). Intel's runtime, whose default is to spin 200 ms, sleeps at
+# once. OMP_WAIT_POLICY=passive (sleep at once) or any of these set by the caller wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
 if os.environ.get("NUMBA_THREADING_LAYER", "threadsafe") not in ("omp", "tbb", "threadsafe"):
     os.environ["NUMBA_THREADING_LAYER"] = "threadsafe"
 
