@@ -188,7 +188,7 @@ def test_winograd_splits_images_into_tile_rows_under_a_small_workspace(nb, ref, 
         ((3, 4, 12, 13), (4, 4, 3, 2), dict(dilation=2)),
         ((2, 3, 15, 15), (16, 3, 7, 7), dict(stride=2, padding=3)),
         ((2, 5, 7, 9), (3, 5, 3, 3), dict(stride=3, padding=2, dilation=2)),
-        # Rows of 2 vectors or more, blocked along the row (the last block shifted back), 1-13 channels.
+        # Rows of a vector (16 float32, 8 float64) or more, in blocks (the last shifted back), 1-13 channels.
         ((1, 3, 20, 45), (7, 3, 5, 5), dict(stride=2, padding=2)),
         ((2, 2, 9, 40), (13, 2, 3, 3), dict(padding=1, dilation=(1, 2))),
         ((1, 1, 4, 18), (1, 1, 3, 3), {}),
@@ -197,7 +197,7 @@ def test_winograd_splits_images_into_tile_rows_under_a_small_workspace(nb, ref, 
 )
 def test_direct_wide_runs_strided_and_dilated_convs(nb, ref, force, monkeypatch, x_shape, w_shape, opts, dtype, parallel):
     """Odd channel counts and tap counts (a last block of fewer than 6 channels, taps padded to fours for
-    the weight gradient), stride and dilation phases, outputs narrower and wider than two vectors; tiny
+    the weight gradient), stride and dilation phases, outputs narrower and wider than a vector; tiny
     calls run the kernels' serial twins, so ``parallel`` runs the parallel ones on the same shapes."""
     if parallel:
         monkeypatch.setattr(numba_backend, "SERIAL_WORK", 0)

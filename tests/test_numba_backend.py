@@ -7,6 +7,10 @@ padding form and both dtypes, and reaches both the direct kernels and the im2col
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -265,6 +269,25 @@ def test_threading_layer_is_threadsafe(nb):
     nb.relu(np.ones((1, 1, 2, 2)))  # the layer is chosen at the first parallel call
     assert numba_backend.threading_layer() in ("omp", "tbb")
     assert numba_backend.THREADS == numba_backend.compute_threads() >= 1
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({}, ("10000", "0", None)),  # idle OpenMP workers poll briefly (GNU), Intel's runtime sleeps at once
+        ({"OMP_WAIT_POLICY": "passive"}, (None, None, "passive")),  # the caller's policy decides
+        ({"GOMP_SPINCOUNT": "50"}, ("50", "0", None)),
+    ],
+)
+def test_openmp_wait_settings_leave_the_callers_alone(env, want):
+    """Set on import, before numba's OpenMP runtime loads; never over a value the caller chose."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    code = (
+        "import os, convrpc.core.numba_backend; "
+        "print([os.environ.get(k) for k in ('GOMP_SPINCOUNT', 'KMP_BLOCKTIME', 'OMP_WAIT_POLICY')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(list(want))
 
 
 @pytest.mark.torch
