@@ -40,7 +40,7 @@ import numpy as np
 
 #: The environment as this process found it, before convrpc's backend tuned it (OpenMP's wait settings):
 #: the torch children get their own defaults. Inheriting ours (OMP_WAIT_POLICY=passive until December
-#: 2026) made torch's loops 2-3x slower (lenet 160-190 steps/s against 480-650, exp 3 1600 against 3700-4700).
+#: 2026) made torch's loops 2-3x slower (lenet 160-190 steps/s against 430-650, exp 3 1600-1930 against 3000-4700).
 _ORIGINAL_ENV = dict(os.environ)
 
 #: Targets of issues #4 and #17: steps/s over torch's.

@@ -12,8 +12,9 @@ thread count or on other requests.
 Threads: numba's ``workqueue`` layer aborts the process when two threads call parallel code at
 once (the gRPC pool does), so an OpenMP/TBB layer is chosen before numba starts its pool, with
 idle OpenMP workers polling for about 0.25 ms before they sleep (``GOMP_SPINCOUNT``; not the
-runtimes' long spins, which would take the cores from the BLAS tiles' threads). Compute runs in a bounded number of lanes (one by default): concurrent requests queue
-rather than oversubscribe the cores. Compiled kernels are cached on disk (``cache=True``); set
+runtimes' long spins, which would take the cores from the BLAS tiles' threads). Compute runs in a
+bounded number of lanes (one by default): concurrent requests queue rather than oversubscribe the
+cores. Compiled kernels are cached on disk (``cache=True``); set
 ``NUMBA_CACHE_DIR`` to choose where (containers mount it). Call :func:`warm_up` at start-up.
 """
 
