@@ -732,22 +732,32 @@ def _wide_direct_jobs(x, w, b, has_bias, y, pad, offs, wg, span, sh, sw, pt, pl,
                 acc = (a0, a1, a2, a3, a4, a5)
                 _store_slots(y, (n * c_out + k) * ohw + u0 * out_w + ow0, out_w, min(6, out_h - u0), acc)
             continue
-        # Channels 6k .. 6k+5 (the spare ones repeat channel K-1): one load for the six slots.
+        # Channels 6k .. 6k+5 (the spare ones repeat channel K-1): one load for the six slots. A last
+        # block of at most 4 channels runs 4 slots (c's 16 channels: 16 slot-runs a row, not 18).
         k0 = 6 * k
         r0, r1, r2, r3 = k0, min(k0 + 1, last), min(k0 + 2, last), min(k0 + 3, last)
         r4, r5 = min(k0 + 4, last), min(k0 + 5, last)
+        short = c_out - k0 <= 4
         for j in range(per_row):
             ow0 = min(j * v, out_w - v)
             q = u * wg + ow0 if kind == _CHANNELS else u * v
             a0, a1, a2, a3, a4, a5 = _bias_vectors(y, b, has_bias, r0, r1, r2, r3, r4, r5)
-            for t in range(w.shape[1]):
-                x0 = _simd.load(pad, offs[t] + q)
-                a0 = _simd.fma(x0, _simd.splat(w[r0, t]), a0)
-                a1 = _simd.fma(x0, _simd.splat(w[r1, t]), a1)
-                a2 = _simd.fma(x0, _simd.splat(w[r2, t]), a2)
-                a3 = _simd.fma(x0, _simd.splat(w[r3, t]), a3)
-                a4 = _simd.fma(x0, _simd.splat(w[r4, t]), a4)
-                a5 = _simd.fma(x0, _simd.splat(w[r5, t]), a5)
+            if short:
+                for t in range(w.shape[1]):
+                    x0 = _simd.load(pad, offs[t] + q)
+                    a0 = _simd.fma(x0, _simd.splat(w[r0, t]), a0)
+                    a1 = _simd.fma(x0, _simd.splat(w[r1, t]), a1)
+                    a2 = _simd.fma(x0, _simd.splat(w[r2, t]), a2)
+                    a3 = _simd.fma(x0, _simd.splat(w[r3, t]), a3)
+            else:
+                for t in range(w.shape[1]):
+                    x0 = _simd.load(pad, offs[t] + q)
+                    a0 = _simd.fma(x0, _simd.splat(w[r0, t]), a0)
+                    a1 = _simd.fma(x0, _simd.splat(w[r1, t]), a1)
+                    a2 = _simd.fma(x0, _simd.splat(w[r2, t]), a2)
+                    a3 = _simd.fma(x0, _simd.splat(w[r3, t]), a3)
+                    a4 = _simd.fma(x0, _simd.splat(w[r4, t]), a4)
+                    a5 = _simd.fma(x0, _simd.splat(w[r5, t]), a5)
             acc = (a0, a1, a2, a3, a4, a5)
             if kind == _CHANNELS:
                 _store_slots(y, (n * c_out + k0) * ohw + u * out_w + ow0, ohw, min(6, c_out - k0), acc)
