@@ -291,3 +291,43 @@ def test_direct_wide_weight_gradient_keeps_non_finite_values_where_the_direct_su
     want = ref.conv2d_backward(gy, x, w, b).weight
     assert np.isfinite(want).sum() == want.size - 4  # tap (2, 0, 2) of each output channel
     conftest.assert_close(nb.conv2d_backward(gy, x, w, b).weight, want, what="conv2d weight gradient")
+
+
+def _phase_planes_reference(x, n, c, r0, sh, sw, pt, pl, wg, rows, lo, hi, fill):
+    """The phase planes by their definition: plane a*sw + b, row rr, column u holds x[n, c, ih, iw] with
+    ih = (r0 + rr)*sh - pt + a and iw = u*sw + b - pl where that lies in the image, else 0; rows outside
+    lo .. hi keep ``fill``."""
+    h, wd = x.shape[2:]
+    out = np.full((sh * sw, rows, wg), fill, dtype=x.dtype)
+    for a in range(sh):
+        for b in range(sw):
+            for rr in range(lo, hi):
+                ih = (r0 + rr) * sh - pt + a
+                for u in range(wg):
+                    iw = u * sw + b - pl
+                    out[a * sw + b, rr, u] = x[n, c, ih, iw] if 0 <= ih < h and 0 <= iw < wd else 0
+    return out.reshape(-1)
+
+
+@pytest.mark.parametrize("sh, sw", [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (3, 2)])
+def test_phase_planes_hold_the_padded_image(sh, sw):
+    """_wide_pad_rows (stride 2 columns: both phases in one pass) against the planes' definition: odd and
+    even widths and paddings, crops (negative padding), grids narrower and wider than the image, and
+    partial row ranges, which must leave the other rows alone."""
+    import numba
+
+    @numba.njit
+    def fill(x, pad, n, c, r0, sh, sw, pt, pl, wg, lo, hi):
+        numba_backend._k._wide_pad_rows(x, n, c, pad, r0, sh, sw, pt, pl, wg, lo, hi)
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 2, 7, 9)).astype(np.float32)
+    rows = 5
+    for wd in (1, 2, 8, 9):
+        xs = np.ascontiguousarray(x[:, :, :, :wd])
+        for pt, pl, wg, (lo, hi), r0 in [(0, 0, 5, (0, 5), 0), (1, 3, 6, (0, 5), 0), (2, 1, 9, (1, 4), 1),
+                                         (-1, -2, 3, (0, 5), 0), (3, -1, 1, (2, 3), 0), (0, 4, 8, (0, 2), 1)]:
+            pad = np.full(sh * sw * rows * wg, 7.0, dtype=np.float32)
+            fill(xs, pad, 1, 1, r0, sh, sw, pt, pl, wg, lo, hi)
+            want = _phase_planes_reference(xs, 1, 1, r0, sh, sw, pt, pl, wg, rows, lo, hi, 7.0)
+            np.testing.assert_array_equal(pad, want, err_msg=f"width {wd} pt {pt} pl {pl} wg {wg} rows {lo}-{hi}")
