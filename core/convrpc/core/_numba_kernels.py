@@ -666,6 +666,13 @@ def _bias_vectors(like, b, has_bias, r0, r1, r2, r3, r4, r5):
 
 
 @njit(cache=True, inline="always")
+def _fma_slots(x0, w, t, r0, r1, r2, r3, a0, a1, a2, a3):
+    """Four slots' accumulators a_i + x0 * w[r_i, t] (one broadcast of a weight each)."""
+    a0, a1 = _simd.fma(x0, _simd.splat(w[r0, t]), a0), _simd.fma(x0, _simd.splat(w[r1, t]), a1)
+    return a0, a1, _simd.fma(x0, _simd.splat(w[r2, t]), a2), _simd.fma(x0, _simd.splat(w[r3, t]), a3)
+
+
+@njit(cache=True, inline="always")
 def _store_slots(y, o, step, slots, acc):
     """y.flat[o + i*step ...] = slot i's vector of acc, for the first ``slots`` slots."""
     a0, a1, a2, a3, a4, a5 = acc
@@ -745,17 +752,11 @@ def _wide_direct_jobs(x, w, b, has_bias, y, pad, offs, wg, span, sh, sw, pt, pl,
             if short:
                 for t in range(w.shape[1]):
                     x0 = _simd.load(pad, offs[t] + q)
-                    a0 = _simd.fma(x0, _simd.splat(w[r0, t]), a0)
-                    a1 = _simd.fma(x0, _simd.splat(w[r1, t]), a1)
-                    a2 = _simd.fma(x0, _simd.splat(w[r2, t]), a2)
-                    a3 = _simd.fma(x0, _simd.splat(w[r3, t]), a3)
+                    a0, a1, a2, a3 = _fma_slots(x0, w, t, r0, r1, r2, r3, a0, a1, a2, a3)
             else:
                 for t in range(w.shape[1]):
                     x0 = _simd.load(pad, offs[t] + q)
-                    a0 = _simd.fma(x0, _simd.splat(w[r0, t]), a0)
-                    a1 = _simd.fma(x0, _simd.splat(w[r1, t]), a1)
-                    a2 = _simd.fma(x0, _simd.splat(w[r2, t]), a2)
-                    a3 = _simd.fma(x0, _simd.splat(w[r3, t]), a3)
+                    a0, a1, a2, a3 = _fma_slots(x0, w, t, r0, r1, r2, r3, a0, a1, a2, a3)
                     a4 = _simd.fma(x0, _simd.splat(w[r4, t]), a4)
                     a5 = _simd.fma(x0, _simd.splat(w[r5, t]), a5)
             acc = (a0, a1, a2, a3, a4, a5)
