@@ -265,6 +265,48 @@ def test_blas_path_is_taken_for_wide_convs():
     assert numba_backend._use_blas(g) and numba_backend._Plan.make(g, 8) is not None
 
 
+#: Pointwise convs on the BLAS path: whole images per thread (n even), blocks of rows (n odd, n=1), serial ones.
+POINTWISE = [
+    ((4, 64, 12, 12), (64, 64, 1, 1)),
+    ((3, 64, 14, 14), (48, 64, 1, 1)),
+    ((1, 128, 12, 12), (72, 128, 1, 1)),
+    ((8, 32, 5, 7), (24, 32, 1, 1)),
+    ((5, 20, 3, 3), (16, 20, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shapes", POINTWISE)
+def test_pointwise_convs_call_blas_from_the_numba_kernel(nb, ref, dtype, shapes, monkeypatch):
+    """Forward, input and weight gradient by gemm_batch; numpy's matmul on the worker pool gives the same."""
+    rng = np.random.default_rng(11)
+    x, w = (rng.standard_normal(s).astype(dtype) for s in shapes)
+    b = rng.standard_normal(w.shape[0]).astype(dtype)
+    gy = rng.standard_normal((x.shape[0], w.shape[0], *x.shape[2:])).astype(dtype)
+    want_y, want = ref.conv2d(x, w, b), ref.conv2d_backward(gy, x, w, b)
+    calls = []
+    real = numba_backend._gemms
+    monkeypatch.setattr(numba_backend, "_gemms", lambda *a, **k: (calls.append(a[:3]), real(*a, **k)))
+    for use in (True, False):
+        monkeypatch.setattr(numba_backend, "USE_CBLAS", use)
+        calls.clear()
+        assert_close(nb.conv2d(x, w, b), want_y, "conv2d")
+        got = nb.conv2d_backward(gy, x, w, b)
+        assert_close(got.input, want.input, "grad input")
+        assert_close(got.weight, want.weight, "grad weight")
+        assert_close(got.bias, want.bias, "grad bias")
+        assert numba_backend.last_algorithm == {"forward": "pointwise", "grad-input": "pointwise", "grad-weight": "pointwise"}
+        assert len(calls) == (3 if use and numba_backend._GEMM is not None else 0)
+
+
+def test_numpys_own_openblas_is_called_from_the_kernels():
+    """numpy's wheels ship OpenBLAS with 64-bit-int symbols: the pointwise path must find them, not fall back."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not any("scipy_openblas64" in lib["filepath"] for lib in threadpoolctl.threadpool_info()):
+        pytest.skip("numpy's BLAS here is not the wheel's OpenBLAS")
+    assert numba_backend._GEMM is not None
+
+
 def test_threading_layer_is_threadsafe(nb):
     nb.relu(np.ones((1, 1, 2, 2)))  # the layer is chosen at the first parallel call
     assert numba_backend.threading_layer() in ("omp", "tbb")

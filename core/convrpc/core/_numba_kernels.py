@@ -21,7 +21,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from convrpc.core import _simd
+from convrpc.core import _cblas, _simd
 
 # Reassociation lets LLVM vectorise dot products; no nnan/ninf, so NaN and inf stay IEEE.
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -832,6 +832,40 @@ def conv2d_weight_grad_wide_direct(x, gy, partial, offs, wg, span, sh, sw, pt, p
                         b3 += g1[q] * e3
                     part[k, t], part[k, t + 1], part[k, t + 2], part[k, t + 3] = a0, a1, a2, a3
                     part[k + 1, t], part[k + 1, t + 1], part[k + 1, t + 2], part[k + 1, t + 3] = b0, b1, b2, b3
+
+
+# -- matmul batches -------------------------------------------------------------------------------
+
+
+@njit(**_PAR)
+def gemm_batch(fn, parts, chunks, count, ta, tb, m, n, k, a, a_step, a_part, lda, b, b_step, ldb, c, c_step, c_part,
+               ldc, accumulate, bias, has_bias, stop):
+    """Row-major ``C[i] = op(A[i]) @ op(B[i])`` (+ ``bias[r]`` on row r) for i < count by BLAS gemm at
+    address ``fn``. The batch runs as ``chunks`` contiguous runs of matrices, and the m rows of each
+    matrix as ``parts`` blocks of ``ceil(m / parts)`` rows: one task per (run, block). Matrix i, block q
+    starts ``i * x_step + q * x_part`` elements into x (b takes no part offset). ``accumulate``: run j
+    sums its matrices into ``C[j]`` (chunks <= count, or some C[j] is left unwritten). No two tasks
+    write the same element."""
+    size = c.itemsize
+    # Signed addresses: numba types uint64 + int64 as float64.
+    pa, pb, pc = np.int64(a.ctypes.data), np.int64(b.ctypes.data), np.int64(c.ctypes.data)
+    rows = (m + parts - 1) // parts
+    for task in prange(parts * chunks):
+        q, j = np.int64(task) % parts, np.int64(task) // parts
+        mq = min(rows, m - q * rows)
+        for i in range(j * count // chunks, (j + 1) * count // chunks):
+            if mq <= 0 or _stopped(stop):
+                break
+            beta = 1.0 if accumulate and i > j * count // chunks else 0.0
+            start = (j if accumulate else i) * c_step + q * c_part
+            _cblas.gemm(fn, c, ta, tb, mq, n, k, pa + (i * a_step + q * a_part) * size, lda,
+                        pb + i * b_step * size, ldb, beta, pc + start * size, ldc)
+            if has_bias and not accumulate:  # while the block is still in cache
+                for r in range(mq):
+                    v = bias[q * rows + r]
+                    row = start + r * ldc
+                    for col in range(n):
+                        c[row + col] += v
 
 
 def _serial_twin(kernel):
