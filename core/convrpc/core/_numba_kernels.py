@@ -839,13 +839,13 @@ def conv2d_weight_grad_wide_direct(x, gy, partial, offs, wg, span, sh, sw, pt, p
 
 @njit(**_PAR)
 def gemm_batch(fn, parts, chunks, count, ta, tb, m, n, k, a, a_step, a_part, lda, b, b_step, ldb, c, c_step, c_part,
-               ldc, accumulate, bias, has_bias, stop):
-    """Row-major ``C[i] = op(A[i]) @ op(B[i])`` (+ ``bias[r]`` on row r) for i < count by BLAS gemm at
-    address ``fn``. The batch runs as ``chunks`` contiguous runs of matrices, and the m rows of each
-    matrix as ``parts`` blocks of ``ceil(m / parts)`` rows: one task per (run, block). Matrix i, block q
-    starts ``i * x_step + q * x_part`` elements into x (b takes no part offset). ``accumulate``: run j
-    sums its matrices into ``C[j]`` (chunks <= count, or some C[j] is left unwritten). No two tasks
-    write the same element."""
+               ldc, accumulate, beta, bias, has_bias, stop):
+    """Row-major ``C[i] = op(A[i]) @ op(B[i]) + beta * C[i]`` (+ ``bias[r]`` on row r) for i < count by
+    BLAS gemm at address ``fn``. The batch runs as ``chunks`` contiguous runs of matrices, and the m
+    rows of each matrix as ``parts`` blocks of ``ceil(m / parts)`` rows: one task per (run, block).
+    Matrix i, block q starts ``i * x_step + q * x_part`` elements into x (b takes no part offset).
+    ``accumulate``: run j sums its matrices into ``C[j]`` (beta applies to the first; chunks <= count,
+    or some C[j] is left unwritten). No two tasks write the same element."""
     size = c.itemsize
     # Signed addresses: numba types uint64 + int64 as float64.
     pa, pb, pc = np.int64(a.ctypes.data), np.int64(b.ctypes.data), np.int64(c.ctypes.data)
@@ -856,10 +856,10 @@ def gemm_batch(fn, parts, chunks, count, ta, tb, m, n, k, a, a_step, a_part, lda
         for i in range(j * count // chunks, (j + 1) * count // chunks):
             if mq <= 0 or _stopped(stop):
                 break
-            beta = 1.0 if accumulate and i > j * count // chunks else 0.0
+            scale = 1.0 if accumulate and i > j * count // chunks else beta
             start = (j if accumulate else i) * c_step + q * c_part
             _cblas.gemm(fn, c, ta, tb, mq, n, k, pa + (i * a_step + q * a_part) * size, lda,
-                        pb + i * b_step * size, ldb, beta, pc + start * size, ldc)
+                        pb + i * b_step * size, ldb, scale, pc + start * size, ldc)
             if has_bias and not accumulate:  # while the block is still in cache
                 for r in range(mq):
                     v = bias[q * rows + r]
@@ -881,3 +881,4 @@ def _serial_twin(kernel):
 
 conv2d_wide_direct_serial = _serial_twin(conv2d_wide_direct)
 conv2d_weight_grad_wide_direct_serial = _serial_twin(conv2d_weight_grad_wide_direct)
+gemm_batch_serial = _serial_twin(gemm_batch)  # for matmuls inside a worker pool's task

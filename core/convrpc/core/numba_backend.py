@@ -289,12 +289,27 @@ def _pointwise_gemms(g: ConvGeometry, *arrays) -> bool:
 
 
 def _gemms(parts, chunks, count, ta, tb, m, n, k, a, a_step, a_part, lda, b, b_step, ldb, c, c_step, c_part, ldc,
-           accumulate=False, bias=None):
-    """:func:`_k.gemm_batch` on flat views (one compiled signature per dtype) under the lane's stop flag."""
+           accumulate=False, bias=None, beta=0.0, serial=False):
+    """:func:`_k.gemm_batch` (``serial``: its one-thread twin) on flat views, one compiled signature per
+    dtype, under the lane's stop flag."""
     has_bias = bias is not None
-    _k.gemm_batch(_GEMM[c.itemsize == 8], parts, chunks, count, ta, tb, m, n, k, a.reshape(-1), a_step, a_part, lda,
-                  b.reshape(-1), b_step, ldb, c.reshape(-1), c_step, c_part, ldc, accumulate,
-                  bias if has_bias else _NO_BIAS[c.dtype], has_bias, _stop)
+    kernel = _k.gemm_batch_serial if serial else _k.gemm_batch
+    kernel(_GEMM[c.itemsize == 8], parts, chunks, count, ta, tb, m, n, k, a.reshape(-1), a_step, a_part, lda,
+           b.reshape(-1), b_step, ldb, c.reshape(-1), c_step, c_part, ldc, accumulate, beta,
+           bias if has_bias else _NO_BIAS[c.dtype], has_bias, _stop)
+
+
+def _matmul_add(c, a, bt) -> None:
+    """``c += a @ bt.T`` matrix by matrix along a leading batch axis (or one matrix), on the calling
+    thread: BLAS gemm with beta 1 where it can, which makes no temporary and no extra pass over c."""
+    if USE_CBLAS and _GEMM is not None and all(t.flags.c_contiguous for t in (c, a, bt)):
+        count, m, n = c.reshape(-1, *c.shape[-2:]).shape
+        k = a.shape[-1]
+        _gemms(1, count, count, _cblas.NO_TRANS, _cblas.TRANS, m, n, k, a, m * k, 0, k, bt, n * k, k,
+               c, m * n, 0, n, beta=1.0, serial=True)
+    else:
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs: the caller checks
+            c += np.matmul(a, np.swapaxes(bt, -1, -2))
 
 
 def _gemm_split(count: int, serial: bool) -> tuple[int, int]:
@@ -726,8 +741,7 @@ def _weight_grad_winograd(x, gy, g: ConvGeometry, serial: bool):
         v, wv, xp, rt, gp, ct = _winograd_buffers(worker, g, 2, tasks[i], tiles_w, x.dtype)
         winograd.input_transform(x, v, xp, rt, consts, n0, tn, th0, nth, tiles_w, g.pad_top, g.pad_left, 2)
         winograd.grad_output_transform(gy, wv, gp, ct, n0, tn, th0, nth, tiles_w)
-        with np.errstate(invalid="ignore", over="ignore"):  # a non-finite input: the caller falls back
-            partial[worker] += np.matmul(wv, v.transpose(0, 2, 1))  # 16 GEMMs (K x tiles) @ (tiles x C)
+        _matmul_add(partial[worker], wv, v)  # 16 GEMMs (K x tiles) @ (tiles x C); non-finite: the caller falls back
 
     _run(list(range(len(tasks))), task, workers)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -970,7 +984,7 @@ def conv2d_weight_grad(x, gy, g: ConvGeometry):
             for grp in range(g.groups):
                 # (kg, images*P) against (ckk, images*P): one matmul over the whole tile.
                 gyt = np.ascontiguousarray(gy3[n0 : n0 + tn, grp * kg : (grp + 1) * kg, p0:p1].transpose(1, 0, 2))
-                acc[grp] += gyt.reshape(kg, -1) @ cols[grp * ckk : (grp + 1) * ckk].reshape(ckk, -1).T
+                _matmul_add(acc[grp], gyt.reshape(kg, -1), cols[grp * ckk : (grp + 1) * ckk].reshape(ckk, -1))
 
         _run(plan.tiles, tile, plan.workers)
     return partial.sum(axis=0).reshape(g.weight_shape)
@@ -997,7 +1011,7 @@ def _weight_grad_wide(x, gy, g: ConvGeometry, plan: _Plan):
         acc = partial[worker]
         gym = gyw.reshape(g.c_out, tn * length)
         for grp in range(g.groups):
-            acc[grp] += gym[grp * kg : (grp + 1) * kg] @ cols[grp * ckk : (grp + 1) * ckk].reshape(ckk, -1).T
+            _matmul_add(acc[grp], gym[grp * kg : (grp + 1) * kg], cols[grp * ckk : (grp + 1) * ckk].reshape(ckk, -1))
 
     _run(plan.tiles, tile, plan.workers)
     return partial.sum(axis=0).reshape(g.weight_shape)
