@@ -49,7 +49,7 @@ def _arrays(x_shape, w_shape, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", range(len(CASES)))
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "direct-winograd"])  # its own tests below
 def test_forced_algorithm_matches_the_reference(nb, ref, force, algorithm, case, dtype):
     x_shape, w_shape, padding = CASES[case]
     x, w, b = _arrays(x_shape, w_shape, dtype, case)
@@ -221,7 +221,7 @@ def test_direct_wide_is_chosen_for_few_taps_within_the_workspace_cap(force):
     strided = params.conv2d_geometry((1, 3, 224, 224), (64, 3, 7, 7), None, stride=2, padding=3)  # g: 147
     many_taps = params.conv2d_geometry((2, 24, 40, 40), (48, 24, 5, 5), None, padding=2)  # 600
     assert numba_backend.conv_algorithm(few_taps, 8) == "direct-wide"
-    assert numba_backend.conv_algorithm(strided, 4) == "direct-wide"
+    assert numba_backend.conv_algorithm(strided, 4) == ("direct-winograd" if numba_backend.WINOGRAD_ROW else "direct-wide")
     assert numba_backend.conv_algorithm(many_taps, 8) != "direct-wide"
     old = numba_backend.workspace_limit()
     numba_backend.set_workspace_limit(16 * 1024)  # not one padded image (3 x 35 x 34 float64)
@@ -253,8 +253,8 @@ def test_direct_wide_reads_no_stale_scratch(nb, ref, force, monkeypatch, x_shape
 
 
 def test_direct_wide_weight_gradient_only_where_it_was_measured(nb, force):
-    """The forward of g (7x7 stride 2, 147 taps) is direct-wide, its weight gradient stays im2col + BLAS;
-    c's (27 taps, stride 1) is direct-wide."""
+    """The forward of g (7x7 stride 2, 147 taps) is direct-wide (direct-winograd with AVX-512), its weight
+    gradient stays im2col + BLAS; c's (27 taps, stride 1) is direct-wide."""
     force(None)
     for x_shape, w_shape, opts, want in [
         ((1, 3, 64, 64), (64, 3, 7, 7), dict(stride=2, padding=3), "im2col"),
@@ -262,7 +262,8 @@ def test_direct_wide_weight_gradient_only_where_it_was_measured(nb, force):
     ]:
         x, w, b = _arrays(x_shape, w_shape, np.float32)
         y = nb.conv2d(x, w, b, **opts)
-        assert numba_backend.last_algorithm["forward"] == "direct-wide"
+        strided = opts.get("stride") == 2 and numba_backend.WINOGRAD_ROW
+        assert numba_backend.last_algorithm["forward"] == ("direct-winograd" if strided else "direct-wide")
         nb.conv2d_backward(np.ones_like(y), x, w, b, **opts)
         assert numba_backend.last_algorithm["grad-weight"] == want
 
@@ -331,3 +332,99 @@ def test_phase_planes_hold_the_padded_image(sh, sw):
             fill(xs, pad, 1, 1, r0, sh, sw, pt, pl, wg, lo, hi)
             want = _phase_planes_reference(xs, 1, 1, r0, sh, sw, pt, pl, wg, rows, lo, hi, 7.0)
             np.testing.assert_array_equal(pad, want, err_msg=f"width {wd} pt {pt} pl {pl} wg {wg} rows {lo}-{hi}")
+
+
+#: Column stride 2 with 7 or 8 taps a row and OW a multiple of 4: row strides 1-3, dilated rows, asymmetric
+#: padding, 1-9 output channels (a last block of 1-3), batch 1-3, rows narrower and wider than a vector of tiles.
+WINOGRAD_ROW_CASES = [
+    ((1, 3, 64, 64), (64, 3, 7, 7), dict(stride=2, padding=3)),
+    ((2, 2, 9, 31), (5, 2, 7, 7), dict(stride=2, padding=3)),
+    ((3, 4, 20, 32), (9, 4, 8, 8), dict(stride=(1, 2), padding=(2, 3))),
+    ((1, 3, 45, 38), (6, 3, 7, 7), dict(stride=(3, 2), padding=(1, 4), dilation=(2, 1))),
+    ((2, 1, 17, 37), (3, 1, 7, 7), dict(stride=2)),
+    ((1, 2, 70, 140), (2, 2, 8, 7), dict(stride=(2, 2), padding=(0, 1))),
+]
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", range(len(WINOGRAD_ROW_CASES)))
+def test_direct_winograd_matches_the_reference(nb, ref, force, monkeypatch, case, dtype, parallel):
+    if parallel:
+        monkeypatch.setattr(numba_backend, "SERIAL_WORK", 0)
+    x_shape, w_shape, opts = WINOGRAD_ROW_CASES[case]
+    x, w, b = _arrays(x_shape, w_shape, dtype, 12 + case)
+    force("direct-winograd")
+    for bias in (b, None):
+        got = nb.conv2d(x, w, bias, **opts)
+        assert numba_backend.last_algorithm["forward"] == "direct-winograd"
+        assert_close(got, ref.conv2d(x, w, bias, **opts), "direct-winograd conv2d")
+    gy = np.random.default_rng(9).standard_normal(got.shape).astype(dtype)
+    grads, expected = nb.conv2d_backward(gy, x, w, b, **opts), ref.conv2d_backward(gy, x, w, b, **opts)
+    assert_close(grads.input, expected.input, "grad input")
+    assert_close(grads.weight, expected.weight, "grad weight")
+
+
+@pytest.mark.torch
+def test_direct_winograd_is_as_close_to_torch_as_the_direct_sum_on_g(nb, force):
+    """F(4, 4)'s transforms carry 10 and 1/45-type factors; on g its float32 error stays within 4x the direct sum's."""
+    torch = pytest.importorskip("torch")
+    x, w, b = _arrays((1, 3, 224, 224), (64, 3, 7, 7), np.float32, 13)
+    want = torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(),
+                                      torch.from_numpy(b).double(), stride=2, padding=3).numpy()  # fmt: skip
+    errors = {}
+    for algorithm in ("direct-winograd", "direct-wide"):
+        force(algorithm)
+        got = nb.conv2d(x, w, b, stride=2, padding=3)
+        assert numba_backend.last_algorithm["forward"] == algorithm
+        errors[algorithm] = float(np.abs(got - want).max() / np.abs(want).max())
+    assert errors["direct-winograd"] <= max(4 * errors["direct-wide"], 2e-6), errors
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("width", [37, 38])
+def test_direct_winograd_keeps_non_finite_values_where_the_direct_sum_puts_them(nb, ref, force, value, width):
+    """The transforms turn an inf into NaN and read past the taps (width 38: no output's taps reach the
+    last column, the last tile's transform does); such outputs are recomputed by direct-wide, and the
+    next call (same scratch) is exact again."""
+    x, w, b = _arrays((2, 2, 21, width), (5, 2, 7, 7), np.float64, 14)
+    x[1, 1, 10, width - 1] = value
+    force("direct-winograd")
+    got = nb.conv2d(x, w, b, stride=2)
+    assert numba_backend.last_algorithm["forward"] == "direct-wide"
+    want = ref.conv2d(x, w, b, stride=2)
+    assert np.isfinite(want).all() == (width == 38)
+    conftest.assert_close(got, want, what="conv2d")
+    x[1, 1, 10, width - 1] = 0.5
+    assert_close(nb.conv2d(x, w, b, stride=2), ref.conv2d(x, w, b, stride=2), "after")
+    assert numba_backend.last_algorithm["forward"] == "direct-winograd"
+
+
+def test_direct_winograd_fits_only_its_geometries(force):
+    force(None)
+    fits = numba_backend._fits
+    g = params.conv2d_geometry((1, 3, 224, 224), (64, 3, 7, 7), None, stride=2, padding=3)
+    assert fits("direct-winograd", g, 4, False) and fits("direct-winograd", g, 8, True)
+    for other in [
+        params.conv2d_geometry((1, 3, 226, 226), (64, 3, 7, 7), None, stride=2, padding=3),  # OW 113
+        params.conv2d_geometry((1, 3, 222, 222), (64, 3, 7, 7), None, stride=2, padding=3),  # OW 111
+        params.conv2d_geometry((1, 4, 224, 224), (64, 2, 7, 7), None, stride=2, padding=3, groups=2),
+        params.conv2d_geometry((1, 3, 224, 224), (64, 3, 5, 5), None, stride=2, padding=2),
+        params.conv2d_geometry((1, 3, 224, 224), (64, 3, 7, 7), None, stride=1, padding=3),
+        params.conv2d_geometry((1, 3, 224, 224), (64, 3, 7, 7), None, stride=2, padding=3, dilation=(1, 2)),
+        params.conv2d_geometry((1, 3, 13, 16), (4, 3, 7, 7), None, stride=2, padding=3),  # 7 x 2 tiles: < a vector
+    ]:
+        assert not fits("direct-winograd", other, 4, False), other
+    assert numba_backend.conv_algorithm(g, 4) == ("direct-winograd" if numba_backend.WINOGRAD_ROW else "direct-wide")
+
+
+def test_a_stop_flag_stops_direct_winograd(nb, force):
+    from convrpc.core.errors import CallCancelled
+    from convrpc.core.stopping import StopFlag, stopping
+
+    x, w, b = _arrays((1, 3, 64, 64), (64, 3, 7, 7), np.float32)
+    force("direct-winograd")
+    flag = StopFlag()
+    flag.cancel()
+    with pytest.raises(CallCancelled), stopping(flag):
+        nb.conv2d(x, w, b, stride=2, padding=3)

@@ -771,6 +771,223 @@ def _wide_direct_jobs(x, w, b, has_bias, y, pad, offs, wg, span, sh, sw, pt, pl,
                         y[n, k0 + r, oh, ow] = block[r, i]
 
 
+# -- Winograd F(4, 4) along the rows of column-stride-2 convs (7x7 and 8x8 stride 2) ------------
+#
+# A column-stride-2 conv with 7 or 8 taps a row is, per (input channel, tap row, column phase b),
+# a 1-D correlation of 4 taps (b + 2s, s < 4; a 7-tap row's phase 1 has a zero fourth) with that
+# phase's columns. F(4, 4) (points 0, 1, -1, 2, -2, 1/2 and infinity) turns a tile of 4 outputs
+# into 7 products: 1.75 multiplications an output and phase against 4, so the conv's 147 taps an
+# output cost 73.5 (C = 3, kh = 7). Sums over channels, tap rows and phases stay in the
+# transformed domain, so the output transform runs once a block. B^T and A^T are integers (the
+# 1/45-type factors are G's, applied to the weights in float64); float32 error on g: 1.1e-6 of the
+# output's max against 5.4e-7 for the direct sum.
+
+
+@njit(cache=True, inline="always")
+def _winograd_row_inputs(x, n, u, ph, xs, t_, sh, pt, pl, r_lo, r_hi, tc):
+    """u[((c*sh + a)*2 + b)*7 + xi][(rho - r_lo)*t_ + tau] = (B^T d)[xi] for plane rows rho in r_lo ..
+    r_hi of image n: d the 7 columns 4*tau .. 4*tau + 6 of column phase b of padded input row
+    rho*sh + a (its columns 8*tau + 2s + b); rows outside the image give 0. ph (24, t_ + 2) is
+    scratch: a row's columns 8t + r in ph[r], and the halves and quarters they are split from."""
+    c_in, h = x.shape[1], x.shape[2]
+    w8 = t_ + 2
+    halves, quarters = ph[16 * w8 : 24 * w8], ph[8 * w8 : 16 * w8]  # columns 2t + r, 4t + r (r-th of each)
+    for c in range(c_in):
+        for a in range(sh):
+            for rho in range(r_lo, r_hi):
+                ih = rho * sh + a - pt
+                first = (((c * sh + a) * 2) * 7) * xs + (rho - r_lo) * t_
+                if ih < 0 or ih >= h:
+                    for z in range(14):
+                        row = u[first + z * xs : first + z * xs + t_]
+                        row[:] = 0.0
+                    continue
+                halves[:] = 0.0
+                _pad_row_phases(x[n, c, ih], halves[: 4 * w8], halves[4 * w8 :], pl, 4 * w8)  # each split vectorises
+                for r in range(2):  # half r (columns 2t + r) into quarters r and r + 2 (4t + r, 4t + r + 2)
+                    _pad_row_phases(halves[r * 4 * w8 : (r + 1) * 4 * w8], quarters[r * 2 * w8 : (r + 1) * 2 * w8],
+                                    quarters[(r + 2) * 2 * w8 : (r + 3) * 2 * w8], 0, 2 * w8)
+                for r in range(4):  # quarter r into eighths r and r + 4
+                    _pad_row_phases(quarters[r * 2 * w8 : (r + 1) * 2 * w8], ph[r * w8 : (r + 1) * w8],
+                                    ph[(r + 4) * w8 : (r + 5) * w8], 0, w8)
+                for b in range(2):
+                    if t_ >= _simd.lanes(u):
+                        _bt_rows(ph, b * w8, w8, u, first + b * 7 * xs, xs, t_, tc)
+                        continue
+                    p0, p2 = ph[b * w8 : (b + 1) * w8], ph[(b + 2) * w8 : (b + 3) * w8]
+                    p4, p6 = ph[(b + 4) * w8 : (b + 5) * w8], ph[(b + 6) * w8 : (b + 7) * w8]
+                    o = first + b * 7 * xs
+                    for t in range(t_):  # a row narrower than a vector of tiles
+                        d0, d1, d2, d3 = p0[t], p2[t], p4[t], p6[t]
+                        d4, d5, d6 = p0[t + 1], p2[t + 1], p4[t + 1]
+                        u[o + t] = 4.0 * d0 - 8.0 * d1 - 5.0 * d2 + 10.0 * d3 + d4 - 2.0 * d5
+                        u[o + xs + t] = -4.0 * d1 + 4.0 * d2 + 9.0 * d3 - d4 - 2.0 * d5
+                        u[o + 2 * xs + t] = -4.0 * d1 + 12.0 * d2 - 7.0 * d3 - 3.0 * d4 + 2.0 * d5
+                        u[o + 3 * xs + t] = 2.0 * d1 - 3.0 * d2 - 4.0 * d3 + 3.0 * d4 + 2.0 * d5
+                        u[o + 4 * xs + t] = 2.0 * d1 - 5.0 * d2 + 5.0 * d4 - 2.0 * d5
+                        u[o + 5 * xs + t] = 4.0 * d1 - 5.0 * d3 + d5
+                        u[o + 6 * xs + t] = -4.0 * d1 + 8.0 * d2 + 5.0 * d3 - 10.0 * d4 - d5 + 2.0 * d6
+
+
+@njit(cache=True, inline="always")
+def _bt_rows(ph, p, w8, u, o, xs, t_, tc):
+    """u[o + xi*xs + tau] = (B^T d)[xi] for the t_ >= lanes tiles of a row, a vector of tiles at a time;
+    d_s = ph[p + (s % 4)*2*w8 + s // 4 + tau] (the phase's columns 0, 2, 4, 6 of tile tau, then 0, 2, 4
+    of the next). tc holds B^T's entries in u's dtype (4, -8, -5, 10, 1, -2, -4, 9, -1, 12, -7, -3, 2,
+    3, 5, 8, -10)."""
+    lanes = _simd.lanes(u)
+    f, sp = _simd.fma, _simd.splat
+    q2, q4, q6 = p + 2 * w8, p + 4 * w8, p + 6 * w8
+    for j in range((t_ + lanes - 1) // lanes):
+        t = min(j * lanes, t_ - lanes)  # the last vector shifted back: the overlap is written twice alike
+        d0, d1, d2, d3 = _simd.load(ph, p + t), _simd.load(ph, q2 + t), _simd.load(ph, q4 + t), _simd.load(ph, q6 + t)
+        d4, d5, d6 = _simd.load(ph, p + t + 1), _simd.load(ph, q2 + t + 1), _simd.load(ph, q4 + t + 1)
+        z = _simd.zeros(u)
+        # 4d0 - 8d1 - 5d2 + 10d3 + d4 - 2d5
+        _simd.store(u, o + t, f(d5, sp(tc[5]), f(d4, sp(tc[4]), f(d3, sp(tc[3]), f(d2, sp(tc[2]), f(d1, sp(tc[1]), f(d0, sp(tc[0]), z)))))))
+        # -4d1 + 4d2 + 9d3 - d4 - 2d5
+        _simd.store(u, o + xs + t, f(d5, sp(tc[5]), f(d4, sp(tc[8]), f(d3, sp(tc[7]), f(d2, sp(tc[0]), f(d1, sp(tc[6]), z))))))
+        # -4d1 + 12d2 - 7d3 - 3d4 + 2d5
+        _simd.store(u, o + 2 * xs + t, f(d5, sp(tc[12]), f(d4, sp(tc[11]), f(d3, sp(tc[10]), f(d2, sp(tc[9]), f(d1, sp(tc[6]), z))))))
+        # 2d1 - 3d2 - 4d3 + 3d4 + 2d5
+        _simd.store(u, o + 3 * xs + t, f(d5, sp(tc[12]), f(d4, sp(tc[13]), f(d3, sp(tc[6]), f(d2, sp(tc[11]), f(d1, sp(tc[12]), z))))))
+        # 2d1 - 5d2 + 5d4 - 2d5
+        _simd.store(u, o + 4 * xs + t, f(d5, sp(tc[5]), f(d4, sp(tc[14]), f(d2, sp(tc[2]), f(d1, sp(tc[12]), z)))))
+        # 4d1 - 5d3 + d5
+        _simd.store(u, o + 5 * xs + t, f(d5, sp(tc[4]), f(d3, sp(tc[2]), f(d1, sp(tc[0]), z))))
+        # -4d1 + 8d2 + 5d3 - 10d4 - d5 + 2d6
+        _simd.store(u, o + 6 * xs + t, f(d6, sp(tc[12]), f(d5, sp(tc[8]), f(d4, sp(tc[16]), f(d3, sp(tc[14]), f(d2, sp(tc[15]), f(d1, sp(tc[6]), z)))))))
+
+
+@njit(cache=True, inline="always")
+def _fma4(e, v, t, xi, r0, r1, r2, r3, a, b, c, d):
+    """Four channels' accumulators of transformed position xi, plus e times their weight."""
+    a, b = _simd.fma(e, _simd.splat(v[r0, t, xi]), a), _simd.fma(e, _simd.splat(v[r1, t, xi]), b)
+    return a, b, _simd.fma(e, _simd.splat(v[r2, t, xi]), c), _simd.fma(e, _simd.splat(v[r3, t, xi]), d)
+
+
+@njit(cache=True, inline="always")
+def _winograd_row_store(y, o, k, m0, m1, m2, m3, m4, m5, m6, check):
+    """y.flat[o ...] = A^T m (k: the constants 1, -1, 2, -2, 4, 8, -8 as vectors), each tile's four
+    outputs in order; returns check + those outputs * 0 (NaN once one is not finite)."""
+    one, neg, two, ntwo, four, eight, neight = k
+    s = _simd.fma(m2, one, m1)
+    e = _simd.fma(m2, neg, m1)
+    y0 = _simd.fma(m5, eight, _simd.fma(m4, one, _simd.fma(m3, one, _simd.fma(s, one, m0))))
+    y1 = _simd.fma(m5, four, _simd.fma(m4, ntwo, _simd.fma(m3, two, e)))
+    y2 = _simd.fma(m5, two, _simd.fma(m4, four, _simd.fma(m3, four, s)))
+    y3 = _simd.fma(m6, one, _simd.fma(m5, one, _simd.fma(m4, neight, _simd.fma(m3, eight, e))))
+    lo02, lo13 = _simd.zip_lo(y0, y2), _simd.zip_lo(y1, y3)
+    hi02, hi13 = _simd.zip_hi(y0, y2), _simd.zip_hi(y1, y3)
+    lanes = _simd.lanes(y)
+    _simd.store(y, o, _simd.zip_lo(lo02, lo13))
+    _simd.store(y, o + lanes, _simd.zip_hi(lo02, lo13))
+    _simd.store(y, o + 2 * lanes, _simd.zip_lo(hi02, hi13))
+    _simd.store(y, o + 3 * lanes, _simd.zip_hi(hi02, hi13))
+    zero = _simd.zeros(y)
+    return _simd.fma(y3, zero, _simd.fma(y2, zero, _simd.fma(y1, zero, _simd.fma(y0, zero, check))))
+
+
+@njit(**_PAR)
+def conv2d_winograd_row(x, v, b, has_bias, y, scratch, taps, consts, tc, band, urows, prow, sh, pt, pl, reach,
+                        chunks, status, stop):
+    """y (N, K, OH, OW) = conv2d(x, w) (+ b), column stride 2, 7 or 8 taps a row, by F(4, 4) along rows.
+
+    v (K, RT, 7) holds the transformed weights of the RT = C*kh*2 row taps (c, i, column phase b),
+    taps (RT, 2) each one's first transformed row (of 7) in u and the plane rows it is below the
+    output row, consts (1, -1, 2, -2, 4, 8, -8) and tc (B^T's, see _bt_rows) of y's dtype; OW is a
+    multiple of 4. A block is 4
+    output channels x a vector of tiles (16 float32: 64 outputs) taken along the image's
+    flattened tile grid (OH x OW/4, the last block shifted back to end at its end), whose 7
+    transformed positions stay in 28 registers over all RT taps: 7 loads and 28 fused
+    multiply-adds a tap, from the block's inputs gathered once for all its channel blocks.
+    Iteration s of the parallel loop runs jobs (image, block, channel block) s*J/chunks ..
+    (s+1)*J/chunks; the transformed input rows of ``band`` blocks at a time (at most ``urows``
+    plane rows: a band's u stays in L2) are made in scratch[s] when the band changes. status[s] is
+    NaN when an output of its jobs is not finite (the transforms turn an inf into NaN, and read a
+    few columns past the taps: the caller recomputes); y is overwritten.
+    """
+    lanes = _simd.lanes(y)
+    tiles = y.shape[2] * (y.shape[3] // 4)
+    jobs = x.shape[0] * ((tiles + lanes - 1) // lanes) * ((y.shape[1] + 3) // 4)
+    for s in prange(chunks):
+        lo, hi = s * jobs // chunks, (s + 1) * jobs // chunks
+        status[s] = _winograd_row_jobs(x, v, b, has_bias, y, scratch[s], taps, consts, tc, band, urows, prow, sh, pt,
+                                       pl, reach, lo, hi, stop)
+
+
+@njit(**_SER)
+def _winograd_row_jobs(x, v, b, has_bias, y, scratch, taps, consts, tc, band, urows, prow, sh, pt, pl, reach, lo,
+                       hi, stop):
+    """conv2d_winograd_row's jobs lo .. hi (compiled outside the parallel loop, as _wide_direct_jobs)."""
+    c_in, k_, oh_, ow_ = x.shape[1], y.shape[1], y.shape[2], y.shape[3]
+    t_ = ow_ // 4
+    lanes = _simd.lanes(y)
+    tiles = oh_ * t_
+    kb = (k_ + 3) // 4
+    blocks = (tiles + lanes - 1) // lanes
+    per_image = blocks * kb
+    xs = urows * t_
+    size, rt = c_in * sh * 14 * xs, v.shape[1]
+    u, ph = scratch[:size], scratch[size : size + 24 * (t_ + 2)]
+    # A block's 7*RT vectors of u, gathered once for all its channel blocks: read in place they are
+    # unaligned loads from rows far apart, twice L1, and the loop ran at 0.6 FMA a cycle.
+    start = size + 24 * (t_ + 2)
+    start += (-(np.int64(scratch[start:].ctypes.data) // y.itemsize)) % lanes  # 64-byte aligned
+    gathered = scratch[start : start + 7 * rt * lanes]
+    gathered_q = -1
+    ohw, last = oh_ * ow_, k_ - 1
+    k = (_simd.splat(consts[0]), _simd.splat(consts[1]), _simd.splat(consts[2]), _simd.splat(consts[3]),
+         _simd.splat(consts[4]), _simd.splat(consts[5]), _simd.splat(consts[6]))  # fmt: skip
+    check = _simd.zeros(y)
+    made, r_lo = -1, 0
+    for job in range(lo, hi):
+        if _stopped(stop):
+            break
+        n, blk, kk = job // per_image, (job // kb) % blocks, job % kb
+        if n * blocks + blk // band != made:  # this band's plane rows
+            j0 = (blk // band) * band
+            j1 = min(j0 + band, blocks) - 1
+            r_lo = min(j0 * lanes, tiles - lanes) // t_
+            r_hi = min((min(j1 * lanes, tiles - lanes) + lanes - 1) // t_ + reach + 1, prow)
+            _winograd_row_inputs(x, n, u, ph, xs, t_, sh, pt, pl, r_lo, r_hi, tc)
+            made, gathered_q = n * blocks + blk // band, -1
+        q0 = min(blk * lanes, tiles - lanes)
+        if q0 != gathered_q:
+            for t in range(rt):
+                o = taps[t, 0] * xs + taps[t, 1] * t_ + q0 - r_lo * t_
+                for xi in range(7):
+                    _simd.store(gathered, (7 * t + xi) * lanes, _simd.load(u, o + xi * xs))
+            gathered_q = q0
+        k0 = 4 * kk
+        r0, r1, r2, r3 = k0, min(k0 + 1, last), min(k0 + 2, last), min(k0 + 3, last)
+        z = _simd.zeros(y)
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = b0 = b1 = b2 = b3 = b4 = b5 = b6 = z
+        c0 = c1 = c2 = c3 = c4 = c5 = c6 = d0 = d1 = d2 = d3 = d4 = d5 = d6 = z
+        if has_bias:  # position 1 enters every output with weight 1
+            a1, b1, c1, d1 = _simd.splat(b[r0]), _simd.splat(b[r1]), _simd.splat(b[r2]), _simd.splat(b[r3])
+        for t in range(rt):
+            o = 7 * t * lanes
+            a0, b0, c0, d0 = _fma4(_simd.load(gathered, o), v, t, 0, r0, r1, r2, r3, a0, b0, c0, d0)
+            a1, b1, c1, d1 = _fma4(_simd.load(gathered, o + lanes), v, t, 1, r0, r1, r2, r3, a1, b1, c1, d1)
+            a2, b2, c2, d2 = _fma4(_simd.load(gathered, o + 2 * lanes), v, t, 2, r0, r1, r2, r3, a2, b2, c2, d2)
+            a3, b3, c3, d3 = _fma4(_simd.load(gathered, o + 3 * lanes), v, t, 3, r0, r1, r2, r3, a3, b3, c3, d3)
+            a4, b4, c4, d4 = _fma4(_simd.load(gathered, o + 4 * lanes), v, t, 4, r0, r1, r2, r3, a4, b4, c4, d4)
+            a5, b5, c5, d5 = _fma4(_simd.load(gathered, o + 5 * lanes), v, t, 5, r0, r1, r2, r3, a5, b5, c5, d5)
+            a6, b6, c6, d6 = _fma4(_simd.load(gathered, o + 6 * lanes), v, t, 6, r0, r1, r2, r3, a6, b6, c6, d6)
+        o = (n * k_ + k0) * ohw + 4 * q0
+        check = _winograd_row_store(y, o, k, a0, a1, a2, a3, a4, a5, a6, check)
+        if k0 + 1 <= last:
+            check = _winograd_row_store(y, o + ohw, k, b0, b1, b2, b3, b4, b5, b6, check)
+        if k0 + 2 <= last:
+            check = _winograd_row_store(y, o + 2 * ohw, k, c0, c1, c2, c3, c4, c5, c6, check)
+        if k0 + 3 <= last:
+            check = _winograd_row_store(y, o + 3 * ohw, k, d0, d1, d2, d3, d4, d5, d6, check)
+    lane = np.zeros(lanes, dtype=y.dtype)
+    _simd.store(lane, 0, check)
+    return lane.sum()
+
+
 @njit(**_PAR)
 def conv2d_weight_grad_wide_direct(x, gy, partial, offs, wg, span, sh, sw, pt, pl, stop):
     """partial (chunks, K', T'): chunk s sums images s*N/chunks .. (s+1)*N/chunks of the weight gradient.

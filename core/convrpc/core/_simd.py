@@ -1,5 +1,5 @@
 """512-bit SIMD vectors for numba kernels: a vector type and the handful of operations a
-register-blocked kernel needs (load, store, broadcast, fused multiply-add).
+register-blocked kernel needs (load, store, broadcast, fused multiply-add, interleave).
 
 LLVM's loop vectoriser keeps an accumulator in memory when it cannot prove the loop's arrays
 apart, and numba has no stack arrays: a kernel that wants a block of outputs to stay in registers
@@ -134,3 +134,29 @@ def lanes(typingctx, a):
         return ir.Constant(ir.IntType(64), _llvm(a.dtype).count)
 
     return types.int64(a), codegen
+
+
+
+def _zip_codegen(half: int):
+    def codegen(context, builder, sig, args):
+        n = _llvm(sig.args[0].dtype).count
+        lanes = [i // 2 + half * n // 2 + (i % 2) * n for i in range(n)]
+        return builder.shuffle_vector(args[0], args[1], ir.Constant(ir.VectorType(ir.IntType(32), n), lanes))
+
+    return codegen
+
+
+@intrinsic
+def zip_lo(typingctx, a, b):
+    """Lanes a[0], b[0], a[1], b[1], ... of a's and b's low halves (a tile's two outputs, in order)."""
+    if not (isinstance(a, Vec) and a == b):
+        return None
+    return a(a, b), _zip_codegen(0)
+
+
+@intrinsic
+def zip_hi(typingctx, a, b):
+    """Lanes a[n/2], b[n/2], a[n/2 + 1], b[n/2 + 1], ... of a's and b's high halves."""
+    if not (isinstance(a, Vec) and a == b):
+        return None
+    return a(a, b), _zip_codegen(1)

@@ -406,8 +406,10 @@ def _use_wide(g: ConvGeometry) -> bool:
 #: Winograd F(2x2,3x3) / F(3x3,3x3) / F(4x4,3x3), im2col onto the padded-width grid, plain im2col
 #: (pointwise: the input is the im2col matrix), direct loops over the padded-width grid (no im2col,
 #: no GEMM), im2col per (image, group) with axpy loops, direct row loops.
-CONV_ALGORITHMS = ("winograd-2x2", "winograd-3x3", "winograd-4x4", "im2col-wide", "im2col", "direct-wide", "small",
-                   "direct")  # fmt: skip
+#: "direct-winograd": direct-wide's loops with Winograd F(4, 4) along the rows, for column stride 2
+#: and 7 or 8 taps a row (g's 7x7 stride 2).
+CONV_ALGORITHMS = ("winograd-2x2", "winograd-3x3", "winograd-4x4", "im2col-wide", "im2col", "direct-wide",
+                   "direct-winograd", "small", "direct")  # fmt: skip
 #: Winograd tile per element size: F(3x3) for both. Forced side by side in one process (best of 6
 #: alternating rounds, load 1.0-1.2), forward, F(2x2) / F(3x3) / F(4x4) / im2col_wide: d float32
 #: 25.6 / 21.9 / 22.7 / 34.2 ms, float64 38.2 / 35.6 / 40.1 / 79.8; e float32 11.5 / 10.8 / 12.9 /
@@ -463,6 +465,8 @@ def _winograd_fits(g: ConvGeometry) -> bool:
 
 def _fits(name: str, g: ConvGeometry, itemsize: int, serial: bool) -> bool:
     """Whether algorithm ``name`` can run geometry ``g`` (within the workspace cap)."""
+    if name == "direct-winograd":
+        return _winograd_row_fits(g, itemsize, serial)
     if name.startswith("winograd"):
         return _winograd_fits(g) and _winograd_tasks(g, itemsize, int(name[-1]), serial) is not None
     if name == "im2col-wide":
@@ -495,6 +499,8 @@ def _auto_algorithm(g: ConvGeometry, itemsize: int, serial: bool) -> str:
             return f"winograd-{m}x{m}"
         few_taps = g.c_in * g.kh * g.kw <= WIDE_DIRECT_MAX_TAPS
         if few_taps and not _is_pointwise(g) and _fits("direct-wide", g, itemsize, serial):
+            if WINOGRAD_ROW and _fits("direct-winograd", g, itemsize, serial):
+                return "direct-winograd"
             return "direct-wide"
         if USE_WIDE and _use_wide(g) and _fits("im2col-wide", g, itemsize, serial):
             return "im2col-wide"
@@ -547,6 +553,11 @@ def _conv2d(x, w, b, g: ConvGeometry, serial: bool = False):
             return y
         # A non-finite value reached a tile (and spread over it): the exact im2col path decides.
         name = last_algorithm["forward"] = "im2col" if _fits("im2col", g, x.itemsize, serial) else "direct"
+    if name == "direct-winograd":
+        if _conv2d_winograd_row(x, w, b, g, y, serial):
+            return y
+        # A non-finite value reached an output (the transforms make NaN of inf): direct-wide decides.
+        name = last_algorithm["forward"] = "direct-wide" if _fits("direct-wide", g, x.itemsize, serial) else "direct"
     if name == "im2col-wide":
         return _conv2d_wide(x, w, b, g, _Plan.make(g, x.itemsize, serial=serial, wide=True), y)
     if name == "direct-wide":
@@ -652,6 +663,89 @@ def _conv2d_wide_direct(x, w, b, g: ConvGeometry, y, serial: bool):
     args = (offs, wg, span, chunks, g.stride_h, g.stride_w, g.pad_top, g.pad_left, _stop)
     kernel(x, w2, bias, b is not None, y, xpad, *args)
     return y
+
+
+def _avx512() -> bool:
+    """Whether numba compiles for a CPU with AVX-512 (32 vector registers: direct-winograd's 20
+    accumulators fit; on AVX2 each is two of 16 registers and they would spill)."""
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        if numba.config.CPU_NAME is not None:
+            return False  # a named target without its features: assume the narrower one
+        from llvmlite import binding
+
+        features = binding.get_host_cpu_features().flatten()
+    return "+avx512f" in features.split(",")
+
+
+#: Choose "direct-winograd" automatically where it fits (AVX-512 only; it can be forced anywhere).
+#: Forced side by side with direct-wide on g (7x7 stride 2, 3 -> 64 channels), float32 and float64:
+#: see the README's compute-core table.
+WINOGRAD_ROW = _avx512()
+#: F(4, 4)'s G (points 0, 1, -1, 2, -2, 1/2, infinity; B^T's and A^T's rows scaled to small
+#: integers), applied to the weights in float64.
+_G_ROW = np.array([[1 / 4, 0, 0, 0], [1 / 6, 1 / 6, 1 / 6, 1 / 6], [1 / 18, -1 / 18, 1 / 18, -1 / 18],
+                   [1 / 72, 1 / 36, 1 / 18, 1 / 9], [1 / 120, -1 / 60, 1 / 30, -1 / 15],
+                   [4 / 45, 2 / 45, 1 / 45, 1 / 90], [0, 0, 0, 1 / 2]])  # fmt: skip
+_ROW_CONSTS = {np.dtype(t): np.array([1, -1, 2, -2, 4, 8, -8], dtype=t) for t in (np.float32, np.float64)}
+_ROW_BT = {np.dtype(t): np.array([4, -8, -5, 10, 1, -2, -4, 9, -1, 12, -7, -3, 2, 3, 5, 8, -10], dtype=t)
+           for t in (np.float32, np.float64)}  # fmt: skip
+
+
+def _winograd_row_fits(g: ConvGeometry, itemsize: int, serial: bool) -> bool:
+    if not (g.groups == 1 and g.stride_w == 2 and g.dil_w == 1 and g.kw in (7, 8) and g.out_w % 4 == 0):
+        return False
+    if g.out_h * (g.out_w // 4) < 64 // itemsize:  # not one vector of tiles
+        return False
+    return _winograd_row_plan(g, itemsize)[2] * itemsize * (1 if serial else THREADS) <= _workspace_limit
+
+
+#: Output rows of one band of conv2d_winograd_row: its transformed input rows (5 per plane row, column
+#: phase and input channel: 270 KB for g's 16 rows in float32) stay in L2 while its blocks read them.
+WINOGRAD_ROW_BAND = 16
+
+
+@functools.lru_cache(maxsize=256)
+def _winograd_row_plan(g: ConvGeometry, itemsize: int):
+    """(blocks a band, plane rows of a band's u, elements of one thread's scratch) of conv2d_winograd_row."""
+    t, lanes = g.out_w // 4, 64 // itemsize
+    prow = g.out_h + g.dil_h * (g.kh - 1) // g.stride_h
+    band = max(1, WINOGRAD_ROW_BAND * t // lanes)
+    urows = min(prow, -(-band * lanes // t) + 2 + g.dil_h * (g.kh - 1) // g.stride_h)
+    scratch = g.c_in * g.stride_h * 14 * urows * t + 24 * (t + 2) + (g.c_in * g.kh * 14 + 1) * lanes
+    return band, urows, scratch
+
+
+@functools.lru_cache(maxsize=256)
+def _winograd_row_taps(g: ConvGeometry):
+    """(RT, 2): row tap (c, i, b)'s first transformed row (of 7) in u, and the plane rows it lies below its output row."""
+    taps = np.empty((g.c_in * g.kh * 2, 2), dtype=np.int64)
+    for c in range(g.c_in):
+        for i in range(g.kh):
+            a, rise = (i * g.dil_h) % g.stride_h, (i * g.dil_h) // g.stride_h
+            for b in range(2):
+                taps[(c * g.kh + i) * 2 + b] = ((c * g.stride_h + a) * 2 + b) * 7, rise
+    taps.setflags(write=False)
+    return taps
+
+
+def _conv2d_winograd_row(x, w, b, g: ConvGeometry, y, serial: bool) -> bool:
+    """y = conv2d by conv2d_winograd_row; False (y unreliable) when an output came out non-finite."""
+    band, urows, size = _winograd_row_plan(g, x.itemsize)
+    taps = np.zeros((g.c_out, g.c_in, g.kh, 2, 4))
+    for phase in range(2):  # column phase b: taps b, b + 2, ... (a 7-tap row's phase 1 has three)
+        taps[:, :, :, phase, : len(range(phase, g.kw, 2))] = w[:, :, :, phase::2]
+    v = np.ascontiguousarray((taps @ _G_ROW.T).reshape(g.c_out, g.c_in * g.kh * 2, 7), dtype=x.dtype)
+    chunks = 1 if serial else THREADS
+    scratch = _buffer(0, (chunks, size), x.dtype)
+    status = np.zeros(chunks)
+    bias = b if b is not None else _NO_BIAS[x.dtype]
+    prow = g.out_h + g.dil_h * (g.kh - 1) // g.stride_h
+    _k.conv2d_winograd_row(x, v, bias, b is not None, y, scratch, _winograd_row_taps(g), _ROW_CONSTS[x.dtype],
+                           _ROW_BT[x.dtype], band,
+                           urows, prow, g.stride_h, g.pad_top, g.pad_left, g.dil_h * (g.kh - 1) // g.stride_h, chunks,
+                           status, _stop)  # fmt: skip
+    return bool(np.isfinite(status).all())
 
 
 def _weight_grad_wide_direct(x, gy, g: ConvGeometry, serial: bool):
@@ -1131,10 +1225,13 @@ def warm_up(progress: Callable[[int, int], None] | None = None) -> None:
                 if m == 2:  # and the weight gradient's
                     _weight_grad_winograd(x, np.ones(g.output_shape, dtype), g, True)
             advance()
-        with _lane:  # direct-wide, parallel and its serial twin (tiny calls)
+        with _lane:  # direct-wide, parallel and its serial twin (tiny calls); direct-winograd
             for serial in (False, True):
                 _conv2d_wide_direct(x, w, w[:, 0, 0, 0].copy(), g, np.empty(g.output_shape, dtype), serial)
                 _weight_grad_wide_direct(x, np.ones(g.output_shape, dtype), g, serial)
+            xr, wr = rng.standard_normal((1, 2, 9, 31)).astype(dtype), rng.standard_normal((3, 2, 7, 7)).astype(dtype)
+            gr = params.conv2d_geometry(xr.shape, wr.shape, None, stride=2, padding=3)
+            _conv2d_winograd_row(xr, wr, wr[:, 0, 0, 0].copy(), gr, np.empty(gr.output_shape, dtype), False)
         pg = params.pool2d_geometry(x.shape, 2, 1, 1)
         y, _ = max_pool2d(x, pg)
         max_pool2d_backward(y, x, pg)
