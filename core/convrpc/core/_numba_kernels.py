@@ -783,6 +783,24 @@ def _wide_direct_jobs(x, w, b, has_bias, y, pad, offs, wg, span, sh, sw, pt, pl,
 # output's max against 5.4e-7 for the direct sum.
 
 
+@njit(**_SER)
+def winograd_row_weights(w, g_mat, v):
+    """v (K, C*kh*2, 7) = G g for every row tap (c, i, column phase b) of w (K, C, kh, kw), g its taps
+    b, b + 2, b + 4, b + 6 (0 past kw), summed in float64 (g_mat: G, 7 x 4)."""
+    k_, c_in, kh, kw = w.shape
+    for k in range(k_):
+        for c in range(c_in):
+            for i in range(kh):
+                for b in range(2):
+                    t = (c * kh + i) * 2 + b
+                    for xi in range(7):
+                        acc = 0.0
+                        for s in range(4):
+                            if b + 2 * s < kw:
+                                acc += g_mat[xi, s] * w[k, c, i, b + 2 * s]
+                        v[k, t, xi] = acc
+
+
 @njit(cache=True, inline="always")
 def _winograd_row_inputs(x, n, u, ph, xs, t_, sh, pt, pl, r_lo, r_hi, tc):
     """u[((c*sh + a)*2 + b)*7 + xi][(rho - r_lo)*t_ + tau] = (B^T d)[xi] for plane rows rho in r_lo ..
