@@ -132,8 +132,9 @@ def _configure_blas() -> bool:
 _BLAS_SINGLE = _configure_blas()
 BLAS_WORKERS = THREADS if _BLAS_SINGLE else 1
 #: numpy's BLAS sgemm / dgemm for the numba kernels (see _cblas), or None: pointwise convs then run
-#: numpy's matmul on the worker pool.
+#: numpy's matmul on the worker pool, and the weight gradients' tile sums numpy's ``+=``.
 _GEMM = _cblas.gemm_addresses() if _BLAS_SINGLE else None
+#: Off: the numpy paths above even where _GEMM was found (tests pin both).
 USE_CBLAS = True
 
 
@@ -709,13 +710,15 @@ WINOGRAD_ROW_BAND = 16
 
 @functools.lru_cache(maxsize=256)
 def _winograd_row_plan(g: ConvGeometry, itemsize: int):
-    """(blocks a band, plane rows of a band's u, elements of one thread's scratch) of conv2d_winograd_row."""
+    """(blocks a band, plane rows of a band's u, elements of one thread's scratch, plane rows of the
+    image, plane rows a block's taps reach below its output row) of conv2d_winograd_row."""
     t, lanes = g.out_w // 4, 64 // itemsize
-    prow = g.out_h + g.dil_h * (g.kh - 1) // g.stride_h
+    reach = g.dil_h * (g.kh - 1) // g.stride_h
+    prow = g.out_h + reach
     band = max(1, WINOGRAD_ROW_BAND * t // lanes)
-    urows = min(prow, -(-band * lanes // t) + 2 + g.dil_h * (g.kh - 1) // g.stride_h)
+    urows = min(prow, -(-band * lanes // t) + 2 + reach)
     scratch = g.c_in * g.stride_h * 14 * urows * t + 24 * (t + 2) + (g.c_in * g.kh * 14 + 1) * lanes
-    return band, urows, scratch
+    return band, urows, scratch, prow, reach
 
 
 @functools.lru_cache(maxsize=256)
@@ -733,17 +736,15 @@ def _winograd_row_taps(g: ConvGeometry):
 
 def _conv2d_winograd_row(x, w, b, g: ConvGeometry, y, serial: bool) -> bool:
     """y = conv2d by conv2d_winograd_row; False (y unreliable) when an output came out non-finite."""
-    band, urows, size = _winograd_row_plan(g, x.itemsize)
+    band, urows, size, prow, reach = _winograd_row_plan(g, x.itemsize)
     v = np.empty((g.c_out, g.c_in * g.kh * 2, 7), dtype=x.dtype)
     _k.winograd_row_weights(w, _G_ROW, v)  # 27 us for g (numpy's batched matmul of the taps: 140-165)
     chunks = 1 if serial else THREADS
     scratch = _buffer(0, (chunks, size), x.dtype)
     status = np.zeros(chunks)
     bias = b if b is not None else _NO_BIAS[x.dtype]
-    prow = g.out_h + g.dil_h * (g.kh - 1) // g.stride_h
     _k.conv2d_winograd_row(x, v, bias, b is not None, y, scratch, _winograd_row_taps(g), _ROW_CONSTS[x.dtype],
-                           _ROW_BT[x.dtype], band,
-                           urows, prow, g.stride_h, g.pad_top, g.pad_left, g.dil_h * (g.kh - 1) // g.stride_h, chunks,
+                           _ROW_BT[x.dtype], band, urows, prow, g.stride_h, g.pad_top, g.pad_left, reach, chunks,
                            status, _stop)  # fmt: skip
     return bool(np.isfinite(status).all())
 
