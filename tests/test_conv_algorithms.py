@@ -9,8 +9,10 @@ test_numba_backend runs again with each Winograd tile forced.
 from __future__ import annotations
 
 import logging
+import math
 
 import conftest
+
 import numpy as np
 import pytest
 from test_numba_backend import N_CONFIGS, assert_close, check_conv2d_config, nb, ref  # noqa: F401 (fixtures)
@@ -104,13 +106,74 @@ def test_sweep_with_winograd_forced(nb, ref, force, algorithm, i):
     check_conv2d_config(nb, ref, i)
 
 
+#: Rows wide enough for the Winograd transforms' vector passes (a _simd vector of tiles: 16 float32,
+#: 8 float64, for every tile size): odd widths (the last vector shifted back, partial last tiles),
+#: padding 0-3 on either side (the column phases' edges), a row of phases narrower than a vector.
+WIDE_CASES = [
+    ((1, 3, 5, 70), (2, 3, 3, 3), 1),
+    ((2, 2, 7, 101), (3, 2, 3, 3), (0, 2)),
+    ((1, 2, 4, 50), (2, 2, 3, 3), 3),
+    ((1, 1, 6, 67), (1, 1, 3, 3), 0),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", range(len(WIDE_CASES)))
+@pytest.mark.parametrize("algorithm", WINOGRAD)
+def test_winograd_matches_the_reference_on_wide_rows(nb, ref, force, algorithm, case, dtype):
+    x_shape, w_shape, padding = WIDE_CASES[case]
+    x, w, b = _arrays(x_shape, w_shape, dtype, case)
+    force(algorithm)
+    want = ref.conv2d(x, w, b, padding=padding)
+    assert_close(nb.conv2d(x, w, b, padding=padding), want, f"{algorithm} conv2d")
+    assert numba_backend.last_algorithm["forward"] == algorithm
+    gy = np.random.default_rng(8).standard_normal(want.shape).astype(dtype)
+    grads = nb.conv2d_backward(gy, x, w, b, padding=padding)
+    expected = ref.conv2d_backward(gy, x, w, b, padding=padding)
+    assert numba_backend.last_algorithm["grad-weight"] == "winograd-2x2"
+    assert_close(grads.input, expected.input, f"{algorithm} grad input")
+    assert_close(grads.weight, expected.weight, f"{algorithm} grad weight")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width", [4, 23, 70])  # narrower than a vector of tiles, about one, several
+@pytest.mark.parametrize("algorithm", WINOGRAD)
+def test_winograd_writes_only_inside_its_scratch(nb, ref, force, monkeypatch, algorithm, width, dtype):
+    """The transforms' vectors run past their rows: every scratch array handed out is followed by a guard
+    of sentinel values, which must come back untouched (the worker buffers are often larger than asked,
+    so an overrun there would corrupt only the heap, later)."""
+    handed = []
+
+    def guarded(worker, shape, dt):
+        size = math.prod(shape)
+        flat = np.full(size + 64, 1234.5, dtype=dt)
+        handed.append((flat, size))
+        return flat[:size].reshape(shape)
+
+    monkeypatch.setattr(numba_backend, "_buffer", guarded)
+    x, w, b = _arrays((2, 3, 7, width), (4, 3, 3, 3), dtype, width)
+    force(algorithm)
+    want = ref.conv2d(x, w, b, padding=1)
+    assert_close(nb.conv2d(x, w, b, padding=1), want, f"{algorithm} conv2d")
+    gy = np.random.default_rng(3).standard_normal(want.shape).astype(dtype)
+    expected = ref.conv2d_backward(gy, x, w, b, padding=1)
+    grads = nb.conv2d_backward(gy, x, w, b, padding=1)
+    assert numba_backend.last_algorithm["grad-weight"] == "winograd-2x2"
+    assert_close(grads.input, expected.input, "grad input")
+    assert_close(grads.weight, expected.weight, "grad weight")
+    assert handed
+    for flat, size in handed:
+        assert (flat[size:] == 1234.5).all()
+
+
 @pytest.mark.parametrize("algorithm", [*WINOGRAD, "direct-wide"])
 @pytest.mark.parametrize("value", [np.nan, np.inf])
-def test_winograd_keeps_non_finite_values_where_the_direct_sum_puts_them(nb, ref, force, algorithm, value):
+@pytest.mark.parametrize("width", [9, 70])  # the transforms' scalar and vector passes
+def test_winograd_keeps_non_finite_values_where_the_direct_sum_puts_them(nb, ref, force, algorithm, value, width):
     """A NaN or inf spreads over a whole Winograd tile, and direct-wide's weight gradient multiplies the grid's
     overhang (neighbouring rows' inputs) by 0; such results are recomputed exactly."""
-    x, w, b = _arrays((2, 16, 8, 9), (16, 16, 3, 3), np.float64)
-    x[1, 3, 2, 5] = value
+    x, w, b = _arrays((2, 16, 8, width), (16, 16, 3, 3), np.float64)
+    x[1, 3, 2, width - 4] = value
     force(algorithm)
     got = nb.conv2d(x, w, b, padding=1)
     want = ref.conv2d(x, w, b, padding=1)
@@ -346,12 +409,14 @@ WINOGRAD_ROW_CASES = [
 ]
 
 
+@pytest.mark.parametrize("by_position", [False, True])  # 28 accumulators (AVX-512), or 4 a position
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", range(len(WINOGRAD_ROW_CASES)))
-def test_direct_winograd_matches_the_reference(nb, ref, force, monkeypatch, case, dtype, parallel):
+def test_direct_winograd_matches_the_reference(nb, ref, force, monkeypatch, case, dtype, parallel, by_position):
     if parallel:
         monkeypatch.setattr(numba_backend, "SERIAL_WORK", 0)
+    monkeypatch.setattr(numba_backend, "WINOGRAD_ROW_BY_POSITION", by_position)
     x_shape, w_shape, opts = WINOGRAD_ROW_CASES[case]
     x, w, b = _arrays(x_shape, w_shape, dtype, 12 + case)
     force("direct-winograd")

@@ -885,6 +885,15 @@ def _fma4(e, v, t, xi, r0, r1, r2, r3, a, b, c, d):
 
 
 @njit(cache=True, inline="always")
+def _position_sums(sums, ch):
+    """Channel ch's (of 4) sums of positions 0 .. 6, as by_position stored them."""
+    lanes = _simd.lanes(sums)
+    ld = _simd.load
+    return (ld(sums, ch * lanes), ld(sums, (4 + ch) * lanes), ld(sums, (8 + ch) * lanes), ld(sums, (12 + ch) * lanes),
+            ld(sums, (16 + ch) * lanes), ld(sums, (20 + ch) * lanes), ld(sums, (24 + ch) * lanes))  # fmt: skip
+
+
+@njit(cache=True, inline="always")
 def _winograd_row_store(y, o, k, m0, m1, m2, m3, m4, m5, m6, check):
     """y.flat[o ...] = A^T m (k: the constants 1, -1, 2, -2, 4, 8, -8 as vectors), each tile's four
     outputs in order; returns check + those outputs * 0 (NaN once one is not finite)."""
@@ -908,7 +917,7 @@ def _winograd_row_store(y, o, k, m0, m1, m2, m3, m4, m5, m6, check):
 
 @njit(**_PAR)
 def conv2d_winograd_row(x, v, b, has_bias, y, scratch, taps, consts, tc, band, urows, prow, sh, pt, pl, reach,
-                        chunks, status, stop):
+                        by_position, chunks, status, stop):
     """y (N, K, OH, OW) = conv2d(x, w) (+ b), column stride 2, 7 or 8 taps a row, by F(4, 4) along rows.
 
     v (K, RT, 7) holds the transformed weights of the RT = C*kh*2 row taps (c, i, column phase b),
@@ -918,7 +927,9 @@ def conv2d_winograd_row(x, v, b, has_bias, y, scratch, taps, consts, tc, band, u
     output channels x a vector of tiles (16 float32: 64 outputs) taken along the image's
     flattened tile grid (OH x OW/4, the last block shifted back to end at its end), whose 7
     transformed positions stay in 28 registers over all RT taps: 7 loads and 28 fused
-    multiply-adds a tap, from the block's inputs gathered once for all its channel blocks.
+    multiply-adds a tap, from the block's inputs gathered once for all its channel blocks. With
+    ``by_position`` (a machine without AVX-512, where a vector is two of 16 registers and 28 would
+    spill) the block sums one position at a time, 4 accumulators over the RT taps, into scratch.
     Iteration s of the parallel loop runs jobs (image, block, channel block) s*J/chunks ..
     (s+1)*J/chunks; the transformed input rows of ``band`` blocks at a time (at most ``urows``
     plane rows: a band's u stays in L2) are made in scratch[s] when the band changes. status[s] is
@@ -931,12 +942,12 @@ def conv2d_winograd_row(x, v, b, has_bias, y, scratch, taps, consts, tc, band, u
     for s in prange(chunks):
         lo, hi = s * jobs // chunks, (s + 1) * jobs // chunks
         status[s] = _winograd_row_jobs(x, v, b, has_bias, y, scratch[s], taps, consts, tc, band, urows, prow, sh, pt,
-                                       pl, reach, lo, hi, stop)
+                                       pl, reach, by_position, lo, hi, stop)
 
 
 @njit(**_SER)
-def _winograd_row_jobs(x, v, b, has_bias, y, scratch, taps, consts, tc, band, urows, prow, sh, pt, pl, reach, lo,
-                       hi, stop):
+def _winograd_row_jobs(x, v, b, has_bias, y, scratch, taps, consts, tc, band, urows, prow, sh, pt, pl, reach,
+                       by_position, lo, hi, stop):
     """conv2d_winograd_row's jobs lo .. hi (compiled outside the parallel loop, as _wide_direct_jobs)."""
     c_in, k_, oh_, ow_ = x.shape[1], y.shape[1], y.shape[2], y.shape[3]
     t_ = ow_ // 4
@@ -953,6 +964,7 @@ def _winograd_row_jobs(x, v, b, has_bias, y, scratch, taps, consts, tc, band, ur
     start = size + 24 * (t_ + 2)
     start += (-(np.int64(scratch[start:].ctypes.data) // y.itemsize)) % lanes  # 64-byte aligned
     gathered = scratch[start : start + 7 * rt * lanes]
+    sums = scratch[start + 7 * rt * lanes : start + (7 * rt + 28) * lanes]  # by_position's 7 x 4 sums
     gathered_q = -1
     ohw, last = oh_ * ow_, k_ - 1
     k = (_simd.splat(consts[0]), _simd.splat(consts[1]), _simd.splat(consts[2]), _simd.splat(consts[3]),
@@ -984,7 +996,24 @@ def _winograd_row_jobs(x, v, b, has_bias, y, scratch, taps, consts, tc, band, ur
         c0 = c1 = c2 = c3 = c4 = c5 = c6 = d0 = d1 = d2 = d3 = d4 = d5 = d6 = z
         if has_bias:  # position 1 enters every output with weight 1
             a1, b1, c1, d1 = _simd.splat(b[r0]), _simd.splat(b[r1]), _simd.splat(b[r2]), _simd.splat(b[r3])
-        for t in range(rt):
+        if by_position:
+            for xi in range(7):
+                e0 = e1 = e2 = e3 = z
+                if has_bias and xi == 1:
+                    e0, e1, e2, e3 = _simd.splat(b[r0]), _simd.splat(b[r1]), _simd.splat(b[r2]), _simd.splat(b[r3])
+                for t in range(rt):
+                    e0, e1, e2, e3 = _fma4(_simd.load(gathered, (7 * t + xi) * lanes), v, t, xi, r0, r1, r2, r3,
+                                           e0, e1, e2, e3)  # fmt: skip
+                o = 4 * xi * lanes
+                _simd.store(sums, o, e0)
+                _simd.store(sums, o + lanes, e1)
+                _simd.store(sums, o + 2 * lanes, e2)
+                _simd.store(sums, o + 3 * lanes, e3)
+            a0, a1, a2, a3, a4, a5, a6 = _position_sums(sums, 0)
+            b0, b1, b2, b3, b4, b5, b6 = _position_sums(sums, 1)
+            c0, c1, c2, c3, c4, c5, c6 = _position_sums(sums, 2)
+            d0, d1, d2, d3, d4, d5, d6 = _position_sums(sums, 3)
+        for t in range(0 if by_position else rt):
             o = 7 * t * lanes
             a0, b0, c0, d0 = _fma4(_simd.load(gathered, o), v, t, 0, r0, r1, r2, r3, a0, b0, c0, d0)
             a1, b1, c1, d1 = _fma4(_simd.load(gathered, o + lanes), v, t, 1, r0, r1, r2, r3, a1, b1, c1, d1)

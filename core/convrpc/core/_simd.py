@@ -1,5 +1,6 @@
 """512-bit SIMD vectors for numba kernels: a vector type and the handful of operations a
-register-blocked kernel needs (load, store, broadcast, fused multiply-add, interleave).
+register-blocked kernel needs (load, store, broadcast, fused multiply-add, interleave, and
+``+``, ``-``, ``*`` of two vectors, each rounded, never fused).
 
 LLVM's loop vectoriser keeps an accumulator in memory when it cannot prove the loop's arrays
 apart, and numba has no stack arrays: a kernel that wants a block of outputs to stay in registers
@@ -19,10 +20,12 @@ the array.
 
 from __future__ import annotations
 
+import operator
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic, models, overload, register_model
 
 
 class Vec(types.Type):
@@ -160,3 +163,100 @@ def zip_hi(typingctx, a, b):
     if not (isinstance(a, Vec) and a == b):
         return None
     return a(a, b), _zip_codegen(1)
+
+
+@intrinsic
+def load_phase(typingctx, a, i, m, s):
+    """Phase s of m: a.flat[i + s + m*l] for each lane l, from the m vectors at a.flat[i : i + m*lanes]
+    (m, s: integer literals; whole-vector loads and one shuffle, not a gather)."""
+    if not (_is_float_array(a) and isinstance(i, types.Integer)):
+        return None
+    if not (isinstance(m, types.IntegerLiteral) and isinstance(s, types.IntegerLiteral)):
+        return None
+    mm, ss = m.literal_value, s.literal_value
+    if not 0 <= ss < mm:
+        return None
+
+    def codegen(context, builder, sig, args):
+        vty = _llvm(a.dtype)
+        n = vty.count
+        ptr = _pointer(context, builder, sig, args[:2])
+        parts = [builder.load(builder.gep(ptr, [ir.Constant(ir.IntType(64), j)]), align=a.dtype.bitwidth // 8)
+                 for j in range(mm)]  # fmt: skip
+        idx = ir.IntType(32)
+        while len(parts) > 1:  # concatenate pairwise (shufflevector wants operands of one type)
+            width = parts[0].type.count
+            if len(parts) % 2:
+                parts.append(ir.Constant(parts[0].type, ir.Undefined))
+            parts = [builder.shuffle_vector(parts[j], parts[j + 1],
+                                            ir.Constant(ir.VectorType(idx, 2 * width), list(range(2 * width))))
+                     for j in range(0, len(parts), 2)]  # fmt: skip
+        return builder.shuffle_vector(parts[0], ir.Constant(parts[0].type, ir.Undefined),
+                                      ir.Constant(ir.VectorType(idx, n), [ss + mm * lane for lane in range(n)]))
+
+    return _VEC[a.dtype](a, i, m, s), codegen
+
+
+@intrinsic
+def store_interleaved(typingctx, a, i, vs):
+    """a.flat[i + m*l + s] = vs[s][l] for each lane l and each of the m Vecs of the tuple vs: m vectors
+    interleaved into m*lanes contiguous elements (load_phase's inverse; one shuffle, whole stores)."""
+    if not (_is_float_array(a) and isinstance(i, types.Integer) and isinstance(vs, types.UniTuple)):
+        return None
+    if vs.dtype != _VEC[a.dtype] or not 2 <= vs.count <= 8:
+        return None
+    mm = vs.count
+
+    def codegen(context, builder, sig, args):
+        vty = _llvm(a.dtype)
+        n = vty.count
+        idx = ir.IntType(32)
+        parts = [builder.extract_value(args[2], j) for j in range(mm)]
+        while len(parts) > 1:  # concatenate pairwise, as load_phase
+            width = parts[0].type.count
+            if len(parts) % 2:
+                parts.append(ir.Constant(parts[0].type, ir.Undefined))
+            parts = [builder.shuffle_vector(parts[j], parts[j + 1],
+                                            ir.Constant(ir.VectorType(idx, 2 * width), list(range(2 * width))))
+                     for j in range(0, len(parts), 2)]  # fmt: skip
+        whole = builder.shuffle_vector(parts[0], ir.Constant(parts[0].type, ir.Undefined),
+                                       ir.Constant(ir.VectorType(idx, mm * n), [(e % mm) * n + e // mm
+                                                                                 for e in range(mm * n)]))  # fmt: skip
+        ptr = _pointer(context, builder, sig, args[:2])
+        for j in range(mm):
+            chunk = builder.shuffle_vector(whole, ir.Constant(whole.type, ir.Undefined),
+                                           ir.Constant(ir.VectorType(idx, n), list(range(j * n, (j + 1) * n))))
+            builder.store(chunk, builder.gep(ptr, [ir.Constant(ir.IntType(64), j)]), align=a.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.none(a, i, vs), codegen
+
+
+def _binary(instruction: str):
+    @intrinsic
+    def op(typingctx, a, b):
+        if not (isinstance(a, Vec) and a == b):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, instruction)(args[0], args[1])
+
+        return a(a, b), codegen
+
+    return op
+
+
+add, sub, mul = _binary("fadd"), _binary("fsub"), _binary("fmul")
+
+
+def _operator(op, fn) -> None:
+    @overload(op)
+    def impl(a, b):
+        if isinstance(a, Vec) and a == b:
+            return lambda a, b: fn(a, b)
+        return None
+
+
+_operator(operator.add, add)
+_operator(operator.sub, sub)
+_operator(operator.mul, mul)

@@ -679,10 +679,15 @@ def _avx512() -> bool:
     return "+avx512f" in features.split(",")
 
 
-#: Choose "direct-winograd" automatically where it fits (AVX-512 only; it can be forced anywhere).
-#: Forced side by side with direct-wide on g (7x7 stride 2, 3 -> 64 channels), interleaved, 25th
-#: percentile of 25: float32 1.094 -> 0.857 ms (2 threads), 2.18 -> 1.55 (1 thread); float64 2.17 -> 1.54.
-WINOGRAD_ROW = _avx512()
+#: Choose "direct-winograd" automatically where it fits. Forced side by side with direct-wide on g
+#: (7x7 stride 2, 3 -> 64 channels), interleaved, 25th percentile of 25, 2 threads: on a Zen 4 core
+#: with AVX-512, float32 1.094 -> 0.857 ms (1 thread: 2.18 -> 1.55), float64 2.17 -> 1.54; on a Zen 3
+#: core (AVX2), by position, float32 2.25 -> 2.05 and 2.39 -> 2.23, float64 4.67 -> 4.40.
+WINOGRAD_ROW = True
+#: Sum direct-winograd's 7 transformed positions one at a time (4 accumulators, not 28) where a vector
+#: is two of 16 AVX registers: the 28 spilled (Zen 3, g float32: 3.1-3.3 ms, 1.4x direct-wide's time;
+#: two positions at a time, 16 registers, spilled too: 4.3 ms).
+WINOGRAD_ROW_BY_POSITION = not _avx512()
 #: F(4, 4)'s G (points 0, 1, -1, 2, -2, 1/2, infinity; B^T's and A^T's rows scaled to small
 #: integers), applied to the weights in float64.
 _G_ROW = np.array([[1 / 4, 0, 0, 0], [1 / 6, 1 / 6, 1 / 6, 1 / 6], [1 / 18, -1 / 18, 1 / 18, -1 / 18],
@@ -717,7 +722,7 @@ def _winograd_row_plan(g: ConvGeometry, itemsize: int):
     prow = g.out_h + reach
     band = max(1, WINOGRAD_ROW_BAND * t // lanes)
     urows = min(prow, -(-band * lanes // t) + 2 + reach)
-    scratch = g.c_in * g.stride_h * 14 * urows * t + 24 * (t + 2) + (g.c_in * g.kh * 14 + 1) * lanes
+    scratch = g.c_in * g.stride_h * 14 * urows * t + 24 * (t + 2) + (g.c_in * g.kh * 14 + 1 + 28) * lanes
     return band, urows, scratch, prow, reach
 
 
@@ -744,8 +749,8 @@ def _conv2d_winograd_row(x, w, b, g: ConvGeometry, y, serial: bool) -> bool:
     status = np.zeros(chunks)
     bias = b if b is not None else _NO_BIAS[x.dtype]
     _k.conv2d_winograd_row(x, v, bias, b is not None, y, scratch, _winograd_row_taps(g), _ROW_CONSTS[x.dtype],
-                           _ROW_BT[x.dtype], band, urows, prow, g.stride_h, g.pad_top, g.pad_left, reach, chunks,
-                           status, _stop)  # fmt: skip
+                           _ROW_BT[x.dtype], band, urows, prow, g.stride_h, g.pad_top, g.pad_left, reach,
+                           WINOGRAD_ROW_BY_POSITION, chunks, status, _stop)  # fmt: skip
     return bool(np.isfinite(status).all())
 
 
@@ -759,19 +764,23 @@ def _weight_grad_wide_direct(x, gy, g: ConvGeometry, serial: bool):
     return gw if np.isfinite(gw).all() else None
 
 
-def _winograd_sizes(g: ConvGeometry, m: int, tn: int, nth: int, tiles_w: int) -> tuple[int, ...]:
-    """Elements of one Winograd task's buffers: V, M, padded input rows, row transforms, output tile rows, column transforms."""
+def _winograd_sizes(g: ConvGeometry, m: int, tn: int, nth: int, tiles_w: int, itemsize: int) -> tuple[int, ...]:
+    """Elements of one Winograd task's buffers: V, M, padded input rows, row transforms, output tile rows, column
+    transforms. The last four hold rows of tiles widened to a _simd vector (64 bytes) where narrower (rounding
+    every row up measured 1.5x slower on d: the scratch outgrew L1), and M is followed by one vector's slack,
+    which the output transform's last vector may read."""
     a, p = m + 2, tn * nth * tiles_w
-    rows = nth * m + 2
-    return (a * a * g.c_in * p, a * a * g.c_out * p, rows * (tiles_w * m + 2), rows * a * tiles_w,
-            nth * m * tiles_w * m, m * a * tiles_w)  # fmt: skip
+    rows, lanes = nth * m + 2, 64 // itemsize
+    tw = max(tiles_w, lanes)
+    return (a * a * g.c_in * p, a * a * g.c_out * p + lanes, rows * m * (tw + 1), rows * a * tw, nth * m * m * tw,
+            m * a * tw)  # fmt: skip
 
 
 def _winograd_tasks(g: ConvGeometry, itemsize: int, m: int, serial: bool):
     """(tasks (n0, images, tile row 0, tile rows), workers) with each task's buffers within its share of the cap, or None."""
     workers = 1 if serial else BLAS_WORKERS
     tiles_h, tiles_w = -(-g.out_h // m), -(-g.out_w // m)
-    row_bytes = sum(_winograd_sizes(g, m, 1, 1, tiles_w)) * itemsize
+    row_bytes = sum(_winograd_sizes(g, m, 1, 1, tiles_w, itemsize)) * itemsize
     budget = min(TILE_BYTES, _workspace_limit // workers)
     if row_bytes > budget:
         workers, budget = 1, _workspace_limit
@@ -789,16 +798,17 @@ def _winograd_tasks(g: ConvGeometry, itemsize: int, m: int, serial: bool):
 
 def _winograd_buffers(worker: int, g: ConvGeometry, m: int, task, tiles_w: int, dtype):
     """A Winograd task's buffers in the worker's scratch: V (a*a, C, P), M (a*a, K, P), the padded input
-    rows, the row transforms, the output (or output-gradient) tile rows, the column transforms."""
+    rows and the output tile rows in column phases, the row transforms, the column transforms."""
     _, tn, _, nth = task
     a, p = m + 2, tn * nth * tiles_w
-    sizes = _winograd_sizes(g, m, tn, nth, tiles_w)
+    sizes = _winograd_sizes(g, m, tn, nth, tiles_w, np.dtype(dtype).itemsize)
+    tw = sizes[-1] // (m * a)
     flat = _buffer(worker, (sum(sizes),), dtype)
-    shapes = ((a * a, g.c_in, p), (a * a, g.c_out, p), (nth * m + 2, tiles_w * m + 2), (nth * m + 2, a, tiles_w),
-              (nth * m, tiles_w * m), (m, a, tiles_w))  # fmt: skip
+    shapes = ((a * a, g.c_in, p), (a * a, g.c_out, p), (nth * m + 2, m, tw + 1), (nth * m + 2, a, tw),
+              (nth * m, m, tw), (m, a, tw))  # fmt: skip
     parts, start = [], 0
     for size, shape in zip(sizes, shapes):
-        parts.append(flat[start : start + size].reshape(shape))
+        parts.append(flat[start : start + math.prod(shape)].reshape(shape))
         start += size
     return parts
 
@@ -814,10 +824,10 @@ def _conv2d_winograd(x, w, b, g: ConvGeometry, m: int, serial: bool, y) -> bool:
 
     def task(worker, i):
         n0, tn, th0, nth = tasks[i]
-        v, mm, xp, rt, yp, ct = _winograd_buffers(worker, g, m, tasks[i], tiles_w, x.dtype)
-        winograd.input_transform(x, v, xp, rt, consts, n0, tn, th0, nth, tiles_w, g.pad_top, g.pad_left, m)
+        v, mm, xq, rt, yq, ct = _winograd_buffers(worker, g, m, tasks[i], tiles_w, x.dtype)
+        winograd.input_transform(x, v, xq, rt, consts, n0, tn, th0, nth, tiles_w, g.pad_top, g.pad_left, m)
         np.matmul(u, v, out=mm)  # a*a GEMMs (K x C) @ (C x tiles)
-        finite[i] = winograd.output_transform(mm, bias, b is not None, y, yp, ct, consts, n0, tn, th0, nth, tiles_w, m)
+        finite[i] = winograd.output_transform(mm, bias, b is not None, y, yq, ct, consts, n0, tn, th0, nth, tiles_w, m)
 
     _run(list(range(len(tasks))), task, workers)
     return all(finite)
@@ -833,8 +843,10 @@ def _weight_grad_winograd(x, gy, g: ConvGeometry, serial: bool):
 
     def task(worker, i):
         n0, tn, th0, nth = tasks[i]
-        v, wv, xp, rt, gp, ct = _winograd_buffers(worker, g, 2, tasks[i], tiles_w, x.dtype)
-        winograd.input_transform(x, v, xp, rt, consts, n0, tn, th0, nth, tiles_w, g.pad_top, g.pad_left, 2)
+        v, wv, xq, rt, gp, ct = _winograd_buffers(worker, g, 2, tasks[i], tiles_w, x.dtype)
+        winograd.input_transform(x, v, xq, rt, consts, n0, tn, th0, nth, tiles_w, g.pad_top, g.pad_left, 2)
+        gp = gp.reshape(-1)[: nth * 4 * tiles_w].reshape(nth * 2, tiles_w * 2)  # unpadded, as it reads them
+        ct = ct.reshape(-1)[: 8 * tiles_w].reshape(2, 4, tiles_w)
         winograd.grad_output_transform(gy, wv, gp, ct, n0, tn, th0, nth, tiles_w)
         _matmul_add(partial[worker], wv, v)  # 16 GEMMs (K x tiles) @ (tiles x C); non-finite: the caller falls back
 

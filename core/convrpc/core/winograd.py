@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
+
+from convrpc.core import _simd
 
 __all__ = ["TRANSFORMS", "filter_transform", "filter_gradient", "grad_output_transform", "input_transform",
            "output_transform"]
@@ -201,126 +204,268 @@ def _a2(g0, g1):
 
 
 @njit(cache=True, inline="always")
-def _pad_rows(x, n, c, xp, row0, col0):
-    """xp = x[n, c] from row row0, column col0 on, zero outside the image; xp is overwritten."""
+def _phase_rows(x, n, c, xq, row0, col0, m):
+    """xq[rr, s, q] = x[n, c, row0 + rr, col0 + q*m + s], zero outside the image: the padded rows
+    split into their m column phases, so that tile q's input columns are xq[rr, e % m, q + e // m]
+    and every pass over a row of tiles reads unit-stride. xq is overwritten.
+
+    A row's columns inside the image are split a vector of tiles at a time (_simd.load_phase), the
+    last shifted back to end at the image's edge; in a row narrower than a vector, the one vector
+    runs past it (into the next row, within x), and the columns past the image are then overwritten
+    one by one."""
     h, wd = x.shape[2], x.shape[3]
-    rows, cols = xp.shape
-    lo, hi = max(0, -col0), min(cols, wd - col0)
+    rows, _, cols = xq.shape
+    lanes = _simd.lanes(xq)
+    # q in [lo, hi): every phase's column inside the image
+    lo = min(cols, max(0, (m - 1 - col0) // m))
+    hi = max(lo, min(cols, (wd - col0) // m))
     for rr in range(rows):
         ih = row0 + rr
-        if ih < 0 or ih >= h or hi <= lo:
-            xp[rr, :] = 0.0
+        if ih < 0 or ih >= h:
+            xq[rr, :, :] = 0.0
             continue
-        xp[rr, :lo] = 0.0
-        dst, src = xp[rr, lo:hi], x[n, c, ih, lo + col0 : hi + col0]
-        for q in range(hi - lo):  # not a slice assignment: its call and overlap check cost 2x here
-            dst[q] = src[q]
-        xp[rr, hi:] = 0.0
+        src = x[n, c, ih]
+        row, out = ((n * x.shape[1] + c) * h + ih) * wd + col0, rr * m * cols
+        for qq in range((hi - lo + lanes - 1) // lanes):
+            q = min(lo + qq * lanes, max(lo, hi - lanes))  # the last shifted back, or one past hi
+            at = row + q * m
+            if at + m * lanes > x.size or q + lanes > cols:  # x's or the phase row's end: one by one
+                for qs in range(q, hi):
+                    for s in range(m):
+                        xq[rr, s, qs] = src[col0 + qs * m + s]
+                break
+            if m == 2:
+                _simd.store(xq, out + q, _simd.load_phase(x, at, 2, 0))
+                _simd.store(xq, out + cols + q, _simd.load_phase(x, at, 2, 1))
+            elif m == 3:
+                _simd.store(xq, out + q, _simd.load_phase(x, at, 3, 0))
+                _simd.store(xq, out + cols + q, _simd.load_phase(x, at, 3, 1))
+                _simd.store(xq, out + 2 * cols + q, _simd.load_phase(x, at, 3, 2))
+            else:
+                _simd.store(xq, out + q, _simd.load_phase(x, at, 4, 0))
+                _simd.store(xq, out + cols + q, _simd.load_phase(x, at, 4, 1))
+                _simd.store(xq, out + 2 * cols + q, _simd.load_phase(x, at, 4, 2))
+                _simd.store(xq, out + 3 * cols + q, _simd.load_phase(x, at, 4, 3))
+        for q in range(lo):  # the tiles reaching past the image's edges
+            for s in range(m):
+                col = col0 + q * m + s
+                xq[rr, s, q] = src[col] if 0 <= col < wd else 0.0
+        for q in range(hi, cols):
+            for s in range(m):
+                col = col0 + q * m + s
+                xq[rr, s, q] = src[col] if 0 <= col < wd else 0.0
+
+
+def _pad(e, n: int):
+    """A transform's values padded to n with copies of the last: one tuple type for every m, so a
+    kernel can take m at run time (B^T's a = m + 2 values to 6, A^T's m to 4); callers use only
+    the first ones."""
+    return (*e, *(e[-1],) * (n - len(e)))
+
+
+@overload(_pad, inline="always")
+def _pad_impl(e, n):
+    key = (len(e.types), getattr(n, "literal_value", None))
+    return {
+        (4, 6): lambda e, n: (e[0], e[1], e[2], e[3], e[3], e[3]),
+        (5, 6): lambda e, n: (e[0], e[1], e[2], e[3], e[4], e[4]),
+        (6, 6): lambda e, n: e,
+        (2, 4): lambda e, n: (e[0], e[1], e[1], e[1]),
+        (3, 4): lambda e, n: (e[0], e[1], e[2], e[2]),
+        (4, 4): lambda e, n: e,
+    }.get(key)
+
+
+@njit(cache=True, inline="always")
+def _bt(d, i, step, k, m):
+    """B^T of the a = m + 2 values d[i + e*step] (one tile's; padded to 6)."""
+    if m == 2:
+        return _pad(_bt2(d[i], d[i + step], d[i + 2 * step], d[i + 3 * step], k), 6)
+    if m == 3:
+        return _pad(_bt3(d[i], d[i + step], d[i + 2 * step], d[i + 3 * step], d[i + 4 * step], k), 6)
+    return _bt4(d[i], d[i + step], d[i + 2 * step], d[i + 3 * step], d[i + 4 * step], d[i + 5 * step], k)
+
+
+# The vector transforms below spell their loads out rather than take a load function as an argument:
+# numba calls such an argument through a pointer instead of inlining it (input_transform ran 2x slower).
+
+
+@njit(cache=True, inline="always")
+def _vec_bt(d, i, step, k, m):
+    """_bt of a _simd vector of tiles: the a Vecs at d.flat[i + e*step] (k: the constants splatted)."""
+    ld = _simd.load
+    if m == 2:
+        return _pad(_bt2(ld(d, i), ld(d, i + step), ld(d, i + 2 * step), ld(d, i + 3 * step), k), 6)
+    if m == 3:
+        return _pad(_bt3(ld(d, i), ld(d, i + step), ld(d, i + 2 * step), ld(d, i + 3 * step), ld(d, i + 4 * step), k),
+                    6)  # fmt: skip
+    return _bt4(ld(d, i), ld(d, i + step), ld(d, i + 2 * step), ld(d, i + 3 * step), ld(d, i + 4 * step),
+                ld(d, i + 5 * step), k)  # fmt: skip
+
+
+@njit(cache=True, inline="always")
+def _vec_phase_bt(d, i, w1, k, m):
+    """_vec_bt of tile columns 0 .. a-1 of the phase-split row at d.flat[i] (phase s at i + s*w1, the
+    next tile's columns one element on)."""
+    ld = _simd.load
+    if m == 2:
+        return _pad(_bt2(ld(d, i), ld(d, i + w1), ld(d, i + 1), ld(d, i + w1 + 1), k), 6)
+    if m == 3:
+        return _pad(_bt3(ld(d, i), ld(d, i + w1), ld(d, i + 2 * w1), ld(d, i + 1), ld(d, i + w1 + 1), k), 6)
+    return _bt4(ld(d, i), ld(d, i + w1), ld(d, i + 2 * w1), ld(d, i + 3 * w1), ld(d, i + 1), ld(d, i + w1 + 1), k)
+
+
+@njit(cache=True, inline="always")
+def _vec_consts(k):
+    sp = _simd.splat
+    return sp(k[0]), sp(k[1]), sp(k[2]), sp(k[3])
+
+
+@njit(cache=True, inline="always")
+def _store_vecs(a, o, step, e, count):
+    """a.flat[o + i*step ...] = e[i] for i < count (2 to 6): the tuple indexed by constants, not by
+    a loop variable (numba spills a tuple to the stack to index it at run time)."""
+    e = _pad(e, 6)
+    _simd.store(a, o, e[0])
+    _simd.store(a, o + step, e[1])
+    if count > 2:
+        _simd.store(a, o + 2 * step, e[2])
+    if count > 3:
+        _simd.store(a, o + 3 * step, e[3])
+    if count > 4:
+        _simd.store(a, o + 4 * step, e[4])
+    if count > 5:
+        _simd.store(a, o + 5 * step, e[5])
 
 
 @njit(**_SER)
-def input_transform(x, v, xp, rt, k, n0, tn, th0, nth, tiles_w, pt, pl, m):
+def input_transform(x, v, xq, rt, k, n0, tn, th0, nth, tiles_w, pt, pl, m):
     """v (a*a, C, tn*nth*tiles_w) = B^T d B of the input tiles of images n0..n0+tn, tile rows th0..th0+nth.
 
     Column ``(t*nth + r)*tiles_w + q`` is image n0 + t, tile row th0 + r, tile column q, whose input
-    tile starts at row (th0 + r)*m - pt, column q*m - pl (zero outside the image). Scratch: xp
-    (nth*m + 2, tiles_w*m + 2), rt (nth*m + 2, a, tiles_w); both passes run along a row of tiles
-    (contiguous, so LLVM vectorises them). v, xp and rt are overwritten.
+    tile starts at row (th0 + r)*m - pt, column q*m - pl (zero outside the image). Scratch: xq
+    (nth*m + 2, m, tw + 1), the rows split into column phases (_phase_rows), and rt (nth*m + 2, a,
+    tw), tw = tiles_w rounded up to a _simd vector of tiles. Both passes run a vector of tiles at a
+    time, the last one of a row shifted back to end at its end; a row narrower than a vector takes one
+    from tile 0 on, which spills into the next row of v (written after it), and at the end of v's
+    slab, runs one tile at a time. v, xq and rt are overwritten.
     """
     c_in = x.shape[1]
-    rows = xp.shape[0]
+    rows, w1, tw = xq.shape[0], xq.shape[2], rt.shape[2]
+    a = m + 2
+    p_all = v.shape[2]
+    lanes = _simd.lanes(v)
+    kv = _vec_consts(k)
+    flat_r, flat_v = rt.reshape(-1), v.reshape(-1)
+    # a row's vectors of tiles: the last shifted back to end at the row's end, or in a row narrower
+    # than a vector, one from tile 0 on, past the row's end
+    chunks, last = (tiles_w + lanes - 1) // lanes, max(0, tiles_w - lanes)
     for t in range(tn):
         for c in range(c_in):
-            _pad_rows(x, n0 + t, c, xp, th0 * m - pt, -pl)
+            _phase_rows(x, n0 + t, c, xq, th0 * m - pt, -pl, m)
             for rr in range(rows):  # B^T along each row: rt[rr, j, q] for tile column q
-                for q in range(tiles_w):
-                    x0 = q * m
-                    if m == 2:
-                        e2 = _bt2(xp[rr, x0], xp[rr, x0 + 1], xp[rr, x0 + 2], xp[rr, x0 + 3], k)
-                        for j in range(4):
-                            rt[rr, j, q] = e2[j]
-                    elif m == 3:
-                        e3 = _bt3(xp[rr, x0], xp[rr, x0 + 1], xp[rr, x0 + 2], xp[rr, x0 + 3], xp[rr, x0 + 4], k)
-                        for j in range(5):
-                            rt[rr, j, q] = e3[j]
-                    else:
-                        e4 = _bt4(xp[rr, x0], xp[rr, x0 + 1], xp[rr, x0 + 2], xp[rr, x0 + 3], xp[rr, x0 + 4],
-                                  xp[rr, x0 + 5], k)  # fmt: skip
-                        for j in range(6):
-                            rt[rr, j, q] = e4[j]
+                src, dst = rr * m * w1, rr * a * tw
+                for qq in range(chunks):
+                    q = min(qq * lanes, last)
+                    _store_vecs(rt, dst + q, tw, _vec_phase_bt(xq, src + q, w1, kv, m), a)
             for r in range(nth):  # then B^T down each column of every tile
                 p0, y0 = (t * nth + r) * tiles_w, r * m
-                for j in range(m + 2):
-                    for q in range(tiles_w):
-                        if m == 2:
-                            e2 = _bt2(rt[y0, j, q], rt[y0 + 1, j, q], rt[y0 + 2, j, q], rt[y0 + 3, j, q], k)
-                            for i in range(4):
-                                v[i * 4 + j, c, p0 + q] = e2[i]
-                        elif m == 3:
-                            e3 = _bt3(rt[y0, j, q], rt[y0 + 1, j, q], rt[y0 + 2, j, q], rt[y0 + 3, j, q],
-                                      rt[y0 + 4, j, q], k)  # fmt: skip
-                            for i in range(5):
-                                v[i * 5 + j, c, p0 + q] = e3[i]
-                        else:
-                            e4 = _bt4(rt[y0, j, q], rt[y0 + 1, j, q], rt[y0 + 2, j, q], rt[y0 + 3, j, q],
-                                      rt[y0 + 4, j, q], rt[y0 + 5, j, q], k)  # fmt: skip
-                            for i in range(6):
-                                v[i * 6 + j, c, p0 + q] = e4[i]
+                for j in range(a):
+                    src, step = (y0 * a + j) * tw, a * tw
+                    dst = (j * c_in + c) * p_all + p0  # + i*a*C*P for output position (i, j)
+                    for qq in range(chunks):
+                        q = min(qq * lanes, last)
+                        if p0 + q + lanes <= p_all:
+                            _store_vecs(v, dst + q, a * c_in * p_all, _vec_bt(rt, src + q, step, kv, m), a)
+                            continue
+                        for qs in range(tiles_w):  # a narrow row at the slab's end: one tile at a time
+                            e = _bt(flat_r, src + qs, step, k, m)
+                            for i in range(a):
+                                flat_v[i * a * c_in * p_all + dst + qs] = e[i]
+
+
+@njit(cache=True, inline="always")
+def _vec_at(d, i, step, k, m):
+    """A^T of a _simd vector of tiles: the a = m + 2 Vecs at d.flat[i + e*step] (padded to 4)."""
+    ld = _simd.load
+    if m == 2:
+        return _pad(_at2(ld(d, i), ld(d, i + step), ld(d, i + 2 * step), ld(d, i + 3 * step), k), 4)
+    if m == 3:
+        return _pad(_at3(ld(d, i), ld(d, i + step), ld(d, i + 2 * step), ld(d, i + 3 * step), ld(d, i + 4 * step), k),
+                    4)  # fmt: skip
+    return _at4(ld(d, i), ld(d, i + step), ld(d, i + 2 * step), ld(d, i + 3 * step), ld(d, i + 4 * step),
+                ld(d, i + 5 * step), k)  # fmt: skip
 
 
 @njit(**_SER)
-def output_transform(mm, b, has_bias, y, yp, ct, k, n0, tn, th0, nth, tiles_w, m):
+def output_transform(mm, b, has_bias, y, yq, ct, k, n0, tn, th0, nth, tiles_w, m):
     """y's tiles for images n0..n0+tn, tile rows th0..th0+nth = A^T M A (+ b), from mm (a*a, K, tn*nth*tiles_w).
 
-    Scratch: yp (nth*m, tiles_w*m), ct (m, a, tiles_w); tile pixels past y's edge are dropped.
+    Scratch: yq (nth*m, m, tw), the output rows in column phases (yq[rr, j, q] is column q*m + j, as
+    _phase_rows), and ct (m, a, tw), tw as input_transform's. Both passes run a vector of tiles at a
+    time, as input_transform's (in a row narrower than a vector, the one vector reads the next row of
+    mm, or past mm's end into the slack that follows it: lanes nothing uses); tile pixels past y's
+    edge are dropped, and the phases are
+    interleaved into y's rows a vector of tiles at a time (_simd.store_interleaved).
     Returns whether every value written is finite (a NaN or inf anywhere in a tile's input
     spreads over the whole tile, where a direct sum keeps it to the windows that read it).
     """
     _, c_out, out_h, out_w = y.shape
     a = m + 2
+    p_all, tw = mm.shape[2], ct.shape[2]
     rows = min(nth * m, out_h - th0 * m)
-    check = 0.0
+    lanes = _simd.lanes(mm)
+    kv = _vec_consts(k)
+    full = out_w // m  # tiles wholly inside a row
+    chunks, last = (tiles_w + lanes - 1) // lanes, max(0, tiles_w - lanes)  # as input_transform's
+    check = 0.0  # + every output * 0: NaN once one is not finite
+    vzero = _simd.zeros(mm)
+    vcheck = vzero
     for t in range(tn):
         for kk in range(c_out):
-            init = b[kk] if has_bias else 0.0
+            vinit = _simd.splat(b[kk] if has_bias else k[0] - k[0])  # in mm's dtype
             for r in range(nth):
                 p0, y0 = (t * nth + r) * tiles_w, r * m
-                for j in range(a):  # A^T down the columns
-                    for q in range(tiles_w):
-                        p = p0 + q
-                        if m == 2:
-                            f2 = _at2(mm[j, kk, p], mm[a + j, kk, p], mm[2 * a + j, kk, p], mm[3 * a + j, kk, p], k)
-                            for i in range(2):
-                                ct[i, j, q] = f2[i]
-                        elif m == 3:
-                            f3 = _at3(mm[j, kk, p], mm[a + j, kk, p], mm[2 * a + j, kk, p], mm[3 * a + j, kk, p],
-                                      mm[4 * a + j, kk, p], k)  # fmt: skip
-                            for i in range(3):
-                                ct[i, j, q] = f3[i]
-                        else:
-                            f4 = _at4(mm[j, kk, p], mm[a + j, kk, p], mm[2 * a + j, kk, p], mm[3 * a + j, kk, p],
-                                      mm[4 * a + j, kk, p], mm[5 * a + j, kk, p], k)  # fmt: skip
-                            for i in range(4):
-                                ct[i, j, q] = f4[i]
-                for i in range(m):  # then along the rows
-                    for q in range(tiles_w):
-                        if m == 2:
-                            g2 = _at2(ct[i, 0, q], ct[i, 1, q], ct[i, 2, q], ct[i, 3, q], k)
-                            for j in range(2):
-                                yp[y0 + i, q * 2 + j] = g2[j] + init
-                        elif m == 3:
-                            g3 = _at3(ct[i, 0, q], ct[i, 1, q], ct[i, 2, q], ct[i, 3, q], ct[i, 4, q], k)
-                            for j in range(3):
-                                yp[y0 + i, q * 3 + j] = g3[j] + init
-                        else:
-                            g4 = _at4(ct[i, 0, q], ct[i, 1, q], ct[i, 2, q], ct[i, 3, q], ct[i, 4, q], ct[i, 5, q], k)
-                            for j in range(4):
-                                yp[y0 + i, q * 4 + j] = g4[j] + init
-            for rr in range(rows):
-                for ow in range(out_w):
-                    val = yp[rr, ow]
-                    y[n0 + t, kk, th0 * m + rr, ow] = val
-                    check += val * 0.0
+                for j in range(a):  # A^T down the columns: ct[i, j, q]
+                    src, step = (j * c_out + kk) * p_all + p0, a * c_out * p_all
+                    for qq in range(chunks):
+                        q = min(qq * lanes, last)
+                        _store_vecs(ct, j * tw + q, a * tw, _vec_at(mm, src + q, step, kv, m), m)
+                for i in range(m):  # then along the rows, into column phases: yq[y0 + i, j, q]
+                    src, dst = i * a * tw, (y0 + i) * m * tw
+                    for qq in range(chunks):
+                        q = min(qq * lanes, last)
+                        g = _vec_at(ct, src + q, tw, kv, m)
+                        _store_vecs(yq, dst + q, tw, (g[0] + vinit, g[1] + vinit, g[2] + vinit, g[3] + vinit), m)
+            for rr in range(rows):  # the phases interleaved into y's row
+                row = y[n0 + t, kk, th0 * m + rr]
+                base, o = (((n0 + t) * c_out + kk) * out_h + th0 * m + rr) * out_w, rr * m * tw
+                start = 0
+                for q in range(0, full - lanes + 1, lanes):
+                    start = q + lanes
+                    if m == 2:
+                        vs2 = (_simd.load(yq, o + q), _simd.load(yq, o + tw + q))
+                        _simd.store_interleaved(y, base + q * 2, vs2)
+                        vcheck = vcheck + (vs2[0] + vs2[1]) * vzero
+                    elif m == 3:
+                        vs3 = (_simd.load(yq, o + q), _simd.load(yq, o + tw + q), _simd.load(yq, o + 2 * tw + q))
+                        _simd.store_interleaved(y, base + q * 3, vs3)
+                        vcheck = vcheck + (vs3[0] + vs3[1] + vs3[2]) * vzero
+                    else:
+                        vs4 = (_simd.load(yq, o + q), _simd.load(yq, o + tw + q), _simd.load(yq, o + 2 * tw + q),
+                               _simd.load(yq, o + 3 * tw + q))  # fmt: skip
+                        _simd.store_interleaved(y, base + q * 4, vs4)
+                        vcheck = vcheck + (vs4[0] + vs4[1] + vs4[2] + vs4[3]) * vzero
+                for j in range(m):  # the rest one by one
+                    src = yq[rr, j]
+                    for q in range(start, (out_w - j + m - 1) // m):
+                        val = src[q]
+                        row[q * m + j] = val
+                        check += val * 0.0
+    _simd.store(ct, 0, vcheck)  # the vector check's lanes, summed (ct, of m*a*tw >= lanes elements, is free now)
+    flat_c = ct.reshape(-1)
+    for lane in range(lanes):
+        check += flat_c[lane]
     return check == 0.0
 
 
@@ -340,7 +485,7 @@ def grad_output_transform(gy, wv, gp, ct, n0, tn, th0, nth, tiles_w):
             gp[:, :] = 0.0
             for rr in range(rows):
                 dst, src = gp[rr, :cols], gy[n0 + t, kk, th0 * 2 + rr, :cols]
-                for q in range(cols):  # as in _pad_rows
+                for q in range(cols):  # not a slice assignment: its call and overlap check cost 2x here
                     dst[q] = src[q]
             for r in range(nth):
                 p0, y0 = (t * nth + r) * tiles_w, r * 2
