@@ -165,6 +165,20 @@ def zip_hi(typingctx, a, b):
     return a(a, b), _zip_codegen(1)
 
 
+def _concat(builder, parts):
+    """One vector of all of ``parts`` (vectors of one type) in order, concatenated pairwise
+    (shufflevector wants operands of one type; an odd one out is paired with undefined lanes, which
+    callers never pick)."""
+    idx = ir.IntType(32)
+    while len(parts) > 1:
+        width = parts[0].type.count
+        if len(parts) % 2:
+            parts = [*parts, ir.Constant(parts[0].type, ir.Undefined)]
+        mask = ir.Constant(ir.VectorType(idx, 2 * width), list(range(2 * width)))
+        parts = [builder.shuffle_vector(parts[j], parts[j + 1], mask) for j in range(0, len(parts), 2)]
+    return parts[0]
+
+
 @intrinsic
 def load_phase(typingctx, a, i, m, s):
     """Phase s of m: a.flat[i + s + m*l] for each lane l, from the m vectors at a.flat[i : i + m*lanes]
@@ -183,16 +197,9 @@ def load_phase(typingctx, a, i, m, s):
         ptr = _pointer(context, builder, sig, args[:2])
         parts = [builder.load(builder.gep(ptr, [ir.Constant(ir.IntType(64), j)]), align=a.dtype.bitwidth // 8)
                  for j in range(mm)]  # fmt: skip
-        idx = ir.IntType(32)
-        while len(parts) > 1:  # concatenate pairwise (shufflevector wants operands of one type)
-            width = parts[0].type.count
-            if len(parts) % 2:
-                parts.append(ir.Constant(parts[0].type, ir.Undefined))
-            parts = [builder.shuffle_vector(parts[j], parts[j + 1],
-                                            ir.Constant(ir.VectorType(idx, 2 * width), list(range(2 * width))))
-                     for j in range(0, len(parts), 2)]  # fmt: skip
-        return builder.shuffle_vector(parts[0], ir.Constant(parts[0].type, ir.Undefined),
-                                      ir.Constant(ir.VectorType(idx, n), [ss + mm * lane for lane in range(n)]))
+        whole = _concat(builder, parts)
+        picks = ir.Constant(ir.VectorType(ir.IntType(32), n), [ss + mm * lane for lane in range(n)])
+        return builder.shuffle_vector(whole, ir.Constant(whole.type, ir.Undefined), picks)
 
     return _VEC[a.dtype](a, i, m, s), codegen
 
@@ -211,15 +218,8 @@ def store_interleaved(typingctx, a, i, vs):
         vty = _llvm(a.dtype)
         n = vty.count
         idx = ir.IntType(32)
-        parts = [builder.extract_value(args[2], j) for j in range(mm)]
-        while len(parts) > 1:  # concatenate pairwise, as load_phase
-            width = parts[0].type.count
-            if len(parts) % 2:
-                parts.append(ir.Constant(parts[0].type, ir.Undefined))
-            parts = [builder.shuffle_vector(parts[j], parts[j + 1],
-                                            ir.Constant(ir.VectorType(idx, 2 * width), list(range(2 * width))))
-                     for j in range(0, len(parts), 2)]  # fmt: skip
-        whole = builder.shuffle_vector(parts[0], ir.Constant(parts[0].type, ir.Undefined),
+        whole = _concat(builder, [builder.extract_value(args[2], j) for j in range(mm)])
+        whole = builder.shuffle_vector(whole, ir.Constant(whole.type, ir.Undefined),
                                        ir.Constant(ir.VectorType(idx, mm * n), [(e % mm) * n + e // mm
                                                                                  for e in range(mm * n)]))  # fmt: skip
         ptr = _pointer(context, builder, sig, args[:2])
