@@ -886,11 +886,11 @@ def _fma4(e, v, t, xi, r0, r1, r2, r3, a, b, c, d):
 
 @njit(cache=True, inline="always")
 def _position_sums(sums, ch):
-    """Channel ch's (of 4) sums of positions 0 .. 6, as by_position stored them."""
+    """Channel ch's (of 6) sums of positions 0 .. 6, as by_position stored them."""
     lanes = _simd.lanes(sums)
     ld = _simd.load
-    return (ld(sums, ch * lanes), ld(sums, (4 + ch) * lanes), ld(sums, (8 + ch) * lanes), ld(sums, (12 + ch) * lanes),
-            ld(sums, (16 + ch) * lanes), ld(sums, (20 + ch) * lanes), ld(sums, (24 + ch) * lanes))  # fmt: skip
+    return (ld(sums, ch * lanes), ld(sums, (6 + ch) * lanes), ld(sums, (12 + ch) * lanes), ld(sums, (18 + ch) * lanes),
+            ld(sums, (24 + ch) * lanes), ld(sums, (30 + ch) * lanes), ld(sums, (36 + ch) * lanes))  # fmt: skip
 
 
 @njit(cache=True, inline="always")
@@ -929,7 +929,8 @@ def conv2d_winograd_row(x, v, b, has_bias, y, scratch, taps, consts, tc, band, u
     transformed positions stay in 28 registers over all RT taps: 7 loads and 28 fused
     multiply-adds a tap, from the block's inputs gathered once for all its channel blocks. With
     ``by_position`` (a machine without AVX-512, where a vector is two of 16 registers and 28 would
-    spill) the block sums one position at a time, 4 accumulators over the RT taps, into scratch.
+    spill) a block is 6 output channels, summed one position at a time (6 accumulators, 12 AVX
+    registers, over the RT taps) into scratch.
     Iteration s of the parallel loop runs jobs (image, block, channel block) s*J/chunks ..
     (s+1)*J/chunks; the transformed input rows of ``band`` blocks at a time (at most ``urows``
     plane rows: a band's u stays in L2) are made in scratch[s] when the band changes. status[s] is
@@ -938,7 +939,8 @@ def conv2d_winograd_row(x, v, b, has_bias, y, scratch, taps, consts, tc, band, u
     """
     lanes = _simd.lanes(y)
     tiles = y.shape[2] * (y.shape[3] // 4)
-    jobs = x.shape[0] * ((tiles + lanes - 1) // lanes) * ((y.shape[1] + 3) // 4)
+    cb = 6 if by_position else 4  # output channels a block
+    jobs = x.shape[0] * ((tiles + lanes - 1) // lanes) * ((y.shape[1] + cb - 1) // cb)
     for s in prange(chunks):
         lo, hi = s * jobs // chunks, (s + 1) * jobs // chunks
         status[s] = _winograd_row_jobs(x, v, b, has_bias, y, scratch[s], taps, consts, tc, band, urows, prow, sh, pt,
@@ -953,7 +955,8 @@ def _winograd_row_jobs(x, v, b, has_bias, y, scratch, taps, consts, tc, band, ur
     t_ = ow_ // 4
     lanes = _simd.lanes(y)
     tiles = oh_ * t_
-    kb = (k_ + 3) // 4
+    cb = 6 if by_position else 4  # output channels a block
+    kb = (k_ + cb - 1) // cb
     blocks = (tiles + lanes - 1) // lanes
     per_image = blocks * kb
     xs = urows * t_
@@ -964,7 +967,7 @@ def _winograd_row_jobs(x, v, b, has_bias, y, scratch, taps, consts, tc, band, ur
     start = size + 24 * (t_ + 2)
     start += (-(np.int64(scratch[start:].ctypes.data) // y.itemsize)) % lanes  # 64-byte aligned
     gathered = scratch[start : start + 7 * rt * lanes]
-    sums = scratch[start + 7 * rt * lanes : start + (7 * rt + 28) * lanes]  # by_position's 7 x 4 sums
+    sums = scratch[start + 7 * rt * lanes : start + (7 * rt + 42) * lanes]  # by_position's 7 x 6 sums
     gathered_q = -1
     ohw, last = oh_ * ow_, k_ - 1
     k = (_simd.splat(consts[0]), _simd.splat(consts[1]), _simd.splat(consts[2]), _simd.splat(consts[3]),
@@ -989,31 +992,38 @@ def _winograd_row_jobs(x, v, b, has_bias, y, scratch, taps, consts, tc, band, ur
                 for xi in range(7):
                     _simd.store(gathered, (7 * t + xi) * lanes, _simd.load(u, o + xi * xs))
             gathered_q = q0
-        k0 = 4 * kk
+        k0 = cb * kk
         r0, r1, r2, r3 = k0, min(k0 + 1, last), min(k0 + 2, last), min(k0 + 3, last)
         z = _simd.zeros(y)
-        a0 = a1 = a2 = a3 = a4 = a5 = a6 = b0 = b1 = b2 = b3 = b4 = b5 = b6 = z
-        c0 = c1 = c2 = c3 = c4 = c5 = c6 = d0 = d1 = d2 = d3 = d4 = d5 = d6 = z
-        if has_bias:  # position 1 enters every output with weight 1
-            a1, b1, c1, d1 = _simd.splat(b[r0]), _simd.splat(b[r1]), _simd.splat(b[r2]), _simd.splat(b[r3])
-        if by_position:
+        if by_position:  # 6 channels, one position at a time, then each channel's 7 sums out (bias at 1)
+            r4, r5 = min(k0 + 4, last), min(k0 + 5, last)
             for xi in range(7):
-                e0 = e1 = e2 = e3 = z
+                e0 = e1 = e2 = e3 = e4 = e5 = z
                 if has_bias and xi == 1:
                     e0, e1, e2, e3 = _simd.splat(b[r0]), _simd.splat(b[r1]), _simd.splat(b[r2]), _simd.splat(b[r3])
+                    e4, e5 = _simd.splat(b[r4]), _simd.splat(b[r5])
                 for t in range(rt):
-                    e0, e1, e2, e3 = _fma4(_simd.load(gathered, (7 * t + xi) * lanes), v, t, xi, r0, r1, r2, r3,
-                                           e0, e1, e2, e3)  # fmt: skip
-                o = 4 * xi * lanes
+                    e = _simd.load(gathered, (7 * t + xi) * lanes)
+                    e0, e1, e2, e3 = _fma4(e, v, t, xi, r0, r1, r2, r3, e0, e1, e2, e3)
+                    e4 = _simd.fma(e, _simd.splat(v[r4, t, xi]), e4)
+                    e5 = _simd.fma(e, _simd.splat(v[r5, t, xi]), e5)
+                o = 6 * xi * lanes
                 _simd.store(sums, o, e0)
                 _simd.store(sums, o + lanes, e1)
                 _simd.store(sums, o + 2 * lanes, e2)
                 _simd.store(sums, o + 3 * lanes, e3)
-            a0, a1, a2, a3, a4, a5, a6 = _position_sums(sums, 0)
-            b0, b1, b2, b3, b4, b5, b6 = _position_sums(sums, 1)
-            c0, c1, c2, c3, c4, c5, c6 = _position_sums(sums, 2)
-            d0, d1, d2, d3, d4, d5, d6 = _position_sums(sums, 3)
-        for t in range(0 if by_position else rt):
+                _simd.store(sums, o + 4 * lanes, e4)
+                _simd.store(sums, o + 5 * lanes, e5)
+            o = (n * k_ + k0) * ohw + 4 * q0
+            for ch in range(min(6, k_ - k0)):
+                s0, s1, s2, s3, s4, s5, s6 = _position_sums(sums, ch)
+                check = _winograd_row_store(y, o + ch * ohw, k, s0, s1, s2, s3, s4, s5, s6, check)
+            continue
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = b0 = b1 = b2 = b3 = b4 = b5 = b6 = z
+        c0 = c1 = c2 = c3 = c4 = c5 = c6 = d0 = d1 = d2 = d3 = d4 = d5 = d6 = z
+        if has_bias:  # position 1 enters every output with weight 1
+            a1, b1, c1, d1 = _simd.splat(b[r0]), _simd.splat(b[r1]), _simd.splat(b[r2]), _simd.splat(b[r3])
+        for t in range(rt):
             o = 7 * t * lanes
             a0, b0, c0, d0 = _fma4(_simd.load(gathered, o), v, t, 0, r0, r1, r2, r3, a0, b0, c0, d0)
             a1, b1, c1, d1 = _fma4(_simd.load(gathered, o + lanes), v, t, 1, r0, r1, r2, r3, a1, b1, c1, d1)

@@ -682,11 +682,13 @@ def _avx512() -> bool:
 #: Choose "direct-winograd" automatically where it fits. Forced side by side with direct-wide on g
 #: (7x7 stride 2, 3 -> 64 channels), interleaved, 25th percentile of 25, 2 threads: on a Zen 4 core
 #: with AVX-512, float32 1.094 -> 0.857 ms (1 thread: 2.18 -> 1.55), float64 2.17 -> 1.54; on a Zen 3
-#: core (AVX2), by position, float32 2.25 -> 2.05 and 2.39 -> 2.23, float64 4.67 -> 4.40.
+#: core (AVX2), by position, 6 channels a block: float32 2.24 -> 1.97 and 2.24 -> 2.24, float64 4.15 ->
+#: 3.96 and 4.61 -> 4.06 (4 channels a block: float32 2.25 -> 2.05, 2.39 -> 2.23, 2.43 -> 2.47).
 WINOGRAD_ROW = True
-#: Sum direct-winograd's 7 transformed positions one at a time (4 accumulators, not 28) where a vector
-#: is two of 16 AVX registers: the 28 spilled (Zen 3, g float32: 3.1-3.3 ms, 1.4x direct-wide's time;
-#: two positions at a time, 16 registers, spilled too: 4.3 ms).
+#: Where a vector is two of 16 AVX registers, sum direct-winograd's 7 transformed positions one at a
+#: time, 6 output channels a block (6 accumulators: 12 registers), instead of 4 channels x 7 positions
+#: in 28 accumulators: those spilled (Zen 3, g float32: 3.1-3.5 ms, 1.4x direct-wide's time; two
+#: positions of 4 channels at a time, 16 registers, spilled too: 4.3 ms).
 WINOGRAD_ROW_BY_POSITION = not _avx512()
 #: F(4, 4)'s G (points 0, 1, -1, 2, -2, 1/2, infinity; B^T's and A^T's rows scaled to small
 #: integers), applied to the weights in float64.
@@ -722,7 +724,7 @@ def _winograd_row_plan(g: ConvGeometry, itemsize: int):
     prow = g.out_h + reach
     band = max(1, WINOGRAD_ROW_BAND * t // lanes)
     urows = min(prow, -(-band * lanes // t) + 2 + reach)
-    scratch = g.c_in * g.stride_h * 14 * urows * t + 24 * (t + 2) + (g.c_in * g.kh * 14 + 1 + 28) * lanes
+    scratch = g.c_in * g.stride_h * 14 * urows * t + 24 * (t + 2) + (g.c_in * g.kh * 14 + 1 + 42) * lanes
     return band, urows, scratch, prow, reach
 
 
