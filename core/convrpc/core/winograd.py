@@ -345,7 +345,7 @@ def input_transform(x, v, xq, rt, k, n0, tn, th0, nth, tiles_w, pt, pl, m):
     Column ``(t*nth + r)*tiles_w + q`` is image n0 + t, tile row th0 + r, tile column q, whose input
     tile starts at row (th0 + r)*m - pt, column q*m - pl (zero outside the image). Scratch: xq
     (nth*m + 2, m, tw + 1), the rows split into column phases (_phase_rows), and rt (nth*m + 2, a,
-    tw), tw = tiles_w rounded up to a _simd vector of tiles. Both passes run a vector of tiles at a
+    tw), tw = tiles_w, or a _simd vector of tiles where that is wider. Both passes run a vector of tiles at a
     time, the last one of a row shifted back to end at its end; a row narrower than a vector takes one
     from tile 0 on, which spills into the next row of v (written after it), and at the end of v's
     slab, runs one tile at a time. v, xq and rt are overwritten.
