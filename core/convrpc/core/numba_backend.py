@@ -766,14 +766,18 @@ def _weight_grad_wide_direct(x, gy, g: ConvGeometry, serial: bool):
     return gw if np.isfinite(gw).all() else None
 
 
+def _winograd_row_width(tiles_w: int, itemsize: int) -> int:
+    """Tiles a row of the Winograd transforms' scratch holds: tiles_w, or one _simd vector (64 bytes) if wider."""
+    return max(tiles_w, 64 // itemsize)
+
+
 def _winograd_sizes(g: ConvGeometry, m: int, tn: int, nth: int, tiles_w: int, itemsize: int) -> tuple[int, ...]:
     """Elements of one Winograd task's buffers: V, M, padded input rows, row transforms, output tile rows, column
     transforms. The last four hold rows of tiles widened to a _simd vector (64 bytes) where narrower (rounding
     every row up measured 1.5x slower on d: the scratch outgrew L1), and M is followed by one vector's slack,
     which the output transform's last vector may read."""
     a, p = m + 2, tn * nth * tiles_w
-    rows, lanes = nth * m + 2, 64 // itemsize
-    tw = max(tiles_w, lanes)
+    rows, lanes, tw = nth * m + 2, 64 // itemsize, _winograd_row_width(tiles_w, itemsize)
     return (a * a * g.c_in * p, a * a * g.c_out * p + lanes, rows * m * (tw + 1), rows * a * tw, nth * m * m * tw,
             m * a * tw)  # fmt: skip
 
@@ -803,8 +807,8 @@ def _winograd_buffers(worker: int, g: ConvGeometry, m: int, task, tiles_w: int, 
     rows and the output tile rows in column phases, the row transforms, the column transforms."""
     _, tn, _, nth = task
     a, p = m + 2, tn * nth * tiles_w
-    sizes = _winograd_sizes(g, m, tn, nth, tiles_w, np.dtype(dtype).itemsize)
-    tw = sizes[-1] // (m * a)
+    itemsize = np.dtype(dtype).itemsize
+    sizes, tw = _winograd_sizes(g, m, tn, nth, tiles_w, itemsize), _winograd_row_width(tiles_w, itemsize)
     flat = _buffer(worker, (sum(sizes),), dtype)
     shapes = ((a * a, g.c_in, p), (a * a, g.c_out, p), (nth * m + 2, m, tw + 1), (nth * m + 2, a, tw),
               (nth * m, m, tw), (m, a, tw))  # fmt: skip

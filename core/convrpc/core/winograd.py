@@ -204,6 +204,15 @@ def _a2(g0, g1):
 
 
 @njit(cache=True, inline="always")
+def _phase_edge(xq, rr, src, q0, q1, col0, m):
+    """xq[rr, s, q] for tiles q0 .. q1 of _phase_rows, one column at a time, zero outside the row src."""
+    for q in range(q0, q1):
+        for s in range(m):
+            col = col0 + q * m + s
+            xq[rr, s, q] = src[col] if 0 <= col < src.shape[0] else 0.0
+
+
+@njit(cache=True, inline="always")
 def _phase_rows(x, n, c, xq, row0, col0, m):
     """xq[rr, s, q] = x[n, c, row0 + rr, col0 + q*m + s], zero outside the image: the padded rows
     split into their m column phases, so that tile q's input columns are xq[rr, e % m, q + e // m]
@@ -246,14 +255,8 @@ def _phase_rows(x, n, c, xq, row0, col0, m):
                 _simd.store(xq, out + cols + q, _simd.load_phase(x, at, 4, 1))
                 _simd.store(xq, out + 2 * cols + q, _simd.load_phase(x, at, 4, 2))
                 _simd.store(xq, out + 3 * cols + q, _simd.load_phase(x, at, 4, 3))
-        for q in range(lo):  # the tiles reaching past the image's edges
-            for s in range(m):
-                col = col0 + q * m + s
-                xq[rr, s, q] = src[col] if 0 <= col < wd else 0.0
-        for q in range(hi, cols):
-            for s in range(m):
-                col = col0 + q * m + s
-                xq[rr, s, q] = src[col] if 0 <= col < wd else 0.0
+        _phase_edge(xq, rr, src, 0, lo, col0, m)  # the tiles reaching past the image's edges
+        _phase_edge(xq, rr, src, hi, cols, col0, m)
 
 
 def _pad(e, n: int):
